@@ -1,0 +1,32 @@
+"""lightcnn: a from-scratch CNN engine for CPU in NumPy + Numba.
+
+Shape legend (used by every docstring in the package)
+-----------------------------------------------------
+Activations     x (N, H, W, C)       float32, NHWC, C-contiguous
+Conv kernel     w (KH, KW, C, O)     "HWIO": input channels C, output channels O
+Pointwise       w (C, O)             a 1x1 conv is one GEMM on the (N*H*W, C) view
+Depthwise       w (KH, KW, C)        one KHxKW filter per channel
+Transpose conv  w (KH, KW, C, O)     C = channels of its input, O = of its output
+Dense           w (F, O)             x (N, F) @ w + b
+Padding         (top, bottom, left, right) in pixels, always explicit: PyTorch's
+                symmetric padding and TensorFlow "SAME" (extra row/column at the
+                bottom/right) are both just four numbers.
+
+Data flows one way: image -> preprocess -> NHWC batch -> models -> layers ->
+kernels -> logits -> postprocess. Converters transpose foreign layouts (OIHW)
+into these once, at conversion time.
+
+Importing lightcnn compiles nothing: Numba kernels compile lazily on first
+call and are cached on disk (see lightcnn._jit).
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load"]
+
+
+def load(name_or_path, **kwargs):
+    """Load a model by registry name or .h5 path; see lightcnn.api.load."""
+    from lightcnn.api import load as _load
+
+    return _load(name_or_path, **kwargs)

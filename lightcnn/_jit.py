@@ -1,0 +1,58 @@
+"""The one Numba configuration of lightcnn.
+
+Every kernel is decorated with `kernel` (or `kernel(parallel=True)`), never
+with `numba.njit` directly, so the compile policy lives here:
+
+- ``cache=True``: compiled machine code is stored next to the source in
+  ``__pycache__`` and reused by later processes; nothing compiles at import.
+- ``fastmath`` is off unless a kernel asks for it *and* its parity tests pass
+  with it on; the flag set below excludes ``nnan``/``ninf`` so NaN checks in
+  training still work.
+- ``parallel=True`` only where it pays on 2 cores; ``LIGHTCNN_NO_PARALLEL=1``
+  turns it off everywhere (useful when profiling or debugging).
+
+A test (tests/test_jit_policy.py) checks that no module hard-codes these.
+"""
+
+import os
+
+import numba
+
+PARALLEL_ENABLED = os.environ.get("LIGHTCNN_NO_PARALLEL", "") not in ("1", "true", "yes")
+
+# Reassociation and contraction let LLVM vectorise reductions and use FMA;
+# no-NaN/no-Inf assumptions are deliberately absent.
+FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "reassoc", "afn"})
+
+
+def kernel(fn=None, *, parallel=False, fastmath=False):
+    """Decorate a loop-only function as a cached Numba kernel.
+
+    Use as ``@kernel`` or ``@kernel(parallel=True, fastmath=True)``.
+    """
+    options = dict(
+        cache=True,
+        nogil=True,
+        error_model="numpy",
+        parallel=bool(parallel and PARALLEL_ENABLED),
+        fastmath=set(FASTMATH_FLAGS) if fastmath else False,
+    )
+
+    def wrap(f):
+        return numba.njit(**options)(f)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def inline_scalar(fn):
+    """A scalar helper inlined into the kernels that call it (e.g. an activation)."""
+    return numba.njit(cache=True, inline="always", error_model="numpy")(fn)
+
+
+def set_num_threads(n):
+    """Set the number of threads Numba's parallel kernels use (1..cores)."""
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+# numba.prange re-exported so kernels import everything JIT-related from here.
+prange = numba.prange

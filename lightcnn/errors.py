@@ -1,0 +1,29 @@
+"""Expected failures, each carrying a one-line message that names the file and the problem.
+
+CLIs catch `LightCNNError` and print ``error: <message>`` without a traceback;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class LightCNNError(Exception):
+    """Base class of every expected, user-facing failure."""
+
+
+class CheckpointError(LightCNNError):
+    """A weight file (.h5, .pth, .tflite, .net) is missing, malformed or does not fit the model."""
+
+
+class UnsafePickleError(CheckpointError):
+    """A pickle asked for a class outside the allow-list (it may be trying to run code)."""
+
+
+class ImageError(LightCNNError):
+    """An image file cannot be decoded or is unusable (truncated, empty, too large, ...)."""
+
+
+class ShapeError(LightCNNError, ValueError):
+    """An array has the wrong rank, layout, dtype or size for the layer it is given to."""
+
+
+class TrainingError(LightCNNError):
+    """Training cannot continue (e.g. the loss became NaN); the last good checkpoint is kept."""
