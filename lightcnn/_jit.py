@@ -20,6 +20,13 @@ import numba
 
 PARALLEL_ENABLED = os.environ.get("LIGHTCNN_NO_PARALLEL", "") not in ("1", "true", "yes")
 
+if not PARALLEL_ENABLED and not os.environ.get("NUMBA_CACHE_DIR"):
+    # Numba's cache key ignores the parallel flag: serial builds get their own cache
+    # folder so they never load machine code compiled with parallel=True (or vice versa).
+    import tempfile
+
+    numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), "lightcnn-numba-serial")
+
 # Reassociation and contraction let LLVM vectorise reductions and use FMA;
 # no-NaN/no-Inf assumptions are deliberately absent.
 FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "reassoc", "afn"})

@@ -42,3 +42,23 @@ def assert_gradient(analytic, loss_fn, array, name="", rtol=RTOL, atol=ATOL):
     scale = np.max(np.abs(numeric)) if numeric.size else 0.0
     assert err <= atol + rtol * scale, f"{name}: max abs error {err:.3e} (gradient scale {scale:.3e})"
     return err / max(scale, 1e-30)
+
+
+def assert_gradient_sampled(analytic, loss_fn, array, rng, samples=12, name="", rtol=1e-5, atol=1e-8, eps=EPS):
+    """Like assert_gradient, on `samples` random entries of a large array (whole-network checks)."""
+    flat = array.reshape(-1)
+    idx = rng.choice(flat.size, size=min(samples, flat.size), replace=False)
+    analytic = np.asarray(analytic, dtype=np.float64).reshape(-1)
+    numeric = np.empty(idx.size)
+    for j, i in enumerate(idx):
+        old = flat[i]
+        flat[i] = old + eps
+        plus = loss_fn()
+        flat[i] = old - eps
+        minus = loss_fn()
+        flat[i] = old
+        numeric[j] = (plus - minus) / (2 * eps)
+    err = np.max(np.abs(analytic[idx] - numeric))
+    scale = max(np.max(np.abs(numeric)), np.max(np.abs(analytic[idx])))
+    assert err <= atol + rtol * scale, f"{name}: max abs error {err:.3e} (gradient scale {scale:.3e})"
+    return err / max(scale, 1e-30)

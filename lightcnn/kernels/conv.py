@@ -1,0 +1,315 @@
+"""Standard convolution (KHxKW, im2col + GEMM) and pointwise 1x1 convolution (one GEMM).
+
+    y[n,i,j,o] = act( b[o] + sum_{p<KH, q<KW, c<C} xp[n, i*sh + p, j*sw + q, c] * w[p,q,c,o] )
+
+where xp is x zero-padded by (top, bottom, left, right) = pad.  Output size per axis
+(lightcnn.kernels.shapes.conv_output_size, floor mode):
+
+    H' = (H + top + bottom - KH) // sh + 1          W' = (W + left + right - KW) // sw + 1
+
+Cost: 2*KH*KW*C FLOPs per output element (2*C for pointwise), all of it in one BLAS
+GEMM per chunk of images.
+
+How: a Numba kernel (`im2col`) copies every receptive field into one row of a
+preallocated matrix cols (N*H'*W', KH*KW*C), whose column order (p, q, c) is exactly
+the row-major order of w (KH,KW,C,O) reshaped to (KH*KW*C, O); so the convolution is
+cols @ w2d, written straight into y viewed as (N*H'*W', O).  Bias and activation are
+applied in one fused pass over that output (`act_scalar` from activation.py).
+Images are processed in chunks so cols stays under ~32 MB however large the batch.
+
+Backward, for dy the gradient w.r.t. the *pre-activation* output (the caller applies
+activation_backward first):
+
+    db = sum_{n,i,j} dy          dw2d = cols^T @ dy2d          dx = col2im(dy2d @ w2d^T)
+
+col2im is written as a gather (each input pixel sums the cols entries that read it)
+rather than a scatter, so rows of dx are independent and the loop runs in parallel
+without atomics.  cols is recomputed in backward rather than cached from forward:
+im2col is a cheap copy, while caching would keep N*H'*W'*KH*KW*C numbers alive per layer.
+
+Deliberately absent: dilation and groups (depthwise lives in depthwise.py; no supported
+model uses dilation), Winograd/FFT, ceil-mode output sizes, and in-place outputs.
+
+Shapes: conv2d_forward(x (N,H,W,C), w (KH,KW,C,O), b (O,)) -> y (N,H',W',O);
+pointwise_conv_forward(x (N,H,W,C), w (C,O), b (O,)) -> y (N,H,W,O).
+"""
+
+import numpy as np
+
+from lightcnn._jit import kernel, prange
+from lightcnn.kernels.activation import ACT_NONE, ACTIVATIONS, act_scalar
+from lightcnn.kernels.shapes import conv_output_size
+
+# Upper bound on the im2col buffer; one image is always processed whole even if larger.
+_CHUNK_BYTES = 1 << 25
+
+
+# ----------------------------------------------------------------------------- loop bodies
+
+
+@kernel(parallel=True)
+def im2col(x, kh, kw, sh, sw, pt, pl, ho, wo, cols):
+    """cols[(n*ho + i)*wo + j, (p*kw + q)*C + c] = x[n, i*sh - pt + p, j*sw - pl + q, c], 0 outside x.
+
+    x (N,H,W,C), cols (N*ho*wo, kh*kw*C).  Reads past the bottom/right edge are zeros,
+    so only the top/left padding needs passing; ho, wo fix the rest.
+    """
+    n_img, h_in, w_in, c_in = x.shape
+    for r in prange(n_img * ho):
+        n = r // ho
+        i = r - n * ho
+        for j in range(wo):
+            row = r * wo + j
+            for p in range(kh):
+                h = i * sh - pt + p
+                for q in range(kw):
+                    w = j * sw - pl + q
+                    base = (p * kw + q) * c_in
+                    if h >= 0 and h < h_in and w >= 0 and w < w_in:
+                        for c in range(c_in):
+                            cols[row, base + c] = x[n, h, w, c]
+                    else:
+                        for c in range(c_in):
+                            cols[row, base + c] = 0
+
+
+@kernel(parallel=True)
+def col2im(cols, kh, kw, sh, sw, pt, pl, hc, wc, bias, act, alpha, out):
+    """The adjoint of im2col, as a gather, with a fused bias + activation epilogue.
+
+    out[n,h,w,c] = act(bias[c] + sum cols[(n*hc + a)*wc + b, (p*kw + q)*C + c])
+    over all (a, b, p, q) with a*sh - pt + p = h and b*sw - pl + q = w.
+    cols (N*hc*wc, kh*kw*C), out (N,H,W,C).  Used for the conv input gradient
+    (bias 0, act none) and for the transpose-conv forward.
+    """
+    n_img, h_out, w_out, c_out = out.shape
+    for r in prange(n_img * h_out):
+        n = r // h_out
+        h = r - n * h_out
+        for w in range(w_out):
+            o = out[n, h, w]
+            for c in range(c_out):
+                o[c] = bias[c]
+            for p in range(kh):
+                t = h + pt - p
+                if t < 0:
+                    break  # t only decreases with p
+                a = t // sh
+                if a * sh != t or a >= hc:
+                    continue
+                for q in range(kw):
+                    u = w + pl - q
+                    if u < 0:
+                        break
+                    b = u // sw
+                    if b * sw != u or b >= wc:
+                        continue
+                    row = (n * hc + a) * wc + b
+                    base = (p * kw + q) * c_out
+                    for c in range(c_out):
+                        o[c] += cols[row, base + c]
+            if act != 0:
+                for c in range(c_out):
+                    o[c] = act_scalar(o[c], act, alpha)
+
+
+@kernel(parallel=True)
+def bias_act_epilogue(bias, act, alpha, out):
+    """out[r, o] = act(out[r, o] + bias[o]) in place on a GEMM result out (M, O)."""
+    for r in prange(out.shape[0]):
+        for o in range(out.shape[1]):
+            out[r, o] = act_scalar(out[r, o] + bias[o], act, alpha)
+
+
+# ----------------------------------------------------------------------------- argument checks
+# Shared with transpose.py.
+
+
+def _float_array(a, name, fn):
+    a = np.asarray(a)
+    if a.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{fn}: {name} must be float32 or float64, got {a.dtype}")
+    return np.ascontiguousarray(a)
+
+
+def _nhwc(x, fn, name="x"):
+    x = _float_array(x, name, fn)
+    if x.ndim != 4:
+        raise ValueError(f"{fn}: {name} must be (N,H,W,C), got shape {x.shape}")
+    return x
+
+
+def _like(a, x, shape, name, fn, legend):
+    """Cast a parameter/gradient to x's dtype and check its exact shape."""
+    a = np.asarray(a)
+    if a.shape != tuple(shape):
+        raise ValueError(f"{fn}: {name} must be {legend} = {tuple(shape)}, got {a.shape}")
+    return np.ascontiguousarray(a, dtype=x.dtype)
+
+
+def _pair(v, name, fn, minimum):
+    t = (v, v) if np.isscalar(v) else tuple(v)
+    if len(t) != 2 or any(int(e) != e or e < minimum for e in t):
+        raise ValueError(f"{fn}: {name} must be an int or a pair of ints >= {minimum}, got {v!r}")
+    return int(t[0]), int(t[1])
+
+
+def _pad4(pad, fn):
+    t = (pad,) * 4 if np.isscalar(pad) else tuple(pad)
+    if len(t) != 4 or any(int(e) != e or e < 0 for e in t):
+        raise ValueError(f"{fn}: pad must be (top, bottom, left, right) ints >= 0, got {pad!r}")
+    return tuple(int(e) for e in t)
+
+
+def _act_code(act, fn):
+    if isinstance(act, str):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{fn}: unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
+        return ACTIVATIONS[act]
+    if int(act) not in ACTIVATIONS.values():
+        raise ValueError(f"{fn}: unknown activation code {act!r}; expected one of {sorted(ACTIVATIONS.values())}")
+    return int(act)
+
+
+def _bias_or_zeros(b, x, n_out, fn):
+    if b is None:
+        return np.zeros(n_out, dtype=x.dtype)
+    return _like(b, x, (n_out,), "b", fn, "(O,)")
+
+
+def _images_per_chunk(n_img, row_bytes):
+    return max(1, min(n_img, _CHUNK_BYTES // max(row_bytes, 1)))
+
+
+def _conv_geometry(x, w, stride, pad, fn):
+    """Validate conv arguments; returns (x, w, (sh, sw), (pt, pb, pl, pr), (Ho, Wo))."""
+    x = _nhwc(x, fn)
+    w = np.asarray(w)
+    if w.ndim != 4 or w.shape[2] != x.shape[3]:
+        raise ValueError(
+            f"{fn}: w must be (KH,KW,C,O) with C = x.shape[3] = {x.shape[3]} for x (N,H,W,C) = {x.shape}, "
+            f"got {w.shape}"
+        )
+    w = np.ascontiguousarray(w, dtype=x.dtype)
+    sh, sw = _pair(stride, "stride", fn, 1)
+    pt, pb, pl, pr = _pad4(pad, fn)
+    kh, kw = w.shape[:2]
+    try:
+        ho = conv_output_size(x.shape[1], kh, sh, pt, pb)
+        wo = conv_output_size(x.shape[2], kw, sw, pl, pr)
+    except ValueError as e:
+        raise ValueError(f"{fn}: x (N,H,W,C) = {x.shape}, w {w.shape}: {e}") from None
+    return x, w, (sh, sw), (pt, pb, pl, pr), (ho, wo)
+
+
+def _is_plain_1x1(w, stride, pad):
+    return w.shape[0] == 1 and w.shape[1] == 1 and stride == (1, 1) and pad == (0, 0, 0, 0)
+
+
+# ----------------------------------------------------------------------------- conv2d
+
+
+def conv2d_forward(x, w, b=None, stride=(1, 1), pad=(0, 0, 0, 0), act=ACT_NONE, alpha=1.0):
+    """y = act(conv(x, w) + b).  x (N,H,W,C), w (KH,KW,C,O), b (O,) or None -> y (N,H',W',O).
+
+    stride (sh, sw) or int; pad (top, bottom, left, right) or int; act an ACT_* code or name;
+    alpha is ELU's.  y has x's dtype.
+    """
+    fn = "conv2d_forward"
+    x, w, (sh, sw), (pt, pb, pl, pr), (ho, wo) = _conv_geometry(x, w, stride, pad, fn)
+    code = _act_code(act, fn)
+    if _is_plain_1x1(w, (sh, sw), (pt, pb, pl, pr)):
+        return pointwise_conv_forward(x, w[0, 0], b, act=code, alpha=alpha)
+    n_img, _, _, c_in = x.shape
+    kh, kw, _, n_out = w.shape
+    k = kh * kw * c_in
+    w2d = w.reshape(k, n_out)
+    y = np.empty((n_img, ho, wo, n_out), dtype=x.dtype)
+    y2d = y.reshape(-1, n_out)
+    step = _images_per_chunk(n_img, ho * wo * k * x.itemsize)
+    cols = np.empty((step * ho * wo, k), dtype=x.dtype)
+    for n0 in range(0, n_img, step):
+        n1 = min(n0 + step, n_img)
+        c = cols[: (n1 - n0) * ho * wo]
+        im2col(x[n0:n1], kh, kw, sh, sw, pt, pl, ho, wo, c)
+        np.dot(c, w2d, out=y2d[n0 * ho * wo : n1 * ho * wo])
+    if b is not None or code != ACT_NONE:
+        bias_act_epilogue(_bias_or_zeros(b, x, n_out, fn), code, x.dtype.type(alpha), y2d)
+    return y
+
+
+def conv2d_backward(dy, x, w, stride=(1, 1), pad=(0, 0, 0, 0)):
+    """Gradients of conv2d_forward (without activation) given dy = dL/d(conv output + b).
+
+    dy (N,H',W',O), x (N,H,W,C), w (KH,KW,C,O) -> dx (N,H,W,C), dw (KH,KW,C,O), db (O,).
+    """
+    fn = "conv2d_backward"
+    x, w, (sh, sw), (pt, pb, pl, pr), (ho, wo) = _conv_geometry(x, w, stride, pad, fn)
+    n_img, h_in, w_in, c_in = x.shape
+    kh, kw, _, n_out = w.shape
+    dy = _like(dy, x, (n_img, ho, wo, n_out), "dy", fn, "(N,H',W',O)")
+    dy2d = dy.reshape(-1, n_out)
+    db = dy2d.sum(axis=0)
+    if _is_plain_1x1(w, (sh, sw), (pt, pb, pl, pr)):
+        dx, dw, _ = pointwise_conv_backward(dy, x, w[0, 0])
+        return dx, dw.reshape(w.shape), db
+    k = kh * kw * c_in
+    w2d = w.reshape(k, n_out)
+    dx = np.empty_like(x)
+    dw2d = np.zeros((k, n_out), dtype=x.dtype)
+    zero_bias = np.zeros(c_in, dtype=x.dtype)
+    step = _images_per_chunk(n_img, ho * wo * k * x.itemsize)
+    cols = np.empty((step * ho * wo, k), dtype=x.dtype)
+    dcols = np.empty_like(cols)
+    for n0 in range(0, n_img, step):
+        n1 = min(n0 + step, n_img)
+        rows = slice(n0 * ho * wo, n1 * ho * wo)
+        c = cols[: (n1 - n0) * ho * wo]
+        dc = dcols[: (n1 - n0) * ho * wo]
+        im2col(x[n0:n1], kh, kw, sh, sw, pt, pl, ho, wo, c)
+        dw2d += c.T @ dy2d[rows]
+        np.dot(dy2d[rows], w2d.T, out=dc)
+        col2im(dc, kh, kw, sh, sw, pt, pl, ho, wo, zero_bias, ACT_NONE, x.dtype.type(0), dx[n0:n1])
+    return dx, dw2d.reshape(w.shape), db
+
+
+# ----------------------------------------------------------------------------- pointwise (1x1)
+
+
+def _pointwise_args(x, w, fn):
+    x = _nhwc(x, fn)
+    w = np.asarray(w)
+    if w.ndim != 2 or w.shape[0] != x.shape[3]:
+        raise ValueError(
+            f"{fn}: w must be (C,O) with C = x.shape[3] = {x.shape[3]} for x (N,H,W,C) = {x.shape}, got {w.shape}"
+        )
+    return x, np.ascontiguousarray(w, dtype=x.dtype)
+
+
+def pointwise_conv_forward(x, w, b=None, act=ACT_NONE, alpha=1.0):
+    """y = act(x @ w + b) over the channel axis.  x (N,H,W,C), w (C,O), b (O,) or None -> y (N,H,W,O)."""
+    fn = "pointwise_conv_forward"
+    x, w = _pointwise_args(x, w, fn)
+    code = _act_code(act, fn)
+    n_img, h, wd, c_in = x.shape
+    n_out = w.shape[1]
+    y = np.empty((n_img, h, wd, n_out), dtype=x.dtype)
+    y2d = y.reshape(-1, n_out)
+    np.dot(x.reshape(-1, c_in), w, out=y2d)
+    if b is not None or code != ACT_NONE:
+        bias_act_epilogue(_bias_or_zeros(b, x, n_out, fn), code, x.dtype.type(alpha), y2d)
+    return y
+
+
+def pointwise_conv_backward(dy, x, w):
+    """dy (N,H,W,O), x (N,H,W,C), w (C,O) -> dx (N,H,W,C), dw (C,O), db (O,); dy is pre-activation."""
+    fn = "pointwise_conv_backward"
+    x, w = _pointwise_args(x, w, fn)
+    n_img, h, wd, c_in = x.shape
+    n_out = w.shape[1]
+    dy = _like(dy, x, (n_img, h, wd, n_out), "dy", fn, "(N,H,W,O)")
+    dy2d = dy.reshape(-1, n_out)
+    x2d = x.reshape(-1, c_in)
+    dx = (dy2d @ w.T).reshape(x.shape)
+    dw = x2d.T @ dy2d
+    return dx, dw, dy2d.sum(axis=0)

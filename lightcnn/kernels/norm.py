@@ -1,0 +1,310 @@
+"""Batch normalisation over the channel (last) axis of NHWC activations.
+
+Training (statistics of the batch, over N, H and W; M = N*H*W values per channel):
+
+    mean_c = sum x / M                       var_c = sum (x - mean_c)^2 / M      (biased)
+    inv_std_c = 1 / sqrt(var_c + eps)        xhat = (x - mean_c) * inv_std_c
+    y = gamma_c * xhat + beta_c
+
+    backward:  dbeta = sum dy      dgamma = sum dy * xhat
+               dx = gamma * inv_std / M * (M * dy - dbeta - xhat * dgamma)
+
+Running statistics follow PyTorch: new = (1 - momentum) * old + momentum * batch, and the
+running variance is fed the *unbiased* batch variance var * M / (M - 1).
+
+Inference folds the four per-channel vectors into one multiply-add,
+
+    scale = gamma / sqrt(running_var + eps)     shift = beta - running_mean * scale
+    y = act(x * scale + shift)                  dx = dy * scale   (frozen BN)
+
+and ``fold_batchnorm_into_conv`` goes one step further and removes the BN entirely:
+w' = w * scale (over the output-channel axis), b' = b * scale + shift.
+
+Cost: inference 2 flops per element (+ activation); training forward reads x three
+times (mean, variance, normalise) and backward reads dy and xhat twice, all memory-bound.
+Channel sums are accumulated in float64 over fixed row chunks, so float32 statistics are
+accurate for large M and results do not depend on the number of threads.
+
+Deliberately absent: a fused activation in training mode (the layer applies it, since its
+backward needs the pre-activation), group/layer/instance norm, and the "cudnn" momentum=None
+cumulative average. The cache is exactly what backward needs: xhat (same shape as x) and
+inv_std (C,); x itself is not kept.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from lightcnn._jit import kernel, prange
+from lightcnn.kernels.activation import ACT_CHUNK, ACT_NONE, act_forward_flat, activation_code
+
+# Rows per chunk of the channel reductions; the chunking depends on M only (not on the
+# thread count) so the float64 partial sums are added in the same order on every machine.
+_ROWS_PER_CHUNK = 2048
+# Below this many elements the element-wise passes run serially.
+_PARALLEL_MIN_SIZE = 1 << 17
+
+
+class BatchNormCache(NamedTuple):
+    """What batchnorm_train_backward needs: xhat (N,H,W,C) and inv_std (C,)."""
+
+    xhat: np.ndarray
+    inv_std: np.ndarray
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@kernel(parallel=True)
+def _chunk_sums(a, rows_per_chunk, partial):
+    """partial[k, c] = sum of a[r, c] over the rows r of chunk k (float64)."""
+    m, c = a.shape
+    for k in prange(partial.shape[0]):
+        stop = min(m, (k + 1) * rows_per_chunk)
+        for r in range(k * rows_per_chunk, stop):
+            for j in range(c):
+                partial[k, j] += a[r, j]
+
+
+@kernel(parallel=True)
+def _chunk_sq_dev(a, mean, rows_per_chunk, partial):
+    """partial[k, c] = sum of (a[r, c] - mean[c])^2 over the rows of chunk k (float64)."""
+    m, c = a.shape
+    for k in prange(partial.shape[0]):
+        stop = min(m, (k + 1) * rows_per_chunk)
+        for r in range(k * rows_per_chunk, stop):
+            for j in range(c):
+                d = a[r, j] - mean[j]
+                partial[k, j] += d * d
+
+
+@kernel(parallel=True)
+def _chunk_sums_pair(dy, xhat, rows_per_chunk, partial_dy, partial_dyx):
+    """Chunked sums of dy and of dy * xhat per channel (float64)."""
+    m, c = dy.shape
+    for k in prange(partial_dy.shape[0]):
+        stop = min(m, (k + 1) * rows_per_chunk)
+        for r in range(k * rows_per_chunk, stop):
+            for j in range(c):
+                g = dy[r, j]
+                partial_dy[k, j] += g
+                partial_dyx[k, j] += g * xhat[r, j]
+
+
+@kernel(parallel=True)
+def _normalize(x, mean, inv_std, gamma, beta, xhat, y):
+    m, c = x.shape
+    for r in prange(m):
+        for j in range(c):
+            h = (x[r, j] - mean[j]) * inv_std[j]
+            xhat[r, j] = h
+            y[r, j] = h * gamma[j] + beta[j]
+
+
+@kernel(parallel=True)
+def _train_dx(dy, xhat, k_scale, k_dbeta, k_dgamma, dx):
+    m, c = dy.shape
+    for r in prange(m):
+        for j in range(c):
+            dx[r, j] = k_scale[j] * (dy[r, j] - k_dbeta[j] - xhat[r, j] * k_dgamma[j])
+
+
+@kernel
+def _affine_act_block(x, scale, shift, act, alpha, y):
+    """y = act(x * scale + shift) on an (R, C) block of rows."""
+    m, c = x.shape
+    # With an activation, the affine result goes to a scratch block that is still in cache
+    # when act_forward_flat reads it: that keeps the activation dispatch outside the element
+    # loop, and a separate (non-aliased) output lets LLVM vectorise it (in place it would not).
+    t = y if act == ACT_NONE else np.empty((m, c), dtype=y.dtype)
+    for r in range(m):
+        for j in range(c):
+            t[r, j] = x[r, j] * scale[j] + shift[j]
+    if act != ACT_NONE:
+        act_forward_flat(t.reshape(-1), act, alpha, y.reshape(-1))
+
+
+@kernel(parallel=True)
+def _affine_act_chunks(x, scale, shift, act, alpha, y, rows_per_chunk):
+    m = x.shape[0]
+    for k in prange((m + rows_per_chunk - 1) // rows_per_chunk):
+        lo, hi = k * rows_per_chunk, min(m, (k + 1) * rows_per_chunk)
+        _affine_act_block(x[lo:hi], scale, shift, act, alpha, y[lo:hi])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_rows(x, name="x"):
+    """x (..., C) as a C-contiguous (M, C) float view; M = product of the leading axes."""
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{name} must be float32 or float64, got {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty channel (last) axis, got shape {x.shape}")
+    x = np.ascontiguousarray(x)
+    return x, x.reshape(-1, x.shape[-1])
+
+
+def _channel_vec(v, c, dtype, name):
+    v = np.asarray(v)
+    if v.shape != (c,):
+        raise ValueError(f"{name} must have shape (C,) = ({c},), got {v.shape}")
+    return np.ascontiguousarray(v, dtype=dtype)
+
+
+def _column_sum(a, centre=None):
+    """Per-column float64 sum of a (M, C), or of (a - centre)^2 when centre is given."""
+    m, c = a.shape
+    chunks = max(1, -(-m // _ROWS_PER_CHUNK))
+    partial = np.zeros((chunks, c), dtype=np.float64)
+    if centre is None:
+        _chunk_sums(a, _ROWS_PER_CHUNK, partial)
+    else:
+        _chunk_sq_dev(a, centre, _ROWS_PER_CHUNK, partial)
+    return partial.sum(axis=0)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def fold_batchnorm(gamma, beta, running_mean, running_var, eps):
+    """(gamma, beta, running_mean, running_var) each (C,) -> (scale (C,), shift (C,)).
+
+    y = x * scale + shift equals the eval-mode BN. Computed in float64, returned in gamma's dtype.
+    """
+    gamma = np.asarray(gamma)
+    c = gamma.shape[0] if gamma.ndim == 1 else None
+    if c is None:
+        raise ValueError(f"gamma must have shape (C,), got {gamma.shape}")
+    vecs = [_channel_vec(v, c, np.float64, n) for v, n in
+            ((gamma, "gamma"), (beta, "beta"), (running_mean, "running_mean"), (running_var, "running_var"))]
+    g, b, mu, var = vecs
+    if eps < 0 or np.any(var + eps <= 0):
+        raise ValueError("running_var + eps must be positive in every channel")
+    scale = g / np.sqrt(var + eps)
+    shift = b - mu * scale
+    dtype = gamma.dtype if gamma.dtype in (np.float32, np.float64) else np.float32
+    return scale.astype(dtype), shift.astype(dtype)
+
+
+def batchnorm_inference_forward(x, scale, shift, act=ACT_NONE, alpha=1.0):
+    """y = act(x * scale + shift) per channel.  x (N,H,W,C) (any leading axes), scale/shift (C,) -> y like x."""
+    code = activation_code(act)
+    x, rows = _as_rows(x)
+    c = x.shape[-1]
+    scale = _channel_vec(scale, c, x.dtype, "scale")
+    shift = _channel_vec(shift, c, x.dtype, "shift")
+    y = np.empty_like(x)
+    y_rows, a = y.reshape(rows.shape), x.dtype.type(alpha)
+    if x.size >= _PARALLEL_MIN_SIZE:
+        _affine_act_chunks(rows, scale, shift, code, a, y_rows, max(1, ACT_CHUNK // c))
+    else:
+        _affine_act_block(rows, scale, shift, code, a, y_rows)
+    return y
+
+
+def batchnorm_inference_backward(dy, scale):
+    """dx = dy * scale (frozen / eval-mode BN).  dy (N,H,W,C) w.r.t. the pre-activation output, scale (C,)."""
+    dy, _ = _as_rows(dy, "dy")
+    scale = _channel_vec(scale, dy.shape[-1], dy.dtype, "scale")
+    return dy * scale
+
+
+def fold_batchnorm_into_conv(w, b, scale, shift):
+    """Absorb y = conv(x) * scale + shift into the conv itself.
+
+    w: any layout whose LAST axis is the output channel O -- HWIO (KH,KW,C,O), pointwise (C,O),
+    depthwise (KH,KW,C) or dense (F,O); b (O,) or None; scale, shift (O,).
+    Returns (w' = w * scale, b' = b * scale + shift), in w's dtype.
+    """
+    w = np.asarray(w)
+    if w.dtype not in (np.float32, np.float64) or w.ndim < 1:
+        raise ValueError(f"w must be a float array whose last axis is the output channel, got {w.dtype} {w.shape}")
+    o = w.shape[-1]
+    scale = _channel_vec(scale, o, np.float64, "scale")
+    shift = _channel_vec(shift, o, np.float64, "shift")
+    bias = np.zeros(o) if b is None else _channel_vec(b, o, np.float64, "b")
+    w_folded = (w.astype(np.float64) * scale).astype(w.dtype)
+    b_folded = (bias * scale + shift).astype(w.dtype)
+    return w_folded, b_folded
+
+
+# --------------------------------------------------------------------------- training
+
+
+def batchnorm_train_forward(x, gamma, beta, eps):
+    """Normalise with the batch's own statistics (over N, H, W).
+
+    x (N,H,W,C), gamma/beta (C,) -> (y (N,H,W,C), BatchNormCache(xhat (N,H,W,C), inv_std (C,)),
+    batch_mean (C,), batch_var (C,) biased).  Needs M = N*H*W >= 1.
+    """
+    x, rows = _as_rows(x)
+    m, c = rows.shape
+    if m == 0:
+        raise ValueError("batch norm in training mode needs at least one value per channel")
+    gamma = _channel_vec(gamma, c, x.dtype, "gamma")
+    beta = _channel_vec(beta, c, x.dtype, "beta")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    mean64 = _column_sum(rows) / m
+    mean = mean64.astype(x.dtype)
+    # Two-pass variance around the rounded mean: no catastrophic cancellation of E[x^2]-E[x]^2.
+    var64 = _column_sum(rows, mean) / m
+    inv_std = (1.0 / np.sqrt(var64 + eps)).astype(x.dtype)
+    xhat = np.empty_like(x)
+    y = np.empty_like(x)
+    _normalize(rows, mean, inv_std, gamma, beta, xhat.reshape(rows.shape), y.reshape(rows.shape))
+    return y, BatchNormCache(xhat, inv_std), mean, var64.astype(x.dtype)
+
+
+def batchnorm_train_backward(dy, cache, gamma):
+    """Full batch-norm gradient (the batch statistics depend on x).
+
+    dy (N,H,W,C), cache from batchnorm_train_forward, gamma (C,) -> (dx (N,H,W,C), dgamma (C,), dbeta (C,)).
+    """
+    dy, dy_rows = _as_rows(dy, "dy")
+    xhat, inv_std = cache
+    xhat, xhat_rows = _as_rows(xhat, "cache.xhat")
+    if dy.shape != xhat.shape:
+        raise ValueError(f"dy must have the forward input's shape {xhat.shape}, got {dy.shape}")
+    dy_rows = dy_rows.astype(xhat.dtype, copy=False)
+    m, c = xhat_rows.shape
+    inv_std = _channel_vec(inv_std, c, np.float64, "cache.inv_std")
+    gamma = _channel_vec(gamma, c, np.float64, "gamma")
+    chunks = max(1, -(-m // _ROWS_PER_CHUNK))
+    p_dy = np.zeros((chunks, c))
+    p_dyx = np.zeros((chunks, c))
+    _chunk_sums_pair(dy_rows, xhat_rows, _ROWS_PER_CHUNK, p_dy, p_dyx)
+    dbeta = p_dy.sum(axis=0)
+    dgamma = p_dyx.sum(axis=0)
+    dt = xhat.dtype
+    dx = np.empty_like(xhat)
+    _train_dx(dy_rows, xhat_rows, (gamma * inv_std).astype(dt), (dbeta / m).astype(dt),
+              (dgamma / m).astype(dt), dx.reshape(xhat_rows.shape))
+    return dx, dgamma.astype(dt), dbeta.astype(dt)
+
+
+def update_running_stats(running_mean, running_var, batch_mean, batch_var, count, momentum):
+    """PyTorch's running-average update; all vectors (C,), count = M = N*H*W values per channel.
+
+    new_mean = (1 - momentum) * running_mean + momentum * batch_mean
+    new_var  = (1 - momentum) * running_var  + momentum * batch_var * count / (count - 1)
+    Returns new arrays (the inputs are not modified), in running_mean's dtype.
+    """
+    running_mean = np.asarray(running_mean)
+    if running_mean.ndim != 1:
+        raise ValueError(f"running_mean must have shape (C,), got {running_mean.shape}")
+    c = running_mean.shape[0]
+    rv = _channel_vec(running_var, c, np.float64, "running_var")
+    bm = _channel_vec(batch_mean, c, np.float64, "batch_mean")
+    bv = _channel_vec(batch_var, c, np.float64, "batch_var")
+    count = int(count)
+    if count < 2:
+        raise ValueError(f"the unbiased variance needs count >= 2 values per channel, got {count}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    dtype = running_mean.dtype if running_mean.dtype in (np.float32, np.float64) else np.float32
+    new_mean = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * bm
+    new_var = (1.0 - momentum) * rv + momentum * bv * (count / (count - 1))
+    return new_mean.astype(dtype), new_var.astype(dtype)

@@ -1,0 +1,435 @@
+"""Leaf layers: thin objects around the kernels.
+
+Each layer validates its input, resolves padding for the actual input size,
+calls one kernel, and (only when training) keeps what its backward needs.
+Weights use the layouts of the package legend: conv HWIO (KH,KW,C,O),
+depthwise (KH,KW,C), dense (F,O).
+
+Padding specs accepted by the windowed layers:
+  "torch"            symmetric kernel//2 (PyTorch's usual choice)
+  "same" / "tf"      TensorFlow SAME: output = ceil(in/stride), extra pixel bottom/right
+  "valid"            no padding
+  int p              p on every side
+  (t, b, l, r)       explicit
+"""
+
+import numpy as np
+
+from lightcnn.kernels import activation as act_k
+from lightcnn.kernels import conv as conv_k
+from lightcnn.kernels import depthwise as dw_k
+from lightcnn.kernels import linear as linear_k
+from lightcnn.kernels import norm as norm_k
+from lightcnn.kernels import pool as pool_k
+from lightcnn.kernels import transpose as tconv_k
+from lightcnn.kernels.shapes import same_padding
+from lightcnn.layers.base import Layer, check_nhwc, check_rank2
+
+
+def resolve_padding(spec, height, width, kernel_h, kernel_w, stride_h, stride_w):
+    """Turn a padding spec into (top, bottom, left, right) for this input size."""
+    if isinstance(spec, str):
+        if spec in ("same", "tf"):
+            return same_padding(height, width, kernel_h, kernel_w, stride_h, stride_w)
+        if spec == "torch":
+            return (kernel_h // 2, kernel_h // 2, kernel_w // 2, kernel_w // 2)
+        if spec == "valid":
+            return (0, 0, 0, 0)
+        raise ValueError(f"unknown padding {spec!r}: use 'torch', 'same'/'tf', 'valid', an int or (t, b, l, r)")
+    if isinstance(spec, (int, np.integer)):
+        p = int(spec)
+        return (p, p, p, p)
+    pads = tuple(int(p) for p in spec)
+    if len(pads) != 4:
+        raise ValueError(f"padding must be (top, bottom, left, right), got {spec!r}")
+    return pads
+
+
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
+
+
+def he_normal(rng, shape, fan_in, dtype=np.float32):
+    """Kaiming-normal initialisation, std = sqrt(2 / fan_in): keeps ReLU activations at unit scale."""
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
+
+
+def _default_rng(rng):
+    return rng if rng is not None else np.random.default_rng(0)
+
+
+class Conv2d(Layer):
+    """KxK convolution. weight (KH,KW,C,O), bias (O,) or absent.
+
+    x (N,H,W,C) -> y (N,H',W',O). A 1x1 stride-1 unpadded conv takes the
+    pointwise path: one GEMM on the (N*H*W, C) view.
+    """
+
+    is_unit = True
+
+    def __init__(self, in_ch, out_ch, kernel, stride=1, padding="torch", bias=True, rng=None):
+        super().__init__()
+        self.in_ch, self.out_ch = int(in_ch), int(out_ch)
+        self.kernel, self.stride = _pair(kernel), _pair(stride)
+        self.padding = padding
+        kh, kw = self.kernel
+        self.params["weight"] = he_normal(_default_rng(rng), (kh, kw, in_ch, out_ch), kh * kw * in_ch)
+        if bias:
+            self.params["bias"] = np.zeros(out_ch, np.float32)
+
+    def pads(self, h, w):
+        return resolve_padding(self.padding, h, w, *self.kernel, *self.stride)
+
+    def _is_pointwise(self, pads):
+        return self.kernel == (1, 1) and self.stride == (1, 1) and pads == (0, 0, 0, 0)
+
+    def forward(self, x, training=False, weight=None, bias=None, act=act_k.ACT_NONE, alpha=1.0):
+        """`weight`/`bias` override the stored ones and `act` is fused into the
+        output; both are for ConvBNAct's inference path (folded batch norm)."""
+        check_nhwc(x, self.name, self.in_ch)
+        w = self.params["weight"] if weight is None else weight
+        b = self.params.get("bias") if bias is None else bias
+        pads = self.pads(x.shape[1], x.shape[2])
+        if self._is_pointwise(pads):
+            y = conv_k.pointwise_conv_forward(x, w.reshape(self.in_ch, self.out_ch), b, act, alpha)
+        else:
+            y = conv_k.conv2d_forward(x, w, b, self.stride, pads, act, alpha)
+        if training:
+            if act != act_k.ACT_NONE:
+                raise ValueError(f"{self.name}: a fused activation is for inference only")
+            self.cache = (x, pads, w)
+        return y
+
+    def backward(self, dy):
+        x, pads, w = self.cache
+        self.cache = None
+        if self._is_pointwise(pads):
+            dx, dw, db = conv_k.pointwise_conv_backward(dy, x, w.reshape(self.in_ch, self.out_ch))
+            dw = dw.reshape(w.shape)
+        else:
+            dx, dw, db = conv_k.conv2d_backward(dy, x, w, self.stride, pads)
+        if not self.frozen:
+            self.grads["weight"] = dw
+            if "bias" in self.params:
+                self.grads["bias"] = db
+        return dx
+
+    def output_shape(self, in_shape):
+        from lightcnn.kernels.shapes import conv_output_size
+
+        n, h, w, _ = in_shape
+        t, b, l, r = self.pads(h, w)
+        return (n, conv_output_size(h, self.kernel[0], self.stride[0], t, b),
+                conv_output_size(w, self.kernel[1], self.stride[1], l, r), self.out_ch)
+
+    def macs(self, in_shape, out_shape):
+        return int(np.prod(out_shape[1:3])) * self.kernel[0] * self.kernel[1] * self.in_ch * self.out_ch
+
+    def __repr__(self):
+        return f"Conv2d({self.in_ch}, {self.out_ch}, k={self.kernel}, s={self.stride}, pad={self.padding!r})"
+
+
+class DepthwiseConv2d(Layer):
+    """One KHxKW filter per channel. weight (KH,KW,C). x (N,H,W,C) -> y (N,H',W',C)."""
+
+    is_unit = True
+
+    def __init__(self, channels, kernel, stride=1, padding="torch", bias=True, rng=None):
+        super().__init__()
+        self.in_ch = self.out_ch = int(channels)
+        self.kernel, self.stride = _pair(kernel), _pair(stride)
+        self.padding = padding
+        kh, kw = self.kernel
+        self.params["weight"] = he_normal(_default_rng(rng), (kh, kw, channels), kh * kw)
+        if bias:
+            self.params["bias"] = np.zeros(channels, np.float32)
+
+    def pads(self, h, w):
+        return resolve_padding(self.padding, h, w, *self.kernel, *self.stride)
+
+    def forward(self, x, training=False, weight=None, bias=None, act=act_k.ACT_NONE, alpha=1.0):
+        check_nhwc(x, self.name, self.in_ch)
+        w = self.params["weight"] if weight is None else weight
+        b = self.params.get("bias") if bias is None else bias
+        pads = self.pads(x.shape[1], x.shape[2])
+        y = dw_k.depthwise_conv2d_forward(x, w, b, self.stride, pads, act, alpha)
+        if training:
+            if act != act_k.ACT_NONE:
+                raise ValueError(f"{self.name}: a fused activation is for inference only")
+            self.cache = (x, pads, w)
+        return y
+
+    def backward(self, dy):
+        x, pads, w = self.cache
+        self.cache = None
+        dx, dw, db = dw_k.depthwise_conv2d_backward(dy, x, w, self.stride, pads)
+        if not self.frozen:
+            self.grads["weight"] = dw
+            if "bias" in self.params:
+                self.grads["bias"] = db
+        return dx
+
+    output_shape = Conv2d.output_shape
+
+    def macs(self, in_shape, out_shape):
+        return int(np.prod(out_shape[1:3])) * self.kernel[0] * self.kernel[1] * self.in_ch
+
+    def __repr__(self):
+        return f"DepthwiseConv2d({self.in_ch}, k={self.kernel}, s={self.stride}, pad={self.padding!r})"
+
+
+class ConvTranspose2d(Layer):
+    """Transpose convolution (learned upsampling). weight (KH,KW,C,O).
+
+    x (N,H,W,C) -> y (N, (H-1)*s - pt - pb + KH + op, ..., O)
+    """
+
+    is_unit = True
+
+    def __init__(self, in_ch, out_ch, kernel, stride, padding=0, output_padding=0, bias=True, rng=None):
+        super().__init__()
+        self.in_ch, self.out_ch = int(in_ch), int(out_ch)
+        self.kernel, self.stride = _pair(kernel), _pair(stride)
+        self.padding = resolve_padding(padding, 0, 0, 1, 1, 1, 1)
+        self.output_padding = _pair(output_padding)
+        kh, kw = self.kernel
+        self.params["weight"] = he_normal(_default_rng(rng), (kh, kw, in_ch, out_ch), in_ch)
+        if bias:
+            self.params["bias"] = np.zeros(out_ch, np.float32)
+
+    def forward(self, x, training=False):
+        check_nhwc(x, self.name, self.in_ch)
+        y = tconv_k.conv_transpose2d_forward(x, self.params["weight"], self.params.get("bias"), self.stride,
+                                             self.padding, self.output_padding)
+        if training:
+            self.cache = x
+        return y
+
+    def backward(self, dy):
+        x, self.cache = self.cache, None
+        dx, dw, db = tconv_k.conv_transpose2d_backward(dy, x, self.params["weight"], self.stride, self.padding,
+                                                       self.output_padding)
+        if not self.frozen:
+            self.grads["weight"] = dw
+            if "bias" in self.params:
+                self.grads["bias"] = db
+        return dx
+
+    def macs(self, in_shape, out_shape):
+        return int(np.prod(in_shape[1:3])) * self.kernel[0] * self.kernel[1] * self.in_ch * self.out_ch
+
+
+class BatchNorm(Layer):
+    """Batch normalisation over N,H,W per channel.
+
+    params weight (gamma), bias (beta); buffers running_mean, running_var.
+    Training uses batch statistics and updates the running ones (PyTorch momentum
+    convention); frozen or inference uses the running statistics as a folded
+    scale/shift.
+    """
+
+    def __init__(self, channels, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.channels, self.eps, self.momentum = int(channels), float(eps), float(momentum)
+        self.params["weight"] = np.ones(channels, np.float32)
+        self.params["bias"] = np.zeros(channels, np.float32)
+        self.buffers["running_mean"] = np.zeros(channels, np.float32)
+        self.buffers["running_var"] = np.ones(channels, np.float32)
+
+    def folded(self):
+        """(scale, shift) with y = x * scale + shift, from the running statistics."""
+        return norm_k.fold_batchnorm(self.params["weight"], self.params["bias"], self.buffers["running_mean"],
+                                     self.buffers["running_var"], self.eps)
+
+    def forward(self, x, training=False):
+        check_nhwc(x, self.name, self.channels)
+        if training and not self.frozen:
+            y, cache, mean, var = norm_k.batchnorm_train_forward(x, self.params["weight"], self.params["bias"],
+                                                                  self.eps)
+            count = x.size // x.shape[-1]
+            new_mean, new_var = norm_k.update_running_stats(self.buffers["running_mean"], self.buffers["running_var"],
+                                                            mean, var, count, self.momentum)
+            self.buffers["running_mean"], self.buffers["running_var"] = new_mean, new_var
+            self.cache = ("train", cache)
+            return y
+        scale, shift = self.folded()
+        y = norm_k.batchnorm_inference_forward(x, scale.astype(x.dtype), shift.astype(x.dtype))
+        if training:
+            self.cache = ("frozen", scale.astype(x.dtype))
+        return y
+
+    def backward(self, dy):
+        mode, cache = self.cache
+        self.cache = None
+        if mode == "frozen":
+            return norm_k.batchnorm_inference_backward(dy, cache)
+        dx, dgamma, dbeta = norm_k.batchnorm_train_backward(dy, cache, self.params["weight"].astype(dy.dtype))
+        self.grads["weight"], self.grads["bias"] = dgamma, dbeta
+        return dx
+
+
+class Activation(Layer):
+    """Elementwise nonlinearity by name (relu, relu6, elu, sigmoid, hard_sigmoid, hard_swish)."""
+
+    def __init__(self, kind, alpha=1.0):
+        super().__init__()
+        self.kind, self.code, self.alpha = kind, act_k.ACTIVATIONS[kind], float(alpha)
+
+    def forward(self, x, training=False):
+        if training:
+            self.cache = x
+        return act_k.activation_forward(x, self.code, self.alpha)
+
+    def backward(self, dy):
+        x, self.cache = self.cache, None
+        return act_k.activation_backward(dy, x, self.code, self.alpha)
+
+    def __repr__(self):
+        return f"Activation({self.kind!r})"
+
+
+class Dense(Layer):
+    """Fully connected: x (N,F) @ weight (F,O) + bias (O,) -> (N,O)."""
+
+    is_unit = True
+
+    def __init__(self, in_features, out_features, bias=True, act="none", rng=None, init="he"):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.act, self.act_name = act_k.ACTIVATIONS[act], act
+        rng = _default_rng(rng)
+        if init == "he":
+            w = he_normal(rng, (in_features, out_features), in_features)
+        else:  # "glorot": the usual choice for a softmax output layer
+            limit = np.sqrt(6.0 / (in_features + out_features))
+            w = rng.uniform(-limit, limit, (in_features, out_features)).astype(np.float32)
+        self.params["weight"] = w
+        if bias:
+            self.params["bias"] = np.zeros(out_features, np.float32)
+
+    def forward(self, x, training=False):
+        check_rank2(x, self.name, self.in_features)
+        if training:
+            y_pre = linear_k.dense_forward(x, self.params["weight"], self.params.get("bias"))
+            self.cache = (x, y_pre)
+            return y_pre if self.act == act_k.ACT_NONE else act_k.activation_forward(y_pre, self.act, 1.0)
+        return linear_k.dense_forward(x, self.params["weight"], self.params.get("bias"), self.act, 1.0)
+
+    def backward(self, dy):
+        x, y_pre = self.cache
+        self.cache = None
+        if self.act != act_k.ACT_NONE:
+            dy = act_k.activation_backward(dy, y_pre, self.act, 1.0)
+        dx, dw, db = linear_k.dense_backward(dy, x, self.params["weight"])
+        if not self.frozen:
+            self.grads["weight"] = dw
+            if "bias" in self.params:
+                self.grads["bias"] = db
+        return dx
+
+    def macs(self, in_shape, out_shape):
+        return self.in_features * self.out_features
+
+    def __repr__(self):
+        return f"Dense({self.in_features}, {self.out_features}, act={self.act_name!r})"
+
+
+class GlobalAvgPool(Layer):
+    """(N,H,W,C) -> (N,C): the mean over all positions."""
+
+    is_unit = True
+
+    def forward(self, x, training=False):
+        check_nhwc(x, self.name)
+        if training:
+            self.cache = x.shape
+        return pool_k.global_avg_pool_forward(x)
+
+    def backward(self, dy):
+        shape, self.cache = self.cache, None
+        return pool_k.global_avg_pool_backward(dy, shape)
+
+
+class MaxPool2d(Layer):
+    """Max pooling; ceil_mode as Caffe/torchvision SqueezeNet use it."""
+
+    is_unit = True
+
+    def __init__(self, kernel, stride, padding=0, ceil_mode=False):
+        super().__init__()
+        self.kernel, self.stride = _pair(kernel), _pair(stride)
+        self.padding, self.ceil_mode = padding, bool(ceil_mode)
+
+    def forward(self, x, training=False):
+        check_nhwc(x, self.name)
+        pads = resolve_padding(self.padding, x.shape[1], x.shape[2], *self.kernel, *self.stride)
+        y, argmax = pool_k.max_pool2d_forward(x, self.kernel, self.stride, pads, self.ceil_mode)
+        if training:
+            self.cache = (argmax, x.shape)
+        return y
+
+    def backward(self, dy):
+        (argmax, shape), self.cache = self.cache, None
+        return pool_k.max_pool2d_backward(dy, argmax, shape)
+
+
+class AvgPool2d(Layer):
+    """Average pooling over KHxKW windows."""
+
+    is_unit = True
+
+    def __init__(self, kernel, stride, padding=0, ceil_mode=False, count_include_pad=True):
+        super().__init__()
+        self.kernel, self.stride = _pair(kernel), _pair(stride)
+        self.padding, self.ceil_mode, self.count_include_pad = padding, bool(ceil_mode), bool(count_include_pad)
+
+    def _args(self, shape):
+        pads = resolve_padding(self.padding, shape[1], shape[2], *self.kernel, *self.stride)
+        return self.kernel, self.stride, pads, self.ceil_mode, self.count_include_pad
+
+    def forward(self, x, training=False):
+        check_nhwc(x, self.name)
+        if training:
+            self.cache = x.shape
+        return pool_k.avg_pool2d_forward(x, *self._args(x.shape))
+
+    def backward(self, dy):
+        shape, self.cache = self.cache, None
+        return pool_k.avg_pool2d_backward(dy, shape, *self._args(shape))
+
+
+class Dropout(Layer):
+    """Inverted dropout during training only; the generator is explicit and seeded."""
+
+    def __init__(self, p, seed=0):
+        super().__init__()
+        self.p = float(p)
+        self.rng = np.random.default_rng(seed)
+
+    def forward(self, x, training=False):
+        if not training or self.p == 0.0:
+            if training:
+                self.cache = None
+            return x
+        y, mask = linear_k.dropout_forward(x, self.p, self.rng)
+        self.cache = mask
+        return y
+
+    def backward(self, dy):
+        mask, self.cache = self.cache, None
+        return dy if mask is None else linear_k.dropout_backward(dy, mask)
+
+    def __repr__(self):
+        return f"Dropout({self.p})"
+
+
+class Flatten(Layer):
+    """(N,1,1,C) -> (N,C); anything else is a shape error (use GlobalAvgPool)."""
+
+    def forward(self, x, training=False):
+        if x.ndim != 4 or x.shape[1:3] != (1, 1):
+            raise ValueError(f"{self.name}: expected shape (N, 1, 1, C), got {x.shape}")
+        return x.reshape(x.shape[0], x.shape[3])
+
+    def backward(self, dy):
+        return dy.reshape(dy.shape[0], 1, 1, dy.shape[1])

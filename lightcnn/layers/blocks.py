@@ -1,0 +1,213 @@
+"""Composite blocks of the lightweight networks.
+
+ConvBNAct        conv (standard, pointwise or depthwise) -> batch norm -> activation.
+                 At inference the batch norm is folded into the conv weights and the
+                 activation is fused into the kernel's epilogue: one kernel call.
+SqueezeExcite    GAP -> 1x1 (reduce) -> ReLU -> 1x1 (expand) -> hard-sigmoid -> scale
+InvertedResidual MobileNetV2/V3 bottleneck:  pw expand -> dw -> [SE] -> pw project (+ x)
+Fire             SqueezeNet:  squeeze 1x1 -> [expand 1x1 | expand 3x3] concatenated (+ x)
+"""
+
+import numpy as np
+
+from lightcnn.kernels import activation as act_k
+from lightcnn.kernels import combine as combine_k
+from lightcnn.kernels import norm as norm_k
+from lightcnn.kernels import pool as pool_k
+from lightcnn.layers.base import Layer, check_nhwc
+from lightcnn.layers.basic import BatchNorm, Conv2d, Dense, DepthwiseConv2d
+
+
+class ConvBNAct(Layer):
+    """A conv unit: ``conv`` (Conv2d or DepthwiseConv2d), optional ``bn``, activation.
+
+    x (N,H,W,C) -> y (N,H',W',O). With ``bn=None`` the conv carries the bias
+    (networks converted from files whose batch norm is already folded).
+    """
+
+    is_unit = True
+
+    def __init__(self, conv, bn=None, act="none", alpha=1.0):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+        self.act_name, self.act, self.alpha = act, act_k.ACTIVATIONS[act], float(alpha)
+        self.in_ch, self.out_ch = conv.in_ch, conv.out_ch
+        self._folded = None  # (weight, bias) with BN folded; derived, rebuilt after parameter changes
+
+    def children(self):
+        return [("conv", self.conv)] + ([("bn", self.bn)] if self.bn is not None else [])
+
+    def _on_params_changed(self):
+        self._folded = None
+
+    def folded_weights(self):
+        """Conv weight and bias with the batch norm's running statistics folded in."""
+        if self.bn is None:
+            return self.conv.params["weight"], self.conv.params.get("bias")
+        if self._folded is None:
+            scale, shift = self.bn.folded()
+            self._folded = norm_k.fold_batchnorm_into_conv(self.conv.params["weight"], self.conv.params.get("bias"),
+                                                           scale, shift)
+        return self._folded
+
+    def forward(self, x, training=False):
+        if not training:
+            w, b = self.folded_weights()
+            if x.dtype != w.dtype:
+                w, b = w.astype(x.dtype), (None if b is None else b.astype(x.dtype))
+            return self.conv.forward(x, False, weight=w, bias=b, act=self.act, alpha=self.alpha)
+        self._folded = None  # training may move BN statistics and weights
+        z = self.conv.forward(x, True)
+        if self.bn is not None:
+            z = self.bn.forward(z, True)
+        self.cache = z if self.act != act_k.ACT_NONE else None
+        return z if self.act == act_k.ACT_NONE else act_k.activation_forward(z, self.act, self.alpha)
+
+    def backward(self, dy):
+        z, self.cache = self.cache, None
+        if self.act != act_k.ACT_NONE:
+            dy = act_k.activation_backward(dy, z, self.act, self.alpha)
+        if self.bn is not None:
+            dy = self.bn.backward(dy)
+        return self.conv.backward(dy)
+
+    def output_shape(self, in_shape):
+        return self.conv.output_shape(in_shape)
+
+    def macs(self, in_shape, out_shape):
+        return self.conv.macs(in_shape, out_shape)
+
+    def __repr__(self):
+        bn = "+BN" if self.bn is not None else ""
+        return f"ConvBNAct({self.conv!r}{bn}, act={self.act_name!r})"
+
+
+def conv_bn_act(in_ch, out_ch, kernel, stride=1, padding="torch", act="none", bn=True, bn_eps=1e-5,
+                bn_momentum=0.1, depthwise=False, alpha=1.0, rng=None):
+    """Build a ConvBNAct; with ``bn=False`` the conv has a bias instead of a batch norm."""
+    if depthwise:
+        if in_ch != out_ch:
+            raise ValueError(f"depthwise conv needs in_ch == out_ch, got {in_ch} and {out_ch}")
+        conv = DepthwiseConv2d(in_ch, kernel, stride, padding, bias=not bn, rng=rng)
+    else:
+        conv = Conv2d(in_ch, out_ch, kernel, stride, padding, bias=not bn, rng=rng)
+    norm = BatchNorm(out_ch, eps=bn_eps, momentum=bn_momentum) if bn else None
+    return ConvBNAct(conv, norm, act, alpha)
+
+
+class SqueezeExcite(Layer):
+    """Channel attention (MobileNetV3): s = hsigmoid(W2 relu(W1 mean_hw(x) + b1) + b2); y = x * s.
+
+    fc1 weight (C,S), fc2 weight (S,C) — 1x1 convs on a 1x1 map are dense layers.
+    x (N,H,W,C) -> y (N,H,W,C)
+    """
+
+    is_unit = True
+
+    def __init__(self, channels, squeeze_channels, gate="hard_sigmoid", rng=None):
+        super().__init__()
+        self.channels, self.squeeze_channels = int(channels), int(squeeze_channels)
+        self.fc1 = Dense(channels, squeeze_channels, act="relu", rng=rng)
+        self.fc2 = Dense(squeeze_channels, channels, act=gate, rng=rng)
+
+    def children(self):
+        return [("fc1", self.fc1), ("fc2", self.fc2)]
+
+    def forward(self, x, training=False):
+        check_nhwc(x, self.name, self.channels)
+        pooled = pool_k.global_avg_pool_forward(x)
+        s = self.fc2.forward(self.fc1.forward(pooled, training), training)
+        if training:
+            self.cache = (x, s)
+        return combine_k.scale_channels_forward(x, s)
+
+    def backward(self, dy):
+        (x, s), self.cache = self.cache, None
+        dx, ds = combine_k.scale_channels_backward(dy, x, s)
+        dpooled = self.fc1.backward(self.fc2.backward(ds))
+        return dx + pool_k.global_avg_pool_backward(dpooled, x.shape)
+
+    def macs(self, in_shape, out_shape):
+        return 2 * self.channels * self.squeeze_channels
+
+
+class InvertedResidual(Layer):
+    """MobileNetV2/V3 bottleneck: expand (1x1) -> depthwise (KxK, stride) -> [SE] -> project (1x1, linear).
+
+    The residual is added when stride is 1 and the channel count is unchanged.
+    x (N,H,W,C_in) -> y (N,H',W',C_out)
+    """
+
+    def __init__(self, in_ch, out_ch, expanded, kernel, stride, act, se_channels=0, padding="torch",
+                 bn=True, bn_eps=1e-5, bn_momentum=0.1, alpha=1.0, rng=None):
+        super().__init__()
+        norm = dict(bn=bn, bn_eps=bn_eps, bn_momentum=bn_momentum, rng=rng)
+        self.in_ch, self.out_ch = in_ch, out_ch
+        self.expand = (conv_bn_act(in_ch, expanded, 1, act=act, alpha=alpha, **norm)
+                       if expanded != in_ch else None)
+        self.dw = conv_bn_act(expanded, expanded, kernel, stride, padding, act=act, alpha=alpha, depthwise=True, **norm)
+        self.se = SqueezeExcite(expanded, se_channels, rng=rng) if se_channels else None
+        self.project = conv_bn_act(expanded, out_ch, 1, act="none", **norm)
+        self.use_residual = stride == 1 and in_ch == out_ch
+
+    def children(self):
+        names = [("expand", self.expand), ("dw", self.dw), ("se", self.se), ("project", self.project)]
+        return [(n, layer) for n, layer in names if layer is not None]
+
+    def forward(self, x, training=False):
+        y = x
+        for _, layer in self.children():
+            y = layer.forward(y, training)
+        return y + x if self.use_residual else y
+
+    def backward(self, dy):
+        dx = dy
+        for _, layer in reversed(self.children()):
+            dx = layer.backward(dx)
+        return dx + dy if self.use_residual else dx
+
+
+class Fire(Layer):
+    """SqueezeNet Fire module: squeeze 1x1 -> concat(expand 1x1, expand 3x3).
+
+    Options from seed 001: ``bn=True`` puts batch norm after the squeeze conv,
+    ``act="elu"`` replaces ReLU; ``bypass=True`` adds the identity skip (needs
+    in_ch == e1 + e3). x (N,H,W,C) -> y (N,H,W,e1+e3)
+    """
+
+    def __init__(self, in_ch, squeeze, e1, e3, act="relu", bn=False, bypass=False, alpha=1.0, padding="torch",
+                 rng=None):
+        super().__init__()
+        self.in_ch, self.out_ch = in_ch, e1 + e3
+        if bypass and in_ch != e1 + e3:
+            raise ValueError(f"a simple bypass needs in_ch == e1 + e3, got {in_ch} and {e1 + e3}")
+        self.squeeze = conv_bn_act(in_ch, squeeze, 1, act=act, bn=bn, alpha=alpha, rng=rng)
+        self.expand1x1 = conv_bn_act(squeeze, e1, 1, act=act, bn=False, alpha=alpha, rng=rng)
+        self.expand3x3 = conv_bn_act(squeeze, e3, 3, 1, padding, act=act, bn=False, alpha=alpha, rng=rng)
+        self.bypass = bypass
+
+    def children(self):
+        return [("squeeze", self.squeeze), ("expand1x1", self.expand1x1), ("expand3x3", self.expand3x3)]
+
+    def forward(self, x, training=False):
+        s = self.squeeze.forward(x, training)
+        y = combine_k.concat_channels([self.expand1x1.forward(s, training), self.expand3x3.forward(s, training)])
+        return y + x if self.bypass else y
+
+    def backward(self, dy):
+        d1, d3 = combine_k.concat_channels_backward(dy, [self.expand1x1.out_ch, self.expand3x3.out_ch])
+        ds = self.expand1x1.backward(d1) + self.expand3x3.backward(d3)
+        dx = self.squeeze.backward(ds)
+        return dx + dy if self.bypass else dx
+
+
+def make_divisible(value, divisor=8, min_value=None):
+    """Round channels to a multiple of `divisor`, never dropping more than 10% (MobileNet's rule)."""
+    min_value = divisor if min_value is None else min_value
+    new = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if new < 0.9 * value:
+        new += divisor
+    return new
+
+
+__all__ = ["ConvBNAct", "conv_bn_act", "SqueezeExcite", "InvertedResidual", "Fire", "make_divisible"]

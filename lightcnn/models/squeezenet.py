@@ -1,0 +1,198 @@
+"""SqueezeNet 1.0 / 1.1 (Iandola et al. 2016) and seed 001's variants, as Fire tables.
+
+A layout is a sequence of steps: the stem conv, max-pools (3x3, stride 2,
+ceil mode as Caffe and torchvision use) and Fire modules
+(squeeze, expand 1x1, expand 3x3). Sizes at 224 (227 for Caffe/seed 001):
+
+    1.0: conv1 7x7/2 96 -> pool -> fire2 fire3 fire4 -> pool -> fire5..fire8 -> pool -> fire9     (13x13)
+    1.1: conv1 3x3/2 64 -> pool -> fire2 fire3 -> pool -> fire4 fire5 -> pool -> fire6..fire9     (13x13 / 14x14)
+
+Head (classic): dropout -> 1x1 conv to the classes + ReLU -> global average pool.
+The Caffe release of 1.0 (Deep Compression) pads that last conv by 1, so it
+averages a 15x15 map whose border is ReLU(bias): ``variant="caffe"``.
+
+Seed 001 options: ``fire="bn_elu"`` (batch norm after the squeeze conv, ELU
+everywhere), ``bypass="simple"`` (identity skips around fire3, fire5, fire7, fire9),
+and `covid_squeezenet`, the paper's proposed network.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from lightcnn.kernels import combine as combine_k
+from lightcnn.layers.base import Layer, Sequential
+from lightcnn.layers.basic import ConvTranspose2d, Dense, Dropout, GlobalAvgPool, MaxPool2d
+from lightcnn.layers.blocks import Fire, conv_bn_act
+from lightcnn.models.base import Model
+
+
+class FireSpec(NamedTuple):
+    squeeze: int
+    expand1x1: int
+    expand3x3: int
+
+
+POOL = "pool"
+FIRE = {  # (squeeze, expand 1x1, expand 3x3), the same in 1.0 and 1.1
+    "fire2": FireSpec(16, 64, 64),
+    "fire3": FireSpec(16, 64, 64),
+    "fire4": FireSpec(32, 128, 128),
+    "fire5": FireSpec(32, 128, 128),
+    "fire6": FireSpec(48, 192, 192),
+    "fire7": FireSpec(48, 192, 192),
+    "fire8": FireSpec(64, 256, 256),
+    "fire9": FireSpec(64, 256, 256),
+}
+LAYOUT = {
+    #        stem (filters, kernel), then the steps in order
+    "1_0": ((96, 7), ("pool", "fire2", "fire3", "fire4", "pool", "fire5", "fire6", "fire7", "fire8", "pool", "fire9")),
+    "1_1": ((64, 3), ("pool", "fire2", "fire3", "pool", "fire4", "fire5", "pool", "fire6", "fire7", "fire8", "fire9")),
+}
+SIMPLE_BYPASS = ("fire3", "fire5", "fire7", "fire9")
+
+
+def _trunk(version, in_channels, fire, bypass, rng):
+    (stem_ch, stem_k), steps = LAYOUT[version]
+    act = "elu" if fire == "bn_elu" else "relu"
+    features = Sequential()
+    features.append("conv1", conv_bn_act(in_channels, stem_ch, stem_k, 2, "valid", act=act, bn=False, rng=rng))
+    in_ch, pools = stem_ch, 0
+    for step in steps:
+        if step == POOL:
+            pools += 1
+            features.append(f"pool{pools}", MaxPool2d(3, 2, 0, ceil_mode=True))
+            continue
+        spec = FIRE[step]
+        features.append(step, Fire(in_ch, spec.squeeze, spec.expand1x1, spec.expand3x3, act=act,
+                                   bn=(fire == "bn_elu"), bypass=(bypass == "simple" and step in SIMPLE_BYPASS),
+                                   rng=rng))
+        in_ch = spec.expand1x1 + spec.expand3x3
+    features.out_ch = in_ch
+    return features
+
+
+def _squeezenet(version, num_classes, variant, fire, bypass, dropout, in_channels, seed):
+    if fire not in ("classic", "bn_elu"):
+        raise ValueError(f"fire must be 'classic' or 'bn_elu', got {fire!r}")
+    if bypass not in (None, "simple"):
+        raise ValueError(f"bypass must be None or 'simple', got {bypass!r}")
+    rng = np.random.default_rng(seed)
+    features = _trunk(version, in_channels, fire, bypass, rng)
+    act = "elu" if fire == "bn_elu" else "relu"
+    final_pad = 1 if variant == "caffe" else 0
+    head = Sequential([("dropout", Dropout(dropout, seed)),
+                       ("classifier", conv_bn_act(features.out_ch, num_classes, 1, 1, final_pad, act=act, bn=False,
+                                                  rng=rng)),
+                       ("pool", GlobalAvgPool())])
+    head.out_features = num_classes
+    size = 227 if variant == "caffe" else 224
+    config = dict(num_classes=num_classes, variant=variant, fire=fire, bypass=bypass, dropout=dropout,
+                  in_channels=in_channels)
+    arch = f"squeezenet{version}"
+    return Model(arch, config, features, head, (size, size, in_channels), cam_layer="features")
+
+
+def squeezenet1_0(num_classes=1000, variant="torchvision", fire="classic", bypass=None, dropout=0.5, in_channels=3,
+                  seed=0):
+    """SqueezeNet 1.0; ``variant="caffe"`` pads the final 1x1 conv by 1 (the Deep-Compression release)."""
+    return _squeezenet("1_0", num_classes, variant, fire, bypass, dropout, in_channels, seed)
+
+
+def squeezenet1_1(num_classes=1000, variant="torchvision", fire="classic", bypass=None, dropout=0.5, in_channels=3,
+                  seed=0):
+    """SqueezeNet 1.1: 2.4x less computation than 1.0 at the same accuracy."""
+    return _squeezenet("1_1", num_classes, variant, fire, bypass, dropout, in_channels, seed)
+
+
+class CovidSqueezeFeatures(Layer):
+    """Seed 001's trunk: SqueezeNet 1.1 (BN+ELU Fire, no bypass) plus a 4x transpose-conv skip.
+
+        x (N,227,227,1) -> fire2 (N,56,56,128) ... fire9 (N,14,14,512)
+        up   = ELU(transpose conv 4x4 stride 4 (fire9))          (N,56,56,128)
+        cat  = concat(up, fire2)                                 (N,56,56,256)
+        y    = ELU(1x1 conv 128 (cat))  "weighted sum of channels" (N,56,56,128)
+
+    When rounding makes the upsampled map differ from fire2's size (inputs
+    other than 227), `up` is cropped at the bottom/right or zero-padded there to
+    fire2's size; the gradient follows the same crop/pad.
+    """
+
+    def __init__(self, in_channels, rng):
+        super().__init__()
+        trunk = _trunk("1_1", in_channels, "bn_elu", None, rng)
+        names = [n for n, _ in trunk.layers]
+        split = names.index("fire2") + 1
+        self.early = Sequential(trunk.layers[:split])
+        self.late = Sequential(trunk.layers[split:])
+        self.upsample = _TransposeAct(512, 128, rng)
+        self.fuse = conv_bn_act(256, 128, 1, act="elu", bn=False, rng=rng)
+        self.out_ch = 128
+
+    def children(self):
+        return [("early", self.early), ("late", self.late), ("upsample", self.upsample), ("fuse", self.fuse)]
+
+    def forward(self, x, training=False):
+        skip = self.early.forward(x, training)
+        up = self.upsample.forward(self.late.forward(skip, training), training)
+        up_fit = _fit_spatial(up, skip.shape[1], skip.shape[2])
+        if training:
+            self.cache = (up.shape, skip.shape[3])
+        return self.fuse.forward(combine_k.concat_channels([up_fit, skip]), training)
+
+    def backward(self, dy):
+        (up_shape, skip_ch), self.cache = self.cache, None
+        dcat = self.fuse.backward(dy)
+        dup_fit, dskip = combine_k.concat_channels_backward(dcat, [dcat.shape[3] - skip_ch, skip_ch])
+        dup = _fit_spatial(dup_fit, up_shape[1], up_shape[2])
+        dskip = dskip + self.late.backward(self.upsample.backward(dup))
+        return self.early.backward(dskip)
+
+
+def _fit_spatial(x, height, width):
+    """Crop or zero-pad x (N,H,W,C) at the bottom/right to (N,height,width,C)."""
+    x = x[:, :height, :width, :]
+    if x.shape[1] == height and x.shape[2] == width:
+        return np.ascontiguousarray(x)
+    out = np.zeros((x.shape[0], height, width, x.shape[3]), x.dtype)
+    out[:, :x.shape[1], :x.shape[2], :] = x
+    return out
+
+
+class _TransposeAct(Layer):
+    """Transpose conv (k=4, s=4) followed by ELU; a unit in summaries."""
+
+    is_unit = True
+
+    def __init__(self, in_ch, out_ch, rng):
+        super().__init__()
+        from lightcnn.layers.basic import Activation
+
+        self.tconv = ConvTranspose2d(in_ch, out_ch, 4, 4, rng=rng)
+        self.act = Activation("elu")
+        self.in_ch, self.out_ch = in_ch, out_ch
+
+    def children(self):
+        return [("tconv", self.tconv)]
+
+    def forward(self, x, training=False):
+        return self.act.forward(self.tconv.forward(x, training), training)
+
+    def backward(self, dy):
+        return self.tconv.backward(self.act.backward(dy))
+
+    def macs(self, in_shape, out_shape):
+        return self.tconv.macs(in_shape, out_shape)
+
+
+def covid_squeezenet(num_classes=2, in_channels=1, dropout=0.0, seed=0):
+    """Seed 001's proposed network: BN+ELU SqueezeNet 1.1 trunk, 4x transpose-conv skip, GAP, dense softmax."""
+    rng = np.random.default_rng(seed)
+    features = CovidSqueezeFeatures(in_channels, rng)
+    layers = [("pool", GlobalAvgPool())]
+    if dropout:
+        layers.append(("dropout", Dropout(dropout, seed)))
+    layers.append(("classifier", Dense(128, num_classes, rng=rng, init="glorot")))
+    config = dict(num_classes=num_classes, in_channels=in_channels, dropout=dropout)
+    return Model("covid_squeezenet", config, features, Sequential(layers), (227, 227, in_channels),
+                 cam_layer="features.fuse")

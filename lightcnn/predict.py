@@ -1,0 +1,368 @@
+"""python -m lightcnn.predict IMAGE... [--model NAME | --weights FILE.h5] [--topk 5] [--json] [--cam DIR] [--threads N]
+
+Classify images with a converted (or fine-tuned) lightcnn model.
+
+IMAGE    a file; a directory (walked recursively in sorted order, image files only, hidden entries skipped);
+         a glob pattern, expanded here (``**`` recurses), matches sorted, image files only; or ``-`` for one
+         image's bytes on stdin. Results come in argument order, each argument's expansion sorted.
+--model  a registered name (``python -m lightcnn.weights list``); default mobilenet_v2
+--weights  any lightcnn .h5 file, e.g. a fine-tuned model (its class names and preprocessing come with it)
+--topk   classes per image (default 5)
+--json   JSON Lines on stdout, one object per image: file, model, arch, weights, weights_sha256,
+         topk [{index, wnid, label, score}], decode_ms, preprocess_ms, inference_ms (the batch's time divided by
+         its size), and with --cam a "cam" object
+--cam DIR  per image, DIR/<name>.png (the map over the preprocessed input) and DIR/<name>.npy (the raw map) for
+         the top-1 class: CAM when the head is GAP + linear (or SqueezeNet's conv head), else Grad-CAM at the
+         model's default layer; --cam-layer NAME asks for Grad-CAM at any layer of
+         ``python -m lightcnn.summary NAME``
+--threads N  threads for Numba kernels and for BLAS. BLAS (OpenBLAS/MKL) reads its thread count only when numpy
+         is first imported, so the environment variables are set before that import; when ``main`` is called
+         from a program that already imported numpy, only Numba's count changes.
+
+Results go to stdout; progress (more than 20 images, or any number on a terminal), warnings and errors to stderr.
+Weights are looked up without network access (lightcnn.weights.find_weights) and never downloaded here.
+
+Exit codes: 0 every image predicted; 1 an image, an argument or the weights failed (every other image is still
+predicted and printed); 2 usage error. Expected failures print one line, ``error: <file>: <reason>``.
+"""
+
+import argparse
+import glob
+import os
+import sys
+import time
+
+from lightcnn.errors import LightCNNError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff",
+                              ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k"})
+BATCH_SIZE = 16
+GRADCAM_BATCH = 4
+PROGRESS_MIN_IMAGES = 20
+STDIN = "-"
+
+
+def _err(message):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m lightcnn.predict",
+        description="Classify images with a lightcnn model (top-k classes per image).",
+        epilog="Exit codes: 0 all images predicted, 1 some image or the weights failed, 2 usage error.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files, directories (recursive), glob patterns, or - for stdin")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="NAME", help="registered model name (default: mobilenet_v2)")
+    source.add_argument("--weights", metavar="FILE.h5", help="a lightcnn .h5 weight file")
+    parser.add_argument("--topk", type=_positive_int, default=5, metavar="K", help="classes per image (default 5)")
+    parser.add_argument("--json", action="store_true", help="JSON Lines output, one object per image")
+    parser.add_argument("--cam", metavar="DIR", help="write a class activation map (PNG overlay + .npy) per image")
+    parser.add_argument("--cam-layer", metavar="LAYER", help="with --cam: Grad-CAM at this layer (names as in "
+                        "python -m lightcnn.summary); default: CAM for GAP+linear heads, else Grad-CAM at the "
+                        "model's default layer")
+    parser.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
+    return parser
+
+
+def _set_blas_threads(n):
+    """Must run before numpy is imported to have an effect on BLAS (see the module docstring)."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
+# -- argument expansion ------------------------------------------------------------------------------------------
+
+
+def _is_image_name(name):
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk_images(root):
+    """Image files under `root`, sorted, depth-first; entries starting with '.' are skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                     if not f.startswith(".") and _is_image_name(f))
+    return found
+
+
+def expand_images(args):
+    """Arguments -> (list of image paths, STDIN for '-'; list of one-line errors), in a deterministic order."""
+    paths, errors = [], []
+    for arg in args:
+        if arg == STDIN:
+            paths.append(STDIN)
+        elif os.path.isdir(arg):
+            found = _walk_images(arg)
+            if found:
+                paths.extend(found)
+            else:
+                errors.append(f"{arg}: directory contains no image files ({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}"
+                              ", ...)")
+        elif os.path.exists(arg):
+            paths.append(arg)  # an explicit file is tried whatever its extension (formats are found by content)
+        elif glob.has_magic(arg):
+            found = []
+            for match in sorted(glob.glob(arg, recursive=True)):
+                if os.path.isdir(match):
+                    found.extend(_walk_images(match))
+                elif _is_image_name(match):
+                    found.append(match)
+            if found:
+                paths.extend(found)
+            else:
+                errors.append(f"{arg}: no image files match this pattern")
+        else:
+            errors.append(f"{arg}: no such file or directory")
+    return paths, errors
+
+
+# -- output ------------------------------------------------------------------------------------------------------
+
+
+def _format_text(name, preds, cam_png=None):
+    lines = [name]
+    lines += [f"{rank:>4d}  {p.score:.4f}  {p.wnid}  {p.label}" for rank, p in enumerate(preds, 1)]
+    if cam_png:
+        lines.append(f"   cam  {cam_png}")
+    return "\n".join(lines)
+
+
+class _Progress:
+    """n/total on stderr: in place on a terminal, otherwise one line per 10 %."""
+
+    def __init__(self, total):
+        self.total = total
+        self.tty = sys.stderr.isatty()
+        self.enabled = total > PROGRESS_MIN_IMAGES or (self.tty and total > 1)
+        self.start = time.perf_counter()
+        self.next_pct = 10
+
+    def update(self, done):
+        if not self.enabled:
+            return
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        text = f"predict: {done}/{self.total} images ({rate:.1f}/s)"
+        if self.tty:
+            print(f"\r{text}", end="" if done < self.total else "\n", file=sys.stderr, flush=True)
+        elif 100 * done >= self.next_pct * self.total or done == self.total:
+            print(text, file=sys.stderr, flush=True)
+            while self.next_pct * self.total <= 100 * done:
+                self.next_pct += 10
+
+
+def _cam_stem(cam_dir, path, used):
+    """A unique file stem in cam_dir for this image: its file name without extension, -2, -3, ... on clashes."""
+    base = "stdin" if path == STDIN else os.path.splitext(os.path.basename(path))[0] or "image"
+    stem, n = base, 1
+    while stem in used:
+        n += 1
+        stem = f"{base}-{n}"
+    used.add(stem)
+    return os.path.join(cam_dir, stem)
+
+
+# -- the run -----------------------------------------------------------------------------------------------------
+
+
+def _load_classifier(args):
+    """The Classifier, or (None, exit code) after printing one line."""
+    from lightcnn.api import Classifier, model_from_checkpoint
+    from lightcnn.checkpoint import read_checkpoint
+    from lightcnn.registry import DEFAULT_MODEL, REGISTRY
+    from lightcnn.weights import find_weights
+
+    name = args.weights or args.model or DEFAULT_MODEL
+    try:
+        path = find_weights(name)
+    except LightCNNError as exc:
+        _err(str(exc))
+        unknown = (args.model is not None and args.model not in REGISTRY and not args.model.endswith(".h5")
+                   and os.sep not in args.model)
+        return None, (2 if unknown else 1)
+    try:
+        ckpt = read_checkpoint(path)
+        return Classifier(model_from_checkpoint(ckpt), ckpt), 0
+    except LightCNNError as exc:
+        _err(str(exc))
+    except (ValueError, KeyError, TypeError) as exc:  # bad config or preprocessing record inside the file
+        _err(f"{path}: cannot build the model it describes ({' '.join(str(exc).split())})")
+    return None, 1
+
+
+def _prepare(path, spec, stdin_bytes):
+    """Decode + preprocess one image; returns (pixels uint8, x float32, decode_ms, preprocess_ms)."""
+    from lightcnn.preprocess import load_image, normalise_pixels, preprocess_uint8
+
+    t0 = time.perf_counter()
+    if path == STDIN:
+        img = load_image(stdin_bytes, name="<stdin>")
+    else:
+        img = load_image(path)
+    t1 = time.perf_counter()
+    pixels = preprocess_uint8(img, spec)
+    x = normalise_pixels(pixels, spec)
+    t2 = time.perf_counter()
+    return pixels, x, (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+
+def _prepare_chunk(chunk, spec, stdin_bytes):
+    """Decode + preprocess a chunk; failures print one line each. Returns (good paths, xs, pixels, times, failed)."""
+    good, xs, pixels, times, failed = [], [], [], [], 0
+    for path in chunk:
+        try:
+            pix, x, dec_ms, pre_ms = _prepare(path, spec, stdin_bytes)
+        except (LightCNNError, OSError, ValueError) as exc:
+            failed += 1
+            msg = " ".join(str(exc).split())
+            where = "<stdin>" if path == STDIN else path
+            _err(msg if msg.startswith(where) else f"{where}: {msg}")
+            continue
+        good.append(path)
+        xs.append(x)
+        pixels.append(pix)
+        times.append((dec_ms, pre_ms))
+    return good, xs, pixels, times, failed
+
+
+def _explain_chunk(clf, method, layer, batch, feats, top1):
+    """(N,h,w) maps of the top-1 classes, and the layer they live at."""
+    import numpy as np
+
+    from lightcnn import explain as explain_mod
+
+    if method == "cam":
+        ex = explain_mod.class_activation_map(clf.model, class_index=top1, features=feats)
+        return ex.maps, ex.layer
+    # The backward needs every activation cached: a few images at a time.
+    parts = [explain_mod.grad_cam(clf.model, batch[j:j + GRADCAM_BATCH], top1[j:j + GRADCAM_BATCH], layer)
+             for j in range(0, len(batch), GRADCAM_BATCH)]
+    return np.concatenate([part.maps for part in parts]), parts[0].layer
+
+
+def _run(args, paths, clf):
+    """Predict every path in chunks of BATCH_SIZE, printing as it goes; returns the number of failures."""
+    import json
+
+    import numpy as np
+
+    from lightcnn import explain as explain_mod
+    from lightcnn.postprocess import softmax, topk
+
+    failures = 0
+    spec = clf.preprocessing
+    stdin_bytes = sys.stdin.buffer.read() if STDIN in paths else None
+    cam_method = None
+    if args.cam:
+        try:
+            os.makedirs(args.cam, exist_ok=True)
+        except OSError as exc:
+            _err(f"{args.cam}: cannot create the CAM folder ({exc.strerror or exc})")
+            return len(paths)
+        cam_method = "cam" if args.cam_layer is None and explain_mod.cam_head_kind(clf.model) else "gradcam"
+    used_stems = set()
+    sha = clf.weights_sha256 if args.json else None
+    progress = _Progress(len(paths))
+    printed = 0
+    for start in range(0, len(paths), BATCH_SIZE):
+        chunk = paths[start:start + BATCH_SIZE]
+        good, xs, pixels, times, failed = _prepare_chunk(chunk, spec, stdin_bytes)
+        failures += failed
+        if good:
+            batch = np.stack(xs)
+            t0 = time.perf_counter()
+            feats = clf.model.features(batch) if cam_method == "cam" else None
+            logits = clf.model.head(feats) if feats is not None else clf.model.forward(batch)
+            infer_ms = (time.perf_counter() - t0) * 1e3 / len(good)
+            preds = topk(softmax(logits), args.topk, clf.class_names, clf.class_ids)
+            cams = [None] * len(good)
+            if cam_method:
+                t0 = time.perf_counter()
+                top1 = np.array([p[0].index for p in preds])
+                try:
+                    maps, layer = _explain_chunk(clf, cam_method, args.cam_layer, batch, feats, top1)
+                except ValueError as exc:  # e.g. --cam-layer names a layer without a spatial output
+                    _err(f"--cam-layer {args.cam_layer}: {' '.join(str(exc).split())}")
+                    failures += 1
+                    cam_method = maps = None
+                cam_ms = (time.perf_counter() - t0) * 1e3 / len(good)
+                for i, path in enumerate(good if maps is not None else ()):
+                    stem = _cam_stem(args.cam, path, used_stems)
+                    try:
+                        rgb = explain_mod.display_pixels(pixels[i], spec.channel_order)
+                        png, npy = explain_mod.save_explanation(stem, rgb, maps[i])
+                    except OSError as exc:
+                        failures += 1
+                        _err(f"{stem}.png: cannot write the CAM ({exc.strerror or exc})")
+                        continue
+                    cams[i] = {"png": str(png), "npy": str(npy), "method": cam_method, "layer": layer,
+                               "class_index": int(top1[i]), "ms": round(cam_ms, 3)}
+            for i, path in enumerate(good):
+                if args.json:
+                    record = {"file": path, "model": clf.name, "arch": clf.model.arch,
+                              "weights": str(clf.weights_path), "weights_sha256": sha,
+                              "topk": [p.to_dict() for p in preds[i]],
+                              "decode_ms": round(times[i][0], 3), "preprocess_ms": round(times[i][1], 3),
+                              "inference_ms": round(infer_ms, 3), "batch_size": len(good)}
+                    if cams[i]:
+                        record["cam"] = cams[i]
+                    print(json.dumps(record))
+                else:
+                    print(("\n" if printed else "") + _format_text(path, preds[i], cams[i] and cams[i]["png"]))
+                printed += 1
+            sys.stdout.flush()
+        progress.update(start + len(chunk))
+    return failures
+
+
+def main(argv=None):
+    """The CLI; returns the exit code (0 ok, 1 some failure, 2 usage error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    if args.images.count(STDIN) > 1:
+        parser.print_usage(sys.stderr)
+        print("error: '-' (stdin) can be given only once", file=sys.stderr)
+        return 2
+    if args.cam_layer and not args.cam:
+        parser.print_usage(sys.stderr)
+        print("error: --cam-layer needs --cam DIR", file=sys.stderr)
+        return 2
+    if args.threads:
+        _set_blas_threads(args.threads)  # before the first numpy import below (see the module docstring)
+
+    paths, errors = expand_images(args.images)
+    for message in errors:
+        _err(message)
+    clf, status = _load_classifier(args)
+    if clf is None:
+        return status
+    if args.cam_layer and args.cam_layer not in {name for name, _ in clf.model.named_layers() if name}:
+        print(f"error: --cam-layer {args.cam_layer!r}: no such layer in {clf.model.arch}; "
+              f"'python -m lightcnn.summary {args.weights or args.model or clf.name}' lists them", file=sys.stderr)
+        return 2
+    if args.threads:
+        from lightcnn._jit import set_num_threads
+
+        set_num_threads(args.threads)
+    failures = _run(args, paths, clf) if paths else 0
+    return 1 if failures or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

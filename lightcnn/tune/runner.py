@@ -1,0 +1,116 @@
+"""``minimize``: the sequential tuning loop on top of ask/tell, with a resumable trial log.
+
+::
+
+    for each trial until n_calls:
+        x = opt.ask();  y = objective(x);  opt.tell(x, y);  log.append(x, y)
+        stop if any callback(result) returns True
+
+Resume: with ``log_path`` and ``resume=True`` the trials already in the log are told to a
+fresh optimiser with the logged settings (never re-evaluated); because ``ask`` depends only
+on the seed and the told data, the run continues with exactly the suggestions an
+uninterrupted run would have made.
+
+A hook for command lines: ``describe_space`` (space.py) turns "lr=1e-5:1e-1:log, ..." into
+dimensions, and ``minimize(..., log_path=..., resume=...)`` does the rest.
+"""
+
+import json
+import math
+import time
+
+from .optimizer import Optimizer
+from .space import Space
+from .trial_log import TrialLog, TuneLogError
+
+__all__ = ["minimize", "NoImprovement", "TimeBudget"]
+
+
+class NoImprovement:
+    """Callback: stop once the best value has not improved for ``n`` consecutive trials.
+
+    An improvement must beat the previous best by more than ``tol`` (absolute).
+    """
+
+    def __init__(self, n, tol=0.0):
+        if n < 1:
+            raise ValueError(f"NoImprovement: n must be at least 1, got {n}")
+        self.n, self.tol = int(n), float(tol)
+
+    def __call__(self, res):
+        best, since = math.inf, 0
+        for y in res.func_vals:
+            if math.isfinite(y) and y < best - self.tol:
+                best, since = y, 0
+            else:
+                since += 1
+        return since >= self.n
+
+
+class TimeBudget:
+    """Callback: stop once ``seconds`` of wall time have passed since this object was created."""
+
+    def __init__(self, seconds):
+        self.seconds, self.start = float(seconds), time.monotonic()
+
+    def __call__(self, res):
+        return time.monotonic() - self.start >= self.seconds
+
+
+def minimize(objective, space, n_calls=30, n_initial=10, initial_design="sobol", acquisition="ei",
+             seed=None, callback=None, log_path=None, resume=False, xi=0.001, kappa=1.96):
+    """Minimise ``objective(x) -> float`` over ``space`` with GP Bayesian optimisation.
+
+    objective  called with a list of values, one per dimension; may return NaN/inf for a
+               failed trial (recorded, and seen by the GP as the worst value so far)
+    space      list of Real / Integer / Categorical (or a Space)
+    n_calls    total number of trials, counting those replayed from the log
+    n_initial  trials taken from the initial design before the GP guides the search
+    seed       int for reproducible runs; on resume, None adopts the logged seed
+    callback   callable or list of callables ``f(result) -> bool``; True stops the run
+    log_path   JSON Lines trial log (see trial_log.py); resume=True continues it, otherwise
+               an existing file is an error (it is never overwritten)
+    initial_design, acquisition, xi, kappa   as for Optimizer
+
+    Returns an OptimizeResult: x, fun, x_iters, func_vals, x_estimated, fun_estimated, ...
+    """
+    space = Space(space)
+    callbacks = [] if callback is None else list(callback) if isinstance(callback, (list, tuple)) else [callback]
+    log = TrialLog(log_path) if log_path is not None else None
+    trials = []
+    if log is not None and log.exists():
+        if not resume:
+            raise TuneLogError(f"{log.path}: trial log already exists; pass resume=True to continue it")
+        logged, trials = log.read()
+        if seed is None:
+            seed = logged.get("seed")
+    # n_initial is not capped by n_calls: a short run extended later must replay the same design.
+    opt = Optimizer(space, n_initial=n_initial, initial_design=initial_design,
+                    acquisition=acquisition, xi=xi, kappa=kappa, seed=seed)
+    if log is not None:
+        settings = json.loads(json.dumps(opt.settings()))  # compare in JSON form (tuples → lists)
+        if trials or log.exists():
+            diff = [k for k in settings.keys() | logged.keys() if settings.get(k) != logged.get(k)]
+            if diff:
+                raise TuneLogError(f"{log.path}: logged settings differ in {sorted(diff)}; "
+                                   "resume needs the same space and options (or start a new log)")
+            for lineno, (x, y, _) in enumerate(trials, start=2):
+                try:
+                    opt.tell(x, y)
+                except ValueError as e:
+                    raise TuneLogError(f"{log.path}:{lineno}: {e}") from None
+        else:
+            log.create(settings)
+    while len(opt.x_iters) < n_calls:
+        x = opt.ask()
+        t0 = time.perf_counter()
+        y = float(objective(list(x)))
+        seconds = time.perf_counter() - t0
+        opt.tell(x, y)
+        if log is not None:
+            log.append(len(opt.x_iters) - 1, x, y, seconds)
+        if callbacks:
+            res = opt.result(estimate=False)
+            if any([bool(cb(res)) for cb in callbacks]):  # a list: every callback sees every trial
+                break
+    return opt.result()

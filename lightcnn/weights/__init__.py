@@ -1,0 +1,228 @@
+"""Find, fetch, convert and build weights into the one HDF5 format.
+
+Where things live (each overridable by an environment variable):
+  LIGHTCNN_SOURCES   folders (os.pathsep-separated) searched recursively for original
+                     checkpoints by file name + SHA-256; offline machines point it at a
+                     copy of the originals (these machines: ../shared/weights)
+  LIGHTCNN_CACHE     downloads land in $LIGHTCNN_CACHE/sources (default ~/.cache/lightcnn)
+  LIGHTCNN_WEIGHTS   converted .h5 files (default: the repository's weights/ folder when
+                     running from a checkout, else $LIGHTCNN_CACHE/weights)
+
+Nothing is downloaded unless asked: `fetch`, or `build --fetch` / `get`.
+"""
+
+import hashlib
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from lightcnn.checkpoint import Checkpoint, atomic_write_bytes, load_state, save_checkpoint
+from lightcnn.errors import CheckpointError, LightCNNError
+from lightcnn.registry import DEFAULT_MODEL, IMAGENET_LABELS, REGISTRY, WeightSpec, get_spec
+
+CONVERTER_VERSION = "1"
+_REPO_WEIGHTS = Path(__file__).resolve().parent.parent.parent / "weights"
+
+
+def cache_dir():
+    return Path(os.environ.get("LIGHTCNN_CACHE") or Path.home() / ".cache" / "lightcnn")
+
+
+def weights_dir():
+    """Folder of converted .h5 files."""
+    if os.environ.get("LIGHTCNN_WEIGHTS"):
+        return Path(os.environ["LIGHTCNN_WEIGHTS"])
+    if (_REPO_WEIGHTS / "README.md").exists():
+        return _REPO_WEIGHTS
+    return cache_dir() / "weights"
+
+
+def source_dirs():
+    """Folders searched for original checkpoints, in order."""
+    dirs = [Path(p) for p in os.environ.get("LIGHTCNN_SOURCES", "").split(os.pathsep) if p]
+    return dirs + [cache_dir() / "sources"]
+
+
+def sha256_of(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha_matches(path, expected):
+    return sha256_of(path).startswith(expected.lower())
+
+
+def find_source(filename, sha256):
+    """Path of an original checkpoint with this name and hash in the source folders, or None."""
+    for root in source_dirs():
+        if not root.is_dir():
+            continue
+        for dirpath, _, files in os.walk(root):
+            if filename in files:
+                candidate = Path(dirpath) / filename
+                if _sha_matches(candidate, sha256):
+                    return candidate
+    return None
+
+
+def _progress(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def download(url, dest, sha256, what):
+    """Download `url` to `dest` (atomically) and verify its SHA-256; progress on stderr."""
+    _progress(f"downloading {what} from {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            chunks, received, last = [], 0, 0.0
+            while True:
+                block = response.read(1 << 16)
+                if not block:
+                    break
+                chunks.append(block)
+                received += len(block)
+                if time.monotonic() - last > 0.5:
+                    pct = f" {100 * received / total:5.1f}%" if total else ""
+                    print(f"\r  {received / 1e6:7.1f} MB{pct}", end="", file=sys.stderr, flush=True)
+                    last = time.monotonic()
+            print(file=sys.stderr)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise LightCNNError(f"cannot download {what} from {url} ({reason}); on a machine without internet "
+                            "access put the file in a folder and set LIGHTCNN_SOURCES to it") from None
+    data = b"".join(chunks)
+    actual = hashlib.sha256(data).hexdigest()
+    if not actual.startswith(sha256.lower()):
+        raise CheckpointError(f"{url}: SHA-256 {actual[:16]}... does not match the registry's {sha256[:16]}...; "
+                              "file not saved")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dest, data)
+    return dest
+
+
+def locate_or_fetch(filename, sha256, url, what, fetch):
+    """The original file from LIGHTCNN_SOURCES or the cache; downloaded when `fetch` and absent."""
+    found = find_source(filename, sha256)
+    if found is not None:
+        return found
+    if not fetch:
+        looked = ", ".join(str(d) for d in source_dirs())
+        raise LightCNNError(f"{what}: {filename} (SHA-256 {sha256[:16]}...) not found in {looked}; set "
+                            f"LIGHTCNN_SOURCES to a folder holding it, or download it with "
+                            f"'python -m lightcnn.weights fetch'")
+    return download(url, cache_dir() / "sources" / sha256[:16] / filename, sha256, what)
+
+
+# -- class lists ---------------------------------------------------------------------
+
+
+def read_synset_words(path):
+    """'n01440764 tench, Tinca tinca' lines -> (wnids, short names)."""
+    ids, names = [], []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            wnid, _, text = line.strip().partition(" ")
+            ids.append(wnid)
+            names.append(text.split(",")[0].strip())
+    if len(ids) != 1000:
+        raise CheckpointError(f"{path}: expected 1000 ImageNet classes, found {len(ids)}")
+    return ids, names
+
+
+def imagenet_classes(fetch=False):
+    path = locate_or_fetch(IMAGENET_LABELS.filename, IMAGENET_LABELS.sha256, IMAGENET_LABELS.url,
+                           "ImageNet class list", fetch)
+    return read_synset_words(path)
+
+
+# -- conversion ----------------------------------------------------------------------
+
+_SUFFIX_FORMAT = {".tflite": "tflite", ".pth": "pth", ".pt": "pth", ".net": "deep_compression"}
+
+
+def convert_file(src, arch, config=None, fmt=None, preprocessing=None, class_ids=None, class_names=None):
+    """Read a foreign checkpoint and return a Checkpoint for `arch` (strictly checked by loading it)."""
+    from lightcnn.convert.deep_compression import read_deep_compression
+    from lightcnn.convert.pth import read_pth
+    from lightcnn.convert.tflite import read_tflite
+    from lightcnn.models import build
+    from lightcnn.weights import mapping
+
+    src = Path(src)
+    if not src.is_file():
+        raise CheckpointError(f"{src}: no such file")
+    fmt = fmt or _SUFFIX_FORMAT.get(src.suffix.lower())
+    if fmt is None:
+        raise CheckpointError(f"{src}: cannot tell the format from the suffix; pass --format tflite|pth|deep_compression")
+    config = dict(config or {})
+    if fmt == "tflite":
+        config.setdefault("padding", "tf")
+        config.setdefault("bn", False)  # TFLite folds batch norm into the convs
+    if fmt == "deep_compression":
+        config.setdefault("variant", "caffe")
+    model = build(arch, **config)
+    if fmt == "tflite":
+        tensors = mapping.map_tflite(read_tflite(src), model, str(src))
+    elif fmt == "pth":
+        tensors = mapping.map_torchvision(read_pth(src), model, str(src))
+    elif fmt == "deep_compression":
+        tensors = mapping.map_deep_compression(read_deep_compression(src))
+    else:
+        raise CheckpointError(f"{src}: unknown format {fmt!r}")
+    load_state(model, tensors, str(src))  # strict: every tensor present, named and shaped as the model wants
+    num_classes = model.config["num_classes"]
+    if class_names is None:
+        class_names = [f"class_{i}" for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise CheckpointError(f"{src}: {len(class_names)} class names for {num_classes} outputs")
+    return Checkpoint(arch=model.arch, config=model.config, tensors=model.state_dict(), class_names=list(class_names),
+                      class_ids=class_ids, preprocessing=preprocessing.to_dict() if preprocessing else None,
+                      provenance=dict(source_file=src.name, source_sha256=sha256_of(src), converter=fmt,
+                                      converter_version=CONVERTER_VERSION))
+
+
+def build_one(spec: WeightSpec, fetch=False, out_dir=None):
+    """Convert one registered checkpoint into <weights_dir>/<name>.h5; returns the path."""
+    src = locate_or_fetch(spec.filename, spec.sha256, spec.url, spec.name, fetch)
+    class_ids, class_names = imagenet_classes(fetch)
+    ckpt = convert_file(src, spec.arch, spec.config, spec.converter, spec.preprocessing, class_ids, class_names)
+    ckpt.provenance["registry_name"] = spec.name
+    ckpt.provenance["url"] = spec.url
+    out = Path(out_dir or weights_dir()) / f"{spec.name}.h5"
+    save_checkpoint(out, ckpt)
+    return out
+
+
+def find_weights(name_or_path):
+    """Resolve --weights/--model to an .h5 path without network access.
+
+    Order: an explicit existing path; <LIGHTCNN_WEIGHTS or repo weights/>/<name>.h5;
+    <cache>/weights/<name>.h5. The error names every place looked and the command
+    that builds the file.
+    """
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".h5" or os.sep in str(name_or_path):
+        if candidate.is_file():
+            return candidate
+        raise CheckpointError(f"{candidate}: no such weight file")
+    places = [weights_dir() / f"{name_or_path}.h5", cache_dir() / "weights" / f"{name_or_path}.h5"]
+    for place in places:
+        if place.is_file():
+            return place
+    if name_or_path not in REGISTRY:
+        raise CheckpointError(f"unknown model {name_or_path!r}; known: {', '.join(REGISTRY)} (or pass a .h5 path)")
+    looked = " and ".join(str(p) for p in dict.fromkeys(places))
+    raise CheckpointError(f"weights for {name_or_path!r} not built: looked for {looked}; build them with "
+                          f"'python -m lightcnn.weights build {name_or_path}' (add --fetch to download, or set "
+                          "LIGHTCNN_SOURCES to a folder of original checkpoints)")
+
+
+__all__ = ["build_one", "convert_file", "find_weights", "find_source", "download", "weights_dir", "source_dirs",
+           "imagenet_classes", "DEFAULT_MODEL", "get_spec", "REGISTRY"]

@@ -1,0 +1,161 @@
+"""python -m lightcnn.weights {list,fetch,build,convert,info}
+
+  list                         registered models: source, SHA-256, built or not
+  fetch NAME... | --all        download originals (SHA-256 checked) into the cache
+  build [NAME...] [--fetch]    convert originals found in $LIGHTCNN_SOURCES (or the cache;
+                               downloaded first with --fetch) into weights/NAME.h5
+  convert SRC --arch A -o OUT  convert any supported file (.pth, .tflite, .net)
+  info FILE.h5                 print a converted file's metadata
+
+Exit codes: 0 success, 1 a file failed, 2 usage error.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+from lightcnn.errors import LightCNNError
+
+
+def _err(message):
+    print(f"error: {message}", file=sys.stderr)
+
+
+def cmd_list(args):
+    from lightcnn.registry import WEIGHTS
+    from lightcnn.weights import find_source, weights_dir
+
+    out = weights_dir()
+    print(f"{'name':32s} {'arch':20s} {'format':17s} {'built':6s} {'source found':12s} published top-1")
+    for spec in WEIGHTS:
+        built = "yes" if (out / f"{spec.name}.h5").is_file() else "no"
+        found = "yes" if find_source(spec.filename, spec.sha256) else "no"
+        print(f"{spec.name:32s} {spec.arch:20s} {spec.converter:17s} {built:6s} {found:12s} {spec.published_top1}%")
+    print(f"\nconverted files: {out}", file=sys.stderr)
+    return 0
+
+
+def _selected(args):
+    from lightcnn.registry import WEIGHTS, get_spec
+
+    if getattr(args, "all", False) or not args.names:
+        return list(WEIGHTS)
+    return [get_spec(n) for n in args.names]
+
+
+def cmd_fetch(args):
+    from lightcnn.registry import IMAGENET_LABELS
+    from lightcnn.weights import locate_or_fetch
+
+    if not args.names and not args.all:
+        _err("name a model to fetch, or pass --all")
+        return 2
+    status = 0
+    specs = _selected(args)
+    targets = [(IMAGENET_LABELS.filename, IMAGENET_LABELS.sha256, IMAGENET_LABELS.url, "ImageNet class list")]
+    targets += [(s.filename, s.sha256, s.url, s.name) for s in specs]
+    for filename, sha, url, what in targets:
+        try:
+            path = locate_or_fetch(filename, sha, url, what, fetch=True)
+            print(f"{what}: {path}")
+        except LightCNNError as exc:
+            _err(str(exc))
+            status = 1
+    return status
+
+
+def cmd_build(args):
+    from lightcnn.weights import build_one, find_source
+
+    specs = _selected(args)
+    explicit = bool(args.names)
+    status, built = 0, 0
+    for i, spec in enumerate(specs, 1):
+        if not explicit and not args.fetch and find_source(spec.filename, spec.sha256) is None:
+            print(f"[{i}/{len(specs)}] {spec.name}: skipped, {spec.filename} not in LIGHTCNN_SOURCES "
+                  "(use --fetch to download)", file=sys.stderr)
+            continue
+        start = time.perf_counter()
+        print(f"[{i}/{len(specs)}] {spec.name}: converting {spec.filename} ...", file=sys.stderr, flush=True)
+        try:
+            out = build_one(spec, fetch=args.fetch, out_dir=args.out_dir)
+        except LightCNNError as exc:
+            _err(str(exc))
+            status = 1
+            continue
+        built += 1
+        print(f"[{i}/{len(specs)}] {spec.name}: wrote {out} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    if built == 0 and status == 0:
+        _err("nothing built: no original checkpoint found; set LIGHTCNN_SOURCES or pass --fetch")
+        return 1
+    return status
+
+
+def cmd_convert(args):
+    from lightcnn.checkpoint import save_checkpoint
+    from lightcnn.preprocess import PRESETS
+    from lightcnn.weights import convert_file, imagenet_classes
+
+    config = json.loads(args.config) if args.config else {}
+    preprocessing = PRESETS[args.preprocessing] if args.preprocessing else None
+    ids = names = None
+    if args.classes == "imagenet":
+        ids, names = imagenet_classes(fetch=False)
+    elif args.classes:
+        names = [line.strip() for line in open(args.classes, encoding="utf-8") if line.strip()]
+    ckpt = convert_file(args.src, args.arch, config, args.format, preprocessing, ids, names)
+    save_checkpoint(args.output, ckpt)
+    print(f"wrote {args.output}: {ckpt.arch} {ckpt.config}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args):
+    from lightcnn.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(args.file)
+    n = sum(v.size for v in ckpt.tensors.values())
+    print(json.dumps(dict(arch=ckpt.arch, config=ckpt.config, classes=len(ckpt.class_names),
+                          first_classes=ckpt.class_names[:3], preprocessing=ckpt.preprocessing,
+                          provenance=ckpt.provenance, tensors=len(ckpt.tensors), values=int(n)), indent=2))
+    return 0
+
+
+def main(argv=None):
+    from lightcnn.preprocess import PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m lightcnn.weights", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="registered models and their status")
+    p = sub.add_parser("fetch", help="download original checkpoints (SHA-256 checked)")
+    p.add_argument("names", nargs="*")
+    p.add_argument("--all", action="store_true")
+    p = sub.add_parser("build", help="convert originals into weights/NAME.h5")
+    p.add_argument("names", nargs="*")
+    p.add_argument("--fetch", action="store_true", help="download originals that are not found locally")
+    p.add_argument("--out-dir", default=None)
+    p = sub.add_parser("convert", help="convert one file")
+    p.add_argument("src")
+    p.add_argument("--arch", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--format", choices=["tflite", "pth", "deep_compression"])
+    p.add_argument("--config", help='builder options as JSON, e.g. \'{"width_mult": 1.0}\'')
+    p.add_argument("--preprocessing", choices=sorted(PRESETS))
+    p.add_argument("--classes", help="'imagenet' or a text file with one class name per line")
+    p = sub.add_parser("info", help="print a .h5 file's metadata")
+    p.add_argument("file")
+    args = parser.parse_args(argv)
+    handler = {"list": cmd_list, "fetch": cmd_fetch, "build": cmd_build, "convert": cmd_convert,
+               "info": cmd_info}[args.command]
+    try:
+        return handler(args)
+    except (LightCNNError, ValueError, OSError) as exc:
+        _err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""conv2d, pointwise and transpose-conv kernels vs their naive twins, finite differences and PyTorch.
+
+Tolerances: float32 forward vs the float64-accumulating twin at rtol = atol = 1e-5
+(a K = 75-term float32 dot product drifts ~1e-6 relative); float64 gradient checks at
+tests/gradcheck.py's 1e-6 relative; torch parity 1e-5 relative forward and 1e-4
+relative backward (both sides float32, different summation orders).
+"""
+
+import numpy as np
+import pytest
+
+import lightcnn.kernels.conv as conv_mod
+from lightcnn.kernels.activation import ACTIVATIONS
+from lightcnn.kernels.conv import (
+    conv2d_backward,
+    conv2d_forward,
+    pointwise_conv_backward,
+    pointwise_conv_forward,
+)
+from lightcnn.kernels.transpose import conv_transpose2d_backward, conv_transpose2d_forward
+from tests.gradcheck import assert_gradient
+from tests.reference_conv import conv2d_naive, conv_transpose2d_naive, pointwise_naive
+
+RTOL = ATOL = 1e-5
+
+# (N, H, W, C, KH, KW, O, stride, pad (top, bottom, left, right))
+CONV_CASES = [
+    (1, 5, 5, 1, 3, 3, 1, (1, 1), (1, 1, 1, 1)),  # C = O = 1
+    (3, 7, 5, 2, 3, 3, 4, (2, 2), (1, 1, 1, 1)),  # N = 3, H != W, odd, stride 2
+    (2, 8, 6, 3, 3, 3, 4, (2, 2), (0, 1, 0, 1)),  # TF SAME, stride 2 on even input
+    (1, 9, 9, 3, 3, 3, 8, (2, 2), (0, 1, 0, 1)),  # TF SAME on odd input (extra row never read)
+    (1, 1, 1, 3, 3, 3, 4, (1, 1), (1, 1, 1, 1)),  # 1x1 spatial, all taps but one in padding
+    (1, 1, 1, 3, 1, 1, 5, (1, 1), (0, 0, 0, 0)),  # 1x1 spatial, 1x1 kernel (pointwise fast path)
+    (2, 9, 7, 2, 5, 5, 3, (1, 1), (2, 2, 2, 2)),  # 5x5
+    (1, 9, 11, 2, 5, 5, 3, (2, 2), (1, 2, 2, 1)),  # 5x5, stride 2, asymmetric both ways
+    (1, 6, 7, 3, 3, 2, 2, (1, 2), (0, 0, 1, 0)),  # non-square kernel and stride
+    (2, 5, 4, 3, 1, 1, 4, (2, 2), (0, 0, 0, 0)),  # 1x1 kernel with stride (im2col path)
+    (1, 4, 4, 2, 4, 4, 3, (1, 1), (0, 0, 0, 0)),  # kernel covers the input: 1x1 output
+    (3, 3, 5, 1, 2, 3, 2, (3, 1), (2, 0, 0, 2)),  # padding on one side only
+]
+
+# (N, H, W, C, O)
+POINTWISE_CASES = [(1, 1, 1, 1, 1), (3, 5, 4, 3, 7), (2, 7, 3, 16, 5), (1, 2, 9, 5, 1)]
+
+# (N, H, W, C, KH, KW, O, stride, pad, output_padding)
+TRANSPOSE_CASES = [
+    (1, 3, 3, 1, 3, 3, 1, (1, 1), (0, 0, 0, 0), (0, 0)),
+    (3, 3, 4, 2, 4, 4, 3, (4, 4), (0, 0, 0, 0), (0, 0)),  # 4x upsampling, non-overlapping stamps
+    (2, 3, 2, 2, 3, 3, 3, (4, 4), (0, 0, 0, 0), (1, 1)),  # 4x upsampling with gaps (bias only)
+    (1, 4, 3, 3, 3, 3, 2, (2, 2), (1, 1, 1, 1), (1, 1)),  # the usual 2x: k3 s2 p1 op1
+    (2, 2, 5, 2, 3, 2, 3, (2, 1), (1, 0, 0, 1), (1, 0)),  # asymmetric crop, mixed stride
+    (1, 1, 1, 3, 2, 2, 4, (2, 2), (0, 0, 0, 0), (0, 0)),  # 1x1 spatial input
+    (1, 3, 3, 2, 5, 5, 2, (2, 2), (2, 2, 2, 2), (1, 1)),  # 5x5
+    (1, 4, 4, 2, 4, 4, 2, (4, 4), (1, 2, 0, 3), (0, 0)),  # crop the stamps unevenly
+]
+
+
+def _ids(cases):
+    return [f"case{i}" for i in range(len(cases))]
+
+
+def act_naive(v, name, alpha):
+    """The activations from their textbook formulas (independent of activation.py)."""
+    v = v.astype(np.float64)
+    if name == "none":
+        return v
+    if name == "relu":
+        return np.maximum(v, 0)
+    if name == "relu6":
+        return np.clip(v, 0, 6)
+    if name == "elu":
+        return np.where(v > 0, v, alpha * np.expm1(v))
+    if name == "sigmoid":
+        return 1 / (1 + np.exp(-v))
+    if name == "hard_sigmoid":
+        return np.clip(v + 3, 0, 6) / 6
+    if name == "hard_swish":
+        return v * np.clip(v + 3, 0, 6) / 6
+    raise KeyError(name)
+
+
+def _conv_inputs(rng, case, dtype=np.float32):
+    n, h, w, c, kh, kw, o, stride, pad = case
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    wt = rng.standard_normal((kh, kw, c, o)).astype(dtype)
+    b = rng.standard_normal(o).astype(dtype)
+    return x, wt, b, stride, pad
+
+
+def _transpose_inputs(rng, case, dtype=np.float32):
+    n, h, w, c, kh, kw, o, stride, pad, op = case
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    wt = rng.standard_normal((kh, kw, c, o)).astype(dtype)
+    b = rng.standard_normal(o).astype(dtype)
+    return x, wt, b, stride, pad, op
+
+
+def _f64(*arrays):
+    return [a.astype(np.float64) for a in arrays]
+
+
+# ----------------------------------------------------------------------------- forward vs twin
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("case", CONV_CASES, ids=_ids(CONV_CASES))
+def test_conv2d_forward_matches_twin(rng, case, with_bias):
+    x, w, b, stride, pad = _conv_inputs(rng, case)
+    b = b if with_bias else None
+    y = conv2d_forward(x, w, b, stride=stride, pad=pad)
+    ref = conv2d_naive(*_f64(x, w), None if b is None else b.astype(np.float64), stride, pad)
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:4], ids=_ids(CONV_CASES[:4]))
+def test_conv2d_forward_float64(rng, case):
+    x, w, b, stride, pad = _conv_inputs(rng, case, np.float64)
+    y = conv2d_forward(x, w, b, stride=stride, pad=pad)
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y, conv2d_naive(x, w, b, stride, pad), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_conv2d_fused_activation(rng, act):
+    x, w, b, stride, pad = _conv_inputs(rng, CONV_CASES[2])
+    x *= 2  # spread pre-activations over every kink (-3, 0, 3, 6)
+    y = conv2d_forward(x, w, b, stride=stride, pad=pad, act=ACTIVATIONS[act], alpha=0.7)
+    ref = act_naive(conv2d_naive(*_f64(x, w, b), stride, pad), act, 0.7)
+    np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("case", POINTWISE_CASES, ids=_ids(POINTWISE_CASES))
+def test_pointwise_forward_matches_twin(rng, case, with_bias):
+    n, h, w, c, o = case
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    wt = rng.standard_normal((c, o)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32) if with_bias else None
+    y = pointwise_conv_forward(x, wt, b)
+    ref = pointwise_naive(*_f64(x, wt), None if b is None else b.astype(np.float64))
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("act", ["relu6", "elu", "hard_swish", "sigmoid"])
+def test_pointwise_fused_activation(rng, act):
+    x = 2 * rng.standard_normal((2, 5, 3, 6)).astype(np.float32)
+    wt = rng.standard_normal((6, 4)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    y = pointwise_conv_forward(x, wt, b, act=ACTIVATIONS[act], alpha=1.3)
+    np.testing.assert_allclose(y, act_naive(pointwise_naive(*_f64(x, wt, b)), act, 1.3), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("case", TRANSPOSE_CASES, ids=_ids(TRANSPOSE_CASES))
+def test_conv_transpose_forward_matches_twin(rng, case, with_bias):
+    x, w, b, stride, pad, op = _transpose_inputs(rng, case)
+    b = b if with_bias else None
+    y = conv_transpose2d_forward(x, w, b, stride=stride, pad=pad, output_padding=op)
+    ref = conv_transpose2d_naive(*_f64(x, w), None if b is None else b.astype(np.float64), stride, pad, op)
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("act", ["relu6", "elu", "hard_swish"])
+def test_conv_transpose_fused_activation(rng, act):
+    x, w, b, stride, pad, op = _transpose_inputs(rng, TRANSPOSE_CASES[3])
+    x *= 2
+    y = conv_transpose2d_forward(x, w, b, stride, pad, op, act=ACTIVATIONS[act], alpha=0.5)
+    ref = act_naive(conv_transpose2d_naive(*_f64(x, w, b), stride, pad, op), act, 0.5)
+    np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
+
+
+def test_chunked_equals_unchunked(rng, monkeypatch):
+    """A one-image im2col buffer (the large-batch path) gives the same results."""
+    x, w, b, stride, pad = _conv_inputs(rng, CONV_CASES[1])
+    xt, wt, bt, st, pt, op = _transpose_inputs(rng, TRANSPOSE_CASES[1])
+    dy = rng.standard_normal(conv2d_forward(x, w, b, stride, pad).shape).astype(np.float32)
+    dyt = rng.standard_normal(conv_transpose2d_forward(xt, wt, bt, st, pt, op).shape).astype(np.float32)
+
+    def run():
+        return (
+            conv2d_forward(x, w, b, stride, pad),
+            *conv2d_backward(dy, x, w, stride, pad),
+            conv_transpose2d_forward(xt, wt, bt, st, pt, op),
+            *conv_transpose2d_backward(dyt, xt, wt, st, pt, op),
+        )
+
+    whole = run()
+    monkeypatch.setattr(conv_mod, "_CHUNK_BYTES", 1)
+    for a, c in zip(whole, run()):
+        np.testing.assert_allclose(c, a, rtol=1e-6, atol=1e-6)
+
+
+def test_inputs_are_not_modified(rng):
+    x, w, b, stride, pad = _conv_inputs(rng, CONV_CASES[2])
+    dy = rng.standard_normal(conv2d_forward(x, w, b, stride, pad).shape).astype(np.float32)
+    copies = [a.copy() for a in (x, w, b, dy)]
+    conv2d_forward(x, w, b, stride, pad, act=ACTIVATIONS["relu"])
+    conv2d_backward(dy, x, w, stride, pad)
+    for a, c in zip((x, w, b, dy), copies):
+        np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: conv2d_forward(np.zeros((4, 4, 3), np.float32), np.zeros((3, 3, 3, 2), np.float32)), r"\(N,H,W,C\)"),
+        (lambda: conv2d_forward(np.zeros((1, 4, 4, 3), np.float32), np.zeros((3, 3, 2, 2), np.float32)), "C = x"),
+        (lambda: pointwise_conv_forward(np.zeros((1, 4, 4, 3), np.float32), np.zeros((2, 5), np.float32)), "C = x"),
+        (
+            lambda: conv_transpose2d_forward(np.zeros((1, 4, 4, 3), np.float32), np.zeros((3, 3, 4, 2), np.float32)),
+            "C = x",
+        ),
+        (
+            lambda: conv2d_forward(np.zeros((1, 4, 4, 3), np.float32), np.zeros((3, 3, 3, 2), np.float32), np.zeros(3)),
+            r"\(O,\)",
+        ),
+        (lambda: conv2d_forward(np.zeros((1, 2, 2, 1), np.float32), np.zeros((3, 3, 1, 1), np.float32)), "does not fit"),
+        (
+            lambda: conv2d_backward(
+                np.zeros((1, 3, 3, 2), np.float32), np.zeros((1, 4, 4, 3), np.float32), np.zeros((3, 3, 3, 2), np.float32)
+            ),
+            "dy must be",
+        ),
+        (
+            lambda: conv_transpose2d_forward(
+                np.zeros((1, 2, 2, 1), np.float32), np.zeros((3, 3, 1, 1), np.float32), stride=2, output_padding=2
+            ),
+            "output_padding",
+        ),
+        (lambda: conv2d_forward(np.zeros((1, 4, 4, 1), np.int64), np.zeros((1, 1, 1, 1), np.float32)), "float32"),
+        (lambda: conv2d_forward(np.zeros((1, 4, 4, 1), np.float32), np.zeros((1, 1, 1, 1), np.float32), act=9), "activation"),
+    ],
+)
+def test_argument_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------- gradients (float64)
+
+GRAD_CONV_CASES = [CONV_CASES[i] for i in (1, 2, 4, 5, 7, 9, 11)]
+GRAD_TRANSPOSE_CASES = [TRANSPOSE_CASES[i] for i in (1, 2, 3, 4, 5, 7)]
+
+
+def _check_grads(forward, backward, params, g, names):
+    """loss = sum(forward(*params) * g); analytic (dx, dw, db) from backward(g) vs central differences."""
+    grads = backward(g)
+    for grad, array, name in zip(grads, params, names):
+        assert_gradient(grad, lambda: float(np.sum(forward(*params) * g)), array, name)
+
+
+@pytest.mark.parametrize("case", GRAD_CONV_CASES, ids=_ids(GRAD_CONV_CASES))
+def test_conv2d_backward_gradcheck(rng, case):
+    x, w, b, stride, pad = _conv_inputs(rng, case, np.float64)
+    g = rng.standard_normal(conv2d_forward(x, w, b, stride, pad).shape)
+    _check_grads(
+        lambda x, w, b: conv2d_forward(x, w, b, stride, pad),
+        lambda g: conv2d_backward(g, x, w, stride, pad),
+        (x, w, b),
+        g,
+        ("dx", "dw", "db"),
+    )
+
+
+@pytest.mark.parametrize("case", POINTWISE_CASES[:3], ids=_ids(POINTWISE_CASES[:3]))
+def test_pointwise_backward_gradcheck(rng, case):
+    n, h, w, c, o = case
+    x = rng.standard_normal((n, h, w, c))
+    wt = rng.standard_normal((c, o))
+    b = rng.standard_normal(o)
+    g = rng.standard_normal((n, h, w, o))
+    _check_grads(pointwise_conv_forward, lambda g: pointwise_conv_backward(g, x, wt), (x, wt, b), g, ("dx", "dw", "db"))
+
+
+@pytest.mark.parametrize("case", GRAD_TRANSPOSE_CASES, ids=_ids(GRAD_TRANSPOSE_CASES))
+def test_conv_transpose_backward_gradcheck(rng, case):
+    x, w, b, stride, pad, op = _transpose_inputs(rng, case, np.float64)
+    g = rng.standard_normal(conv_transpose2d_forward(x, w, b, stride, pad, op).shape)
+    _check_grads(
+        lambda x, w, b: conv_transpose2d_forward(x, w, b, stride, pad, op),
+        lambda g: conv_transpose2d_backward(g, x, w, stride, pad, op),
+        (x, w, b),
+        g,
+        ("dx", "dw", "db"),
+    )
+
+
+# ----------------------------------------------------------------------------- PyTorch parity
+
+
+def _rel(a, ref):
+    return float(np.max(np.abs(a - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def _nchw(a):
+    return a.transpose(0, 3, 1, 2)
+
+
+def _nhwc(t):
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+TORCH_CONV_CASES = [
+    (2, 13, 11, 8, 3, 3, 16, (1, 1), (1, 1, 1, 1)),
+    (2, 14, 12, 8, 3, 3, 16, (2, 2), (0, 1, 0, 1)),  # TF SAME
+    (1, 17, 15, 6, 5, 5, 12, (2, 2), (2, 1, 1, 2)),
+    (3, 9, 9, 16, 1, 1, 8, (1, 1), (0, 0, 0, 0)),  # 1x1 fast path
+    (1, 224 // 8, 224 // 8, 3, 3, 3, 16, (2, 2), (1, 1, 1, 1)),  # stem-like, C = 3
+]
+
+
+@pytest.mark.parametrize("case", TORCH_CONV_CASES, ids=_ids(TORCH_CONV_CASES))
+def test_conv2d_torch_parity(rng, case):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x, w, b, stride, pad = _conv_inputs(rng, case)
+    pt, pb, pl, pr = pad
+    xt = torch.tensor(_nchw(x), requires_grad=True)
+    wt = torch.tensor(w.transpose(3, 2, 0, 1), requires_grad=True)  # HWIO -> OIHW
+    bt = torch.tensor(b, requires_grad=True)
+    yt = F.conv2d(F.pad(xt, (pl, pr, pt, pb)), wt, bt, stride=stride)
+    y = conv2d_forward(x, w, b, stride, pad)
+    assert _rel(y, _nhwc(yt)) <= 1e-5
+
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    yt.backward(torch.tensor(_nchw(g)))
+    dx, dw, db = conv2d_backward(g, x, w, stride, pad)
+    assert _rel(dx, _nhwc(xt.grad)) <= 1e-4
+    assert _rel(dw, wt.grad.numpy().transpose(2, 3, 1, 0)) <= 1e-4
+    assert _rel(db, bt.grad.numpy()) <= 1e-4
+
+
+def test_conv2d_fused_hard_swish_torch_parity(rng):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x, w, b, stride, pad = _conv_inputs(rng, TORCH_CONV_CASES[0])
+    yt = F.hardswish(F.conv2d(torch.tensor(_nchw(x)), torch.tensor(w.transpose(3, 2, 0, 1)), torch.tensor(b), padding=1))
+    y = conv2d_forward(x, w, b, stride, pad, act=ACTIVATIONS["hard_swish"])
+    assert _rel(y, _nhwc(yt)) <= 1e-5
+
+
+def test_pointwise_torch_parity(rng):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x = rng.standard_normal((2, 7, 5, 24)).astype(np.float32)
+    w = rng.standard_normal((24, 40)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    xt = torch.tensor(_nchw(x), requires_grad=True)
+    wt = torch.tensor(w.T[:, :, None, None].copy(), requires_grad=True)
+    bt = torch.tensor(b, requires_grad=True)
+    yt = F.conv2d(xt, wt, bt)
+    y = pointwise_conv_forward(x, w, b)
+    assert _rel(y, _nhwc(yt)) <= 1e-5
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    yt.backward(torch.tensor(_nchw(g)))
+    dx, dw, db = pointwise_conv_backward(g, x, w)
+    assert _rel(dx, _nhwc(xt.grad)) <= 1e-4
+    assert _rel(dw, wt.grad.numpy()[:, :, 0, 0].T) <= 1e-4
+    assert _rel(db, bt.grad.numpy()) <= 1e-4
+
+
+# (N, H, W, C, KH, KW, O, stride, pad, output_padding)
+TORCH_TRANSPOSE_CASES = [
+    (2, 7, 6, 8, 3, 3, 5, (2, 2), (1, 1, 1, 1), (1, 1)),
+    (1, 13, 13, 10, 4, 4, 6, (4, 4), (0, 0, 0, 0), (0, 0)),  # SqueezeNet-style 4x upsampling
+    (2, 5, 6, 4, 3, 3, 3, (4, 4), (0, 0, 0, 0), (1, 1)),  # 4x with k3 s4 op1
+    (1, 6, 5, 4, 5, 3, 7, (3, 2), (2, 2, 1, 1), (2, 0)),
+    (2, 5, 7, 4, 3, 4, 3, (2, 3), (1, 0, 2, 0), (1, 2)),  # asymmetric crop: torch pad 0, then slice
+]
+
+
+@pytest.mark.parametrize("case", TORCH_TRANSPOSE_CASES, ids=_ids(TORCH_TRANSPOSE_CASES))
+def test_conv_transpose_torch_parity(rng, case):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x, w, b, stride, pad, op = _transpose_inputs(rng, case)
+    pt, pb, pl, pr = pad
+    xt = torch.tensor(_nchw(x), requires_grad=True)
+    wt = torch.tensor(w.transpose(2, 3, 0, 1), requires_grad=True)  # (KH,KW,Ci,Co) -> (Ci,Co,KH,KW)
+    bt = torch.tensor(b, requires_grad=True)
+    y = conv_transpose2d_forward(x, w, b, stride, pad, op)
+    if pt == pb and pl == pr:
+        yt = F.conv_transpose2d(xt, wt, bt, stride=stride, padding=(pt, pl), output_padding=op)
+    else:
+        full = F.conv_transpose2d(xt, wt, bt, stride=stride, output_padding=op)
+        yt = full[:, :, pt : pt + y.shape[1], pl : pl + y.shape[2]]
+    assert _rel(y, _nhwc(yt)) <= 1e-5
+
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    yt.backward(torch.tensor(_nchw(g)))
+    dx, dw, db = conv_transpose2d_backward(g, x, w, stride, pad, op)
+    assert _rel(dx, _nhwc(xt.grad)) <= 1e-4
+    assert _rel(dw, wt.grad.numpy().transpose(2, 3, 0, 1)) <= 1e-4
+    assert _rel(db, bt.grad.numpy()) <= 1e-4
