@@ -98,7 +98,8 @@ class Model(Layer):
         rows = []
         originals = []
         for path, layer in self.named_layers():
-            if not layer.is_unit:
+            # only outermost units: a ConvBNAct's inner conv is reported by the ConvBNAct
+            if not layer.is_unit or any(path.startswith(f"{p}.") for p, _ in originals):
                 continue
             original = layer.forward
 
@@ -114,15 +115,13 @@ class Model(Layer):
                 return out
 
             layer.forward = traced
-            originals.append(layer)
+            originals.append((path, layer))
         try:
             self.forward(x)
         finally:
-            for layer in originals:
+            for _, layer in originals:
                 del layer.forward  # restore the class method
-        # a unit inside a unit (e.g. SE's Dense layers) is reported once, by the outer one
-        names = [r["name"] for r in rows]
-        return [r for r in rows if not any(r["name"].startswith(o + ".") for o in names if o != r["name"])]
+        return rows
 
     def summary(self, input_size=None, profile=False, repeats=5):
         """Per-unit table as text: name, output shape, parameters, MACs (and ms with profile=True)."""

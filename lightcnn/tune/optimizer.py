@@ -27,7 +27,6 @@ import numpy as np
 from scipy.optimize import OptimizeResult as _ScipyResult
 from scipy.stats import qmc
 
-from ._threads import single_threaded_blas
 from .acquisition import ACQUISITIONS, maximize_acquisition
 from .gp import GaussianProcess
 from .space import Space
@@ -150,8 +149,7 @@ class Optimizer:
             if i < self.n_initial:
                 point = list(self._design[i])  # a copy: callers may mutate what they get
             else:
-                with single_threaded_blas():  # many tiny LAPACK calls: see _threads.py
-                    point = self._suggest(xs, ys, n_told, j)
+                point = self._suggest(xs, ys, n_told, j)
             out.append(point)
             xs.append(point)
             ys.append(self._lie(ys))
@@ -200,9 +198,8 @@ class Optimizer:
         else:
             res.x, res.fun = None, math.nan
         if estimate and finite.any():
-            with single_threaded_blas():
-                gp = self._fit(self.x_iters, _fill_failures(self.func_vals), len(self.x_iters), 0)
-                mu, sd = gp.predict(self.space.encode(self.x_iters))
+            gp = self._fit(self.x_iters, _fill_failures(self.func_vals), len(self.x_iters), 0)
+            mu, sd = gp.predict(self.space.encode(self.x_iters))
             mu = np.where(finite, mu, np.inf)  # never recommend a point that failed
             i = int(np.argmin(mu))
             res.x_estimated, res.fun_estimated, res.std_estimated = list(self.x_iters[i]), float(mu[i]), float(sd[i])

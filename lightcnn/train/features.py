@@ -1,0 +1,328 @@
+"""The frozen part of a network, run once per image (and per augmented view), its outputs cached on disk.
+
+    image --load_view--> x (S,S,C) --frozen prefix (training=False)--> f    cached as <cache>/<model key>/<item key>.npz
+
+What is cached depends on how much of the network is trained:
+
+    unfreeze = 0      head only: f = GAP(features(x))        (F,)        e.g. 1280 floats for MobileNetV2
+    unfreeze = k      last k blocks: f = prefix(x)           (h,w,c)     the input of the first unfrozen block
+    unfreeze = "all"  whole network: f = x                   (S,S,C)     the preprocessed image itself
+
+`split_backbone(model, k)` draws that line: the last k children of ``features.blocks`` plus ``features.last``
+for MobileNets, the last k Fire modules (and the pools between them) for SqueezeNet.
+
+Views. View 0 of an image is the plain preprocessed image; views 1..V are augmented copies, each made with its
+own generator seeded by (seed, view, hash of the path), so a view is the same image whatever the batch order or
+process. Training picks one view per image per epoch: V cached views stand in for on-the-fly augmentation and
+cost the backbone only once per view, for every later epoch and every tuning trial.
+
+Cache keys (sha256, so a stale entry can never be read):
+    model key  architecture + config (without the head) + the split point + the bytes of every prefix tensor
+               (this identifies the weights exactly, even for a model that never came from a file)
+               + the preprocessing dict (mean, std, crop, blur, ...)
+    item key   absolute path + mtime (ns) + size of the image file + view index, and for views > 0 the
+               augmentation config and seed
+Entries are .npz files written atomically (temp file + rename), so concurrent runs and interrupted runs never
+leave a torn entry; two processes computing the same entry both write identical bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from lightcnn.augment import Augmenter
+from lightcnn.checkpoint import atomic_write_bytes
+from lightcnn.kernels.pool import global_avg_pool_forward
+from lightcnn.layers.base import Sequential
+from lightcnn.layers.blocks import Fire
+from lightcnn.preprocess import Preprocessing, load_image, normalise_pixels, preprocess_uint8
+
+CACHE_VERSION = "1"
+
+# Named augmentation settings for --augment; values are Augmenter configs (see lightcnn.augment).
+# random_resized_crop's output size is always set to the model's input size.
+AUGMENT_PRESETS = {
+    "none": {},
+    # seed 000: random resized crop with scale 0.08-1.0
+    "seed000": {"random_resized_crop": {"scale": [0.08, 1.0]}},
+    # seed 001: rotation up to 90 degrees, zoom 1.1-1.3, Gaussian noise
+    "seed001": {"zoom": {"range": [1.1, 1.3]}, "rotation": {"max_degrees": 90.0}, "gaussian_noise": {"sigma": 5.0}},
+    # seed 002: flips and colour jitter
+    "seed002": {"hflip": {"p": 0.5}, "colour_jitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2}},
+    # seed 003: rotation up to 40 degrees, zoom, flips (pair with oversampling of the minority class)
+    "seed003": {"zoom": {"range": [1.0, 1.2]}, "rotation": {"max_degrees": 40.0}, "hflip": {"p": 0.5}},
+    # a mild mix that keeps most of a CT slice in view
+    "light": {"random_resized_crop": {"scale": [0.5, 1.0]}, "rotation": {"max_degrees": 15.0}, "hflip": {"p": 0.5},
+              "colour_jitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.0}},
+}
+
+
+def augment_config(spec):
+    """--augment value -> Augmenter config dict: a preset name, a JSON object, or None/"" for none."""
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, dict):
+        config = dict(spec)
+    elif spec in AUGMENT_PRESETS:
+        config = dict(AUGMENT_PRESETS[spec])
+    else:
+        try:
+            config = json.loads(spec)
+        except ValueError:
+            raise ValueError(f"--augment: {spec!r} is neither a preset ({', '.join(AUGMENT_PRESETS)}) "
+                             f"nor a JSON object") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"--augment: expected a JSON object, got {spec!r}")
+    Augmenter(config)  # validates names and parameters now, with Augmenter's own messages
+    return config
+
+
+def make_augmenter(config, preprocessing):
+    """An Augmenter for `config` whose random_resized_crop outputs the model's input size (None if empty)."""
+    config = dict(config or {})
+    if not config:
+        return None
+    if config.get("random_resized_crop") not in (None, False):
+        rrc = dict(config["random_resized_crop"] if isinstance(config["random_resized_crop"], dict) else {})
+        rrc["size"] = preprocessing.size
+        config["random_resized_crop"] = rrc
+    return Augmenter(config)
+
+
+# --------------------------------------------------------------------------------------------- one image
+
+
+def load_view(path, preprocessing, augmenter=None, rng=None):
+    """One image file -> x (S,S,C) float32, the network input; augmented when `augmenter` is given.
+
+    Without augmentation this is exactly `preprocess_image(load_image(path), preprocessing)`. With it:
+      * random_resized_crop in the chain: the crop is taken from the decoded image and resized to S x S
+        (torchvision's training transform; it replaces resize + centre crop), then the other ops run;
+      * otherwise: resize + centre crop as at inference, then the ops run on the S x S image.
+    Augmentation works on RGB (or grey) pixels; BGR models get their channels swapped afterwards, and the
+    blur and mean/std of `preprocessing` are applied last.
+    """
+    spec = preprocessing
+    img = load_image(path)
+    work = "L" if spec.channel_order == "L" else "RGB"
+    img = img.convert(work)
+    if augmenter is None:
+        return normalise_pixels(preprocess_uint8(img, spec), spec)
+    work_spec = replace(spec, channel_order=work)
+    if any(name == "random_resized_crop" for name, _, _ in augmenter.steps):
+        arr = np.asarray(img, dtype=np.uint8)
+        arr = augmenter(arr[:, :, None] if arr.ndim == 2 else arr, rng)
+        pixels = preprocess_uint8(arr, replace(work_spec, resize="stretch"))  # already S x S: no resampling
+    else:
+        pixels = augmenter(preprocess_uint8(img, work_spec), rng)
+    if spec.channel_order == "BGR":
+        pixels = np.ascontiguousarray(pixels[:, :, ::-1])
+    return normalise_pixels(pixels, spec)
+
+
+def view_rng(path, view, seed):
+    """The generator of augmented view `view` of `path`: depends on nothing else (not batch order, not mtime)."""
+    h = int.from_bytes(hashlib.sha256(os.fspath(Path(path).resolve()).encode()).digest()[:8], "little")
+    return np.random.default_rng([int(seed), int(view), h])
+
+
+# --------------------------------------------------------------------------------------------- the split point
+
+
+def _is_mobilenet_trunk(features):
+    names = [n for n, _ in features.children()]
+    return isinstance(features, Sequential) and "blocks" in names and "last" in names
+
+
+def split_backbone(model, unfreeze):
+    """Split ``model.features_net`` into (prefix, suffix) Sequentials sharing the model's layer objects.
+
+    unfreeze  0: everything is prefix (head-only training); "all": everything is suffix;
+              k >= 1: MobileNet -> suffix = the last k children of features.blocks + features.last;
+                      SqueezeNet -> suffix = the last k Fire modules and any pool between them.
+    Children keep their names relative to ``features`` ("blocks.15", "last", "fire9"), so the suffix's
+    parameter names are the model's own minus the leading "features.".
+    """
+    features = model.features_net
+    if unfreeze == "all":
+        return Sequential(), Sequential(features.children())
+    k = int(unfreeze)
+    if k == 0:
+        return Sequential(features.children()), Sequential()
+    if k < 0:
+        raise ValueError(f"unfreeze must be >= 0 or 'all', got {unfreeze!r}")
+    if _is_mobilenet_trunk(features):
+        blocks = features["blocks"]
+        if k > len(blocks):
+            raise ValueError(f"{model.arch} has {len(blocks)} blocks; cannot unfreeze the last {k}")
+        prefix, suffix = [], []
+        for name, layer in features.children():
+            if name == "blocks":
+                for bname, block in blocks.children():
+                    target = prefix if int(bname) < len(blocks) - k else suffix
+                    target.append((f"blocks.{bname}", block))
+            elif name == "last":
+                suffix.append((name, layer))
+            else:
+                (suffix if suffix else prefix).append((name, layer))
+        return Sequential(prefix), Sequential(suffix)
+    children = features.children() if isinstance(features, Sequential) else []
+    fires = [i for i, (_, layer) in enumerate(children) if isinstance(layer, Fire)]
+    if not fires:
+        raise ValueError(f"{model.arch}: don't know how to split its features into blocks "
+                         f"(expected MobileNet stem/blocks/last or SqueezeNet Fire modules)")
+    if k > len(fires):
+        raise ValueError(f"{model.arch} has {len(fires)} Fire modules; cannot unfreeze the last {k}")
+    cut = fires[-k]
+    return Sequential(children[:cut]), Sequential(children[cut:])
+
+
+def frozen_output(model, prefix, unfreeze, x):
+    """What the cache holds for a batch x (N,S,S,C): see the module docstring."""
+    if unfreeze == "all":
+        return x
+    if int(unfreeze) == 0:
+        return global_avg_pool_forward(model.features_net.forward(x, False))
+    return prefix.forward(x, False)
+
+
+# --------------------------------------------------------------------------------------------- keys
+
+
+def model_key(model, unfreeze, preprocessing):
+    """sha256 hex of everything the cached output depends on, except the image (see module docstring)."""
+    prefix, _ = split_backbone(model, unfreeze)
+    config = {k: v for k, v in model.config.items() if k not in ("head", "num_classes", "dropout")}
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"cache_version": CACHE_VERSION, "arch": model.arch, "config": config,
+                              "unfreeze": str(unfreeze),
+                              "preprocessing": preprocessing.to_dict()}, sort_keys=True).encode())
+    if unfreeze != "all":
+        for name, value in sorted(prefix.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(value.shape).encode())
+            digest.update(np.ascontiguousarray(value, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def item_key(path, view, augment=None, seed=0):
+    """sha256 hex of one image file's identity (path, mtime, size) and the view."""
+    path = Path(path).resolve()
+    st = path.stat()
+    parts = {"path": os.fspath(path), "mtime_ns": st.st_mtime_ns, "size": st.st_size, "view": int(view)}
+    if view:
+        parts.update(augment=augment, seed=int(seed))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def default_cache_dir():
+    """$LIGHTCNN_CACHE/features, else ~/.cache/lightcnn/features."""
+    root = os.environ.get("LIGHTCNN_CACHE") or Path.home() / ".cache" / "lightcnn"
+    return Path(root) / "features"
+
+
+def _save_npz(path, array):
+    buffer = io.BytesIO()
+    np.savez(buffer, x=array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_npz(path):
+    try:
+        with np.load(path) as f:
+            return f["x"]
+    except (OSError, ValueError, KeyError, EOFError):
+        return None  # unreadable entry: recompute it (and overwrite it atomically)
+
+
+# --------------------------------------------------------------------------------------------- extraction
+
+
+def _progress_printer(label):
+    start = time.perf_counter()
+
+    def report(done, total):
+        print(f"{label}: {done}/{total} images ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+    return report
+
+
+def extract_features(model, dataset_items, preprocessing, cache_dir, augment_views=0, seed=0, augment=None,
+                     unfreeze=0, batch_size=16, progress=None, stats=None):
+    """Frozen-backbone outputs of every image and view, from the on-disk cache where possible.
+
+    model           a lightcnn Model (its head is irrelevant; only the frozen prefix runs, with training=False)
+    dataset_items   sequence of data.Item (anything with .path) or paths
+    preprocessing   Preprocessing (or its dict) that turns each file into the model input
+    cache_dir       folder of the cache (created); None = no cache, compute everything
+    augment_views   V: views 1..V are augmented with `augment` (an Augmenter config dict or preset name)
+    seed            seed of the augmented views (see `view_rng`)
+    unfreeze        0 (pooled features), k (input of the last k blocks) or "all" (the images); see module doc
+    progress        None, True (a line on stderr per batch) or callable(done, total)
+    stats           optional dict, filled with {"computed": n, "cached": m, "seconds": s}
+    Returns float32 (V+1, N, ...) C-contiguous: out[v, i] is view v of item i.
+    """
+    t0 = time.perf_counter()
+    if isinstance(preprocessing, dict):
+        preprocessing = Preprocessing.from_dict(preprocessing)
+    paths = [Path(getattr(it, "path", it)) for it in dataset_items]
+    aug_config = augment_config(augment) if augment_views else {}
+    if augment_views and not aug_config:
+        raise ValueError("augment_views > 0 needs an augmentation (augment=...)")
+    augmenter = make_augmenter(aug_config, preprocessing)
+    prefix, _ = split_backbone(model, unfreeze)
+    views = 1 + int(augment_views)
+    folder = None
+    if cache_dir is not None:
+        key = model_key(model, unfreeze, preprocessing)
+        folder = Path(cache_dir) / key[:24]
+        folder.mkdir(parents=True, exist_ok=True)
+        info = folder / "key.json"
+        if not info.exists():
+            from lightcnn.checkpoint import atomic_write_text
+
+            atomic_write_text(info, json.dumps({"arch": model.arch, "unfreeze": str(unfreeze), "sha256": key,
+                                                "preprocessing": preprocessing.to_dict()}, indent=1))
+    results = [[None] * len(paths) for _ in range(views)]
+    todo = []  # (view, index, entry path or None)
+    for v in range(views):
+        for i, path in enumerate(paths):
+            entry = None
+            if folder is not None:
+                entry = folder / f"{item_key(path, v, aug_config if v else None, seed)[:40]}.npz"
+                if entry.exists():
+                    results[v][i] = _load_npz(entry)
+                    if results[v][i] is not None:
+                        continue
+            todo.append((v, i, entry))
+    if progress is True:
+        progress = _progress_printer("features")
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        batch = np.stack([load_view(paths[i], preprocessing, augmenter if v else None,
+                                    view_rng(paths[i], v, seed) if v else None) for v, i, _ in chunk])
+        out = np.ascontiguousarray(frozen_output(model, prefix, unfreeze, batch), dtype=np.float32)
+        for row, (v, i, entry) in zip(out, chunk):
+            results[v][i] = row.copy()
+            if entry is not None:
+                _save_npz(entry, results[v][i])
+        if progress:
+            progress(start + len(chunk), len(todo))
+    if stats is not None:
+        stats.update(computed=len(todo), cached=views * len(paths) - len(todo), seconds=time.perf_counter() - t0)
+    if not paths:
+        return np.zeros((views, 0), np.float32)
+    return np.ascontiguousarray(np.stack([np.stack(r) for r in results]), dtype=np.float32)
+
+
+__all__ = ["AUGMENT_PRESETS", "augment_config", "default_cache_dir", "extract_features", "frozen_output",
+           "item_key", "load_view", "make_augmenter", "model_key", "split_backbone", "view_rng"]

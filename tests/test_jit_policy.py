@@ -1,0 +1,50 @@
+"""The one JIT policy: nothing compiles at import, no kernel hard-codes Numba options."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lightcnn"
+
+
+def test_no_module_calls_numba_jit_directly():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "_jit.py":
+            continue
+        text = path.read_text()
+        if re.search(r"numba\.(njit|jit)\b|from numba import .*\b(njit|jit)\b|@njit|@jit\b", text):
+            offenders.append(str(path.relative_to(PACKAGE)))
+        if re.search(r"cache\s*=\s*(True|False)|fastmath\s*=\s*(True|\{)", text) and "kernels" in path.parts:
+            # options belong in _jit.kernel(...) arguments, e.g. @kernel(fastmath=True) is allowed
+            if re.search(r"numba\.\w+\([^)]*(cache|fastmath)\s*=", text):
+                offenders.append(str(path.relative_to(PACKAGE)))
+    assert not offenders, f"use lightcnn._jit.kernel instead of numba.njit in: {offenders}"
+
+
+def test_import_compiles_nothing():
+    """Importing the package and every kernel module leaves every dispatcher uncompiled."""
+    code = r"""
+import importlib, pkgutil, numba, sys, time
+t = time.perf_counter()
+import lightcnn
+elapsed = time.perf_counter() - t
+import lightcnn.kernels, lightcnn.layers, lightcnn.models, lightcnn.api
+compiled = []
+for info in pkgutil.iter_modules(lightcnn.kernels.__path__):
+    mod = importlib.import_module("lightcnn.kernels." + info.name)
+    for name, obj in vars(mod).items():
+        if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.signatures:
+            compiled.append(name)
+print(len(compiled), ",".join(compiled))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "0", f"compiled at import: {out[1:]}"
+
+
+def test_import_lightcnn_is_light():
+    """`import lightcnn` pulls in neither numba nor h5py nor PIL (they load when first used)."""
+    code = "import sys, lightcnn; print(' '.join(m for m in ('numba', 'h5py', 'PIL', 'scipy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"import lightcnn loaded: {out}"
