@@ -1,0 +1,351 @@
+"""The training loop: minibatch SGD/Adam over any Layer, validation every epoch, early stopping, exact resume.
+
+    for epoch e:   lr_e = lr * lr_decay ** (e // lr_decay_every)                     (step decay, seed 001)
+        order = rng.permutation(train indices, oversampled if asked); view_i ~ U{0..V}   (one view per image)
+        for each batch:  logits = net.forward(x, training=True)
+                         loss, dlogits = CE | class-weighted CE | focal (+ label smoothing)
+                         net.backward(dlogits);  optimizer.step()    (L2 = lambda * sum w^2 or decoupled decay)
+        validation: plain cross-entropy, accuracy, ROC-AUC; keep a copy of the weights when `monitor` improves;
+        stop after `patience` epochs without improvement.
+
+`net` is anything with forward(x, training), backward(dy), named_parameters() and state_dict(): a head
+(Sequential of Dense/Dropout), an unfrozen suffix + head, or a whole Model. Inputs are arrays of shape
+(V, N, ...) holding V views of each of N samples (V = 1 without augmentation).
+
+Resume. Everything that decides the next epoch is in `TrainState`: the epoch count, the generator's
+bit_generator state, every Dropout generator's state, the optimiser's steps and moments, the best weights and
+the early-stopping counter. `fit(..., state=...)` continues from it, and a run stopped after epoch k and resumed
+ends bit-identical to one that never stopped. A non-finite loss raises TrainingError before any update is made
+from it, so the last state handed to `on_epoch_end` (the last good checkpoint) stays valid.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from lightcnn.augment import oversample_indices
+from lightcnn.errors import TrainingError
+from lightcnn.kernels.linear import cross_entropy, focal_loss, softmax
+from lightcnn.layers.basic import Dropout
+from lightcnn.metrics import roc_auc, roc_auc_ovr
+from lightcnn.optim import SGD, Adam
+
+LOSSES = ("ce", "weighted-ce", "focal")
+OPTIMIZERS = ("sgd", "adam")
+MONITORS = ("loss", "accuracy", "roc_auc")
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (all JSON-able). Unknown keys are an error in `from_dict`.
+
+    head / hidden / dropout / hidden_dropout describe the new head (Model.reset_head): "linear" is
+    GAP -> dropout -> Dense(K); "dense" is seed 003's stack (64, 64, 64, 32, 32) unless `hidden` is given.
+    l2 is lambda in lambda * sum(w^2) added to the loss (seed 000's eq. 3); weight_decay is decoupled (AdamW).
+    patience = 0 disables early stopping. monitor picks the validation number that decides the best epoch
+    (loss: lower is better; accuracy, roc_auc: higher is better). positive = class index for the AUC
+    (None: macro one-vs-rest AUC).
+    """
+
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    l2: float = 0.0
+    weight_decay: float = 0.0
+    lr_decay: float = 1.0
+    lr_decay_every: int = 5
+    patience: int = 0
+    loss: str = "ce"
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    monitor: str = "loss"
+    oversample: bool = False
+    seed: int = 0
+    positive: int | None = None
+    head: str = "linear"
+    hidden: list = field(default_factory=list)
+    dropout: float = 0.2
+    hidden_dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {MONITORS}, got {self.monitor!r}")
+        if self.head not in ("linear", "dense"):
+            raise ValueError(f"head must be 'linear' or 'dense', got {self.head!r}")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr_decay_every < 1 or self.patience < 0:
+            raise ValueError("epochs >= 0, batch_size >= 1, lr_decay_every >= 1 and patience >= 0 are required")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        self.hidden = [int(h) for h in self.hidden]
+
+    @property
+    def hidden_layers(self):
+        """Widths of the hidden Dense layers of the head."""
+        if self.head == "dense" and not self.hidden:
+            return [64, 64, 64, 32, 32]
+        return list(self.hidden) if self.head == "dense" else []
+
+    @classmethod
+    def from_dict(cls, data):
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+
+def class_weights_for(labels, num_classes):
+    """Inverse-frequency weights w_c = N / (K * n_c) (a class absent from `labels` gets 0)."""
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes).astype(np.float64)
+    w = np.zeros(num_classes)
+    w[counts > 0] = counts.sum() / (np.count_nonzero(counts) * counts[counts > 0])
+    return w
+
+
+def make_loss(config, train_labels, num_classes):
+    """f(logits (B,K), labels (B,)) -> (loss, dlogits) for config.loss."""
+    weights = class_weights_for(train_labels, num_classes) if config.loss == "weighted-ce" else None
+    if config.loss == "focal":
+        return lambda z, y: focal_loss(z, y, config.focal_gamma, weights)
+    return lambda z, y: cross_entropy(z, y, weights, config.label_smoothing)
+
+
+def make_optimizer(net, config):
+    if config.optimizer == "sgd":
+        return SGD(net, config.lr, config.momentum, l2=config.l2, weight_decay=config.weight_decay)
+    return Adam(net, config.lr, l2=config.l2, weight_decay=config.weight_decay)
+
+
+def lr_at(config, epoch):
+    """Step decay: lr * lr_decay ** (epoch // lr_decay_every) (seed 001: 0.8 every 5 epochs)."""
+    return config.lr * config.lr_decay ** (epoch // config.lr_decay_every)
+
+
+def dropout_layers(net):
+    return [(name, layer) for name, layer in net.named_layers() if isinstance(layer, Dropout)]
+
+
+def snapshot(net):
+    """Copies of every parameter and buffer of `net`, by dotted name."""
+    return {name: np.array(value, copy=True) for name, value in net.state_dict().items()}
+
+
+def restore(net, tensors):
+    """Write `tensors` (from `snapshot`) back into `net`, strictly by name and shape."""
+    slots = {}
+    for path, layer in net.named_layers():
+        for store in (layer.params, layer.buffers):
+            for key in store:
+                slots[f"{path}.{key}" if path else key] = (store, key)
+    missing = sorted(set(slots) - set(tensors))
+    extra = sorted(set(tensors) - set(slots))
+    if missing or extra:
+        raise ValueError(f"state does not fit the network: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, (store, key) in slots.items():
+        value = np.asarray(tensors[name])
+        if value.shape != store[key].shape:
+            raise ValueError(f"state tensor {name!r} has shape {value.shape}, network expects {store[key].shape}")
+        store[key] = np.array(value, dtype=store[key].dtype, copy=True)
+    net.params_changed()
+
+
+def predict_logits(net, x, batch_size=256):
+    """net.forward(training=False) over x (N, ...) in chunks -> (N, K) float32."""
+    outs = [net.forward(np.ascontiguousarray(x[i:i + batch_size]), False) for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def evaluate_logits(logits, labels, positive=None):
+    """{loss, accuracy, roc_auc} of logits (N,K) against labels (N,); loss is plain cross-entropy."""
+    labels = np.asarray(labels, np.int64)
+    loss, _ = cross_entropy(logits, labels)
+    probs = softmax(logits.astype(np.float64))
+    acc = float(np.mean(probs.argmax(1) == labels))
+    if logits.shape[1] == 2 or positive is not None:
+        pos = 1 if positive is None else positive
+        auc = roc_auc(labels, probs[:, pos], positive=pos)
+    else:
+        auc = roc_auc_ovr(labels, probs)
+    return {"loss": float(loss), "accuracy": acc, "roc_auc": float(auc)}
+
+
+def _better(monitor, value, best):
+    if best is None or not math.isfinite(best):
+        return math.isfinite(value)
+    return value < best if monitor == "loss" else value > best
+
+
+# --------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    """Everything `fit` needs to continue exactly where it stopped (JSON part + arrays)."""
+
+    epoch: int = 0                       # epochs completed
+    rng: dict = None                     # the shuffling/view generator's bit_generator.state
+    dropout_rngs: dict = None            # {layer path: bit_generator.state}
+    optimizer: dict = None               # Optimizer.state_dict() (arrays inside)
+    history: list = field(default_factory=list)
+    best_epoch: int = -1
+    best_value: float | None = None
+    since_best: int = 0
+    stopped: bool = False                # early stopping fired
+    best_weights: dict = None            # snapshot(net) at best_epoch
+    weights: dict = None                 # snapshot(net) now
+
+    def meta(self):
+        """The JSON-able part."""
+        return {"epoch": self.epoch, "rng": self.rng, "dropout_rngs": self.dropout_rngs,
+                "optimizer": {"steps": self.optimizer["steps"], "lr": self.optimizer["lr"]} if self.optimizer else None,
+                "history": self.history, "best_epoch": self.best_epoch, "best_value": self.best_value,
+                "since_best": self.since_best, "stopped": self.stopped}
+
+    def tensors(self):
+        """The arrays, flat by name: net.<p>, best.<p>, optim.<p>.<slot>."""
+        out = {f"net.{k}": v for k, v in (self.weights or {}).items()}
+        out.update({f"best.{k}": v for k, v in (self.best_weights or {}).items()})
+        for name, slots in (self.optimizer or {}).get("state", {}).items():
+            out.update({f"optim.{name}.{k}": v for k, v in slots.items()})
+        return out
+
+    @classmethod
+    def from_parts(cls, meta, tensors):
+        state = cls(**{k: v for k, v in meta.items() if k != "optimizer"})
+        state.weights = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+        state.best_weights = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+        slots = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                name, slot = k[6:].rsplit(".", 1)
+                slots.setdefault(name, {})[slot] = v
+        if meta.get("optimizer") is not None:
+            state.optimizer = dict(meta["optimizer"], state=slots)
+        return state
+
+
+@dataclass
+class FitResult:
+    history: list            # one dict per epoch: epoch, lr, loss, train_accuracy, val_loss, val_accuracy, ...
+    best_epoch: int          # 0-based; -1 when no epoch ran
+    best_value: float | None  # the monitored validation value at best_epoch (or the last train loss without val)
+    stopped_early: bool
+    seconds: float
+    state: TrainState
+
+
+def fit(net, x_train, y_train, x_val, y_val, config, *, num_classes, state=None, on_epoch_end=None,
+        progress=None, eval_batch=256):
+    """Train `net` in place and leave the best-on-validation weights in it.
+
+    x_train   (V, N, ...) float32: V views of N samples; y_train (N,) ints
+    x_val     (M, ...) float32 or None; y_val (M,) — validation runs once per epoch, training=False
+    config    TrainConfig
+    state     a TrainState from an earlier call's on_epoch_end to resume from (None: fresh start)
+    on_epoch_end  callable(TrainState, row) after every epoch, e.g. to write an atomic checkpoint
+    progress  callable(str) for one line per epoch, or None
+    Without validation data the best epoch is the last one (no early stopping).
+    """
+    t_start = time.perf_counter()
+    y_train = np.asarray(y_train, np.int64)
+    if x_train.ndim < 2 or x_train.shape[1] != len(y_train):
+        raise ValueError(f"x_train must be (V, N, ...) with N = {len(y_train)}, got {x_train.shape}")
+    has_val = x_val is not None and len(x_val) > 0
+    views = x_train.shape[0]
+    loss_fn = make_loss(config, y_train, num_classes)
+    opt = make_optimizer(net, config)
+    drops = dropout_layers(net)
+    indices = oversample_indices(y_train, config.seed) if config.oversample else np.arange(len(y_train))
+    rng = np.random.default_rng(config.seed)
+    if state is None:
+        state = TrainState(weights=None)
+    else:
+        restore(net, state.weights)
+        rng.bit_generator.state = state.rng
+        for name, layer in drops:
+            layer.rng.bit_generator.state = state.dropout_rngs[name]
+        if state.optimizer is not None:
+            opt.load_state_dict(state.optimizer)
+    monitor = config.monitor if has_val else "loss"
+
+    for epoch in range(state.epoch, config.epochs if not state.stopped else state.epoch):
+        t0 = time.perf_counter()
+        opt.lr = lr_at(config, epoch)
+        order = rng.permutation(indices)
+        picks = rng.integers(0, views, size=len(order)) if views > 1 else np.zeros(len(order), np.int64)
+        total, correct = 0.0, 0
+        for b in range(0, len(order), config.batch_size):
+            idx = order[b:b + config.batch_size]
+            xb = x_train[picks[b:b + config.batch_size], idx]
+            yb = y_train[idx]
+            logits = net.forward(xb, True)
+            loss, dlogits = loss_fn(logits, yb)
+            if not math.isfinite(loss):
+                net.clear_cache()
+                raise TrainingError(f"loss became {loss} at epoch {epoch + 1}, batch {b // config.batch_size + 1} "
+                                    f"(lr {opt.lr:g}); training stopped, last good checkpoint kept")
+            net.backward(dlogits)
+            opt.step()
+            total += loss * len(idx)
+            correct += int(np.sum(np.argmax(logits, 1) == yb))
+        row = {"epoch": epoch + 1, "lr": opt.lr, "loss": total / max(len(order), 1) + opt.l2_penalty(),
+               "train_accuracy": correct / max(len(order), 1)}
+        if has_val:
+            val = evaluate_logits(predict_logits(net, x_val, eval_batch), y_val, config.positive)
+            row.update({f"val_{k}": v for k, v in val.items()})
+            if not math.isfinite(val["loss"]):
+                raise TrainingError(f"validation loss became {val['loss']} at epoch {epoch + 1} (lr {opt.lr:g}); "
+                                    "training stopped, last good checkpoint kept")
+            value = row[f"val_{monitor}"]
+        else:
+            value = row["loss"]
+        row["seconds"] = time.perf_counter() - t0
+        state.history.append(row)
+        if _better(monitor, value, state.best_value):
+            state.best_value, state.best_epoch, state.since_best = float(value), epoch, 0
+            state.best_weights = snapshot(net)
+        else:
+            state.since_best += 1
+        state.epoch = epoch + 1
+        state.stopped = bool(config.patience and has_val and state.since_best >= config.patience)
+        state.rng = rng.bit_generator.state
+        state.dropout_rngs = {name: layer.rng.bit_generator.state for name, layer in drops}
+        state.optimizer = opt.state_dict()
+        state.weights = snapshot(net)
+        if progress:
+            val_text = (f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f} auc {row['val_roc_auc']:.4f}"
+                        if has_val else "")
+            progress(f"epoch {epoch + 1:3d}/{config.epochs}  lr {opt.lr:.3g}  loss {row['loss']:.4f}  "
+                     f"acc {row['train_accuracy']:.4f}{val_text}  {row['seconds']:.2f} s"
+                     + ("  *" if state.since_best == 0 else ""))
+        if on_epoch_end:
+            on_epoch_end(state, row)
+        if state.stopped:
+            if progress:
+                progress(f"early stopping: no improvement of val {monitor} for {config.patience} epochs "
+                         f"(best epoch {state.best_epoch + 1})")
+            break
+    if state.best_weights is not None:
+        restore(net, state.best_weights)
+    return FitResult(state.history, state.best_epoch, state.best_value, state.stopped,
+                     time.perf_counter() - t_start, state)
+
+
+__all__ = ["LOSSES", "MONITORS", "OPTIMIZERS", "FitResult", "TrainConfig", "TrainState", "class_weights_for",
+           "evaluate_logits", "fit", "lr_at", "make_loss", "make_optimizer", "predict_logits", "restore", "snapshot"]
