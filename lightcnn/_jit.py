@@ -63,3 +63,8 @@ def set_num_threads(n):
 
 # numba.prange re-exported so kernels import everything JIT-related from here.
 prange = numba.prange
+
+
+def get_num_threads():
+    """Threads Numba's parallel kernels currently use."""
+    return numba.get_num_threads()

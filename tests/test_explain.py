@@ -240,8 +240,8 @@ def _to_float64(model):
 
 
 def _block_model():
-    """stem -> IR(SE, hard-swish, residual) -> IR(stride 2, ReLU6) -> Fire(BN, ELU) -> max-pool -> 1x1 -> GAP/dropout/dense,
-    with batch norm (random running statistics), in float64."""
+    """stem -> IR(SE, hard-swish, residual) -> IR(stride 2, ReLU6) -> Fire(BN, ELU) -> max-pool -> 1x1
+    -> GAP/dropout/dense, with batch norm (random running statistics), in float64."""
     rng = np.random.default_rng(11)
     features = Sequential([
         ("stem", conv_bn_act(3, 8, 3, 2, "torch", act="relu6", rng=rng)),

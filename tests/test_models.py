@@ -198,3 +198,32 @@ def test_registry_entries_are_complete():
         assert spec.arch in BUILDERS, name
         assert spec.url.startswith("https://") and len(spec.sha256) >= 8, name
         assert spec.url.endswith(spec.filename) or spec.filename in spec.url, name
+
+
+@pytest.mark.slow
+def test_squeezenet_caffe_matches_reference_runtime_image_by_image(built_weights, data_dir, fixtures_dir):
+    """Same float maths as the reference (PyTorch functional ops on the Caffe network): with the reference's
+    preprocessing (shorter side 256, centre 227) the per-image top-1 agrees on >= 97% of the sample and the
+    accuracy lands within half a point of its 62.3%. The registry's default, Caffe's own 256x256 resize, scores
+    higher (65.8%, as the shared SOURCES.md measured with an independent decoder)."""
+    import csv
+    import dataclasses
+
+    import lightcnn
+    from lightcnn.preprocess import preprocess_batch
+
+    reference = json.loads((fixtures_dir / "reference" / "imagenet_sample_reference.json").read_text())
+    ref_top1 = [row[0] for row in reference["squeezenet_v1.0_deep_compression"]["top5_idx"]]
+    clf = lightcnn.load(str(built_weights / "squeezenet1_0_caffe.h5"))
+    spec = dataclasses.replace(clf.preprocessing, resize="shorter")
+    folder = data_dir / "imagenet-sample"
+    rows = list(csv.DictReader(open(folder / "labels.csv", encoding="utf-8")))
+    ours = []
+    for i in range(0, len(rows), 50):
+        batch = preprocess_batch([folder / "images" / r["file"] for r in rows[i:i + 50]], spec)
+        ours.extend(np.argmax(clf.model.forward(batch), axis=1))
+    ours = np.array(ours)
+    agreement = np.mean(ours == np.array(ref_top1))
+    top1 = np.mean(ours == np.array([int(r["class_index"]) for r in rows]))
+    assert agreement >= 0.97, f"agreement with the reference runtime {agreement:.3f}"
+    assert abs(top1 - reference["squeezenet_v1.0_deep_compression"]["top1"]) <= 0.005

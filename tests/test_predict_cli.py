@@ -348,7 +348,8 @@ def test_usage_errors_exit_2(args):
 
 def test_importing_the_cli_is_light():
     """A one-image run should not pay for imports it does not need before parsing arguments."""
-    code = "import sys, lightcnn.predict; print(sorted(m for m in ('numpy', 'numba', 'h5py', 'PIL') if m in sys.modules))"
+    code = ("import sys, lightcnn.predict; "
+            "print(sorted(m for m in ('numpy', 'numba', 'h5py', 'PIL') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=REPO, timeout=60)
     assert result.stdout.decode().strip() == "[]", result.stderr.decode()
 

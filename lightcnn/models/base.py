@@ -8,12 +8,19 @@ begins with global average pooling, `pooled(x)` gives the (N,F) vectors that
 head-only fine-tuning caches on disk, and `head_after_pool` runs the rest.
 """
 
+import threading
 import time
+
+import os
 
 import numpy as np
 
 from lightcnn.layers.base import Layer, Sequential
 from lightcnn.layers.basic import Dense, Dropout, GlobalAvgPool
+
+
+# LIGHTCNN_NO_PLAN=1: always run layer by layer (for A/B timing and debugging the fast path).
+_NO_PLAN = os.environ.get("LIGHTCNN_NO_PLAN", "") in ("1", "true", "yes")
 
 
 class Model(Layer):
@@ -27,6 +34,7 @@ class Model(Layer):
         self.head_net = head
         self.input_shape = tuple(input_shape)  # (H, W, C) the weights were trained at
         self.cam_layer = cam_layer
+        self._plans = {}  # (thread, shape, threads) -> InferencePlan; derived state, never saved or copied
 
     def children(self):
         return [("features", self.features_net), ("head", self.head_net)]
@@ -44,7 +52,49 @@ class Model(Layer):
         return self.head_net.forward(f, training)
 
     def forward(self, x, training=False):
+        if not training:
+            plan = self.inference_plan(x)
+            if plan is not None:
+                return plan.run(np.ascontiguousarray(x))
         return self.head(self.features(x, training), training)
+
+    # -- the inference fast path ---------------------------------------------------------
+    #: plans kept per model (one per thread x input shape x thread count); oldest dropped first
+    MAX_PLANS = 4
+
+    def inference_plan(self, x):
+        """The InferencePlan for a float32 batch shaped like x (built on first use), or None.
+
+        None means "use the layer-by-layer path": not a float32 (N,H,W,C) array, a shape the
+        layers reject (they raise the precise error), or LIGHTCNN_NO_PLAN=1.
+        """
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 4) or _NO_PLAN:
+            return None
+        from lightcnn._jit import get_num_threads
+
+        plans = self.__dict__.setdefault("_plans", {})
+        key = (threading.get_ident(), x.shape, get_num_threads())
+        entry = plans.get(key)
+        if entry is not None and entry[0] is self.features_net and entry[1] is self.head_net:
+            return entry[2]
+        from lightcnn.layers.plan import InferencePlan
+
+        try:
+            plan = InferencePlan([("features", self.features_net), ("head", self.head_net)], x.shape)
+        except ValueError:  # includes ShapeError: let the layer path raise its own message
+            return None
+        while len(plans) >= self.MAX_PLANS:
+            plans.pop(next(iter(plans)))
+        plans[key] = (self.features_net, self.head_net, plan)
+        return plan
+
+    def _on_params_changed(self):
+        self.__dict__["_plans"] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_plans"] = {}  # plans hold buffers and bound kernels of *this* object: rebuilt on demand
+        return state
 
     def backward(self, dlogits, through_features=True):
         df = self.head_net.backward(dlogits)
@@ -93,8 +143,13 @@ class Model(Layer):
         return self.features_net.out_ch
 
     # -- summary ---------------------------------------------------------------------
-    def trace(self, x, profile=False, repeats=1):
-        """Run forward once, recording each unit's name, output shape, params, MACs (and ms)."""
+    def trace(self, x, profile=False, repeats=1, fast=True):
+        """Run forward once, recording each unit's name, output shape, params, MACs (and ms).
+
+        With profile=True and fast=True, ms is the unit's time in the inference plan (the path
+        forward() takes: fused epilogues, residual adds and SE scales are timed with the unit
+        that absorbs them); with fast=False, the time of the unit's own layer-by-layer forward.
+        """
         rows = []
         originals = []
         for path, layer in self.named_layers():
@@ -117,19 +172,27 @@ class Model(Layer):
             layer.forward = traced
             originals.append((path, layer))
         try:
-            self.forward(x)
+            self.head(self.features(x))  # the layer-by-layer path: the one the patches above observe
         finally:
             for _, layer in originals:
                 del layer.forward  # restore the class method
+        plan = self.inference_plan(np.ascontiguousarray(x, np.float32)) if profile and fast else None
+        if plan is not None:
+            times = plan.profile(np.ascontiguousarray(x, np.float32), repeats)
+            for r in rows:
+                r["ms"] = sum(t for name, t in times.items() if name == r["name"] or name.startswith(r["name"] + "."))
         return rows
 
-    def summary(self, input_size=None, profile=False, repeats=5):
-        """Per-unit table as text: name, output shape, parameters, MACs (and ms with profile=True)."""
+    def summary(self, input_size=None, profile=False, repeats=5, fast=True):
+        """Per-unit table as text: name, output shape, parameters, MACs (and ms with profile=True).
+
+        fast=False profiles the layer-by-layer path instead of the inference plan (see trace).
+        """
         h, w, c = self.input_shape if input_size is None else (input_size, input_size, self.input_shape[2])
         x = np.zeros((1, h, w, c), np.float32)
         if profile:
             self.forward(x)  # compile and warm caches before timing
-        rows = self.trace(x, profile=profile, repeats=repeats)
+        rows = self.trace(x, profile=profile, repeats=repeats, fast=fast)
         lines = [f"{self.arch}  input (1, {h}, {w}, {c})"]
         header = f"{'layer':42s} {'output':>20s} {'params':>10s} {'MACs':>13s}" + (f" {'ms':>8s}" if profile else "")
         lines += [header, "-" * len(header)]

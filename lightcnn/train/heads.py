@@ -76,7 +76,8 @@ def train_head(features_train, y_train, features_val, y_val, config, num_classes
     if num_classes is None:
         num_classes = int(max(y_train.max(initial=0), np.max(y_val, initial=0) if y_val is not None else 0) + 1)
     head = head_from_config(x_train.shape[-1], num_classes, config)
-    result = fit(head, x_train, y_train, x_val, y_val, config, num_classes=num_classes, progress=progress)
+    result = fit(head, x_train, y_train, x_val, y_val, config, num_classes=num_classes, progress=progress,
+                 one_thread=True)
     return head.state_dict(), result.history, result.best_value
 
 

@@ -1,0 +1,109 @@
+"""The BLAS that lightcnn's fused inference kernels call, and how it is set up.
+
+Numba compiles ``np.dot`` inside a kernel into a call to SciPy's BLAS
+(``scipy.linalg.cython_blas``; in SciPy wheels that is SciPy's own bundled OpenBLAS,
+a different library from NumPy's).  The inference kernels (kernels/gemm.py) call it
+from inside their parallel loops, one tile of rows per call, so that each thread's
+GEMM result is still in its cache when the bias/activation/residual epilogue reads it,
+and so that only one thread pool (Numba's) is ever running.
+
+Two settings make that fast, and both can only be chosen when the library loads:
+
+- One BLAS thread.  Numba already runs one GEMM per core; an OpenBLAS pool on top
+  would oversubscribe the cores (and its workers spin after every call, starving
+  Numba's threads: on 2 cores that alone made MobileNetV2 ~20x slower).
+- The AVX-512 kernels.  OpenBLAS 0.3.x maps AMD Zen 4/5 to its Haswell (AVX2)
+  kernels; ``OPENBLAS_CORETYPE=SkylakeX`` selects the AVX-512 SGEMM, ~1.8x faster
+  here, and is only requested when /proc/cpuinfo lists avx512f, avx512bw, avx512dq
+  and avx512vl (every CPU with those runs the SkylakeX kernels).
+
+`prepare()` sets both variables *only if the user has not set them*, loads SciPy's
+BLAS, and restores the environment, so NumPy's BLAS and child processes are
+untouched.  If SciPy's BLAS was already loaded by the time lightcnn first runs a
+model, its core type cannot change any more; its thread count is still set to 1
+through ``scipy_openblas_set_num_threads``.  Either way this is a process-wide
+setting of SciPy's BLAS (documented in bench/README.md); results differ from the
+default kernels only by float32 rounding (the parity tests run with it on).
+``LIGHTCNN_BLAS_CORETYPE=default`` keeps OpenBLAS' own choice.
+"""
+
+import ctypes
+import os
+import sys
+
+_state = {"ready": False, "coretype": None, "threads": None}
+
+
+def _cpu_has_avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+    except OSError:
+        pass
+    return False
+
+
+def _loaded_scipy_openblas():
+    """Path of SciPy's OpenBLAS if it is mapped into this process (Linux), else None."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1] if line.count(" ") >= 5 else ""
+                if "scipy" in path and "openblas" in path and "numpy" not in path:
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def prepare():
+    """Load SciPy's BLAS for the Numba kernels with one thread and (on AVX-512 CPUs) SkylakeX kernels."""
+    if _state["ready"]:
+        return _state
+    _state["ready"] = True
+    saved = {}
+    if _loaded_scipy_openblas() is None and "scipy.linalg" not in sys.modules:
+        wanted = {"OPENBLAS_NUM_THREADS": "1"}
+        choice = os.environ.get("LIGHTCNN_BLAS_CORETYPE", "auto")
+        if choice == "auto" and _cpu_has_avx512():
+            wanted["OPENBLAS_CORETYPE"] = "SkylakeX"
+        elif choice not in ("auto", "default"):
+            wanted["OPENBLAS_CORETYPE"] = choice
+        for key, value in wanted.items():
+            if key not in os.environ:
+                saved[key] = None
+                os.environ[key] = value
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the library Numba's np.dot calls)
+    finally:
+        for key in saved:
+            os.environ.pop(key, None)
+    path = _loaded_scipy_openblas()
+    if path is not None:
+        try:
+            lib = ctypes.CDLL(path)
+            for name in ("scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+                if hasattr(lib, name):
+                    getattr(lib, name)(1)
+                    break
+            for name in ("scipy_openblas_get_corename", "openblas_get_corename"):
+                if hasattr(lib, name):
+                    fn = getattr(lib, name)
+                    fn.restype = ctypes.c_char_p
+                    _state["coretype"] = fn().decode()
+                    break
+            for name in ("scipy_openblas_get_num_threads", "openblas_get_num_threads"):
+                if hasattr(lib, name):
+                    _state["threads"] = int(getattr(lib, name)())
+                    break
+        except OSError:
+            pass
+    return _state
+
+
+def info():
+    """{'coretype': ..., 'threads': ...} of the BLAS the kernels use (after prepare())."""
+    return dict(prepare())

@@ -1,0 +1,124 @@
+"""python -m lightcnn.evaluate MODEL.h5 DATA [--split test] [--positive CLASS] [--json]
+
+Evaluate a (fine-tuned) lightcnn model on one split of an image folder and print the report: accuracy,
+sensitivity, specificity, precision, f1 and ROC-AUC with bootstrap 95 % confidence intervals, the per-class
+table and the confusion matrix.
+
+The split is rebuilt exactly as the training run made it: for a file written by `lightcnn.finetune`, the split
+method, seed, fractions and positive class default to the values stored in the file (`extra.training`); give
+--split-method/--seed/--fractions/--positive to override. Images go through the model's own preprocessing,
+never augmented. Classes are matched by name, so DATA must use the model's class names.
+
+Exit codes: 0 done; 1 expected failure (one line "error: ..."); 2 usage error.
+"""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from lightcnn.errors import LightCNNError
+
+
+def build_parser():
+    from lightcnn.finetune import _fractions, _nonneg_int, _positive_int
+
+    p = argparse.ArgumentParser(prog="python -m lightcnn.evaluate", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL.h5", help="a lightcnn .h5 file (e.g. RUN_DIR/best.h5) or a registered name")
+    p.add_argument("data", metavar="DATA", help="image folder or bundled dataset (manifest.csv)")
+    p.add_argument("--split", choices=("train", "val", "test", "all"), default="test", help="default test")
+    p.add_argument("--split-method", choices=("auto", "official", "random", "group"),
+                   help="how to split DATA (default: as the training run did, else auto)")
+    p.add_argument("--seed", type=int, help="split seed (default: the training run's, else 0)")
+    p.add_argument("--fractions", type=_fractions, metavar="TR,VA,TE", help="default: the training run's")
+    p.add_argument("--csv", metavar="FILE", help="explicit CSV of file,label[,group][,split]")
+    p.add_argument("--positive", metavar="CLASS", help="class for sensitivity etc. (default: the training run's; "
+                                                        "none = macro averages)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    p.add_argument("--bootstrap", type=_nonneg_int, default=1000, metavar="N", help="resamples for the CIs (1000)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (16)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
+    return p
+
+
+def evaluate(model_path, data, split="test", split_method=None, seed=None, fractions=None, csv=None,
+             positive=None, n_bootstrap=1000, batch_size=16, warn=None):
+    """Returns (report dict, info dict). `report` is metrics.classification_report on the chosen split."""
+    import numpy as np
+
+    from lightcnn.api import load
+    from lightcnn.data import discover, split_dataset
+    from lightcnn.metrics import classification_report
+    from lightcnn.train.features import load_view
+
+    clf = load(model_path)
+    training = (clf.checkpoint.extra or {}).get("training") or {}
+    split_method = split_method or training.get("split", "auto")
+    seed = seed if seed is not None else int((training.get("train") or {}).get("seed", 0))
+    fractions = fractions or training.get("fractions") or [0.8, 0.1, 0.1]
+    positive = positive if positive is not None else training.get("positive")
+    csv = csv or training.get("csv")
+    ds = discover(data, csv)
+    unknown = [c for c in ds.class_names if c not in clf.class_names]
+    if unknown:
+        raise LightCNNError(f"{data}: class(es) {unknown} are not among the model's classes {clf.class_names}")
+    if positive is not None and positive not in clf.class_names:
+        raise LightCNNError(f"--positive {positive!r} is not one of the model's classes {clf.class_names}")
+    if split == "all":
+        idx = np.arange(len(ds))
+        method = "all"
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            parts = split_dataset(ds, split_method, tuple(fractions), seed)
+        for w in caught:
+            if warn:
+                warn(str(w.message))
+        idx = {"train": parts.train, "val": parts.val, "test": parts.test}[split]
+        method = parts.method
+    if len(idx) == 0:
+        raise LightCNNError(f"{data}: the {split} split is empty")
+    to_model = np.array([clf.class_names.index(c) for c in ds.class_names])
+    y = to_model[ds.labels[idx]]
+    probs = []
+    for start in range(0, len(idx), batch_size):
+        batch = np.stack([load_view(ds.items[i].path, clf.preprocessing) for i in idx[start:start + batch_size]])
+        probs.append(clf.predict(batch, batch_size))
+    probs = np.concatenate(probs)
+    report = classification_report(y, probs, clf.class_names, positive=positive, n_bootstrap=n_bootstrap, seed=seed)
+    info = {"model": str(model_path), "data": str(data), "split": split, "split_method": method, "seed": seed,
+            "images": int(len(idx)), "positive": positive}
+    return report, info
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
+        from lightcnn._jit import set_num_threads
+
+        set_num_threads(args.threads)
+    from lightcnn.metrics import format_report
+
+    try:
+        report, info = evaluate(args.model, args.data, args.split, args.split_method, args.seed, args.fractions,
+                                args.csv, args.positive, args.bootstrap, args.batch_size,
+                                warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
+    except LightCNNError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        return 1
+    if args.json:
+        print(json.dumps({**info, **report}, indent=2))
+    else:
+        pos = f", positive class {info['positive']}" if info["positive"] else ", macro averages over classes"
+        print(f"{info['model']} on {info['data']}: {info['split']} split ({info['split_method']}, seed {info['seed']}), "
+              f"{info['images']} images{pos}")
+        print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The finetune and evaluate command lines end to end on a tiny generated image folder and a tiny network."""
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import lightcnn
+from lightcnn.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from lightcnn.evaluate import main as evaluate_main
+from lightcnn.finetune import main as finetune_main
+from lightcnn.metrics import METRIC_NAMES
+from lightcnn.models import mobilenet_v2
+from lightcnn.preprocess import Preprocessing
+
+CLASSES = ("blobs", "stripes")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """DATA/<class>/*.png (14 grey stripes and 14 blob images, 28x32) and a tiny MobileNetV2 .h5 (32x32 input)."""
+    root = tmp_path_factory.mktemp("ft")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:28, :32]
+    for name in CLASSES:
+        (root / "data" / name).mkdir(parents=True)
+        for i in range(14):
+            if name == "stripes":
+                img = 128 + 100 * np.sin(rng.uniform(0.4, 0.9) * (xx if i % 2 else yy) + rng.uniform(0, 6))
+            else:
+                img = np.full((28, 32), 60.0)
+                for _ in range(2):
+                    cy, cx, r = rng.uniform(6, 22), rng.uniform(6, 26), rng.uniform(3, 6)
+                    img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 220
+            img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / "data" / name / f"{i:02d}.png")
+    model = mobilenet_v2(width_mult=0.35, num_classes=10, seed=0)
+    save_checkpoint(root / "tiny.h5", Checkpoint(
+        arch=model.arch, config=model.config, tensors=model.state_dict(), class_names=[f"c{i}" for i in range(10)],
+        preprocessing=Preprocessing(size=32, resize="shorter", resize_size=36).to_dict(),
+        provenance={"source_file": "random init"}))
+    return root
+
+
+def _run(workspace, out, *extra):
+    return finetune_main([str(workspace / "data"), "--weights", str(workspace / "tiny.h5"), "--out", str(out),
+                          "--cache-dir", str(workspace / "cache"), "--bootstrap", "200", "--quiet", *extra])
+
+
+def test_finetune_writes_config_metrics_model_and_report(workspace, capsys):
+    out = workspace / "run_head"
+    assert _run(workspace, out, "--epochs", "4", "--positive", "stripes", "--augment", "seed002", "--views", "2",
+                "--patience", "10") == 0
+    assert capsys.readouterr().out.strip() == str(out / "report.json")
+    config = json.loads((out / "config.json").read_text())
+    assert config["mode"] == "head" and config["views"] == 2 and config["train"]["epochs"] == 4
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert {"lr", "loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "seconds"} <= set(rows[0])
+
+    report = json.loads((out / "report.json").read_text())
+    for split in ("train", "val", "test"):
+        for key in METRIC_NAMES:
+            assert key in report[split], f"{split}: {key} missing"
+            lo, hi = report[split]["confidence_intervals"][key]
+            if report[split][key] is not None and lo is not None:
+                assert lo <= report[split][key] + 1e-9 and report[split][key] <= hi + 1e-9
+        cm = np.array(report[split]["confusion_matrix"])
+        assert cm.shape == (2, 2) and cm.sum() == report["sizes"][split]
+    assert report["positive"] == "stripes" and report["split"]["method"] == "random"
+    assert "GROUP" in report["split"]["warnings"][0]  # the folder has no patient ids: said loudly
+
+    # best.h5 is a complete model: class names, preprocessing and the new head travel with it
+    clf = lightcnn.load(str(out / "best.h5"))
+    assert clf.class_names == list(CLASSES) and clf.preprocessing.size == 32
+    assert clf.model.config["head"] == {"hidden": [], "dropout": 0.2, "hidden_dropout": 0.0}
+    assert clf.checkpoint.extra["metrics"]["test"]["accuracy"] == report["test"]["accuracy"]
+    top = clf.topk(str(workspace / "data" / "stripes" / "00.png"), k=2)[0]
+    assert {p.label for p in top} == set(CLASSES)
+
+
+def test_evaluate_prints_the_same_test_report(workspace, capsys):
+    out = workspace / "run_eval"
+    assert _run(workspace, out, "--epochs", "3", "--mode", "last-k", "--unfreeze", "1", "--head", "dense",
+                "--hidden", "8", "--optimizer", "sgd", "--lr", "0.01", "--l2", "1e-4", "--lr-decay", "0.8",
+                "--lr-decay-every", "1", "--loss", "weighted-ce") == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert evaluate_main([str(out / "best.h5"), str(workspace / "data"), "--bootstrap", "200"]) == 0
+    text = capsys.readouterr().out
+    for key in METRIC_NAMES:
+        assert key in text
+    assert "confusion matrix" in text and "macro avg" in text
+    line = next(t for t in text.splitlines() if t.startswith("accuracy"))
+    assert float(line.split()[1]) == pytest.approx(report["test"]["accuracy"], abs=1e-4)
+    assert evaluate_main([str(out / "best.h5"), str(workspace / "data"), "--json", "--split", "val",
+                          "--bootstrap", "0"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["images"] == report["sizes"]["val"] and data["accuracy"] == pytest.approx(report["val"]["accuracy"])
+
+
+def test_nan_loss_exits_1_with_one_line_and_keeps_last_good_checkpoint(workspace, capsys):
+    out = workspace / "run_nan"
+    # epochs 1-2 at lr 1e-3, then the step schedule multiplies the rate by 1e38: the loss overflows
+    code = _run(workspace, out, "--epochs", "6", "--optimizer", "sgd", "--momentum", "0", "--lr", "0.001",
+                "--lr-decay", "1e38", "--lr-decay-every", "2")
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.count("\n") == 0 and err.startswith("error: ") and "became" in err, err
+    failed_epoch = int(re.search(r"at epoch (\d+)", err).group(1))
+    assert failed_epoch >= 3  # epochs 1-2 ran at a sane rate
+    state = read_checkpoint(out / "last.h5")
+    assert state.extra["state"]["epoch"] == failed_epoch - 1
+    assert all(np.all(np.isfinite(v)) for v in state.tensors.values())
+    assert not (out / "best.h5").exists()
+
+
+def test_usage_and_option_errors(workspace, capsys):
+    with pytest.raises(SystemExit) as exc:
+        finetune_main([str(workspace / "data"), "--model", "mobilenet_v2"])  # no --out
+    assert exc.value.code == 2
+    capsys.readouterr()
+    assert _run(workspace, workspace / "bad1", "--views", "2") == 1  # views without augmentation
+    assert capsys.readouterr().err.startswith("error: --views N needs an augmentation")
+    assert _run(workspace, workspace / "bad2", "--augment", "{\"nope\": {}}", "--views", "1") == 1
+    assert "unknown augmentation" in capsys.readouterr().err
+    assert _run(workspace, workspace / "bad3", "--positive", "cats") == 1
+    assert "not a class" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_options_and_existing_runs(workspace, capsys):
+    out = workspace / "run_resume"
+    assert _run(workspace, out, "--epochs", "2") == 0
+    assert _run(workspace, out, "--epochs", "2") == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert _run(workspace, out, "--epochs", "2", "--lr", "0.1", "--resume") == 1
+    assert "train.lr" in capsys.readouterr().err
+    # more epochs on resume continue from the saved state
+    assert _run(workspace, out, "--epochs", "3", "--resume") == 0
+    assert len((out / "metrics.csv").read_text().strip().splitlines()) == 1 + 3
+
+
+def test_kfold_reports_mean_and_std(workspace, capsys):
+    out = workspace / "run_kfold"
+    assert _run(workspace, out, "--epochs", "2", "--kfold", "3", "--bootstrap", "0") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["k"] == 3 and len(report["folds"]) == 3
+    assert set(METRIC_NAMES) <= set(report["kfold"]) and report["kfold"]["accuracy"]["n"] == 3
+    assert np.array(report["kfold"]["confusion_matrix"]).sum() == 28  # every image is tested exactly once
