@@ -1,0 +1,281 @@
+"""python -m lightcnn.tune DATA (--model NAME | --weights FILE.h5) --space SPEC --trials 30 --epochs 20 --out RUN_DIR
+
+Tune fine-tuning hyperparameters with the Gaussian-process optimiser (seeds 000 and 001 do this with 30 trials).
+The frozen backbone runs once per image and its pooled features are cached on disk; each trial then trains only a
+new head on those vectors (a fraction of a second) and is scored by its best validation accuracy. The best
+configuration is finally trained once more by `lightcnn.train.finetune`, which writes the model and its report.
+
+--space  comma-separated NAME=SPEC, e.g. "lr=1e-5:1e-1:log, momentum=0.5:0.99, batch=16|32|64|100, l2=1e-12:1e-3:log"
+         low:high[:log] is a range (integers when both bounds are written as integers), a|b|c a choice. Names are
+         training options (lr, momentum, l2, weight_decay, dropout, label_smoothing, lr_decay, lr_decay_every,
+         epochs, batch_size, focal_gamma) or the aliases batch (batch_size), decay (lr_decay), lambda (l2).
+--runs R repeats the whole search with seeds seed, seed+1, ... (seed 000: 3 runs x 30 trials); the best trial over
+         all runs wins.
+
+RUN_DIR/run<r>/trials.jsonl  every trial (append-only, fsync'd): --resume replays it without re-evaluating
+RUN_DIR/best.json            winning hyperparameters, observed and GP-estimated validation accuracy, the default
+                             configuration's validation accuracy, test-split metrics of the final model
+RUN_DIR/best/                the final fine-tuning run (best.h5, report.json, metrics.csv, config.json)
+
+Exit codes: 0 done; 1 an expected failure (one line on stderr); 2 usage error.
+"""
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ALIASES = {"batch": "batch_size", "decay": "lr_decay", "lambda": "l2"}
+TUNABLE = ("lr", "momentum", "l2", "weight_decay", "dropout", "label_smoothing", "lr_decay", "lr_decay_every",
+           "epochs", "batch_size", "focal_gamma")
+
+
+def _err(message):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _say(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_space(spec):
+    """(option names, dimensions) from the --space text; aliases resolved, unknown names refused."""
+    from lightcnn.tune import describe_space
+
+    names, dims = describe_space(spec)
+    options = []
+    for name in names:
+        option = ALIASES.get(name, name)
+        if option not in TUNABLE:
+            raise ValueError(f"--space: {name!r} is not a tunable option; use one of "
+                             f"{', '.join(sorted(set(TUNABLE) | set(ALIASES)))}")
+        options.append(option)
+    if len(set(options)) != len(options):
+        raise ValueError("--space names the same option twice")
+    return options, dims
+
+
+def _plain(value):
+    """numpy scalars -> Python numbers for JSON and TrainConfig."""
+    return value.item() if hasattr(value, "item") else value
+
+
+class HeadObjective:
+    """x (a point of the search space) -> minus the best validation accuracy of a head trained on cached features."""
+
+    def __init__(self, options, base_train, features, labels, num_classes, progress):
+        self.options, self.base_train = options, dict(base_train)
+        self.features, self.labels = features, labels
+        self.num_classes, self.progress = num_classes, progress
+        self.trial = 0
+        self.rows = []
+
+    def config_for(self, x):
+        cfg = dict(self.base_train)
+        for option, value in zip(self.options, x):
+            cfg[option] = _plain(value)
+        cfg["monitor"] = "accuracy"
+        return cfg
+
+    def __call__(self, x):
+        from lightcnn.errors import LightCNNError
+        from lightcnn.train.heads import train_head
+
+        self.trial += 1
+        start = time.perf_counter()
+        try:
+            _, _, best = train_head(self.features["train"], self.labels["train"], self.features["val"],
+                                    self.labels["val"], self.config_for(x), num_classes=self.num_classes)
+        except (LightCNNError, FloatingPointError) as exc:  # a diverging trial is a bad value, not a crash
+            self.progress(f"  trial {self.trial}: failed ({exc})")
+            best = float("nan")
+        seconds = time.perf_counter() - start
+        self.rows.append((self.trial, best, [_plain(v) for v in x], seconds))
+        if self.progress:
+            shown = ", ".join(f"{o}={_fmt(v)}" for o, v in zip(self.options, x))
+            self.progress(f"  trial {self.trial:3d}  val accuracy {_fmt(best)}  {shown}  ({seconds:.2f} s)")
+        return -best if best == best else float("nan")
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        return f"{value:.4g}" if (abs(value) < 1e-3 or abs(value) >= 1e4) and value != 0 else f"{value:.4f}"
+    return str(value)
+
+
+def trials_table(options, x_iters, func_vals):
+    """Seed 000's Table 2 layout: trial, validation accuracy, then one column per hyperparameter."""
+    header = f"{'trial':>5s}  {'accuracy':>8s}  " + "  ".join(f"{o:>12s}" for o in options)
+    lines = [header, "-" * len(header)]
+    for i, (x, y) in enumerate(zip(x_iters, func_vals), 1):
+        acc = -y if y == y else float("nan")
+        lines.append(f"{i:5d}  {_fmt(float(acc)):>8s}  " + "  ".join(f"{_fmt(_plain(v)):>12s}" for v in x))
+    return "\n".join(lines)
+
+
+def prepare_features(args, progress):
+    """Dataset, split and cached pooled features for train/val/test, via the fine-tuning code."""
+    from lightcnn.data import discover, split_dataset
+    from lightcnn.train.features import extract_features
+    from lightcnn.train.run import FinetuneConfig, load_base
+
+    cfg = FinetuneConfig(data=args.data, out=str(Path(args.out) / "best"), model=args.model, weights=args.weights,
+                         split=args.split, positive=args.positive, blur_sigma=args.blur_sigma,
+                         cache_dir=args.cache_dir or str(Path(args.out).resolve() / ".feature-cache"),
+                         train=dict(epochs=args.epochs, optimizer=args.optimizer, seed=args.seed))
+    ds = discover(cfg.data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        split = split_dataset(ds, cfg.split, tuple(cfg.fractions), args.seed)
+    for w in caught:
+        progress(f"warning: {w.message}")
+    model, prep, _ = load_base(cfg)
+    if not model.head_is_pooled:
+        model.reset_head(len(ds.class_names))
+    parts = {"train": split.train, "val": split.val, "test": split.test}
+    if len(parts["val"]) == 0:
+        raise ValueError(f"{args.data}: the split has no validation images to score trials on")
+    features, labels = {}, {}
+    start = time.perf_counter()
+    for name, idx in parts.items():
+        arr = extract_features(model, [ds.items[i] for i in idx], prep, cfg.cache_dir, seed=args.seed,
+                               progress=lambda d, t, n=name: progress(f"features {n}: {d}/{t}"))
+        features[name], labels[name] = arr[0], ds.labels[idx]
+    progress(f"features ready in {time.perf_counter() - start:.1f} s "
+             f"(train {len(parts['train'])}, val {len(parts['val'])}, test {len(parts['test'])})")
+    return cfg, ds, features, labels
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m lightcnn.tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", help="image folder (class folders or a dataset with manifest.csv)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="registered weight name, e.g. mobilenet_v2")
+    source.add_argument("--weights", help="a lightcnn .h5 file")
+    parser.add_argument("--space", required=True, help='e.g. "lr=1e-5:1e-1:log, batch=16|32|64"')
+    parser.add_argument("--trials", type=int, default=30, help="trials per run (default 30)")
+    parser.add_argument("--initial", type=int, default=10, help="trials from the Sobol design before the GP leads")
+    parser.add_argument("--runs", type=int, default=1, help="independent searches with seeds seed, seed+1, ...")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs per trial (unless tuned)")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--split", default="auto", choices=["auto", "official", "random", "group"])
+    parser.add_argument("--positive", help="positive class name for sensitivity/specificity (e.g. CT_COVID)")
+    parser.add_argument("--blur-sigma", type=float, help="3x3 Gaussian blur added to preprocessing (seed 000: 1.3)")
+    parser.add_argument("--acquisition", choices=["ei", "pi", "lcb"], default="ei")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", help="feature cache (default RUN_DIR/.feature-cache)")
+    parser.add_argument("--out", required=True, help="run folder")
+    parser.add_argument("--resume", action="store_true", help="continue the trial logs in RUN_DIR")
+    args = parser.parse_args(argv)
+    if args.trials < 1 or args.runs < 1 or args.epochs < 1:
+        parser.error("--trials, --runs and --epochs must be >= 1")
+    try:
+        options, dims = parse_space(args.space)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    from lightcnn.errors import LightCNNError
+    from lightcnn.tune import TuneLogError
+
+    try:
+        return _run(args, options, dims)
+    except (LightCNNError, TuneLogError, ValueError, OSError) as exc:
+        _err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        _err(f"interrupted; continue with --resume (completed trials are in {args.out})")
+        return 130
+
+
+def _run(args, options, dims):
+    from lightcnn.checkpoint import atomic_write_text
+    from lightcnn.train.heads import train_head
+    from lightcnn.train.run import finetune
+    from lightcnn.tune import minimize
+
+    out = Path(args.out)
+    if out.exists() and any(out.glob("run*/trials.jsonl")) and not args.resume:
+        raise ValueError(f"{out}: holds an earlier tuning run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cfg, ds, features, labels = prepare_features(args, _say)
+    base_train = dict(epochs=args.epochs, optimizer=args.optimizer, seed=args.seed,
+                      positive=ds.class_names.index(args.positive) if args.positive else None)
+
+    # the untuned default configuration, for comparison
+    _, _, default_val = train_head(features["train"], labels["train"], features["val"], labels["val"],
+                                   dict(base_train, monitor="accuracy"), num_classes=len(ds.class_names))
+    _say(f"default configuration: val accuracy {default_val:.4f}")
+
+    runs = []
+    for run in range(args.runs):
+        seed = args.seed + run
+        _say(f"run {run + 1}/{args.runs} (seed {seed}): {args.trials} trials")
+        objective = HeadObjective(options, dict(base_train, seed=args.seed), features, labels,
+                                  len(ds.class_names), _say)
+        (out / f"run{run}").mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        result = minimize(objective, dims, n_calls=args.trials, n_initial=min(args.initial, args.trials),
+                          acquisition=args.acquisition, seed=seed, log_path=out / f"run{run}" / "trials.jsonl",
+                          resume=args.resume)
+        seconds = time.perf_counter() - t0
+        print(f"\nrun {run + 1} (seed {seed}), {seconds:.1f} s, {objective.trial} trials evaluated "
+              f"({len(result.func_vals) - objective.trial} replayed from the log)")
+        print(trials_table(options, result.x_iters, result.func_vals))
+        runs.append(dict(seed=seed, seconds=seconds, best_x=[_plain(v) for v in result.x],
+                         best_val_accuracy=-float(result.fun), estimated_x=[_plain(v) for v in result.x_estimated],
+                         estimated_val_accuracy=-float(result.fun_estimated), evaluated=objective.trial))
+
+    best = max(runs, key=lambda r: r["best_val_accuracy"])
+    best_params = dict(zip(options, best["best_x"]))
+    print(f"\nbest: val accuracy {best['best_val_accuracy']:.4f} (GP estimate at its own optimum "
+          f"{best['estimated_val_accuracy']:.4f}); default configuration {default_val:.4f}")
+    print("      " + ", ".join(f"{k}={_fmt(v)}" for k, v in best_params.items()))
+
+    # RUN_DIR/best is derived from the trials alone: build it beside, then swap it in
+    staging = out / "best.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    final_cfg = cfg.to_dict()
+    final_cfg["out"] = str(staging)
+    final_cfg["train"] = dict(cfg.train, **base_train, **best_params, monitor="accuracy")
+    final = finetune(final_cfg, progress=_say)
+    final_dir = out / "best"
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    staging.rename(final_dir)
+    final.best_path = final_dir / final.best_path.name
+    test = final.report.get("test", {})
+    summary = dict(options=options, space=args.space, trials_per_run=args.trials, runs=runs,
+                   best_params=best_params, best_val_accuracy=best["best_val_accuracy"],
+                   estimated_val_accuracy=best["estimated_val_accuracy"], default_val_accuracy=default_val,
+                   final_model=str(final.best_path),
+                   test={k: test.get(k) for k in ("accuracy", "sensitivity", "specificity", "precision", "f1",
+                                                   "roc_auc", "confidence_intervals")},
+                   seconds=time.perf_counter() - started)
+    atomic_write_text(out / "best.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+    if test:
+        print(f"final model {final.best_path}: test accuracy {test['accuracy']:.4f}, ROC-AUC "
+              f"{_fmt(test.get('roc_auc'))}")
+    _say(f"done in {summary['seconds']:.1f} s; {out / 'best.json'}")
+    return 0
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
