@@ -33,11 +33,13 @@ REFERENCE_KEYS = {
 }
 
 
-def evaluate(name, data_dir=DEFAULT_DATA, limit=None, batch_size=25, progress=True):
-    """(top1, top5, per-image top-5 indices, seconds) of registry model `name` on the sample."""
+def evaluate(name, data_dir=DEFAULT_DATA, limit=None, batch_size=25, progress=True, simulate_quantization=None):
+    """(top1, top5, per-image top-5 indices, seconds) of registry model `name` on the sample.
+
+    simulate_quantization: None = the weight file's default (lightcnn.quantsim), True/False force it."""
     import lightcnn
 
-    clf = lightcnn.load(name)
+    clf = lightcnn.load(name, simulate_quantization=simulate_quantization)
     rows = list(csv.DictReader(open(Path(data_dir) / "labels.csv", encoding="utf-8")))[:limit]
     labels = np.array([int(r["class_index"]) for r in rows])
     top5 = []

@@ -17,14 +17,16 @@ Two settings make that fast, and both can only be chosen when the library loads:
   here, and is only requested when /proc/cpuinfo lists avx512f, avx512bw, avx512dq
   and avx512vl (every CPU with those runs the SkylakeX kernels).
 
-`prepare()` sets both variables *only if the user has not set them*, loads SciPy's
-BLAS, and restores the environment, so NumPy's BLAS and child processes are
-untouched.  If SciPy's BLAS was already loaded by the time lightcnn first runs a
+`prepare()` sets both variables, loads SciPy's BLAS, and restores the environment,
+so NumPy's BLAS and child processes are untouched.  The core type is lightcnn's
+choice for this one library, even over an inherited ``OPENBLAS_CORETYPE`` (some
+machines pin ``Haswell`` for NumPy); ``LIGHTCNN_BLAS_CORETYPE`` overrides it:
+``auto`` (default, as above), ``default`` (whatever OpenBLAS/``OPENBLAS_CORETYPE``
+picks) or an OpenBLAS core name.  If SciPy's BLAS was already loaded by the time lightcnn first runs a
 model, its core type cannot change any more; its thread count is still set to 1
 through ``scipy_openblas_set_num_threads``.  Either way this is a process-wide
 setting of SciPy's BLAS (documented in bench/README.md); results differ from the
 default kernels only by float32 rounding (the parity tests run with it on).
-``LIGHTCNN_BLAS_CORETYPE=default`` keeps OpenBLAS' own choice.
 """
 
 import ctypes
@@ -66,21 +68,23 @@ def prepare():
     _state["ready"] = True
     saved = {}
     if _loaded_scipy_openblas() is None and "scipy.linalg" not in sys.modules:
-        wanted = {"OPENBLAS_NUM_THREADS": "1"}
+        wanted = {"OPENBLAS_NUM_THREADS": "1"}  # no idle BLAS pool at all (set to 1 below anyway)
         choice = os.environ.get("LIGHTCNN_BLAS_CORETYPE", "auto")
         if choice == "auto" and _cpu_has_avx512():
             wanted["OPENBLAS_CORETYPE"] = "SkylakeX"
         elif choice not in ("auto", "default"):
             wanted["OPENBLAS_CORETYPE"] = choice
         for key, value in wanted.items():
-            if key not in os.environ:
-                saved[key] = None
-                os.environ[key] = value
+            saved[key] = os.environ.get(key)
+            os.environ[key] = value
     try:
         import scipy.linalg.cython_blas  # noqa: F401  (loads the library Numba's np.dot calls)
     finally:
-        for key in saved:
-            os.environ.pop(key, None)
+        for key, value in saved.items():  # the environment is exactly as it was: NumPy, children unaffected
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     path = _loaded_scipy_openblas()
     if path is not None:
         try:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lightcnn.checkpoint import load_state, read_checkpoint
+from lightcnn.errors import CheckpointError
 from lightcnn.postprocess import softmax, topk
 from lightcnn.preprocess import Preprocessing, load_image, preprocess_image
 
@@ -78,7 +79,14 @@ class Classifier:
         return f"Classifier({self.model.arch!r}, {len(self.class_names)} classes, weights={self.weights_path})"
 
 
-def model_from_checkpoint(ckpt):
+def model_from_checkpoint(ckpt, simulate_quantization=False):
+    """The model a checkpoint describes, with its weights loaded.
+
+    simulate_quantization: False (default) the plain float network, what training, export and
+    summaries want; True rounds activations to the 8-bit grids recorded from a quantised TFLite
+    file (lightcnn.quantsim; error if the file has none); None follows the file's default
+    (extra["simulate_activation_quantization"], set from the registry when the file was built).
+    """
     from lightcnn.models import build
 
     model = build(ckpt.arch, **{k: v for k, v in ckpt.config.items() if k != "head"})
@@ -88,12 +96,29 @@ def model_from_checkpoint(ckpt):
                          dropout=head.get("dropout", 0.0), hidden_dropout=head.get("hidden_dropout", 0.0))
     elif head is not None:
         model = build(ckpt.arch, **ckpt.config)
-    return load_state(model, ckpt.tensors, ckpt.path or "<checkpoint>")
+    model = load_state(model, ckpt.tensors, ckpt.path or "<checkpoint>")
+    extra = ckpt.extra or {}
+    table = extra.get("activation_quantization")
+    if simulate_quantization is None:
+        simulate_quantization = bool(table) and bool(extra.get("simulate_activation_quantization"))
+    if simulate_quantization:
+        from lightcnn import quantsim
+
+        if not table:
+            raise CheckpointError(f"{ckpt.path or '<checkpoint>'}: no activation quantisation table to simulate "
+                                  "(only files converted from quantised TFLite models carry one)")
+        quantsim.simulate_activation_quantization(model, table)
+    return model
 
 
-def load(name_or_path="mobilenet_v2"):
-    """Load a registered model by name (its converted .h5 must exist) or any lightcnn .h5 path."""
+def load(name_or_path="mobilenet_v2", simulate_quantization=None):
+    """Load a registered model by name (its converted .h5 must exist) or any lightcnn .h5 path.
+
+    simulate_quantization: None uses the file's default (on for registry models where rounding
+    activations to the quantised runtime's 8-bit grids brings results closer to it, see
+    lightcnn.quantsim); True/False force it on/off.
+    """
     from lightcnn.weights import find_weights
 
     ckpt = read_checkpoint(find_weights(name_or_path))
-    return Classifier(model_from_checkpoint(ckpt), ckpt)
+    return Classifier(model_from_checkpoint(ckpt, simulate_quantization), ckpt)

@@ -114,8 +114,8 @@ def main(argv=None):
         print(json.dumps({**info, **report}, indent=2))
     else:
         pos = f", positive class {info['positive']}" if info["positive"] else ", macro averages over classes"
-        print(f"{info['model']} on {info['data']}: {info['split']} split ({info['split_method']}, seed {info['seed']}), "
-              f"{info['images']} images{pos}")
+        print(f"{info['model']} on {info['data']}: {info['split']} split ({info['split_method']}, "
+              f"seed {info['seed']}), {info['images']} images{pos}")
         print(format_report(report))
     return 0
 

@@ -195,7 +195,7 @@ def _load_classifier(args):
         return None, (2 if unknown else 1)
     try:
         ckpt = read_checkpoint(path)
-        return Classifier(model_from_checkpoint(ckpt), ckpt), 0
+        return Classifier(model_from_checkpoint(ckpt, simulate_quantization=None), ckpt), 0  # the file's default
     except LightCNNError as exc:
         _err(str(exc))
     except (ValueError, KeyError, TypeError) as exc:  # bad config or preprocessing record inside the file

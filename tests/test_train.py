@@ -10,7 +10,7 @@ from lightcnn.checkpoint import read_checkpoint
 from lightcnn.errors import TrainingError
 from lightcnn.kernels.pool import global_avg_pool_forward
 from lightcnn.layers import BatchNorm, Dense, GlobalAvgPool, MaxPool2d, Sequential, conv_bn_act
-from lightcnn.models import Model, mobilenet_v2, mobilenet_v3_small, squeezenet1_0
+from lightcnn.models import Model, covid_squeezenet, mobilenet_v2, mobilenet_v3_small, squeezenet1_0
 from lightcnn.preprocess import Preprocessing, preprocess_image
 from lightcnn.train import (TrainConfig, apply_head_params, build_head, extract_features, finetune, fit,
                             predict_logits, split_backbone, train_head, trainable_net)
@@ -86,6 +86,8 @@ def test_split_backbone_names_the_last_k_blocks():
     assert [n for n, _ in prefix.children()][:2] == ["stem", "blocks.0"]
     assert len(prefix) + len(suffix) == 1 + 17 + 1
     assert split_backbone(m, 0)[1].children() == [] and split_backbone(m, "all")[0].children() == []
+    cs = covid_squeezenet()
+    assert split_backbone(cs, "all")[1] is cs.features_net  # a trunk with a skip is trained as one piece
     sq = squeezenet1_0(num_classes=3)
     assert [n for n, _ in split_backbone(sq, 2)[1].children()] == ["fire8", "pool3", "fire9"]
     with pytest.raises(ValueError, match="8 Fire modules"):

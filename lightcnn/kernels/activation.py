@@ -165,6 +165,33 @@ def act_forward_flat(x, act, alpha, out):
 
 
 @kernel
+def act_inplace(a, act, alpha):
+    """a[i] = act(a[i]) on a flat array, in place.
+
+    One array argument, not act_forward_flat(a, ..., a): with two arguments that alias,
+    LLVM's runtime overlap check fails and the loop runs scalar (~4x slower).
+    """
+    if act == ACT_RELU:
+        for i in range(a.size):
+            a[i] = act_scalar(a[i], ACT_RELU, alpha)
+    elif act == ACT_RELU6:
+        for i in range(a.size):
+            a[i] = act_scalar(a[i], ACT_RELU6, alpha)
+    elif act == ACT_ELU:
+        for i in range(a.size):
+            a[i] = act_scalar(a[i], ACT_ELU, alpha)
+    elif act == ACT_SIGMOID:
+        for i in range(a.size):
+            a[i] = act_scalar(a[i], ACT_SIGMOID, alpha)
+    elif act == ACT_HARD_SIGMOID:
+        for i in range(a.size):
+            a[i] = act_scalar(a[i], ACT_HARD_SIGMOID, alpha)
+    elif act == ACT_HARD_SWISH:
+        for i in range(a.size):
+            a[i] = act_scalar(a[i], ACT_HARD_SWISH, alpha)
+
+
+@kernel
 def act_backward_flat(dy, x, act, alpha, out):
     """out[i] = dy[i] * act'(x[i]) on flat arrays of equal size; see act_forward_flat."""
     if act == ACT_RELU:

@@ -1,6 +1,6 @@
 """Fused inference kernels: every conv is a tiled BLAS GEMM whose epilogue does the rest.
 
-    y[r, col0 + o] = act( sum_k xs[r, k] * w2d[k, o] + b[o]  (+ res[r, col0 + o]) )
+    y[r, col0 + o] = act( sum_k xs[r, k] * w2d[k, o] + b[o] )  (+ res[r, col0 + o])
 
 r runs over the M = N*H'*W' output pixels (NHWC rows), o over the O output channels.
 xs is
@@ -9,7 +9,8 @@ xs is
     channels of image n, which is the SE block's multiply folded into the next GEMM;
   - the im2col rows of x for a KxK conv (K = KH*KW*C, column order (p, q, c) = w's).
 col0 lets two convs write side by side into one (M, O1 + O2) buffer: Fire's concat
-costs nothing. res is a residual (MobileNet's skip, Fire's bypass) added before act.
+costs nothing. res is a skip connection (MobileNet's residual, Fire's bypass), added
+after the activation as in the layers.
 
 How (why it is shaped like this):
   - the rows are cut into tiles of `tile` rows and the tiles are spread over Numba's
@@ -35,52 +36,99 @@ summation order (the tests compare them at 1e-5).
 import numpy as np
 
 from lightcnn._jit import kernel, prange
-from lightcnn.kernels.activation import ACT_RELU, act_forward_flat
+from lightcnn.kernels.activation import (ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, act_forward_flat,
+                                         act_scalar)
+from lightcnn.kernels.depthwise import dw_output_row
 
-__all__ = ["gemm_bias_act", "conv_im2col_bias_act", "se_gate", "dense_bias_act", "max_pool_inference",
+__all__ = ["gemm_bias_act", "conv_im2col_bias_act", "inverted_residual_band", "se_gate", "dense_bias_act", "max_pool_inference",
            "choose_tile"]
 
-# Bytes of one tile's scratch (GEMM output + input rows); small enough to sit in L2 next to the weights.
-_TILE_BYTES = 1 << 17
-_MIN_TILE = 16
+# Rows of one GEMM tile. Each BLAS call packs the whole weight matrix, so tiles must not be
+# small (measured on MobileNetV2 shapes: 25-row tiles of a 49-row GEMM cost 25% more than one
+# call; 64..512-row tiles of a 12544-row GEMM all run within 5% of each other).
+_TILE_ROWS = 256
 
 
-def choose_tile(m, k, o, threads, itemsize=4):
-    """Rows per tile for an (M, K) @ (K, O) GEMM on `threads` threads.
-
-    At least one tile per thread (two when M is large, for balance), each small enough
-    that its scratch stays in L2, and never so small that BLAS runs at a fraction of its speed.
-    """
-    by_cache = max(_MIN_TILE, _TILE_BYTES // (itemsize * max(k + o, 1)))
-    per_thread = -(-m // max(1, threads))
-    tile = min(by_cache, per_thread)
-    if m > 2 * threads * _MIN_TILE * 4:  # large M: at least two tiles per thread
-        tile = min(tile, -(-m // (2 * threads)))
-    return int(max(1, min(m, tile)))
+def choose_tile(m, threads):
+    """Rows per tile for an M-row GEMM on `threads` threads: a multiple of `threads` tiles of
+    about _TILE_ROWS rows (at least one tile per thread), so the threads get equal shares."""
+    threads = max(1, threads)
+    n_tiles = threads * max(1, round(m / (threads * _TILE_ROWS)))
+    return int(max(1, -(-m // n_tiles)))
 
 
 # --------------------------------------------------------------------------- GEMM tiles
 
 
+# The epilogue loops. Each tests `act` once and then runs a loop specialised to that constant
+# code (act_scalar's if-chain folds away), so LLVM vectorises it. They never read and write
+# the same element through two different arguments: with `out is x` LLVM's runtime overlap
+# check fails and it falls back to scalar code (measured 4x slower on the expand epilogue).
+
+
+@kernel
+def _bias_act_inplace(a, b, act, alpha):
+    """a[c] = act(a[c] + b[c])."""
+    n = a.shape[0]
+    if act == ACT_NONE:
+        for c in range(n):
+            a[c] = a[c] + b[c]
+    elif act == ACT_RELU:
+        for c in range(n):
+            a[c] = act_scalar(a[c] + b[c], ACT_RELU, alpha)
+    elif act == ACT_RELU6:
+        for c in range(n):
+            a[c] = act_scalar(a[c] + b[c], ACT_RELU6, alpha)
+    elif act == ACT_HARD_SWISH:
+        for c in range(n):
+            a[c] = act_scalar(a[c] + b[c], ACT_HARD_SWISH, alpha)
+    else:
+        for c in range(n):
+            a[c] = act_scalar(a[c] + b[c], act, alpha)
+
+
+@kernel
+def _bias_act_store(a, b, act, alpha, out):
+    """out[c] = act(a[c] + b[c]); a and out are different arrays."""
+    n = a.shape[0]
+    if act == ACT_NONE:
+        for c in range(n):
+            out[c] = a[c] + b[c]
+    elif act == ACT_RELU:
+        for c in range(n):
+            out[c] = act_scalar(a[c] + b[c], ACT_RELU, alpha)
+    elif act == ACT_RELU6:
+        for c in range(n):
+            out[c] = act_scalar(a[c] + b[c], ACT_RELU6, alpha)
+    elif act == ACT_HARD_SWISH:
+        for c in range(n):
+            out[c] = act_scalar(a[c] + b[c], ACT_HARD_SWISH, alpha)
+    else:
+        for c in range(n):
+            out[c] = act_scalar(a[c] + b[c], act, alpha)
+
+
 @kernel
 def _epilogue_tile(acc, b, res, use_res, act, alpha, y, r0, col0):
-    """y[r0 + r, col0:col0 + O] = act(acc[r] + b (+ res[r0 + r, col0:col0 + O])) for each row r of acc."""
+    """y[r0 + r, col0:col0 + O] = act(acc[r] + b) (+ res[r0 + r, col0:col0 + O]) for each row r of acc."""
     n_out = acc.shape[1]
     for r in range(acc.shape[0]):
         a = acc[r]
+        dst = y[r0 + r, col0:col0 + n_out]
         if use_res:
+            # The skip joins after the activation (MobileNet's project has none; Fire's bypass
+            # adds to the ReLU output), in the same rounding order as the layer path.
+            _bias_act_inplace(a, b, act, alpha)
             rr = res[r0 + r, col0:col0 + n_out]
             for c in range(n_out):
-                a[c] = a[c] + b[c] + rr[c]  # same rounding order as conv-then-add
+                dst[c] = a[c] + rr[c]
         else:
-            for c in range(n_out):
-                a[c] = a[c] + b[c]
-        act_forward_flat(a, act, alpha, y[r0 + r, col0:col0 + n_out])
+            _bias_act_store(a, b, act, alpha, dst)
 
 
 @kernel(parallel=True)
 def gemm_bias_act(x2d, w2d, b, res, use_res, scale, rows_per_image, use_scale, act, alpha, tile, y, col0):
-    """Pointwise conv tile by tile: y[:, col0:col0+O] = act(xs @ w2d + b (+ res)).
+    """Pointwise conv tile by tile: y[:, col0:col0+O] = act(xs @ w2d + b) (+ res).
 
     x2d (M, K) C-contiguous; w2d (K, O); b (O,); res (M, >= col0+O) or a dummy when not use_res;
     scale (N, K) (squeeze-excitation, rows_per_image = H*W) or a dummy when not use_scale;
@@ -110,27 +158,48 @@ def gemm_bias_act(x2d, w2d, b, res, use_res, scale, rows_per_image, use_scale, a
 
 @kernel
 def _im2col_tile(x, kh, kw, sh, sw, pt, pl, ho, wo, r0, cols):
-    """cols[r, (p*kw + q)*C + c] = x[n, i*sh - pt + p, j*sw - pl + q, c] for output rows r0 + r = (n*ho + i)*wo + j."""
-    _, h_in, w_in, c_in = x.shape
+    """cols[r, (p*kw + q)*C + c] = x[n, i*sh - pt + p, j*sw - pl + q, c] for output rows r0 + r = (n*ho + i)*wo + j.
+
+    Per kernel row p, the KW*C values of a window row are contiguous in NHWC, so an inside
+    window row is one contiguous copy; only windows crossing the left/right edge go tap by
+    tap. (n, i, j) advance incrementally: no division per row.
+    """
+    n_img, h_in, w_in, c_in = x.shape
+    xf = x.reshape(n_img, h_in, w_in * c_in)
+    span = kw * c_in
+    j = r0 % wo
+    t = r0 // wo
+    i = t % ho
+    n = t // ho
     for r in range(cols.shape[0]):
-        row = r0 + r
-        j = row % wo
-        t = row // wo
-        i = t % ho
-        n = t // ho
         out = cols[r]
+        w0 = j * sw - pl
         for p in range(kh):
             h = i * sh - pt + p
-            for q in range(kw):
-                w = j * sw - pl + q
-                base = (p * kw + q) * c_in
-                if 0 <= h < h_in and 0 <= w < w_in:
-                    xi = x[n, h, w]
-                    for c in range(c_in):
-                        out[base + c] = xi[c]
-                else:
-                    for c in range(c_in):
-                        out[base + c] = 0.0
+            dst = out[p * span:(p + 1) * span]
+            if h < 0 or h >= h_in:
+                for u in range(span):
+                    dst[u] = 0.0
+            elif w0 >= 0 and w0 + kw <= w_in:
+                src = xf[n, h, w0 * c_in:w0 * c_in + span]
+                for u in range(span):
+                    dst[u] = src[u]
+            else:
+                for q in range(kw):
+                    w = w0 + q
+                    if 0 <= w < w_in:
+                        for c in range(c_in):
+                            dst[q * c_in + c] = xf[n, h, w * c_in + c]
+                    else:
+                        for c in range(c_in):
+                            dst[q * c_in + c] = 0.0
+        j += 1
+        if j == wo:
+            j = 0
+            i += 1
+            if i == ho:
+                i = 0
+                n += 1
 
 
 @kernel(parallel=True)
@@ -151,6 +220,94 @@ def conv_im2col_bias_act(x, w2d, kh, kw, sh, sw, pt, pl, ho, wo, b, res, use_res
         acc = np.empty((r1 - r0, n_out), dtype=y.dtype)
         np.dot(cols, w2d, acc)
         _epilogue_tile(acc, b, res, use_res, act, alpha, y, r0, col0)
+
+
+# --------------------------------------------------------------------------- inverted residual, fused
+
+
+@kernel(parallel=True)
+def inverted_residual_band(x, has_expand, w1, b1, act1, wd, bd, sh, sw, top, left, act2, w3, b3, act3, use_res,
+                           alpha, items_per_image, sub_rows, y):
+    """A whole MobileNet bottleneck without squeeze-excitation, band by band:
+
+        e = act1(x @ w1 + b1)            expand 1x1   (skipped when not has_expand: e = x)
+        d = act2(depthwise(e, wd) + bd)  KHxKW, stride (sh, sw), padding top/left (+ implied)
+        y = act3(d @ w3 + b3) (+ x)      project 1x1 (+ residual when use_res)
+
+    x (N,H,W,C), w1 (C,E), wd (KH,KW,E), w3 (E,O), y (N,Ho,Wo,O).
+    The expanded tensor e is E/C (6x) larger than x and is never written to memory: each
+    work item (a band of output rows of one image; items_per_image per image) walks down its
+    band `sub_rows` output rows at a time, expanding only the input rows the depthwise
+    window needs into a small buffer (kept rows slide to its front, so the rows shared by
+    consecutive steps are expanded once per item), then runs the depthwise rows and the
+    project GEMM from cache. Neighbouring items recompute the KH - SH rows they share.
+    """
+    n_img, h_in, w_in, c_in = x.shape
+    e_ch = wd.shape[2]
+    kh = wd.shape[0]
+    _, h_out, w_out, c_out = y.shape
+    x2d = x.reshape(n_img * h_in * w_in, c_in)
+    y2d = y.reshape(n_img * h_out * w_out, c_out)
+    rows_per_item = (h_out + items_per_image - 1) // items_per_image
+    cap = (sub_rows - 1) * sh + kh
+    for it in prange(n_img * items_per_image):
+        n = it // items_per_image
+        oh_start = (it - n * items_per_image) * rows_per_item
+        oh_end = min(h_out, oh_start + rows_per_item)
+        ebuf = np.empty((cap if has_expand else 1, w_in, e_ch), dtype=y.dtype)
+        dbuf = np.empty((sub_rows, w_out, e_ch), dtype=y.dtype)
+        acc = np.empty((sub_rows * w_out, c_out), dtype=y.dtype)
+        dacc = np.empty(e_ch, dtype=y.dtype)
+        buf_lo = 0
+        buf_hi = 0
+        for oh0 in range(oh_start, oh_end, sub_rows):
+            oh1 = min(oh_end, oh0 + sub_rows)
+            lo = max(0, oh0 * sh - top)
+            hi = min(h_in, (oh1 - 1) * sh - top + kh)
+            if has_expand:
+                start = lo
+                if buf_hi > lo:  # rows [lo, buf_hi) are already expanded: slide them to the front
+                    for r in range(lo, buf_hi if lo > buf_lo else lo):
+                        src_row = ebuf[r - buf_lo]
+                        dst_row = ebuf[r - lo]
+                        for j in range(w_in):
+                            sr = src_row[j]
+                            dr = dst_row[j]
+                            for c in range(e_ch):
+                                dr[c] = sr[c]
+                    start = buf_hi
+                if hi > start:
+                    rows = hi - start
+                    block = ebuf[start - lo:hi - lo].reshape(rows * w_in, e_ch)
+                    np.dot(x2d[(n * h_in + start) * w_in:(n * h_in + hi) * w_in], w1, block)
+                    for r in range(rows * w_in):
+                        _bias_act_inplace(block[r], b1, act1, alpha)
+                buf_lo = lo
+                buf_hi = hi
+                for oh in range(oh0, oh1):
+                    dw_output_row(ebuf, lo, h_in, wd, bd, sh, sw, top, left, act2, alpha, oh, dacc, dbuf[oh - oh0])
+            else:
+                for oh in range(oh0, oh1):
+                    dw_output_row(x[n], 0, h_in, wd, bd, sh, sw, top, left, act2, alpha, oh, dacc, dbuf[oh - oh0])
+            m = (oh1 - oh0) * w_out
+            a = acc[:m]
+            np.dot(dbuf[:oh1 - oh0].reshape(m, e_ch), w3, a)
+            _epilogue_tile(a, b3, x2d, use_res, act3, alpha, y2d, (n * h_out + oh0) * w_out, 0)
+
+
+def band_layout(n_img, h_out, w_in, e_ch, kh, sh, threads, buffer_bytes=1 << 18, itemsize=4):
+    """(items_per_image, sub_rows) for inverted_residual_band.
+
+    Enough items to give every thread work (a multiple of `threads` at batch 1), each at
+    least 4 output rows so the shared-row recompute stays small; sub_rows such that the
+    expanded-rows buffer, (sub_rows - 1) * sh + kh rows of W x E, fits in `buffer_bytes`.
+    """
+    want = max(1, -(-threads // n_img))
+    items = max(1, min(want, h_out // 4))
+    rows_per_item = -(-h_out // items)
+    fit = buffer_bytes // max(1, w_in * e_ch * itemsize)
+    sub_rows = max(1, min(rows_per_item, (fit - kh) // sh + 1))
+    return items, sub_rows
 
 
 # --------------------------------------------------------------------------- squeeze-excitation, dense

@@ -43,6 +43,9 @@ from lightcnn.layers.blocks import ConvBNAct, Fire, InvertedResidual, SqueezeExc
 _F32 = np.float32
 _DUMMY2 = np.zeros((1, 1), _F32)  # stands in for "no residual" / "no SE scale" (typed arguments)
 _DENSE_PARTS = 2  # fixed split of a dense layer's inputs: results independent of the thread count
+# A bottleneck runs as one band-by-band kernel (fused.inverted_residual_band) when its expanded
+# tensor is at least this large; smaller ones stay in cache anyway and parallelise better as GEMMs.
+_FUSE_MIN_BYTES = 1 << 22
 
 
 class _Val:
@@ -162,6 +165,9 @@ class InferencePlan:
             return x
         if isinstance(layer, Dropout):
             return x
+        in_ch = getattr(layer, "in_ch", None)
+        if in_ch is not None and (len(x.shape) != 4 or x.shape[3] != in_ch):
+            raise _Unsupported(f"{name}: expects {in_ch} channels, gets {x.shape}")  # the layer path explains
         if isinstance(layer, ConvBNAct):
             return self._conv_unit(layer, x, name)
         if isinstance(layer, InvertedResidual):
@@ -238,7 +244,7 @@ class InferencePlan:
             k = c if pointwise else kh * kw * c
             m, n_out, width = n * ho * wo, unit.out_ch, y.shape[-1]
             weights = _Weights(unit.folded_weights, (k, n_out))
-            tile = fused.choose_tile(m, k, n_out, self.threads)
+            tile = fused.choose_tile(m, self.threads)
             use_res, use_scale = res is not None, scale is not None
             rows_per_image = ho * wo
 
@@ -270,7 +276,29 @@ class InferencePlan:
         self._release(x)
         return y
 
+    def _materialise(self, x, name):
+        """A copy of a dynamic tensor (the caller's input) in the arena, for kernels that read it late."""
+        if x.buf is not None:
+            return x
+        y = self._new(x.shape)
+
+        def make():
+            xi, ya = x.index, self._arg(y)[0]
+
+            def run(vals):
+                np.copyto(ya, vals[xi])
+            return run
+
+        self._step(name, make)
+        self._release(x)
+        return y
+
     def _inverted_residual(self, block, x, name):
+        if block.use_residual:
+            x = self._materialise(x, name)
+        fused_y = self._inverted_residual_band(block, x, name)
+        if fused_y is not None:
+            return fused_y
         self._hold(x)  # the residual reads x after the last conv
         y = x
         if block.expand is not None:
@@ -283,6 +311,50 @@ class InferencePlan:
         y = self._conv_unit(block.project, y, f"{name}.project", res=res, scale=scale)
         if scale is not None:
             self._release(scale)
+        self._release(x)
+        return y
+
+    def _inverted_residual_band(self, block, x, name):
+        """The whole block as one fused kernel, if it has no SE and a large expanded tensor; else None."""
+        dw, pw = block.dw, block.project
+        units = [u for u in (block.expand, dw, pw) if u is not None]
+        if block.se is not None or not isinstance(dw.conv, DepthwiseConv2d) or x.buf is None:
+            return None
+        if not all(isinstance(u.conv, Conv2d) and u.conv._is_pointwise(u.conv.pads(1, 1)) and
+                   u.conv.kernel == (1, 1) for u in units if u is not dw):
+            return None
+        n, h, w, c = x.shape
+        e = dw.in_ch
+        if n * h * w * e * 4 < _FUSE_MIN_BYTES:
+            return None
+        pads = dw.conv.pads(h, w)
+        (kh, kw), (sh, sw) = dw.conv.kernel, dw.conv.stride
+        ho = conv_output_size(h, kh, sh, pads[0], pads[1])
+        wo = conv_output_size(w, kw, sw, pads[2], pads[3])
+        y = self._new((n, ho, wo, pw.out_ch))
+        items, sub_rows = fused.band_layout(n, ho, w, e, kh, sh, self.threads)
+        has_expand = block.expand is not None
+        w_expand = _Weights(block.expand.folded_weights, (c, e)) if has_expand else None
+        w_dw = _Weights(dw.folded_weights, (kh, kw, e))
+        w_project = _Weights(pw.folded_weights, (e, pw.out_ch))
+        act1 = block.expand.act if has_expand else 0
+        use_res = bool(block.use_residual)
+        alpha = _F32(dw.alpha)
+        dummy_w, dummy_b = np.zeros((1, 1), _F32), np.zeros(1, _F32)
+
+        def make():
+            xa, ya = self._arg(x)[0], self._arg(y)[0]
+            kern, top, left, act2, act3 = fused.inverted_residual_band, pads[0], pads[2], dw.act, pw.act
+
+            def run(vals):
+                w1, b1 = w_expand() if has_expand else (dummy_w, dummy_b)
+                wd, bd = w_dw()
+                w3, b3 = w_project()
+                kern(xa, has_expand, w1, b1, act1, wd, bd, sh, sw, top, left, act2, w3, b3, act3, use_res, alpha,
+                     items, sub_rows, ya)
+            return run
+
+        self._step(name, make)
         self._release(x)
         return y
 
@@ -308,6 +380,8 @@ class InferencePlan:
         return s
 
     def _fire(self, fire, x, name):
+        if fire.bypass:
+            x = self._materialise(x, name)
         self._hold(x)  # read by the squeeze conv and (bypass) by both expand epilogues
         s = self._conv_unit(fire.squeeze, x, f"{name}.squeeze")
         n, h, w, _ = s.shape

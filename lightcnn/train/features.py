@@ -146,7 +146,7 @@ def _is_mobilenet_trunk(features):
 def split_backbone(model, unfreeze):
     """Split ``model.features_net`` into (prefix, suffix) Sequentials sharing the model's layer objects.
 
-    unfreeze  0: everything is prefix (head-only training); "all": everything is suffix;
+    unfreeze  0: everything is prefix (head-only training); "all": suffix = features_net itself;
               k >= 1: MobileNet -> suffix = the last k children of features.blocks + features.last;
                       SqueezeNet -> suffix = the last k Fire modules and any pool between them.
     Children keep their names relative to ``features`` ("blocks.15", "last", "fire9"), so the suffix's
@@ -154,7 +154,7 @@ def split_backbone(model, unfreeze):
     """
     features = model.features_net
     if unfreeze == "all":
-        return Sequential(), Sequential(features.children())
+        return Sequential(), features  # any trunk, also one that is not a plain Sequential
     k = int(unfreeze)
     if k == 0:
         return Sequential(features.children()), Sequential()

@@ -69,6 +69,8 @@ class FinetuneConfig:
     mode        head | last-k | full; unfreeze = k for last-k
     augment     preset name or Augmenter config; views = augmented views cached per training image
     blur_sigma  3x3 Gaussian blur added to the weights' preprocessing (seed 000: 1.3)
+    resize      None = the weights' resize mode; "stretch" keeps the whole slice (CT figures of any aspect
+                ratio), "square" / "shorter" / "central_fraction" as in lightcnn.preprocess
     split       auto | official | random | group; fractions for random/group; kfold K > 1 replaces the split by
                 K group-aware folds (validation carved from each training part)
     positive    class name whose sensitivity/specificity/... are reported (None: macro averages)
@@ -86,6 +88,7 @@ class FinetuneConfig:
     augment: object = None
     views: int = 0
     blur_sigma: float | None = None
+    resize: str | None = None
     split: str = "auto"
     fractions: list = field(default_factory=lambda: [0.8, 0.1, 0.1])
     kfold: int = 0
@@ -107,6 +110,8 @@ class FinetuneConfig:
             raise RunError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.mode == "last-k" and int(self.unfreeze) < 1:
             raise RunError("last-k needs --unfreeze K >= 1")
+        if self.resize not in (None, "shorter", "square", "stretch", "central_fraction"):
+            raise RunError(f"resize must be shorter, square, stretch or central_fraction, got {self.resize!r}")
         if self.views < 0:
             raise RunError("--views must be >= 0")
         try:
@@ -170,6 +175,8 @@ def load_base(cfg):
                       "base_source_sha256": ckpt.provenance.get("source_sha256")}
     if cfg.blur_sigma:
         prep = replace(prep, blur_sigma=float(cfg.blur_sigma))
+    if cfg.resize:
+        prep = replace(prep, resize=cfg.resize)
     return model, prep, provenance
 
 

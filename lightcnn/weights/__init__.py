@@ -23,7 +23,7 @@ from lightcnn.checkpoint import Checkpoint, atomic_write_bytes, load_state, save
 from lightcnn.errors import CheckpointError, LightCNNError
 from lightcnn.registry import DEFAULT_MODEL, IMAGENET_LABELS, REGISTRY, WeightSpec, get_spec
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: quantised TFLite files also record their activation grids (extra)
 _REPO_WEIGHTS = Path(__file__).resolve().parent.parent.parent / "weights"
 
 
@@ -168,8 +168,14 @@ def convert_file(src, arch, config=None, fmt=None, preprocessing=None, class_ids
     if fmt == "deep_compression":
         config.setdefault("variant", "caffe")
     model = build(arch, **config)
+    extra = {}
     if fmt == "tflite":
-        tensors = mapping.map_tflite(read_tflite(src), model, str(src))
+        from lightcnn import quantsim
+
+        tfl = read_tflite(src)
+        tensors = mapping.map_tflite(tfl, model, str(src))
+        if quantsim.has_quantized_activations(tfl):  # the 8-bit grids, for lightcnn.quantsim (opt-in)
+            extra["activation_quantization"] = quantsim.activation_table(tfl, model, str(src))
     elif fmt == "pth":
         tensors = mapping.map_torchvision(read_pth(src), model, str(src))
     elif fmt == "deep_compression":
@@ -185,7 +191,7 @@ def convert_file(src, arch, config=None, fmt=None, preprocessing=None, class_ids
     return Checkpoint(arch=model.arch, config=model.config, tensors=model.state_dict(), class_names=list(class_names),
                       class_ids=class_ids, preprocessing=preprocessing.to_dict() if preprocessing else None,
                       provenance=dict(source_file=src.name, source_sha256=sha256_of(src), converter=fmt,
-                                      converter_version=CONVERTER_VERSION))
+                                      converter_version=CONVERTER_VERSION), extra=extra)
 
 
 def build_one(spec: WeightSpec, fetch=False, out_dir=None):
@@ -195,6 +201,8 @@ def build_one(spec: WeightSpec, fetch=False, out_dir=None):
     ckpt = convert_file(src, spec.arch, spec.config, spec.converter, spec.preprocessing, class_ids, class_names)
     ckpt.provenance["registry_name"] = spec.name
     ckpt.provenance["url"] = spec.url
+    if "activation_quantization" in ckpt.extra:  # whether lightcnn.load() applies it unless told otherwise
+        ckpt.extra["simulate_activation_quantization"] = bool(spec.simulate_quantization)
     out = Path(out_dir or weights_dir()) / f"{spec.name}.h5"
     save_checkpoint(out, ckpt)
     return out

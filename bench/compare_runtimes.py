@@ -1,0 +1,435 @@
+"""lightcnn vs ONNX Runtime vs PyTorch eager: same weights, same inputs, timed side by side in one process.
+
+    python bench/compare_runtimes.py                          # table: 4 models x batch 1, 8 x 2 threads
+    python bench/compare_runtimes.py --threads 1 --batch 1    # other settings
+    python bench/compare_runtimes.py --json                   # one JSON object instead of the table
+    python bench/compare_runtimes.py --process                # also: python -m lightcnn.predict wall time / RSS
+
+Needs the optional extras onnx + onnxruntime (``pip install lightcnn[compare]``); PyTorch is
+used when installed (``torch_ms`` is null otherwise).
+
+For each model
+  1. weights: the torchvision fixture checkpoint (../shared/fixtures/torchvision/NAME.pth, realistic
+     batch-norm statistics, logits of order 1) converted by lightcnn.weights.convert_file, or random
+     weights with randomised batch-norm statistics when the fixture is absent (--random);
+  2. the same weights in each engine: ONNX Runtime runs lightcnn's own graph exported by
+     lightcnn.export_onnx (NHWC input, transposed inside the graph); PyTorch runs an eager NCHW
+     nn.Module built here layer by layer from the lightcnn model (Conv2d + BatchNorm2d + activation,
+     unfused, as torchvision's eval-mode models run);
+  3. the outputs must agree: max |lightcnn - ORT| and |lightcnn - torch| <= 1e-4 (else exit 1);
+  4. timing: after --warmup runs of each engine, --runs rounds of A B C (lightcnn, ORT, torch), one
+     call each per round, so all engines see the same machine load; median and p90 per engine.
+A short pause (--gap-ms) separates calls: ORT, PyTorch (OpenMP) and Numba (OpenMP) thread pools
+keep spinning briefly after a call, and without it each engine would pay for the previous
+engine's spinning threads on a 2-core machine.
+
+Threads: Numba's pool is set with lightcnn._jit.set_num_threads, ORT's intra-op pool with
+intra_op_num_threads (inter-op 1, sequential), PyTorch with torch.set_num_threads.
+GFLOP/s counts 2 x multiply-accumulates of the convolutions and dense layers (Model.count_macs).
+The shared-machine caveat applies: compare ratios from one run, not absolute times across runs.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("LIGHTCNN_FIXTURES", REPO.parent / "shared" / "fixtures")) / "torchvision"
+MODELS = ("mobilenet_v2", "squeezenet1_0", "squeezenet1_1", "mobilenet_v3_large")
+TOL = 1e-4
+
+
+# --------------------------------------------------------------------------- models and weights
+
+
+def load_lightcnn(arch, random=False, seed=0):
+    """(model, source) with the fixture weights if present (and not `random`), else random ones."""
+    from lightcnn.models import build
+
+    pth = FIXTURES / f"{arch}.pth"
+    if pth.exists() and not random:
+        from lightcnn.checkpoint import load_state
+        from lightcnn.weights import convert_file
+
+        ck = convert_file(pth, arch)
+        model = build(arch, **ck.config)
+        load_state(model, ck.tensors)
+        return model, f"fixture {pth.name}"
+    from lightcnn.layers.basic import BatchNorm
+
+    model = build(arch)
+    rng = np.random.default_rng(seed)
+    for _, layer in model.named_layers():
+        if isinstance(layer, BatchNorm):
+            c = layer.channels
+            layer.params["weight"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+            layer.params["bias"] = rng.normal(0, 0.1, c).astype(np.float32)
+            layer.buffers["running_mean"] = rng.normal(0, 0.1, c).astype(np.float32)
+            layer.buffers["running_var"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    model.params_changed()
+    return model, "random"
+
+
+def ort_session(model, threads):
+    import onnxruntime as ort
+
+    from lightcnn.export_onnx import export_onnx
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(export_onnx(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"input": x})[0]
+
+
+def torch_module(model):
+    """An eager NCHW torch.nn.Module computing the same function as the lightcnn model."""
+    import torch
+    from torch import nn
+
+    from lightcnn.kernels import activation as act_k
+    from lightcnn.layers.base import Sequential
+    from lightcnn.layers.basic import Dense, DepthwiseConv2d, Dropout, GlobalAvgPool, MaxPool2d, resolve_padding
+    from lightcnn.layers.blocks import ConvBNAct, Fire, InvertedResidual, SqueezeExcite
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a, np.float32))
+
+    def act(code, alpha=1.0):
+        return {act_k.ACT_NONE: nn.Identity(), act_k.ACT_RELU: nn.ReLU(), act_k.ACT_RELU6: nn.ReLU6(),
+                act_k.ACT_ELU: nn.ELU(alpha), act_k.ACT_SIGMOID: nn.Sigmoid(),
+                act_k.ACT_HARD_SIGMOID: nn.Hardsigmoid(), act_k.ACT_HARD_SWISH: nn.Hardswish()}[code]
+
+    class ConvUnit(nn.Module):
+        def __init__(self, unit, h, w):
+            super().__init__()
+            conv = unit.conv
+            top, bottom, left, right = conv.pads(h, w)
+            self.pad = None if (top == bottom and left == right) else (left, right, top, bottom)
+            depthwise = isinstance(conv, DepthwiseConv2d)
+            c_in, c_out = conv.in_ch, conv.out_ch
+            self.conv = nn.Conv2d(c_in, c_out, conv.kernel, conv.stride, 0 if self.pad else (top, left),
+                                  groups=c_in if depthwise else 1, bias="bias" in conv.params)
+            wt = conv.params["weight"]
+            self.conv.weight.data = t(wt.transpose(2, 0, 1)[:, None] if depthwise else wt.transpose(3, 2, 0, 1))
+            if "bias" in conv.params:
+                self.conv.bias.data = t(conv.params["bias"])
+            self.bn = None
+            if unit.bn is not None:
+                bn = unit.bn
+                self.bn = nn.BatchNorm2d(bn.channels, eps=bn.eps)
+                self.bn.weight.data, self.bn.bias.data = t(bn.params["weight"]), t(bn.params["bias"])
+                self.bn.running_mean.data = t(bn.buffers["running_mean"])
+                self.bn.running_var.data = t(bn.buffers["running_var"])
+            self.act = act(unit.act, unit.alpha)
+
+        def forward(self, x):
+            if self.pad:
+                x = nn.functional.pad(x, self.pad)
+            x = self.conv(x)
+            return self.act(self.bn(x) if self.bn is not None else x)
+
+    class Residual(nn.Module):
+        def __init__(self, body, use):
+            super().__init__()
+            self.body, self.use = body, use
+
+        def forward(self, x):
+            return self.body(x) + x if self.use else self.body(x)
+
+    class SE(nn.Module):
+        def __init__(self, se):
+            super().__init__()
+            self.fc1 = nn.Conv2d(se.channels, se.squeeze_channels, 1)
+            self.fc2 = nn.Conv2d(se.squeeze_channels, se.channels, 1)
+            for fc, dense in ((self.fc1, se.fc1), (self.fc2, se.fc2)):
+                fc.weight.data = t(dense.params["weight"].T[:, :, None, None])
+                fc.bias.data = t(dense.params["bias"])
+            self.a1, self.a2 = act(se.fc1.act), act(se.fc2.act)
+
+        def forward(self, x):
+            s = self.a2(self.fc2(self.a1(self.fc1(x.mean((2, 3), keepdim=True)))))
+            return x * s
+
+    class FireT(nn.Module):
+        def __init__(self, fire, h, w):
+            super().__init__()
+            self.squeeze = ConvUnit(fire.squeeze, h, w)
+            self.e1, self.e3 = ConvUnit(fire.expand1x1, h, w), ConvUnit(fire.expand3x3, h, w)
+            self.bypass = fire.bypass
+
+        def forward(self, x):
+            s = self.squeeze(x)
+            y = torch.cat([self.e1(s), self.e3(s)], 1)
+            return y + x if self.bypass else y
+
+    class DenseT(nn.Module):
+        def __init__(self, dense):
+            super().__init__()
+            self.fc = nn.Linear(dense.in_features, dense.out_features)
+            self.fc.weight.data = t(dense.params["weight"].T)
+            self.fc.bias.data = t(dense.params["bias"])
+            self.act = act(dense.act)
+
+        def forward(self, x):
+            return self.act(self.fc(x.flatten(1)))
+
+    class GAP(nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    def convert(layer, shape):
+        """(module, output shape (H, W, C) or (F,)) for `layer` applied to `shape`."""
+        if isinstance(layer, Sequential):
+            mods = []
+            for _, child in layer.children():
+                mod, shape = convert(child, shape)
+                mods.append(mod)
+            return nn.Sequential(*mods), shape
+        if isinstance(layer, ConvBNAct):
+            h, w, _ = shape
+            n, ho, wo, c = layer.conv.output_shape((1, h, w, layer.in_ch))
+            return ConvUnit(layer, h, w), (ho, wo, c)
+        if isinstance(layer, InvertedResidual):
+            mods = []
+            out = shape
+            for _, child in layer.children():
+                mod, out = (SE(child), out) if isinstance(child, SqueezeExcite) else convert(child, out)
+                mods.append(mod)
+            return Residual(nn.Sequential(*mods), layer.use_residual), out
+        if isinstance(layer, Fire):
+            return FireT(layer, shape[0], shape[1]), (shape[0], shape[1], layer.out_ch)
+        if isinstance(layer, MaxPool2d):
+            h, w, c = shape
+            top, bottom, left, right = resolve_padding(layer.padding, h, w, *layer.kernel, *layer.stride)
+            if top != bottom or left != right:
+                raise NotImplementedError("asymmetric max-pool padding")
+            from lightcnn.kernels.shapes import conv_output_size
+
+            ho = conv_output_size(h, layer.kernel[0], layer.stride[0], top, bottom, layer.ceil_mode)
+            wo = conv_output_size(w, layer.kernel[1], layer.stride[1], left, right, layer.ceil_mode)
+            return nn.MaxPool2d(layer.kernel, layer.stride, (top, left), ceil_mode=layer.ceil_mode), (ho, wo, c)
+        if isinstance(layer, GlobalAvgPool):
+            return GAP(), (shape[-1],)
+        if isinstance(layer, Dense):
+            return DenseT(layer), (layer.out_features,)
+        if isinstance(layer, Dropout):
+            return nn.Identity(), shape
+        raise NotImplementedError(f"no PyTorch translation for {type(layer).__name__}")
+
+    trunk, shape = convert(model.features_net, model.input_shape)
+    head, _ = convert(model.head_net, shape)
+    module = nn.Sequential(trunk, head).eval()
+    return module
+
+
+def torch_runner(model, threads):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    module = torch_module(model)
+
+    def run(x_nchw):
+        with torch.inference_mode():
+            return module(x_nchw).numpy()
+
+    return run
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def interleaved(fns, runs, warmup, gap_s):
+    """{name: [seconds]}: warm-up, then `runs` rounds calling each fn once per round (A B C A B C ...)."""
+    for name, (fn, arg) in fns.items():
+        for _ in range(warmup):
+            fn(arg)
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, (fn, arg) in fns.items():
+            if gap_s:
+                time.sleep(gap_s)
+            t0 = time.perf_counter()
+            fn(arg)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, random=False, log=print):
+    from lightcnn._jit import set_num_threads
+
+    set_num_threads(threads)
+    results = {}
+    for arch in models:
+        model, source = load_lightcnn(arch, random)
+        ort_run = ort_session(model, threads)
+        torch_run = torch_runner(model, threads) if use_torch else None
+        macs = model.count_macs()
+        results[arch] = {}
+        for batch in batches:
+            rng = np.random.default_rng(batch)
+            x = rng.standard_normal((batch,) + model.input_shape).astype(np.float32)
+            io_path = FIXTURES / f"{arch}_io.npz"
+            if io_path.exists() and not random:  # the fixture's own (normalised) inputs, repeated to the batch
+                xin = np.load(io_path)["input_nhwc"]
+                x = np.ascontiguousarray(np.resize(xin, (batch,) + xin.shape[1:]), np.float32)
+            y = model.forward(x)
+            diffs = {"ort": float(np.abs(ort_run(x) - y).max())}
+            fns = {"lightcnn": (model.forward, x), "ort": (ort_run, x)}
+            if torch_run is not None:
+                import torch
+
+                x_nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+                diffs["torch"] = float(np.abs(torch_run(x_nchw) - y).max())
+                fns["torch"] = (torch_run, x_nchw)
+            bad = {k: v for k, v in diffs.items() if not v <= TOL}
+            if bad:
+                raise SystemExit(f"{arch} batch {batch}: outputs disagree with lightcnn: {bad} (> {TOL})")
+            times = interleaved(fns, runs, warmup, gap_ms / 1e3)
+            med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+            p90 = {k: float(np.percentile(v, 90)) * 1e3 for k, v in times.items()}
+            row = {
+                "lightcnn_ms": med["lightcnn"], "ort_ms": med["ort"], "torch_ms": med.get("torch"),
+                "ratio_ort": med["lightcnn"] / med["ort"],
+                "ratio_torch": med["lightcnn"] / med["torch"] if "torch" in med else None,
+                "max_abs_diff": max(diffs.values()),
+                "lightcnn_p90_ms": p90["lightcnn"], "ort_p90_ms": p90["ort"], "torch_p90_ms": p90.get("torch"),
+                "lightcnn_gflops": 2.0 * macs * batch / (med["lightcnn"] * 1e6),
+                "ort_gflops": 2.0 * macs * batch / (med["ort"] * 1e6),
+                "weights": source,
+            }
+            results[arch][str(batch)] = row
+            log(_format_row(arch, batch, threads, row))
+    return results
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+HEADER = (f"{'model':20s} {'batch':>5s} {'thr':>3s} | {'lightcnn ms':>11s} {'p90':>6s} | {'ORT ms':>7s} {'p90':>6s} | "
+          f"{'torch ms':>8s} {'p90':>6s} | {'x ORT':>6s} {'x torch':>7s} | {'GFLOP/s':>7s} {'ORT':>5s} | {'max|diff|':>9s}")
+
+
+def _format_row(arch, batch, threads, r):
+    return (f"{arch:20s} {batch:5d} {threads:3d} | {r['lightcnn_ms']:11.2f} {r['lightcnn_p90_ms']:6.2f} | "
+            f"{r['ort_ms']:7.2f} {r['ort_p90_ms']:6.2f} | {_fmt(r['torch_ms'], '8.2f')} {_fmt(r['torch_p90_ms'], '6.2f')} | "
+            f"{r['ratio_ort']:6.2f} {_fmt(r['ratio_torch'], '7.2f')} | {r['lightcnn_gflops']:7.1f} {r['ort_gflops']:5.0f} | "
+            f"{r['max_abs_diff']:9.1e}")
+
+
+# --------------------------------------------------------------------------- whole process
+
+
+def _run_measured(cmd, env):
+    """(wall seconds, peak RSS MB, returncode) of a child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss / 1024.0, proc.returncode, proc.stderr.read().decode()[-500:]
+
+
+def process_figures(image, model="mobilenet_v2", threads=2, repeats=3):
+    """python -m lightcnn.predict on one image: cold-cache first run, then warm-cache runs (wall, RSS)."""
+    cmd = [sys.executable, "-m", "lightcnn.predict", str(image), "--model", model, "--threads", str(threads)]
+    env = dict(os.environ)
+    out = {"command": " ".join(cmd[1:])}
+    with tempfile.TemporaryDirectory(prefix="lightcnn-cold-cache-") as cold:
+        wall, rss, rc, err = _run_measured(cmd, dict(env, NUMBA_CACHE_DIR=cold))
+        out["cold_cache_wall_s"], out["cold_cache_rss_mb"] = wall, rss
+        if rc != 0:
+            out["error"] = err
+            return out
+    _run_measured(cmd, env)  # make sure the default cache is warm
+    walls, rsss = [], []
+    for _ in range(repeats):
+        wall, rss, rc, err = _run_measured(cmd, env)
+        walls.append(wall)
+        rsss.append(rss)
+    out["warm_cache_wall_s"], out["warm_cache_rss_mb"] = float(np.median(walls)), float(max(rsss))
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import lightcnn"], check=True)
+    base = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    out["import_lightcnn_s"] = max(0.0, base - (time.perf_counter() - t0))
+    return out
+
+
+def _default_image():
+    root = Path(os.environ.get("LIGHTCNN_DATA", REPO.parent / "shared" / "data"))
+    for pattern in ("smoke-test-images/*.jpg", "imagenet-sample/images/*.JPEG", "**/*.jpg"):
+        found = sorted(root.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--threads", nargs="+", type=int, default=[2])
+    parser.add_argument("--runs", type=int, default=50, help="timed rounds per engine (default 50)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--gap-ms", type=float, default=2.0, help="pause before each timed call (default 2 ms)")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--random", action="store_true", help="random weights even when fixtures exist")
+    parser.add_argument("--json", action="store_true", help="print one JSON object {model: {batch: {...}}}")
+    parser.add_argument("--process", action="store_true", help="also time python -m lightcnn.predict (subprocess)")
+    parser.add_argument("--image", help="image for --process (default: one from ../shared/data)")
+    args = parser.parse_args(argv)
+
+    import onnxruntime
+
+    from lightcnn import _blas
+
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    blas = _blas.info()
+    log(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; "
+        f"onnxruntime {onnxruntime.__version__}; BLAS for lightcnn: OpenBLAS {blas['coretype']} "
+        f"({blas['threads']} thread per call)")
+    log(HEADER)
+    results = {}
+    for threads in args.threads:
+        res = compare(args.models, args.batch, threads, args.runs, args.warmup, args.gap_ms,
+                      use_torch=not args.no_torch, random=args.random, log=log)
+        for arch, per_batch in res.items():
+            for batch, row in per_batch.items():
+                key = batch if len(args.threads) == 1 else f"{batch}@{threads}t"
+                results.setdefault(arch, {})[key] = row
+    log(f"# load average after: {os.getloadavg()[0]:.2f}")
+    process = None
+    if args.process:
+        image = args.image or _default_image()
+        process = process_figures(image, threads=max(args.threads)) if image else {"error": "no image found"}
+        log(f"# predict process: {json.dumps(process)}")
+    if args.json:
+        doc = {arch: {b: {k: row[k] for k in ("lightcnn_ms", "ort_ms", "torch_ms", "ratio_ort", "ratio_torch",
+                                               "max_abs_diff")} for b, row in per.items()}
+               for arch, per in results.items()}
+        if process is not None:
+            doc["_process"] = process
+        print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

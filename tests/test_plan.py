@@ -1,0 +1,221 @@
+"""The inference plan (lightcnn.layers.plan) and its fused kernels (lightcnn.kernels.fused).
+
+The plan must compute what the layer-by-layer path computes (<= 1e-5 relative to the output
+scale: only float32 GEMM summation order differs), for every registered architecture, at
+awkward shapes, and must never serve stale weights after fine-tuning changes them.
+"""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+
+from lightcnn.kernels import activation as act_k
+from lightcnn.kernels import conv as conv_k
+from lightcnn.kernels import fused
+from lightcnn.layers.basic import BatchNorm
+from lightcnn.models import BUILDERS, build
+
+RTOL = 1e-5
+
+
+def _close(a, b, rtol=RTOL):
+    assert a.shape == b.shape
+    scale = max(1.0, float(np.abs(b).max()))
+    assert np.abs(a - b).max() <= rtol * scale, np.abs(a - b).max() / scale
+
+
+def _layer_path(model, x):
+    return model.head(model.features(x))
+
+
+def _randomise_bn(model, rng):
+    for _, layer in model.named_layers():
+        if isinstance(layer, BatchNorm):
+            c = layer.channels
+            layer.params["weight"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+            layer.params["bias"] = rng.normal(0, 0.1, c).astype(np.float32)
+            layer.buffers["running_mean"] = rng.normal(0, 0.1, c).astype(np.float32)
+            layer.buffers["running_var"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    model.params_changed()
+
+
+# --------------------------------------------------------------------------- fused kernels vs conv.py
+
+
+@pytest.mark.parametrize("m,k,o,tile", [(1, 1, 1, 1), (37, 5, 7, 8), (100, 16, 24, 100), (49, 96, 13, 25)])
+@pytest.mark.parametrize("act", [act_k.ACT_NONE, act_k.ACT_RELU6, act_k.ACT_HARD_SWISH, act_k.ACT_ELU])
+def test_gemm_bias_act_matches_pointwise(m, k, o, tile, act, rng):
+    x = rng.standard_normal((1, 1, m, k)).astype(np.float32)
+    w = rng.standard_normal((k, o)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    ref = conv_k.pointwise_conv_forward(x, w, b, act, 1.0).reshape(m, o)
+    y = np.full((m, o + 3), np.nan, np.float32)  # a wider buffer: columns 2 .. 2+o written
+    dummy = np.zeros((1, 1), np.float32)
+    fused.gemm_bias_act(x.reshape(m, k), w, b, dummy, False, dummy, m, False, act, np.float32(1.0), tile, y, 2)
+    _close(y[:, 2:2 + o], ref)
+    assert np.isnan(y[:, :2]).all() and np.isnan(y[:, 2 + o:]).all()
+
+
+def test_gemm_residual_and_se_scale(rng):
+    n, hw, k, o = 3, 10, 6, 6
+    x = rng.standard_normal((n * hw, k)).astype(np.float32)
+    w = rng.standard_normal((k, o)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    res = rng.standard_normal((n * hw, o)).astype(np.float32)
+    s = rng.uniform(0, 1, (n, k)).astype(np.float32)
+    xs = (x.reshape(n, hw, k) * s[:, None, :]).reshape(-1, k)
+    ref = np.maximum(xs @ w + b, 0) + res  # the skip joins after the activation (Fire's bypass)
+    y = np.empty((n * hw, o), np.float32)
+    fused.gemm_bias_act(x, w, b, res, True, s, hw, True, act_k.ACT_RELU, np.float32(1.0), 7, y, 0)
+    _close(y, ref)
+
+
+@pytest.mark.parametrize("shape,k,stride,pad", [((1, 7, 9, 3), 3, 2, (1, 1, 1, 1)), ((2, 6, 5, 4), 3, 1, (0, 1, 0, 1)),
+                                                ((1, 13, 13, 2), 7, 2, (0, 0, 0, 0)), ((1, 4, 4, 5), 1, 1, (1, 1, 1, 1))])
+def test_conv_im2col_bias_act_matches_conv2d(shape, k, stride, pad, rng):
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((k, k, shape[3], 8)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    ref = conv_k.conv2d_forward(x, w, b, stride, pad, act_k.ACT_RELU)
+    n, ho, wo, o = ref.shape
+    y = np.empty((n * ho * wo, o), np.float32)
+    dummy = np.zeros((1, 1), np.float32)
+    fused.conv_im2col_bias_act(x, w.reshape(-1, 8), k, k, stride, stride, pad[0], pad[2], ho, wo, b, dummy, False,
+                               act_k.ACT_RELU, np.float32(1.0), 5, y, 0)
+    _close(y.reshape(ref.shape), ref)
+
+
+def test_dense_and_max_pool(rng):
+    from lightcnn.kernels import linear as linear_k
+    from lightcnn.kernels import pool as pool_k
+
+    x = rng.standard_normal((3, 37)).astype(np.float32)
+    w = rng.standard_normal((37, 11)).astype(np.float32)
+    b = rng.standard_normal(11).astype(np.float32)
+    y = np.empty((3, 11), np.float32)
+    fused.dense_bias_act(x, w, b, act_k.ACT_HARD_SWISH, np.float32(1.0), np.empty((2, 3, 11), np.float32), y)
+    _close(y, linear_k.dense_forward(x, w, b, act_k.ACT_HARD_SWISH))
+    xp = rng.standard_normal((2, 11, 12, 5)).astype(np.float32)
+    xp[0, 3, 4, 2] = np.nan
+    ref, _ = pool_k.max_pool2d_forward(xp, 3, 2, (1, 1, 1, 1), ceil_mode=True)
+    yp = np.empty_like(ref)
+    fused.max_pool_inference(xp, 3, 3, 2, 2, 1, 1, yp)
+    np.testing.assert_array_equal(yp, ref)  # a max is exact; NaN propagates the same way
+
+
+# --------------------------------------------------------------------------- the plan vs the layer path
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_plan_matches_layer_path(arch, rng):
+    """Unit by unit at 1e-5; whole random networks at 1e-3, because a He-initialised network with
+    no trained statistics amplifies float32 rounding (logits of order 1e3; the torchvision
+    fixtures below check whole models at 1e-5 absolute)."""
+    model = build(arch)
+    _randomise_bn(model, rng)
+    h, w, c = model.input_shape
+    x = rng.standard_normal((3, h, w, c)).astype(np.float32)
+    ref = _layer_path(model, x)
+    assert model.inference_plan(x) is not None
+    y = model.forward(x)
+    _close(y, ref, rtol=1e-3)
+    _close(model.forward(x[:1]), ref[:1], rtol=1e-3)  # another shape: its own plan
+    from lightcnn.layers.base import Sequential
+    from lightcnn.layers.plan import InferencePlan
+
+    if not isinstance(model.features_net, Sequential):
+        return  # covid_squeezenet's trunk is not a chain; its whole-model check above suffices
+    f = x
+    for name, unit in model.features_net.children():
+        children = unit.children() if isinstance(unit, Sequential) else [(name, unit)]
+        for child_name, child in children:
+            ref_unit = child.forward(f)
+            _close(InferencePlan([(child_name, child)], f.shape).run(f), ref_unit)
+            f = ref_unit
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "squeezenet1_0",
+                                  "squeezenet1_1"])
+def test_plan_torchvision_fixture_logits(arch, fixtures_dir):
+    from lightcnn.checkpoint import load_state
+    from lightcnn.weights import convert_file
+
+    folder = fixtures_dir / "torchvision"
+    if not (folder / f"{arch}.pth").exists():
+        pytest.skip(f"torchvision fixture {arch}.pth not found in {folder}")
+    ck = convert_file(folder / f"{arch}.pth", arch)
+    model = build(arch, **ck.config)
+    load_state(model, ck.tensors)
+    io = np.load(folder / f"{arch}_io.npz")
+    assert model.inference_plan(io["input_nhwc"]) is not None
+    assert np.abs(model.forward(io["input_nhwc"]) - io["logits"]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch,size,kwargs", [("mobilenet_v2", 97, dict(padding="tf")),
+                                              ("mobilenet_v3_small", 65, {}),
+                                              ("squeezenet1_0", 99, dict(variant="caffe")),
+                                              ("squeezenet1_1", 61, dict(fire="bn_elu", bypass="simple"))])
+def test_plan_odd_sizes_and_variants(arch, size, kwargs, rng):
+    model = build(arch, **kwargs)
+    _randomise_bn(model, rng)
+    x = rng.standard_normal((2, size, size + 2, model.input_shape[2])).astype(np.float32)
+    _close(model.forward(x), _layer_path(model, x))
+
+
+def test_plan_sees_parameter_changes(rng):
+    model = build("mobilenet_v3_small", num_classes=7)
+    x = rng.standard_normal((1, 64, 64, 3)).astype(np.float32)
+    y0 = model.forward(x)
+    # in place, as an optimiser does, then params_changed() (BN folding is cached by the layer)
+    model.features_net["blocks"][3].project.bn.params["weight"] *= 2.0
+    model.head_net["classifier"].params["weight"] *= 0.5
+    model.params_changed()
+    y1 = model.forward(x)
+    assert not np.allclose(y0, y1)
+    _close(y1, _layer_path(model, x))
+    model.reset_head(3)  # a new head object: the plan is rebuilt
+    _close(model.forward(x), _layer_path(model, x))
+
+
+def test_plan_output_is_fresh_and_input_untouched(rng):
+    model = build("squeezenet1_1", num_classes=5)
+    x = rng.standard_normal((2, 64, 64, 3)).astype(np.float32)
+    x0 = x.copy()
+    y1 = model.forward(x)
+    y2 = model.forward(x * 0.5)
+    assert not np.shares_memory(y1, y2)
+    np.testing.assert_array_equal(x, x0)
+    _close(y1, _layer_path(model, x))
+
+
+def test_non_float32_and_bad_shapes_use_the_layer_path(rng):
+    from lightcnn.errors import ShapeError
+
+    model = build("mobilenet_v3_small", num_classes=4)
+    x = rng.standard_normal((1, 32, 32, 3))
+    assert model.inference_plan(x) is None  # float64: the layer path (gradient checks use it)
+    assert model.forward(x).dtype == np.float64
+    with pytest.raises(ShapeError, match="NCHW"):
+        model.forward(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_models_copy_and_pickle_without_plans(rng):
+    model = build("mobilenet_v3_small", num_classes=4)
+    x = rng.standard_normal((1, 32, 32, 3)).astype(np.float32)
+    y = model.forward(x)
+    clone = copy.deepcopy(model)
+    assert clone._plans == {}
+    clone.head_net["classifier"].params["weight"][:] = 0.0
+    clone.params_changed()
+    _close(model.forward(x), y)  # the original is unaffected by the clone's change
+    assert np.allclose(clone.forward(x), clone.head_net["classifier"].params["bias"])
+    assert pickle.loads(pickle.dumps(model))._plans == {}
+
+
+def test_profile_rows_use_plan_times(rng):
+    model = build("mobilenet_v2", num_classes=10)
+    rows = model.trace(np.zeros((1, 64, 64, 3), np.float32), profile=True, repeats=2)
+    assert [r["name"] for r in rows][:3] == ["features.stem", "features.blocks.0.dw", "features.blocks.0.project"]
+    assert all(r["ms"] >= 0 for r in rows) and sum(r["ms"] for r in rows) > 0
