@@ -19,9 +19,11 @@ For each model
   3. the outputs must agree: max |lightcnn - ORT| and |lightcnn - torch| <= 1e-4 (else exit 1);
   4. timing: after --warmup runs of each engine, --runs rounds of A B C (lightcnn, ORT, torch), one
      call each per round, so all engines see the same machine load; median and p90 per engine.
-A short pause (--gap-ms) separates calls: ORT, PyTorch (OpenMP) and Numba (OpenMP) thread pools
-keep spinning briefly after a call, and without it each engine would pay for the previous
-engine's spinning threads on a 2-core machine.
+A pause (--gap-ms, default 30 ms) precedes every timed call: ORT's, PyTorch's and Numba's thread
+pools keep spinning for a while after a call, and on 2 cores the next engine would otherwise pay
+for the previous engine's spinning threads (measured: lightcnn right after an ORT call with a 2 ms
+gap ran 3.5x slower than alone; with 50 ms, as fast as alone). Each engine is thus timed as if
+it ran alone, with its own pool warm from its previous round.
 
 Threads: Numba's pool is set with lightcnn._jit.set_num_threads, ORT's intra-op pool with
 intra_op_num_threads (inter-op 1, sequential), PyTorch with torch.set_num_threads.
@@ -333,14 +335,25 @@ def _format_row(arch, batch, threads, r):
 # --------------------------------------------------------------------------- whole process
 
 
+# The child is started by a small launcher process: a child forked straight from this process
+# (hundreds of MB with PyTorch and ONNX Runtime loaded) would count the pages it shares with us
+# before exec in its peak RSS.
+_LAUNCHER = """
+import os, subprocess, sys, time
+t0 = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - t0
+print(wall, usage.ru_maxrss / 1024.0, os.waitstatus_to_exitcode(status))
+sys.stderr.write(proc.stderr.read().decode()[-500:])
+"""
+
+
 def _run_measured(cmd, env):
-    """(wall seconds, peak RSS MB, returncode) of a child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss / 1024.0, proc.returncode, proc.stderr.read().decode()[-500:]
+    """(wall seconds, peak RSS MB, returncode, stderr tail) of `cmd` run as a fresh process."""
+    done = subprocess.run([sys.executable, "-c", _LAUNCHER] + cmd, env=env, capture_output=True, text=True)
+    wall, rss, rc = done.stdout.split()
+    return float(wall), float(rss), int(rc), done.stderr
 
 
 def process_figures(image, model="mobilenet_v2", threads=2, repeats=3):
@@ -361,12 +374,10 @@ def process_figures(image, model="mobilenet_v2", threads=2, repeats=3):
         walls.append(wall)
         rsss.append(rss)
     out["warm_cache_wall_s"], out["warm_cache_rss_mb"] = float(np.median(walls)), float(max(rsss))
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import lightcnn"], check=True)
-    base = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
-    out["import_lightcnn_s"] = max(0.0, base - (time.perf_counter() - t0))
+    code = "import time; t = time.perf_counter(); import lightcnn; print(time.perf_counter() - t)"
+    times = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+             for _ in range(3)]
+    out["import_lightcnn_s"] = float(np.median(times))
     return out
 
 
@@ -389,7 +400,7 @@ def main(argv=None):
     parser.add_argument("--threads", nargs="+", type=int, default=[2])
     parser.add_argument("--runs", type=int, default=50, help="timed rounds per engine (default 50)")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--gap-ms", type=float, default=2.0, help="pause before each timed call (default 2 ms)")
+    parser.add_argument("--gap-ms", type=float, default=30.0, help="pause before each timed call (default 30 ms)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--random", action="store_true", help="random weights even when fixtures exist")
     parser.add_argument("--json", action="store_true", help="print one JSON object {model: {batch: {...}}}")

@@ -61,6 +61,80 @@ def _loaded_scipy_openblas():
     return None
 
 
+def _import_cython_blas():
+    """Import scipy.linalg.cython_blas, the module Numba's np.dot takes its BLAS from.
+
+    `import scipy.linalg.cython_blas` first runs scipy.linalg's __init__, ~0.25 s of
+    imports that lightcnn never uses (a quarter of a one-image predict). The extension
+    module itself needs none of it, so it is loaded directly from its file and registered
+    under its own name, where Numba (and a later `import scipy.linalg`) find it.
+    """
+    name = "scipy.linalg.cython_blas"
+    if name in sys.modules:
+        return
+    try:
+        import glob
+        import importlib.util
+
+        scipy_spec = importlib.util.find_spec("scipy")
+        folder = os.path.join(scipy_spec.submodule_search_locations[0], "linalg")
+        path = sorted(glob.glob(os.path.join(folder, "cython_blas*" + _ext_suffix())))[0]
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+        if "scipy.linalg" in sys.modules:
+            sys.modules["scipy.linalg"].cython_blas = module
+        else:
+            sys.meta_path.insert(0, _AttachToParent(module))
+    except Exception:  # any surprise: the ordinary (slower) import
+        sys.modules.pop(name, None)
+        import scipy.linalg.cython_blas  # noqa: F401
+
+
+class _AttachToParent:
+    """Meta-path hook: when scipy.linalg is imported later, make cython_blas its attribute again.
+
+    (An import normally sets a submodule as an attribute of its package when it loads it;
+    the submodule loaded above skipped that step.)
+    """
+
+    def __init__(self, module):
+        self.module = module
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "scipy.linalg":
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _AttachingLoader(spec.loader, self.module)
+        return spec
+
+
+class _AttachingLoader:
+    def __init__(self, loader, module):
+        self.loader, self.module = loader, module
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, package):
+        self.loader.exec_module(package)
+        package.cython_blas = self.module
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+def _ext_suffix():
+    import sysconfig
+
+    return sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+
+
 def prepare():
     """Load SciPy's BLAS for the Numba kernels with one thread and (on AVX-512 CPUs) SkylakeX kernels."""
     if _state["ready"]:
@@ -78,7 +152,7 @@ def prepare():
             saved[key] = os.environ.get(key)
             os.environ[key] = value
     try:
-        import scipy.linalg.cython_blas  # noqa: F401  (loads the library Numba's np.dot calls)
+        _import_cython_blas()
     finally:
         for key, value in saved.items():  # the environment is exactly as it was: NumPy, children unaffected
             if value is None:

@@ -17,13 +17,16 @@ from lightcnn.layers.basic import AvgPool2d, BatchNorm, Conv2d, GlobalAvgPool  #
 from lightcnn.models import BUILDERS, Model, build  # noqa: E402
 
 TOL = 1e-4  # float32 accumulation-order noise across engines is ~1e-6 on logits of order 1
+RANDOM_RTOL = 1e-3
 
 
-def _close(a, b):
-    """|a - b| <= 1e-4, relative to the output's scale: random He-initialised networks without
-    trained batch-norm statistics produce logits of order 1e3, where 1e-4 absolute is below
-    float32 resolution."""
-    return np.abs(a - b).max() <= TOL * max(1.0, float(np.abs(b).max()))
+def _close(a, b, rtol=RANDOM_RTOL):
+    """|a - b| <= rtol relative to the output's scale. Random He-initialised networks without
+    trained statistics produce logits of order 1e3 and amplify float32 rounding: in
+    MobileNetV3-Large's SE blocks the float32 result of *either* engine is ~5e-6 (relative) off
+    the float64 one, and the logits end up ~3e-4 apart. The fixture test below checks real-scale
+    logits at 1e-4 absolute."""
+    return np.abs(a - b).max() <= rtol * max(1.0, float(np.abs(b).max()))
 
 
 def _run_ort(proto, x):

@@ -268,8 +268,7 @@ def _border_pixels(src, r0, i_lo, i_hi, w_in, n_ch, w, b, sw, left, act, alpha, 
         _epilogue(acc, act, alpha, out[ow])
 
 
-@kernel(parallel=True)
-def _dw_forward(x, w, b, sh, sw, top, left, act, alpha, y):
+def _dw_forward_body(x, w, b, sh, sw, top, left, act, alpha, y):
     n_img, h_in, w_in, n_ch = x.shape
     _, h_out, w_out, _ = y.shape
     for row in prange(n_img * h_out):
@@ -277,6 +276,11 @@ def _dw_forward(x, w, b, sh, sw, top, left, act, alpha, y):
         oh = row - n * h_out
         acc = np.empty(n_ch, dtype=y.dtype)
         dw_output_row(x[n], 0, h_in, w, b, sh, sw, top, left, act, alpha, oh, acc, y[n, oh])
+
+
+_dw_forward = kernel(parallel=True)(_dw_forward_body)
+# The same loop on the calling thread only, for maps too small to share (the inference plan).
+dw_forward_serial = kernel(_dw_forward_body)
 
 
 def depthwise_conv2d_forward(x, w, b=None, stride=(1, 1), pad=(0, 0, 0, 0), act=ACT_NONE, alpha=1.0):

@@ -40,7 +40,7 @@ from lightcnn.kernels.activation import (ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT
                                          act_scalar)
 from lightcnn.kernels.depthwise import dw_output_row
 
-__all__ = ["gemm_bias_act", "conv_im2col_bias_act", "inverted_residual_band", "se_gate", "dense_bias_act", "max_pool_inference",
+__all__ = ["gemm_bias_act", "gemm_bias_act_serial", "conv_im2col_bias_act", "inverted_residual_band", "se_gate", "dense_bias_act", "max_pool_inference",
            "choose_tile"]
 
 # Rows of one GEMM tile. Each BLAS call packs the whole weight matrix, so tiles must not be
@@ -126,8 +126,7 @@ def _epilogue_tile(acc, b, res, use_res, act, alpha, y, r0, col0):
             _bias_act_store(a, b, act, alpha, dst)
 
 
-@kernel(parallel=True)
-def gemm_bias_act(x2d, w2d, b, res, use_res, scale, rows_per_image, use_scale, act, alpha, tile, y, col0):
+def _gemm_bias_act(x2d, w2d, b, res, use_res, scale, rows_per_image, use_scale, act, alpha, tile, y, col0):
     """Pointwise conv tile by tile: y[:, col0:col0+O] = act(xs @ w2d + b) (+ res).
 
     x2d (M, K) C-contiguous; w2d (K, O); b (O,); res (M, >= col0+O) or a dummy when not use_res;
@@ -154,6 +153,13 @@ def gemm_bias_act(x2d, w2d, b, res, use_res, scale, rows_per_image, use_scale, a
         else:
             np.dot(x2d[r0:r1], w2d, acc)
         _epilogue_tile(acc, b, res, use_res, act, alpha, y, r0, col0)
+
+
+# One kernel body, two compilations: the parallel one for GEMMs with enough rows to share,
+# and a serial one for small ones (7x7, 14x14 maps at batch 1), where waking a second
+# thread and packing the weights twice cost more than the halved arithmetic saves.
+gemm_bias_act = kernel(parallel=True)(_gemm_bias_act)
+gemm_bias_act_serial = kernel(_gemm_bias_act)
 
 
 @kernel
@@ -412,5 +418,5 @@ def max_pool_inference(x, kh, kw, sh, sw, top, left, y):
                     for c in range(n_ch):
                         v = xi[c]
                         m = yo[c]
-                        # select, not branch: keeps the channel loop vectorised; m != m keeps a NaN
+                        # a NaN wins (v != v) and then stays (m == m fails)
                         yo[c] = v if (v > m or v != v) and m == m else m

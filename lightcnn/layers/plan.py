@@ -46,6 +46,25 @@ _DENSE_PARTS = 2  # fixed split of a dense layer's inputs: results independent o
 # A bottleneck runs as one band-by-band kernel (fused.inverted_residual_band) when its expanded
 # tensor is at least this large; smaller ones stay in cache anyway and parallelise better as GEMMs.
 _FUSE_MIN_BYTES = 1 << 22
+# Small layers run on one thread: GEMMs of fewer multiply-accumulates than SERIAL_MAX_MACS (the 1x1
+# convs of Fire modules and MobileNet blocks on 7x7 maps at batch 1: ~30 us of work, where waking a
+# second thread and packing the weights twice cost about what the split saves) and depthwise
+# layers with fewer output pixels than SERIAL_MAX_ROWS.
+SERIAL_MAX_MACS = 4_000_000
+SERIAL_MAX_ROWS = 256
+
+
+_KNOWN = (Sequential, Dropout, ConvBNAct, InvertedResidual, Fire, GlobalAvgPool, Dense, MaxPool2d, Flatten, Conv2d,
+          DepthwiseConv2d, SqueezeExcite)
+
+
+def _plain(layer):
+    """True unless the layer is a subclass of a known layer that replaces its forward: the planner
+    reproduces the known classes' forward, never an override it cannot see."""
+    for cls in _KNOWN:
+        if isinstance(layer, cls):
+            return type(layer).forward is cls.forward
+    return True
 
 
 class _Val:
@@ -159,6 +178,8 @@ class InferencePlan:
 
     def _compile(self, layer, x, name):
         """Plan `layer` applied to value x; returns the output value. Releases x."""
+        if not _plain(layer):  # a subclass with its own forward (e.g. quantsim's): run that forward
+            return self._opaque(layer, x, name)
         if isinstance(layer, Sequential):
             for child_name, child in layer.children():
                 x = self._compile(child, x, f"{name}.{child_name}" if name else child_name)
@@ -234,6 +255,8 @@ class InferencePlan:
             def make():
                 (xa, xi), (ya, _) = self._arg(x), self._arg(y)
                 kern, top, left, al = dw_k._dw_forward, pads[0], pads[2], float(unit.alpha)
+                if n * ho * wo < SERIAL_MAX_ROWS:
+                    kern = dw_k.dw_forward_serial
 
                 def run(vals):
                     wt, b = weights()
@@ -244,7 +267,8 @@ class InferencePlan:
             k = c if pointwise else kh * kw * c
             m, n_out, width = n * ho * wo, unit.out_ch, y.shape[-1]
             weights = _Weights(unit.folded_weights, (k, n_out))
-            tile = fused.choose_tile(m, self.threads)
+            serial = pointwise and m * k * n_out < SERIAL_MAX_MACS
+            tile = fused.choose_tile(m, 1 if serial else self.threads)
             use_res, use_scale = res is not None, scale is not None
             rows_per_image = ho * wo
 
@@ -254,7 +278,7 @@ class InferencePlan:
                 ra = self._arg(res, (m, width))[0] if use_res else _DUMMY2
                 sa = self._arg(scale)[0] if use_scale else _DUMMY2
                 if pointwise:
-                    kern = fused.gemm_bias_act
+                    kern = fused.gemm_bias_act if not serial else fused.gemm_bias_act_serial
                     shape2d = (m, c)
 
                     def run(vals):

@@ -46,47 +46,70 @@ class Model(Layer):
 
     # -- forward/backward ------------------------------------------------------------
     def features(self, x, training=False):
-        return self.features_net.forward(x, training)
-
-    def head(self, f, training=False):
-        return self.head_net.forward(f, training)
-
-    def forward(self, x, training=False):
         if not training:
             plan = self.inference_plan(x)
             if plan is not None:
                 return plan.run(np.ascontiguousarray(x))
+        return self.features_net.forward(x, training)
+
+    def head(self, f, training=False):
+        # (a subclass that overrides inference_plan, e.g. quantsim's, opts out of plans entirely)
+        if not training and type(self).inference_plan is Model.inference_plan:
+            plan = self.inference_plan(f, "head")
+            if plan is not None:
+                return plan.run(np.ascontiguousarray(f))
+        return self.head_net.forward(f, training)
+
+    def forward(self, x, training=False):
+        # At inference both halves run as plans, so forward(x) is exactly head(features(x)).
         return self.head(self.features(x, training), training)
 
     # -- the inference fast path ---------------------------------------------------------
-    #: plans kept per model (one per thread x input shape x thread count); oldest dropped first
-    MAX_PLANS = 4
+    #: plans kept per model (thread x input shape x thread count x part); oldest dropped first
+    MAX_PLANS = 6
 
-    def inference_plan(self, x):
-        """The InferencePlan for a float32 batch shaped like x (built on first use), or None.
+    def inference_plan(self, x, part="features"):
+        """The InferencePlan of `part` ("features": the trunk, "head": the head) for a float32
+        (N,H,W,C) batch shaped like x, built on first use; or None.
 
         None means "use the layer-by-layer path": not a float32 (N,H,W,C) array, a shape the
         layers reject (they raise the precise error), or LIGHTCNN_NO_PLAN=1.
         """
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 4) or _NO_PLAN:
             return None
+        net = self.features_net if part == "features" else self.head_net
+        if net is None:
+            return None
         from lightcnn._jit import get_num_threads
 
         plans = self.__dict__.setdefault("_plans", {})
-        key = (threading.get_ident(), x.shape, get_num_threads())
+        key = (threading.get_ident(), x.shape, get_num_threads(), part)
         entry = plans.get(key)
-        if entry is not None and entry[0] is self.features_net and entry[1] is self.head_net:
-            return entry[2]
+        if entry is not None and entry[0] is net:
+            return entry[1]
         from lightcnn.layers.plan import InferencePlan
 
         try:
-            plan = InferencePlan([("features", self.features_net), ("head", self.head_net)], x.shape)
+            plan = InferencePlan([(part, net)], x.shape)
         except ValueError:  # includes ShapeError: let the layer path raise its own message
             return None
         while len(plans) >= self.MAX_PLANS:
             plans.pop(next(iter(plans)))
-        plans[key] = (self.features_net, self.head_net, plan)
+        plans[key] = (net, plan)
         return plan
+
+    def profile_plans(self, x, repeats=5):
+        """{plan step name: median ms} of the inference plans forward(x) runs (features, then head)."""
+        x = np.ascontiguousarray(x, np.float32)
+        plan = self.inference_plan(x)
+        if plan is None or type(self).inference_plan is not Model.inference_plan:
+            return None
+        times = plan.profile(x, repeats)
+        f = plan.run(x)
+        head_plan = self.inference_plan(f, "head")
+        if head_plan is not None:
+            times.update(head_plan.profile(f, repeats))
+        return times
 
     def _on_params_changed(self):
         self.__dict__["_plans"] = {}
@@ -172,15 +195,13 @@ class Model(Layer):
             layer.forward = traced
             originals.append((path, layer))
         try:
-            self.head(self.features(x))  # the layer-by-layer path: the one the patches above observe
+            self.head_net.forward(self.features_net.forward(x))  # the layer path: what the patches observe
         finally:
             for _, layer in originals:
                 del layer.forward  # restore the class method
-        plan = self.inference_plan(np.ascontiguousarray(x, np.float32)) if profile and fast else None
-        if plan is not None:
-            times = plan.profile(np.ascontiguousarray(x, np.float32), repeats)
-            for r in rows:
-                r["ms"] = sum(t for name, t in times.items() if name == r["name"] or name.startswith(r["name"] + "."))
+        times = self.profile_plans(x, repeats) if profile and fast else None
+        if times is not None:
+            _attribute_plan_times(rows, times)
         return rows
 
     def summary(self, input_size=None, profile=False, repeats=5, fast=True):
@@ -222,3 +243,26 @@ class Model(Layer):
 
     def __repr__(self):
         return f"Model({self.arch!r}, {self.config})"
+
+
+def _attribute_plan_times(rows, times):
+    """Give each trace row the plan time of its unit.
+
+    A plan step is named after the unit it runs ("features.blocks.3.project"), after a
+    container when it runs several units as one fused kernel ("features.blocks.1" =
+    expand + dw + project), or after a part of a unit. A fused step's time goes to the
+    first unit it covers; the others get 0.0 and row["fused_into"] names that unit.
+    """
+    for r in rows:
+        r["ms"] = 0.0
+    for step, ms in times.items():
+        inside = [r for r in rows if step == r["name"] or step.startswith(r["name"] + ".")]
+        if inside:
+            inside[0]["ms"] += ms
+            continue
+        covered = [r for r in rows if r["name"].startswith(step + ".")]
+        if covered:
+            covered[0]["ms"] += ms
+            for r in covered[1:]:
+                r["fused_into"] = covered[0]["name"]
+

@@ -53,7 +53,7 @@ MODES = ("head", "last-k", "full")
 SPLITS = ("auto", "official", "random", "group")
 METRIC_KEYS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc")
 # Options that may change between an interrupted run and its --resume (they do not change the numbers).
-RESUME_MAY_DIFFER = ("cache_dir", "progress_every")
+RESUME_MAY_DIFFER = ("cache_dir", "n_bootstrap", "report_test")
 
 
 class RunError(LightCNNError):
@@ -286,6 +286,21 @@ def _check_out_dir(out, cfg, resume):
 # --------------------------------------------------------------------------------------------- one run
 
 
+def _throttled(progress, label, every=10.0):
+    """progress(done, total) callback printing at most one line per `every` seconds (and the last one)."""
+    if not progress:
+        return None
+    last = [time.perf_counter()]
+
+    def report(done, total):
+        now = time.perf_counter()
+        if done == total or now - last[0] >= every:
+            last[0] = now
+            progress(f"{label}: {done}/{total} images")
+
+    return report
+
+
 def _report(y, logits, class_names, positive, n_bootstrap, seed):
     probs = softmax(logits.astype(np.float64))
     return classification_report(y, probs, class_names, positive=positive, n_bootstrap=n_bootstrap, seed=seed)
@@ -314,8 +329,7 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
         s = {}
         arr = extract_features(model, [ds.items[i] for i in idx], prep, cache_dir, augment_views=views,
                                seed=tcfg.seed, augment=cfg.augment, unfreeze=unfreeze,
-                               progress=(lambda d, t, n=name: progress(f"features {n}: {d}/{t}")) if progress
-                               else None, stats=s)
+                               progress=_throttled(progress, f"features {name}"), stats=s)
         x[name] = arr if name == "train" else arr[0]
         stats[name] = s
     feature_seconds = time.perf_counter() - t0
