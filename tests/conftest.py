@@ -54,3 +54,39 @@ def data_dir():
 @pytest.fixture(scope="session")
 def sources_dir():
     return require_path(shared_path("LIGHTCNN_SOURCES", "weights"), "original checkpoints (LIGHTCNN_SOURCES)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_weights(tmp_path_factory):
+    """Convert the registry's locally available checkpoints once per session into a temporary folder.
+
+    LIGHTCNN_WEIGHTS points there for the whole session (CLI subprocesses inherit it), so the tests never
+    depend on what a developer happens to have built in weights/, and a clean clone with ../shared beside it
+    exercises the real weights. Without the original checkpoints nothing is built and those tests skip.
+    """
+    sources = shared_path("LIGHTCNN_SOURCES", "weights")
+    if not sources.is_dir():
+        yield None
+        return
+    from lightcnn.errors import LightCNNError
+    from lightcnn.registry import WEIGHTS
+    from lightcnn.weights import build_one, find_source
+
+    out = tmp_path_factory.mktemp("session-weights")
+    saved = {k: os.environ.get(k) for k in ("LIGHTCNN_SOURCES", "LIGHTCNN_WEIGHTS")}
+    os.environ["LIGHTCNN_SOURCES"] = str(sources)
+    try:
+        for spec in WEIGHTS:
+            if find_source(spec.filename, spec.sha256) is not None:
+                try:
+                    build_one(spec, out_dir=out)
+                except LightCNNError as exc:  # a broken original is a test failure elsewhere, not a crash here
+                    print(f"conftest: could not build {spec.name}: {exc}")
+        os.environ["LIGHTCNN_WEIGHTS"] = str(out)
+        yield out
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
