@@ -65,18 +65,10 @@ def load_lightcnn(arch, random=False, seed=0):
         model = build(arch, **ck.config)
         load_state(model, ck.tensors)
         return model, f"fixture {pth.name}"
-    from lightcnn.layers.basic import BatchNorm
+    from lightcnn.models.base import randomise_batchnorm_statistics
 
     model = build(arch)
-    rng = np.random.default_rng(seed)
-    for _, layer in model.named_layers():
-        if isinstance(layer, BatchNorm):
-            c = layer.channels
-            layer.params["weight"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
-            layer.params["bias"] = rng.normal(0, 0.1, c).astype(np.float32)
-            layer.buffers["running_mean"] = rng.normal(0, 0.1, c).astype(np.float32)
-            layer.buffers["running_var"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
-    model.params_changed()
+    randomise_batchnorm_statistics(model, np.random.default_rng(seed))
     return model, "random"
 
 

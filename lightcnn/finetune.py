@@ -14,6 +14,10 @@ import argparse
 import os
 import sys
 
+from lightcnn._cli import nonneg_float as _nonneg_float
+from lightcnn._cli import nonneg_int as _nonneg_int
+from lightcnn._cli import positive_float as _positive_float
+from lightcnn._cli import positive_int as _positive_int
 from lightcnn.errors import LightCNNError
 
 EPILOG = """\
@@ -33,43 +37,6 @@ augmentation presets (--augment NAME, or a JSON object of lightcnn.augment ops):
   light    crop scale 0.5-1, rotation <= 15, flip, brightness/contrast 0.2
   Augmented views are computed once (--views N per training image); each epoch uses one view per image.
 """
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _nonneg_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _nonneg_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text):
-    value = _nonneg_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
 
 
 def _fractions(text):

@@ -32,6 +32,7 @@ import os
 import sys
 import time
 
+from lightcnn._cli import positive_int as _positive_int
 from lightcnn.errors import LightCNNError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff",
@@ -44,16 +45,6 @@ STDIN = "-"
 
 def _err(message):
     print(f"error: {message}", file=sys.stderr, flush=True)
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def build_parser():

@@ -19,17 +19,8 @@ import argparse
 import os
 import sys
 
+from lightcnn._cli import positive_int as _positive_int
 from lightcnn.errors import LightCNNError
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def build_parser():

@@ -7,10 +7,11 @@ Tolerances are stated next to each check.
 import numpy as np
 import pytest
 
+from lightcnn.models.base import randomise_batchnorm_statistics
 from lightcnn import explain as E
 from lightcnn.errors import CheckpointError
 from lightcnn.layers.base import Sequential
-from lightcnn.layers.basic import BatchNorm, Dense, Dropout, GlobalAvgPool, MaxPool2d
+from lightcnn.layers.basic import Dense, Dropout, GlobalAvgPool, MaxPool2d
 from lightcnn.layers.blocks import Fire, InvertedResidual, conv_bn_act
 from lightcnn.models import build
 from lightcnn.models.base import Model
@@ -18,17 +19,6 @@ from tests.conftest import require_path, shared_path
 from tests.gradcheck import numeric_gradient
 
 
-def _randomise_batchnorm(model, rng):
-    """Non-trivial running statistics and affine terms, so that batch-stats mode would give other numbers."""
-    for _, layer in model.named_layers():
-        if isinstance(layer, BatchNorm):
-            c = layer.channels
-            layer.params["weight"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
-            layer.params["bias"] = rng.normal(0, 0.1, c).astype(np.float32)
-            layer.buffers["running_mean"] = rng.normal(0, 0.1, c).astype(np.float32)
-            layer.buffers["running_var"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
-    model.params_changed()
-    return model
 
 
 def _normalised(maps):
@@ -45,7 +35,7 @@ def small_v2():
     Float64 because Grad-CAM's forward runs conv and batch norm separately while inference folds them: in
     float32 the two differ by rounding (~1e-4 relative after 17 random blocks), which is not what is tested."""
     model = build("mobilenet_v2", num_classes=10, width_mult=0.35, seed=3)
-    return _to_float64(_randomise_batchnorm(model, np.random.default_rng(7)))
+    return _to_float64(randomise_batchnorm_statistics(model, np.random.default_rng(7)))
 
 
 def test_gradcam_equals_cam_on_gap_linear_head(small_v2, rng):
@@ -259,7 +249,7 @@ def _block_model():
     head = Sequential([("pool", GlobalAvgPool()), ("dropout", Dropout(0.5)),
                        ("classifier", Dense(16, 3, rng=rng, init="glorot"))])
     model = Model("blocks", {}, features, head, (20, 20, 3), cam_layer="features.last")
-    return _to_float64(_randomise_batchnorm(model, rng))
+    return _to_float64(randomise_batchnorm_statistics(model, rng))
 
 
 @pytest.fixture(scope="module")

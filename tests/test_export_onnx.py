@@ -11,9 +11,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from lightcnn.models.base import randomise_batchnorm_statistics  # noqa: E402
 from lightcnn.export_onnx import export_onnx  # noqa: E402
 from lightcnn.layers.base import Sequential  # noqa: E402
-from lightcnn.layers.basic import AvgPool2d, BatchNorm, Conv2d, GlobalAvgPool  # noqa: E402
+from lightcnn.layers.basic import AvgPool2d, Conv2d, GlobalAvgPool  # noqa: E402
 from lightcnn.models import BUILDERS, Model, build  # noqa: E402
 
 TOL = 1e-4  # float32 accumulation-order noise across engines is ~1e-6 on logits of order 1
@@ -34,22 +35,12 @@ def _run_ort(proto, x):
     return session.run(None, {"input": x})[0]
 
 
-def _bn_stats(model, rng):
-    """Non-trivial batch-norm statistics, so folding is exercised (defaults are identity)."""
-    for _, layer in model.named_layers():
-        if isinstance(layer, BatchNorm):
-            c = layer.channels
-            layer.params["weight"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
-            layer.params["bias"] = rng.normal(0, 0.1, c).astype(np.float32)
-            layer.buffers["running_mean"] = rng.normal(0, 0.1, c).astype(np.float32)
-            layer.buffers["running_var"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
-    model.params_changed()
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
 def test_export_matches_lightcnn(arch, rng):
     model = build(arch)
-    _bn_stats(model, rng)
+    randomise_batchnorm_statistics(model, rng)
     h, w, c = model.input_shape
     x = rng.standard_normal((2, h, w, c)).astype(np.float32)
     y = model.forward(x)

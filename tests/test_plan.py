@@ -11,10 +11,10 @@ import pickle
 import numpy as np
 import pytest
 
+from lightcnn.models.base import randomise_batchnorm_statistics
 from lightcnn.kernels import activation as act_k
 from lightcnn.kernels import conv as conv_k
 from lightcnn.kernels import fused
-from lightcnn.layers.basic import BatchNorm
 from lightcnn.models import BUILDERS, build
 
 RTOL = 1e-5
@@ -30,15 +30,6 @@ def _layer_path(model, x):
     return model.head(model.features(x))
 
 
-def _randomise_bn(model, rng):
-    for _, layer in model.named_layers():
-        if isinstance(layer, BatchNorm):
-            c = layer.channels
-            layer.params["weight"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
-            layer.params["bias"] = rng.normal(0, 0.1, c).astype(np.float32)
-            layer.buffers["running_mean"] = rng.normal(0, 0.1, c).astype(np.float32)
-            layer.buffers["running_var"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
-    model.params_changed()
 
 
 # --------------------------------------------------------------------------- fused kernels vs conv.py
@@ -114,7 +105,7 @@ def test_plan_matches_layer_path(arch, rng):
     no trained statistics amplifies float32 rounding (logits of order 1e3; the torchvision
     fixtures below check whole models at 1e-5 absolute)."""
     model = build(arch)
-    _randomise_bn(model, rng)
+    randomise_batchnorm_statistics(model, rng)
     h, w, c = model.input_shape
     x = rng.standard_normal((3, h, w, c)).astype(np.float32)
     ref = _layer_path(model, x)
@@ -159,7 +150,7 @@ def test_plan_torchvision_fixture_logits(arch, fixtures_dir):
                                               ("squeezenet1_1", 61, dict(fire="bn_elu", bypass="simple"))])
 def test_plan_odd_sizes_and_variants(arch, size, kwargs, rng):
     model = build(arch, **kwargs)
-    _randomise_bn(model, rng)
+    randomise_batchnorm_statistics(model, rng)
     x = rng.standard_normal((2, size, size + 2, model.input_shape[2])).astype(np.float32)
     _close(model.forward(x), _layer_path(model, x))
 

@@ -266,3 +266,22 @@ def _attribute_plan_times(rows, times):
             for r in covered[1:]:
                 r["fused_into"] = covered[0]["name"]
 
+
+
+def randomise_batchnorm_statistics(model, rng):
+    """Give every batch norm non-trivial affine terms and running statistics.
+
+    Freshly built models have identity batch norms (gamma 1, beta 0, mean 0, var 1), which hides mistakes in
+    folding or in train/inference modes; tests and benchmarks with random weights call this first.
+    """
+    from lightcnn.layers.basic import BatchNorm
+
+    for _, layer in model.named_layers():
+        if isinstance(layer, BatchNorm):
+            c = layer.channels
+            layer.params["weight"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+            layer.params["bias"] = rng.normal(0, 0.1, c).astype(np.float32)
+            layer.buffers["running_mean"] = rng.normal(0, 0.1, c).astype(np.float32)
+            layer.buffers["running_var"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    model.params_changed()
+    return model

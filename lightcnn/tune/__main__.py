@@ -153,16 +153,18 @@ def prepare_features(args, progress):
 
 
 def main(argv=None):
+    from lightcnn._cli import positive_int
+
     parser = argparse.ArgumentParser(prog="python -m lightcnn.tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("data", help="image folder (class folders or a dataset with manifest.csv)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="registered weight name, e.g. mobilenet_v2")
     source.add_argument("--weights", help="a lightcnn .h5 file")
     parser.add_argument("--space", required=True, help='e.g. "lr=1e-5:1e-1:log, batch=16|32|64"')
-    parser.add_argument("--trials", type=int, default=30, help="trials per run (default 30)")
-    parser.add_argument("--initial", type=int, default=10, help="trials from the Sobol design before the GP leads")
-    parser.add_argument("--runs", type=int, default=1, help="independent searches with seeds seed, seed+1, ...")
-    parser.add_argument("--epochs", type=int, default=20, help="epochs per trial (unless tuned)")
+    parser.add_argument("--trials", type=positive_int, default=30, help="trials per run (default 30)")
+    parser.add_argument("--initial", type=positive_int, default=10, help="trials from the Sobol design before the GP leads")
+    parser.add_argument("--runs", type=positive_int, default=1, help="independent searches with seeds seed, seed+1, ...")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="epochs per trial (unless tuned)")
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     parser.add_argument("--split", default="auto", choices=["auto", "official", "random", "group"])
     parser.add_argument("--positive", help="positive class name for sensitivity/specificity (e.g. CT_COVID)")
@@ -173,8 +175,6 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue the trial logs in RUN_DIR")
     args = parser.parse_args(argv)
-    if args.trials < 1 or args.runs < 1 or args.epochs < 1:
-        parser.error("--trials, --runs and --epochs must be >= 1")
     try:
         options, dims = parse_space(args.space)
     except ValueError as exc:
