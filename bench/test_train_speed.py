@@ -34,7 +34,8 @@ def test_head_only_epoch(benchmark, cached, head):
     net = build_head(FEATURES, 2, config.hidden_layers, config.dropout, config.hidden_dropout, config.seed)
     result = benchmark(fit, net, x, y, xv, yv, config, num_classes=2, one_thread=True)
     assert len(result.history) == 1
-    assert benchmark.stats.stats.median < 1.0  # the target
+    if benchmark.stats is not None:  # None in smoke mode (--benchmark-disable): nothing was timed
+        assert benchmark.stats.stats.median < 1.0  # the target: a head-only epoch under 1 s
 
 
 @pytest.mark.benchmark(group="train-head", warmup=True)
