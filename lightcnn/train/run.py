@@ -40,7 +40,7 @@ import numpy as np
 
 from lightcnn.checkpoint import Checkpoint, atomic_write_text, read_checkpoint, save_checkpoint
 from lightcnn.data import discover, group_stratified_split, kfold_dataset, split_dataset, stratified_split
-from lightcnn.errors import LightCNNError, TrainingError
+from lightcnn.errors import LightCNNError
 from lightcnn.kernels.linear import softmax
 from lightcnn.layers.base import Sequential
 from lightcnn.layers.basic import BatchNorm
