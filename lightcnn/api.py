@@ -87,15 +87,17 @@ def model_from_checkpoint(ckpt, simulate_quantization=False):
     file (lightcnn.quantsim; error if the file has none); None follows the file's default
     (extra["simulate_activation_quantization"], set from the registry when the file was built).
     """
+    from lightcnn.layers.basic import skip_initialisation
     from lightcnn.models import build
 
-    model = build(ckpt.arch, **{k: v for k, v in ckpt.config.items() if k != "head"})
-    head = ckpt.config.get("head")
-    if isinstance(head, dict):  # a fine-tuned head replaced the original one
-        model.reset_head(ckpt.config["num_classes"], hidden=tuple(head.get("hidden", ())),
-                         dropout=head.get("dropout", 0.0), hidden_dropout=head.get("hidden_dropout", 0.0))
-    elif head is not None:
-        model = build(ckpt.arch, **ckpt.config)
+    with skip_initialisation():  # load_state replaces every tensor (and fails if one is missing)
+        model = build(ckpt.arch, **{k: v for k, v in ckpt.config.items() if k != "head"})
+        head = ckpt.config.get("head")
+        if isinstance(head, dict):  # a fine-tuned head replaced the original one
+            model.reset_head(ckpt.config["num_classes"], hidden=tuple(head.get("hidden", ())),
+                             dropout=head.get("dropout", 0.0), hidden_dropout=head.get("hidden_dropout", 0.0))
+        elif head is not None:
+            model = build(ckpt.arch, **ckpt.config)
     model = load_state(model, ckpt.tensors, ckpt.path or "<checkpoint>")
     extra = ckpt.extra or {}
     table = extra.get("activation_quantization")

@@ -13,6 +13,9 @@ Padding specs accepted by the windowed layers:
   (t, b, l, r)       explicit
 """
 
+import contextlib
+import threading
+
 import numpy as np
 
 from lightcnn.kernels import activation as act_k
@@ -49,8 +52,29 @@ def _pair(v):
     return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
 
 
+_SKIP_INIT = threading.local()
+
+
+@contextlib.contextmanager
+def skip_initialisation():
+    """Inside this block new layers get all-zero weights instead of random ones.
+
+    For building a model whose every tensor a checkpoint is about to replace: np.zeros
+    memory is never touched, so the unused initial weights cost neither the random draws
+    nor resident memory (14 MB of MobileNetV2, 26 MB at the peak with the float64 draws).
+    """
+    previous = getattr(_SKIP_INIT, "on", False)
+    _SKIP_INIT.on = True
+    try:
+        yield
+    finally:
+        _SKIP_INIT.on = previous
+
+
 def he_normal(rng, shape, fan_in, dtype=np.float32):
     """Kaiming-normal initialisation, std = sqrt(2 / fan_in): keeps ReLU activations at unit scale."""
+    if getattr(_SKIP_INIT, "on", False):
+        return np.zeros(shape, dtype)
     return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
 
 
@@ -298,7 +322,7 @@ class Dense(Layer):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.act, self.act_name = act_k.ACTIVATIONS[act], act
         rng = _default_rng(rng)
-        if init == "he":
+        if init == "he" or getattr(_SKIP_INIT, "on", False):
             w = he_normal(rng, (in_features, out_features), in_features)
         else:  # "glorot": the usual choice for a softmax output layer
             limit = np.sqrt(6.0 / (in_features + out_features))

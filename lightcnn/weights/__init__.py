@@ -15,8 +15,6 @@ import hashlib
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from lightcnn.checkpoint import Checkpoint, atomic_write_bytes, load_state, save_checkpoint
@@ -77,6 +75,8 @@ def _progress(message):
 
 def download(url, dest, sha256, what):
     """Download `url` to `dest` (atomically) and verify its SHA-256; progress on stderr."""
+    import urllib.request  # here, not at import: predict never downloads, and http/email cost 14 ms + 3 MB
+
     _progress(f"downloading {what} from {url}")
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
@@ -93,7 +93,7 @@ def download(url, dest, sha256, what):
                     print(f"\r  {received / 1e6:7.1f} MB{pct}", end="", file=sys.stderr, flush=True)
                     last = time.monotonic()
             print(file=sys.stderr)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # urllib's URLError is an OSError
         reason = getattr(exc, "reason", exc)
         raise LightCNNError(f"cannot download {what} from {url} ({reason}); on a machine without internet "
                             "access put the file in a folder and set LIGHTCNN_SOURCES to it") from None
