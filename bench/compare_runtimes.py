@@ -17,13 +17,21 @@ For each model
      nn.Module built here layer by layer from the lightcnn model (Conv2d + BatchNorm2d + activation,
      unfused, as torchvision's eval-mode models run);
   3. the outputs must agree: max |lightcnn - ORT| and |lightcnn - torch| <= 1e-4 (else exit 1);
-  4. timing: after --warmup runs of each engine, --runs rounds of A B C (lightcnn, ORT, torch), one
-     call each per round, so all engines see the same machine load; median and p90 per engine.
-A pause (--gap-ms, default 30 ms) precedes every timed call: ORT's, PyTorch's and Numba's thread
-pools keep spinning for a while after a call, and on 2 cores the next engine would otherwise pay
-for the previous engine's spinning threads (measured: lightcnn right after an ORT call with a 2 ms
-gap ran 3.5x slower than alone; with 50 ms, as fast as alone). Each engine is thus timed as if
-it ran alone, with its own pool warm from its previous round.
+  4. timing: after --warmup runs of each engine, --runs rounds of A B C (lightcnn, ORT, torch); in
+     each round every engine gets a pause (--gap-ms, default 30 ms) and then a burst of --burst
+     calls (default 5), each timed. All engines see the same machine load.
+Two regimes come out of one run, and both are printed:
+  - sustained (the headline ms, ratios and JSON): calls 2..K of each burst, the engine's pool
+    busy as in a benchmark loop or a stream of batches;
+  - after idle (`idle ms` columns, JSON `*_idle_ms`): the first call of each burst, after
+    the pause, as a sporadic request sees it.
+Why the pause: ORT's, PyTorch's and Numba's thread pools keep spinning for a while after a
+call, and on 2 cores the next engine would otherwise pay for the previous engine's spinning
+threads (measured: lightcnn right after an ORT call with a 2 ms gap ran 3.5x slower than alone;
+with 50 ms, as fast as alone). Why the burst: after 30 ms idle a sleeping pool must be woken per
+parallel loop, and the engines differ most there (lightcnn's ~60 loops per forward at batch 1
+made the first call ~2x a sustained one; ORT's much less): one regime alone would hide that.
+--burst 1 gives the after-idle regime only (the sustained columns then repeat it).
 
 Threads: Numba's pool is set with lightcnn._jit.set_num_threads, ORT's intra-op pool with
 intra_op_num_threads (inter-op 1, sequential), PyTorch with torch.set_num_threads.
@@ -245,23 +253,30 @@ def torch_runner(model, threads):
 # --------------------------------------------------------------------------- timing
 
 
-def interleaved(fns, runs, warmup, gap_s):
-    """{name: [seconds]}: warm-up, then `runs` rounds calling each fn once per round (A B C A B C ...)."""
+def interleaved(fns, runs, warmup, gap_s, burst=1):
+    """{name: (first_call_seconds, sustained_seconds)}: warm-up, then `runs` rounds; in each round
+    every fn in turn gets a pause of gap_s and `burst` timed calls (A..A B..B C..C A..A ...).
+
+    first: the first call of each burst (after the pause); sustained: the other calls of the
+    bursts (the first ones again when burst == 1).
+    """
     for name, (fn, arg) in fns.items():
         for _ in range(warmup):
             fn(arg)
-    times = {name: [] for name in fns}
+    first = {name: [] for name in fns}
+    rest = {name: [] for name in fns}
     for _ in range(runs):
         for name, (fn, arg) in fns.items():
             if gap_s:
                 time.sleep(gap_s)
-            t0 = time.perf_counter()
-            fn(arg)
-            times[name].append(time.perf_counter() - t0)
-    return times
+            for i in range(max(1, burst)):
+                t0 = time.perf_counter()
+                fn(arg)
+                (rest if i else first)[name].append(time.perf_counter() - t0)
+    return {name: (first[name], rest[name] or first[name]) for name in fns}
 
 
-def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, random=False, log=print):
+def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, random=False, log=print, burst=5):
     from lightcnn._jit import set_num_threads
 
     set_num_threads(threads)
@@ -291,15 +306,18 @@ def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, rand
             bad = {k: v for k, v in diffs.items() if not v <= TOL}
             if bad:
                 raise SystemExit(f"{arch} batch {batch}: outputs disagree with lightcnn: {bad} (> {TOL})")
-            times = interleaved(fns, runs, warmup, gap_ms / 1e3)
-            med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-            p90 = {k: float(np.percentile(v, 90)) * 1e3 for k, v in times.items()}
+            times = interleaved(fns, runs, warmup, gap_ms / 1e3, burst)
+            med = {k: float(np.median(v[1])) * 1e3 for k, v in times.items()}
+            p90 = {k: float(np.percentile(v[1], 90)) * 1e3 for k, v in times.items()}
+            idle = {k: float(np.median(v[0])) * 1e3 for k, v in times.items()}
             row = {
                 "lightcnn_ms": med["lightcnn"], "ort_ms": med["ort"], "torch_ms": med.get("torch"),
                 "ratio_ort": med["lightcnn"] / med["ort"],
                 "ratio_torch": med["lightcnn"] / med["torch"] if "torch" in med else None,
                 "max_abs_diff": max(diffs.values()),
                 "lightcnn_p90_ms": p90["lightcnn"], "ort_p90_ms": p90["ort"], "torch_p90_ms": p90.get("torch"),
+                "lightcnn_idle_ms": idle["lightcnn"], "ort_idle_ms": idle["ort"], "torch_idle_ms": idle.get("torch"),
+                "ratio_ort_idle": idle["lightcnn"] / idle["ort"],
                 "lightcnn_gflops": 2.0 * macs * batch / (med["lightcnn"] * 1e6),
                 "ort_gflops": 2.0 * macs * batch / (med["ort"] * 1e6),
                 "weights": source,
@@ -314,14 +332,15 @@ def _fmt(v, spec):
 
 
 HEADER = (f"{'model':20s} {'batch':>5s} {'thr':>3s} | {'lightcnn ms':>11s} {'p90':>6s} | {'ORT ms':>7s} {'p90':>6s} | "
-          f"{'torch ms':>8s} {'p90':>6s} | {'x ORT':>6s} {'x torch':>7s} | {'GFLOP/s':>7s} {'ORT':>5s} | {'max|diff|':>9s}")
+          f"{'torch ms':>8s} {'p90':>6s} | {'x ORT':>6s} {'x torch':>7s} | {'GFLOP/s':>7s} {'ORT':>5s} | {'max|diff|':>9s} | "
+          f"{'idle ms':>7s} {'ORT':>6s} {'x ORT':>6s}")
 
 
 def _format_row(arch, batch, threads, r):
     return (f"{arch:20s} {batch:5d} {threads:3d} | {r['lightcnn_ms']:11.2f} {r['lightcnn_p90_ms']:6.2f} | "
             f"{r['ort_ms']:7.2f} {r['ort_p90_ms']:6.2f} | {_fmt(r['torch_ms'], '8.2f')} {_fmt(r['torch_p90_ms'], '6.2f')} | "
             f"{r['ratio_ort']:6.2f} {_fmt(r['ratio_torch'], '7.2f')} | {r['lightcnn_gflops']:7.1f} {r['ort_gflops']:5.0f} | "
-            f"{r['max_abs_diff']:9.1e}")
+            f"{r['max_abs_diff']:9.1e} | {r['lightcnn_idle_ms']:7.2f} {r['ort_idle_ms']:6.2f} {r['ratio_ort_idle']:6.2f}")
 
 
 # --------------------------------------------------------------------------- whole process
@@ -392,7 +411,10 @@ def main(argv=None):
     parser.add_argument("--threads", nargs="+", type=int, default=[2])
     parser.add_argument("--runs", type=int, default=50, help="timed rounds per engine (default 50)")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--gap-ms", type=float, default=30.0, help="pause before each timed call (default 30 ms)")
+    parser.add_argument("--gap-ms", type=float, default=30.0, help="pause before each burst (default 30 ms)")
+    parser.add_argument("--burst", type=int, default=5,
+                        help="timed calls per engine per round (default 5): the first is 'after idle', the rest "
+                             "'sustained'")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--random", action="store_true", help="random weights even when fixtures exist")
     parser.add_argument("--json", action="store_true", help="print one JSON object {model: {batch: {...}}}")
@@ -413,12 +435,14 @@ def main(argv=None):
     results = {}
     for threads in args.threads:
         res = compare(args.models, args.batch, threads, args.runs, args.warmup, args.gap_ms,
-                      use_torch=not args.no_torch, random=args.random, log=log)
+                      use_torch=not args.no_torch, random=args.random, log=log, burst=args.burst)
         for arch, per_batch in res.items():
             for batch, row in per_batch.items():
                 key = batch if len(args.threads) == 1 else f"{batch}@{threads}t"
                 results.setdefault(arch, {})[key] = row
-    log(f"# load average after: {os.getloadavg()[0]:.2f}")
+    import numba
+
+    log(f"# load average after: {os.getloadavg()[0]:.2f}; Numba threading layer: {numba.threading_layer()}")
     process = None
     if args.process:
         image = args.image or _default_image()
@@ -426,7 +450,8 @@ def main(argv=None):
         log(f"# predict process: {json.dumps(process)}")
     if args.json:
         doc = {arch: {b: {k: row[k] for k in ("lightcnn_ms", "ort_ms", "torch_ms", "ratio_ort", "ratio_torch",
-                                               "max_abs_diff")} for b, row in per.items()}
+                                               "max_abs_diff", "lightcnn_idle_ms", "ort_idle_ms", "torch_idle_ms",
+                                               "ratio_ort_idle")} for b, row in per.items()}
                for arch, per in results.items()}
         if process is not None:
             doc["_process"] = process

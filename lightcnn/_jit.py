@@ -10,16 +10,18 @@ with `numba.njit` directly, so the compile policy lives here:
   training still work.
 - ``parallel=True`` only where it pays on 2 cores; ``LIGHTCNN_NO_PARALLEL=1``
   turns it off everywhere (useful when profiling or debugging).
-- Numba's OpenMP workers spin only briefly between parallel loops, then sleep
-  (``GOMP_SPINCOUNT=10000`` while Numba loads its threading layer, unless the user set
-  ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``). A forward pass is ~60 parallel loops a few
-  microseconds apart: sleeping workers (``OMP_WAIT_POLICY=PASSIVE``) pay a futex wake-up
-  per loop, ~2 ms of a 6 ms MobileNetV2 batch-1 forward on an idle 2-core machine
-  (6.1 ms passive, 4.0 ms with the short spin; SqueezeNet 1.1: 4.3 -> 2.9 ms). GNU
-  OpenMP's default spin (300,000 rounds) keeps idle workers burning a core long after the
-  work is done; on a loaded machine that made p90 latency 4-6x the median. With the short
-  spin the worker is asleep within a fraction of a millisecond. On a machine where another
-  process keeps a core busy, 1 thread beats 2 whatever the policy (6.9 vs 7.7-13 ms).
+- The thread pool: Numba picks TBB when the ``tbb`` package is installed (the ``fast``
+  extra) and GNU OpenMP otherwise. A batch-1 forward is ~60 parallel loops microseconds
+  apart, so how idle workers wait decides batch-1 latency (numbers: bench/README.md).
+  TBB's workers spin briefly and then yield: MobileNetV2 batch 1 on 2 threads, 3.8 ms.
+  Under OpenMP lightcnn makes workers *sleep* (``OMP_WAIT_POLICY=PASSIVE`` while Numba
+  loads its threading layer, unless the variable is already set): 8 ms, one futex
+  wake-up per loop. GNU OpenMP's default spin is worse on a shared 2-core VM: a spinning
+  worker uses up its scheduler share, and when it is preempted every later parallel loop
+  waits for it a full time slice (12 ms median / 50 ms p90 measured); a short spin
+  (``GOMP_SPINCOUNT=10000``) is fast back to back but 2-3x slower than sleeping on the
+  first call after 30 ms idle.
+
 A test (tests/test_jit_policy.py) checks that no module hard-codes these.
 """
 
@@ -38,22 +40,18 @@ if not PARALLEL_ENABLED and not os.environ.get("NUMBA_CACHE_DIR"):
 
 
 
-# Busy-wait rounds of an idle OpenMP worker before it sleeps (libgomp's default: 300,000).
-SPIN_COUNT = "10000"
-
-
 def _load_threading_layer():
-    """Load Numba's threading layer now, with a short OpenMP spin (see above) unless the user chose one.
+    """Load Numba's threading layer now, with OMP_WAIT_POLICY=PASSIVE unless set (see above).
 
-    libgomp reads the variables once, when it is loaded; the environment is restored
+    libgomp reads the variable once, when it is loaded; the environment is restored
     afterwards so child processes and other OpenMP runtimes (PyTorch bundles its own)
     keep their defaults. No effect if Numba already started its threads.
     """
     if not PARALLEL_ENABLED:
         return
-    added = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
+    added = "OMP_WAIT_POLICY" not in os.environ
     if added:
-        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         from numba.np.ufunc.parallel import _launch_threads
 
@@ -62,7 +60,7 @@ def _load_threading_layer():
         pass
     finally:
         if added:
-            os.environ.pop("GOMP_SPINCOUNT", None)
+            os.environ.pop("OMP_WAIT_POLICY", None)
 
 
 _load_threading_layer()
