@@ -9,6 +9,10 @@ method, seed, fractions and positive class default to the values stored in the f
 --split-method/--seed/--fractions/--positive to override. Images go through the model's own preprocessing,
 never augmented. Classes are matched by name, so DATA must use the model's class names.
 
+A two-class model trained with a positive class carries an operating point: the P(positive) threshold that
+maximised Youden's J on its validation split. The report then also gives the metrics at that threshold
+(`at_operating_point` in JSON); --threshold T evaluates at T instead.
+
 Exit codes: 0 done; 1 expected failure (one line "error: ..."); 2 usage error.
 """
 
@@ -36,6 +40,9 @@ def build_parser():
     p.add_argument("--csv", metavar="FILE", help="explicit CSV of file,label[,group][,split]")
     p.add_argument("--positive", metavar="CLASS", help="class for sensitivity etc. (default: the training run's; "
                                                         "none = macro averages)")
+    p.add_argument("--threshold", type=_probability, metavar="T",
+                   help="also report decisions 'positive iff P(positive) >= T' (default: the model's stored "
+                        "operating point, if any)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     p.add_argument("--bootstrap", type=_nonneg_int, default=1000, metavar="N", help="resamples for the CIs (1000)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (16)")
@@ -43,9 +50,21 @@ def build_parser():
     return p
 
 
+def _probability(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
+
+
 def evaluate(model_path, data, split="test", split_method=None, seed=None, fractions=None, csv=None,
-             positive=None, n_bootstrap=1000, batch_size=16, warn=None):
-    """Returns (report dict, info dict). `report` is metrics.classification_report on the chosen split."""
+             positive=None, n_bootstrap=1000, batch_size=16, warn=None, threshold=None):
+    """Returns (report dict, info dict). `report` is metrics.classification_report on the chosen split (argmax
+    decisions); with a threshold (given, or the model's stored operating point) report["at_operating_point"]
+    is the same at that threshold."""
     import numpy as np
 
     from lightcnn.api import load
@@ -88,6 +107,14 @@ def evaluate(model_path, data, split="test", split_method=None, seed=None, fract
         probs.append(clf.predict(batch, batch_size))
     probs = np.concatenate(probs)
     report = classification_report(y, probs, clf.class_names, positive=positive, n_bootstrap=n_bootstrap, seed=seed)
+    stored = (clf.checkpoint.extra or {}).get("operating_point") or {}
+    if threshold is None and stored.get("class") == positive:
+        threshold = stored.get("threshold")
+    if threshold is not None:
+        if positive is None:
+            raise LightCNNError("--threshold needs a positive class (--positive CLASS)")
+        report["at_operating_point"] = classification_report(y, probs, clf.class_names, positive=positive,
+                                                             n_bootstrap=n_bootstrap, seed=seed, threshold=threshold)
     info = {"model": str(model_path), "data": str(data), "split": split, "split_method": method, "seed": seed,
             "images": int(len(idx)), "positive": positive}
     return report, info
@@ -106,7 +133,8 @@ def main(argv=None):
     try:
         report, info = evaluate(args.model, args.data, args.split, args.split_method, args.seed, args.fractions,
                                 args.csv, args.positive, args.bootstrap, args.batch_size,
-                                warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
+                                warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True),
+                                threshold=args.threshold)
     except LightCNNError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 1
@@ -117,6 +145,10 @@ def main(argv=None):
         print(f"{info['model']} on {info['data']}: {info['split']} split ({info['split_method']}, "
               f"seed {info['seed']}), {info['images']} images{pos}")
         print(format_report(report))
+        at = report.get("at_operating_point")
+        if at is not None:
+            print(f"\nat the operating point: {info['positive']} when P({info['positive']}) >= {at['threshold']:.4f}")
+            print(format_report(at))
     return 0
 
 

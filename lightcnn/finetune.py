@@ -148,13 +148,17 @@ def _summary(report):
         lines.append(f"{report['k']}-fold {report['kfold_split']} (mean ± std):")
         lines.append(format_kfold(report["kfold"]))
         return "\n".join(lines)
+    op = report.get("operating_point")
     for split in ("val", "test"):
-        if split in report:
-            r = report[split]
+        for label, r in ((split, report.get(split)),
+                         (f"{split} at P({op['class']}) >= {op['threshold']:.3f}" if op else None,
+                          (report.get("at_operating_point") or {}).get(split))):
+            if r is None:
+                continue
             ci = r["confidence_intervals"]
             parts = [f"{k} {r[k]:.4f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if r[k] is not None and ci[k][0] is not None
                      else f"{k} {r[k]}" for k in ("accuracy", "sensitivity", "specificity", "f1", "roc_auc")]
-            lines.append(f"{split}: " + ", ".join(parts))
+            lines.append(f"{label}: " + ", ".join(parts))
     return "\n".join(lines)
 
 

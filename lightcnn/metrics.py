@@ -22,7 +22,9 @@ prediction). For one "positive" class the others are pooled into "negative":
 A ratio whose denominator is 0 (e.g. precision when nothing is predicted positive) is undefined and returned as
 nan, never silently as 0 or 1; `classification_report` turns nan into None so the result is valid JSON.
 
-This module does not threshold probabilities other than by argmax, and does not import scikit-learn.
+Decisions are argmax(probs) unless a `threshold` is given for the positive class: then sample i is called
+positive when probs[i, positive] >= threshold and otherwise gets its best other class. `youden_threshold` picks
+such an operating point on a validation split. This module does not import scikit-learn.
 """
 
 from __future__ import annotations
@@ -141,17 +143,54 @@ def per_class_report(y_true, y_pred, class_names) -> dict:
     return rows
 
 
-def metric_vector(y_true, probs, positive=None) -> np.ndarray:
-    """(6,) float64 in METRIC_NAMES order for predictions argmax(probs).
+def decide(probs, positive=None, threshold=None) -> np.ndarray:
+    """(N,) predicted class indices: argmax(probs), or with `threshold`, `positive` wherever
+    probs[:, positive] >= threshold and the best other class elsewhere."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if threshold is None:
+        return probs.argmax(axis=1)
+    if positive is None:
+        raise ValueError("a decision threshold needs a positive class")
+    others = probs.copy()
+    others[:, positive] = -np.inf
+    return np.where(probs[:, positive] >= threshold, positive, others.argmax(axis=1))
+
+
+def youden_threshold(y_true, y_score, positive=1) -> float:
+    """The threshold t maximising Youden's J = sensitivity + specificity - 1 of "positive iff score >= t".
+
+    Candidates are the observed scores (J only changes there); among equally good ones the one nearest 0.5
+    (argmax's threshold for two classes) wins, so a split that cannot tell them apart keeps the usual rule.
+    nan if y_true lacks either class.
+    """
+    y_true = np.asarray(y_true).ravel()
+    y_score = np.asarray(y_score, dtype=np.float64).ravel()
+    pos = y_true == positive
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    cands = np.unique(y_score)
+    # called positive at threshold t: scores >= t. Counts via sorted scores, O(N log N).
+    pos_sorted, neg_sorted = np.sort(y_score[pos]), np.sort(y_score[~pos])
+    tp = n_pos - np.searchsorted(pos_sorted, cands, side="left")
+    fp = n_neg - np.searchsorted(neg_sorted, cands, side="left")
+    j = tp / n_pos + (n_neg - fp) / n_neg - 1.0
+    best = np.flatnonzero(np.isclose(j, j.max(), rtol=0, atol=1e-12))
+    return float(cands[best[np.argmin(np.abs(cands[best] - 0.5))]])
+
+
+def metric_vector(y_true, probs, positive=None, threshold=None) -> np.ndarray:
+    """(6,) float64 in METRIC_NAMES order for the decisions `decide(probs, positive, threshold)`.
 
     positive = class index: that class vs the rest (binary metrics; AUC of probs[:, positive]).
     positive = None: macro averages over classes of the one-vs-rest sensitivity, specificity, precision, f1 and
     AUC (for K = 2 the macro sensitivity and specificity both equal the balanced accuracy).
+    The AUC does not depend on the threshold.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     k = probs.shape[1]
-    cm = confusion_matrix(y_true, probs.argmax(axis=1), k)
+    cm = confusion_matrix(y_true, decide(probs, positive, threshold), k)
     acc = _ratio(np.trace(cm), cm.sum())
     if positive is not None:
         m = binary_metrics_from_cm(cm, positive)
@@ -251,7 +290,7 @@ def _json(x):
 
 
 def classification_report(y_true, probs, class_names, positive=None, n_bootstrap=1000, seed=0,
-                          confidence=0.95) -> dict:
+                          confidence=0.95, threshold=None) -> dict:
     """The report.json body for one split.
 
     y_true (N,) ints; probs (N, K) class scores; class_names (K,).
@@ -263,6 +302,7 @@ def classification_report(y_true, probs, class_names, positive=None, n_bootstrap
         confidence_intervals    {metric: [lo, hi]} at `confidence`, `n_bootstrap` stratified BCa resamples
                                 (see `bootstrap_ci`); [None, None] when n_bootstrap = 0
         per_class               `per_class_report` (precision, recall, specificity, f1, support per class)
+        threshold               only when given: decisions are `decide(probs, positive, threshold)`, not argmax
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -274,7 +314,7 @@ def classification_report(y_true, probs, class_names, positive=None, n_bootstrap
         positive = list(class_names).index(positive)
 
     def fn(yt, pr):
-        return metric_vector(yt, pr, positive)
+        return metric_vector(yt, pr, positive, threshold)
 
     values = fn(y_true, probs)
     if n_bootstrap:
@@ -282,10 +322,13 @@ def classification_report(y_true, probs, class_names, positive=None, n_bootstrap
     else:
         lo = hi = np.full(len(METRIC_NAMES), math.nan)
     report = {name: _json(v) for name, v in zip(METRIC_NAMES, values)}
-    report["confusion_matrix"] = confusion_matrix(y_true, probs.argmax(axis=1), len(class_names)).tolist()
+    y_pred = decide(probs, positive, threshold)
+    report["confusion_matrix"] = confusion_matrix(y_true, y_pred, len(class_names)).tolist()
     report["confidence_intervals"] = {name: [_json(a), _json(b)] for name, a, b in zip(METRIC_NAMES, lo, hi)}
     report["per_class"] = {name: {k: (_json(v) if k != "support" else v) for k, v in row.items()}
-                           for name, row in per_class_report(y_true, probs.argmax(axis=1), class_names).items()}
+                           for name, row in per_class_report(y_true, y_pred, class_names).items()}
+    if threshold is not None:
+        report["threshold"] = float(threshold)
     return report
 
 
@@ -322,5 +365,5 @@ def format_kfold(summary) -> str:
 
 
 __all__ = ["METRIC_NAMES", "binary_counts", "binary_metrics", "binary_metrics_from_cm", "bootstrap_ci",
-           "classification_report", "confusion_matrix", "format_kfold", "format_report", "kfold_summary",
-           "metric_vector", "per_class_report", "roc_auc", "roc_auc_ovr"]
+           "classification_report", "confusion_matrix", "decide", "format_kfold", "format_report", "kfold_summary",
+           "metric_vector", "per_class_report", "roc_auc", "roc_auc_ovr", "youden_threshold"]

@@ -124,12 +124,31 @@ def expand_images(args):
 # -- output ------------------------------------------------------------------------------------------------------
 
 
-def _format_text(name, preds, cam_png=None):
+def _format_text(name, preds, cam_png=None, decision=None):
     lines = [name]
-    lines += [f"{rank:>4d}  {p.score:.4f}  {p.wnid}  {p.label}" for rank, p in enumerate(preds, 1)]
+    # A fine-tuned model's classes have no separate IDs (wnid == label): print the name once.
+    lines += [f"{rank:>4d}  {p.score:.4f}  {p.wnid}  {p.label}" if p.wnid != p.label else
+              f"{rank:>4d}  {p.score:.4f}  {p.label}" for rank, p in enumerate(preds, 1)]
+    if decision:
+        lines.append(f"   decision  {decision['label']}  (operating point: {decision['positive']} when "
+                     f"P >= {decision['threshold']:.4f})")
     if cam_png:
         lines.append(f"   cam  {cam_png}")
     return "\n".join(lines)
+
+
+def _decisions(probs, clf):
+    """Per image {"label", "positive", "threshold"} at the model's stored operating point (a two-class model
+    fine-tuned with a positive class, see lightcnn.evaluate), else None."""
+    op = (clf.checkpoint.extra or {}).get("operating_point") or {}
+    if op.get("class") not in clf.class_names or op.get("threshold") is None:
+        return [None] * len(probs)
+    from lightcnn.metrics import decide
+
+    positive = clf.class_names.index(op["class"])
+    labels = decide(probs, positive, float(op["threshold"]))
+    return [{"label": clf.class_names[int(k)], "positive": op["class"], "threshold": float(op["threshold"])}
+            for k in labels]
 
 
 class _Progress:
@@ -278,7 +297,9 @@ def _run(args, paths, clf):
             feats = clf.model.features(batch) if cam_method == "cam" else None
             logits = clf.model.head(feats) if feats is not None else clf.model.forward(batch)
             infer_ms = (time.perf_counter() - t0) * 1e3 / len(good)
-            preds = topk(softmax(logits), args.topk, clf.class_names, clf.class_ids)
+            probs = softmax(logits)
+            preds = topk(probs, args.topk, clf.class_names, clf.class_ids)
+            decisions = _decisions(probs, clf)
             cams = [None] * len(good)
             if cam_method:
                 t0 = time.perf_counter()
@@ -310,9 +331,12 @@ def _run(args, paths, clf):
                               "inference_ms": round(infer_ms, 3), "batch_size": len(good)}
                     if cams[i]:
                         record["cam"] = cams[i]
+                    if decisions[i]:
+                        record["decision"] = decisions[i]
                     print(json.dumps(record))
                 else:
-                    print(("\n" if printed else "") + _format_text(path, preds[i], cams[i] and cams[i]["png"]))
+                    print(("\n" if printed else "") + _format_text(path, preds[i], cams[i] and cams[i]["png"],
+                                                                      decisions[i]))
                 printed += 1
             sys.stdout.flush()
         progress.update(start + len(chunk))

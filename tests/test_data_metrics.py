@@ -516,3 +516,61 @@ def test_oversample_indices_balances_classes():
     ones = Counter(idx[labels[idx] == 1].tolist())
     assert sorted(ones.values()) == [3, 3, 4]  # repeats spread evenly: 10 = 3 + 3 + 4
     np.testing.assert_array_equal(idx, augment.oversample_indices(labels, seed=0))
+
+
+# ---------------------------------------------------------------------------------------- operating point
+
+
+def _youden_brute_force(y, s, positive=1):
+    """Every candidate threshold tried by counting, the plainest possible reading of the definition."""
+    best, best_j = None, -np.inf
+    for t in sorted(set(s.tolist())):
+        called = s >= t
+        tp = np.sum(called & (y == positive))
+        tn = np.sum(~called & (y != positive))
+        j = tp / np.sum(y == positive) + tn / np.sum(y != positive) - 1
+        if j > best_j + 1e-12 or (abs(j - best_j) <= 1e-12 and abs(t - 0.5) < abs(best - 0.5)):
+            best, best_j = t, j
+    return best
+
+
+def test_youden_threshold_by_hand():
+    # scores of negatives 0.1 0.2 0.4, positives 0.35 0.8 0.9: at t = 0.35 all positives are caught and one
+    # negative (0.4) is called positive: J = 1 + 2/3 - 1 = 0.667; t = 0.8 gives 2/3 + 1 - 1 = 0.667 too,
+    # and 0.35 is nearer 0.5 -> 0.35; argmax's 0.5 would give J = 2/3 as well but is not a candidate.
+    y = np.array([0, 0, 1, 1, 1, 0])
+    s = np.array([0.1, 0.2, 0.35, 0.8, 0.9, 0.4])
+    assert metrics.youden_threshold(y, s, 1) == 0.35
+    assert math.isnan(metrics.youden_threshold(np.zeros(4, int), s[:4], 1))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_youden_threshold_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 60)
+    s = np.round(np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.25, 60), 0, 1), 2)  # ties on purpose
+    assert metrics.youden_threshold(y, s, 1) == _youden_brute_force(y, s, 1)
+    assert metrics.youden_threshold(1 - y, s, 0) == _youden_brute_force(1 - y, s, 0)  # positive = class 0
+
+
+def test_decide_with_threshold_and_three_classes():
+    probs = np.array([[0.5, 0.3, 0.2], [0.2, 0.25, 0.55], [0.6, 0.1, 0.3]])
+    assert metrics.decide(probs).tolist() == [0, 2, 0]
+    # positive = 1 at threshold 0.25: row 0 (0.3) and row 1 (0.25, >=) become 1; row 2 keeps its best other class
+    assert metrics.decide(probs, 1, 0.25).tolist() == [1, 1, 0]
+    with pytest.raises(ValueError):
+        metrics.decide(probs, None, 0.3)
+
+
+def test_classification_report_at_threshold_by_hand():
+    y = np.array([0, 0, 1, 1, 1, 0])
+    s = np.array([0.1, 0.2, 0.35, 0.8, 0.9, 0.4])
+    probs = np.stack([1 - s, s], 1)
+    at = metrics.classification_report(y, probs, ["neg", "pos"], positive="pos", n_bootstrap=0, threshold=0.35)
+    # called positive: 0.35, 0.8, 0.9 (all three positives) and 0.4 (a negative)
+    assert at["confusion_matrix"] == [[2, 1], [0, 3]] and at["threshold"] == 0.35
+    assert at["sensitivity"] == 1.0 and at["specificity"] == pytest.approx(2 / 3)
+    assert at["accuracy"] == pytest.approx(5 / 6) and at["precision"] == pytest.approx(3 / 4)
+    plain = metrics.classification_report(y, probs, ["neg", "pos"], positive="pos", n_bootstrap=0)
+    assert plain["confusion_matrix"] == [[3, 0], [1, 2]] and "threshold" not in plain
+    assert at["roc_auc"] == plain["roc_auc"]  # the ranking does not depend on the decision rule

@@ -152,3 +152,52 @@ def test_kfold_reports_mean_and_std(workspace, capsys):
     assert report["k"] == 3 and len(report["folds"]) == 3
     assert set(METRIC_NAMES) <= set(report["kfold"]) and report["kfold"]["accuracy"]["n"] == 3
     assert np.array(report["kfold"]["confusion_matrix"]).sum() == 28  # every image is tested exactly once
+
+
+def test_operating_point_is_chosen_on_val_stored_and_used_by_evaluate_and_predict(workspace, capsys):
+    from lightcnn.metrics import youden_threshold
+    from lightcnn.predict import main as predict_main
+
+    out = workspace / "run_op"
+    assert _run(workspace, out, "--epochs", "3", "--positive", "stripes") == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    op = report["operating_point"]
+    assert op["class"] == "stripes" and 0.0 <= op["threshold"] <= 1.0
+    # the threshold is a function of the validation split alone: recompute it from best.h5's val scores
+    clf = lightcnn.load(str(out / "best.h5"))
+    assert clf.checkpoint.extra["operating_point"] == op
+    from lightcnn.data import discover, split_dataset
+
+    ds = discover(str(workspace / "data"))
+    with pytest.warns(UserWarning, match="GROUP"):
+        parts = split_dataset(ds, "random", (0.8, 0.1, 0.1), 0)
+    scores = clf.predict([str(ds.items[i].path) for i in parts.val])[:, CLASSES.index("stripes")]
+    assert youden_threshold(ds.labels[parts.val], scores, CLASSES.index("stripes")) == pytest.approx(
+        op["threshold"], abs=1e-6)
+    at = report["at_operating_point"]["test"]
+    assert at["threshold"] == op["threshold"] and sum(map(sum, at["confusion_matrix"])) == report["sizes"]["test"]
+
+    assert evaluate_main([str(out / "best.h5"), str(workspace / "data"), "--json", "--bootstrap", "0"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["at_operating_point"]["confusion_matrix"] == at["confusion_matrix"]
+    assert evaluate_main([str(out / "best.h5"), str(workspace / "data"), "--json", "--bootstrap", "0",
+                          "--threshold", "1.0"]) == 0
+    forced = json.loads(capsys.readouterr().out)["at_operating_point"]
+    # a higher threshold can only call fewer images positive
+    assert forced["threshold"] == 1.0
+    assert np.array(forced["confusion_matrix"])[:, 1].sum() <= np.array(at["confusion_matrix"])[:, 1].sum()
+    with pytest.raises(SystemExit) as usage:
+        evaluate_main([str(out / "best.h5"), str(workspace / "data"), "--threshold", "1.5"])
+    assert usage.value.code == 2
+
+    image = str(workspace / "data" / "stripes" / "00.png")
+    assert predict_main(["--weights", str(out / "best.h5"), image, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    p_stripes = next(p["score"] for p in record["topk"] if p["label"] == "stripes")
+    expected = "stripes" if p_stripes >= op["threshold"] else "blobs"
+    assert record["decision"] == {"label": expected, "positive": "stripes", "threshold": op["threshold"]}
+    assert predict_main(["--weights", str(out / "best.h5"), image]) == 0
+    text = capsys.readouterr().out
+    assert f"decision  {expected}" in text
+    assert not re.search(r"stripes\s+stripes|blobs\s+blobs", text)  # a class without an ID is printed once

@@ -44,7 +44,7 @@ from lightcnn.errors import LightCNNError
 from lightcnn.kernels.linear import softmax
 from lightcnn.layers.base import Sequential
 from lightcnn.layers.basic import BatchNorm
-from lightcnn.metrics import classification_report, kfold_summary
+from lightcnn.metrics import classification_report, kfold_summary, youden_threshold
 from lightcnn.preprocess import GRAYSCALE_227, TORCHVISION, Preprocessing
 from lightcnn.train.features import augment_config, extract_features, split_backbone
 from lightcnn.train.loop import TrainConfig, TrainState, fit, predict_logits
@@ -301,9 +301,22 @@ def _throttled(progress, label, every=10.0):
     return report
 
 
-def _report(y, logits, class_names, positive, n_bootstrap, seed):
+def _report(y, logits, class_names, positive, n_bootstrap, seed, threshold=None):
     probs = softmax(logits.astype(np.float64))
-    return classification_report(y, probs, class_names, positive=positive, n_bootstrap=n_bootstrap, seed=seed)
+    return classification_report(y, probs, class_names, positive=positive, n_bootstrap=n_bootstrap, seed=seed,
+                                 threshold=threshold)
+
+
+def _operating_point(y, logits, positive, class_names):
+    """For two classes with a positive one: the P(positive) threshold maximising Youden's J on the validation
+    split (metrics.youden_threshold), as {"class", "threshold", "rule"}; None when that is not defined."""
+    if positive is None or len(class_names) != 2 or "val" not in logits:
+        return None
+    threshold = youden_threshold(y["val"], softmax(logits["val"].astype(np.float64))[:, positive], positive)
+    if math.isnan(threshold):
+        return None
+    return {"class": class_names[positive], "threshold": threshold,
+            "rule": "maximum Youden's J (sensitivity + specificity - 1) on the validation split"}
 
 
 def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
@@ -358,9 +371,16 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
 
     report = {"class_names": class_names, "positive": cfg.positive, **extra_meta}
     shown = [n for n in ("train", "val", "test") if x.get(n) is not None and (n != "test" or cfg.report_test)]
+    logits = {name: predict_logits(net, x[name][0] if name == "train" else x[name]) for name in shown}
     for name in shown:
-        xs = x[name][0] if name == "train" else x[name]
-        report[name] = _report(y[name], predict_logits(net, xs), class_names, positive, cfg.n_bootstrap, tcfg.seed)
+        report[name] = _report(y[name], logits[name], class_names, positive, cfg.n_bootstrap, tcfg.seed)
+    operating_point = _operating_point(y, logits, positive, class_names)
+    if operating_point is not None:
+        # The same model at the validation-chosen threshold: argmax stays the headline decision rule.
+        report["operating_point"] = operating_point
+        report["at_operating_point"] = {
+            name: _report(y[name], logits[name], class_names, positive, cfg.n_bootstrap, tcfg.seed,
+                          threshold=operating_point["threshold"]) for name in shown}
     report["sizes"] = {n: int(len(idx)) for n, idx in parts.items()}
     report["best_epoch"] = result.best_epoch + 1
     report["epochs_run"] = len(result.history)
@@ -380,7 +400,8 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
                       provenance={**provenance, "converter": "lightcnn.finetune", "source_file":
                                   provenance.get("base_weights"), "source_sha256": provenance.get("base_sha256")},
                       extra={"training": cfg.to_dict(), "metrics": metrics, "best_epoch": result.best_epoch + 1,
-                             "mode": cfg.mode, "unfreeze": unfreeze, **extra_meta})
+                             "mode": cfg.mode, "unfreeze": unfreeze, **extra_meta,
+                             **({"operating_point": operating_point} if operating_point else {})})
     save_checkpoint(best, ckpt)
     report["best_h5"] = str(best)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
