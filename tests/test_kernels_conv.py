@@ -9,7 +9,7 @@ relative backward (both sides float32, different summation orders).
 import numpy as np
 import pytest
 
-import lightcnn.kernels.conv as conv_mod
+import lightcnn.kernels._args as args_mod
 from lightcnn.kernels.activation import ACTIVATIONS
 from lightcnn.kernels.conv import (
     conv2d_backward,
@@ -188,7 +188,7 @@ def test_chunked_equals_unchunked(rng, monkeypatch):
         )
 
     whole = run()
-    monkeypatch.setattr(conv_mod, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(args_mod, "CHUNK_BYTES", 1)
     for a, c in zip(whole, run()):
         np.testing.assert_allclose(c, a, rtol=1e-6, atol=1e-6)
 

@@ -32,17 +32,8 @@ Shapes: conv_transpose2d_forward(x (N,H,W,C), w (KH,KW,C,O), b (O,)) -> y (N,H',
 import numpy as np
 
 from lightcnn.kernels.activation import ACT_NONE
-from lightcnn.kernels.conv import (
-    _act_code,
-    _bias_or_zeros,
-    _images_per_chunk,
-    _like,
-    _nhwc,
-    _pad4,
-    _pair,
-    col2im,
-    im2col,
-)
+from lightcnn.kernels._args import _act_code, _bias_or_zeros, _images_per_chunk, _like, _nhwc, _pad4, _pair
+from lightcnn.kernels.conv import col2im, im2col
 from lightcnn.kernels.shapes import transpose_output_size
 
 

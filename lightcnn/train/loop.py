@@ -196,11 +196,9 @@ def single_threaded():
     """
     import numba
 
+    from lightcnn._threads import single_threaded_blas
+
     previous = numba.get_num_threads()
-    try:
-        from lightcnn.tune._threads import single_threaded_blas  # one helper for the package's tiny-GEMM loops
-    except ImportError:  # pragma: no cover - the helper is optional; only speed changes
-        single_threaded_blas = contextlib.nullcontext
     numba.set_num_threads(1)
     try:
         with single_threaded_blas():

@@ -19,7 +19,7 @@ How it works, one module each:
 - optimizer.py    ``Optimizer.ask()/tell()``: initial design (Sobol/LHS), constant-liar batches
 - trial_log.py    append-only JSON Lines log, crash-tolerant
 - runner.py       ``minimize`` loop, resume, callbacks ``NoImprovement`` and ``TimeBudget``
-- _threads.py     single-threaded BLAS around L-BFGS-B (SciPy ≥ 1.15 slowdown, see there)
+- lightcnn/_threads.py: single-threaded BLAS around L-BFGS-B (SciPy ≥ 1.15 slowdown, see there)
 """
 
 from .optimizer import OptimizeResult, Optimizer

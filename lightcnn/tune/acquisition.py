@@ -35,7 +35,7 @@ import numpy as np
 from scipy.optimize import minimize as _scipy_minimize
 from scipy.special import erfcx, log_ndtr, ndtr
 
-from ._threads import single_threaded_blas
+from lightcnn._threads import single_threaded_blas
 
 __all__ = ["expected_improvement", "log_expected_improvement", "probability_of_improvement",
            "log_probability_of_improvement", "lower_confidence_bound", "acquisition_score",
@@ -148,7 +148,7 @@ def maximize_acquisition(gp, space, rng, kind, y_best, xi=0.0, kappa=1.96,
                 grad = dval_dm[:, None] * dm + dval_ds[:, None] * ds
                 return -val[0], -grad[0, cont]
 
-            with single_threaded_blas():  # L-BFGS-B's tiny LAPACK calls: see _threads.py
+            with single_threaded_blas():  # L-BFGS-B's tiny LAPACK calls: see lightcnn/_threads.py
                 res = _scipy_minimize(negative, x0[cont], jac=True, method="L-BFGS-B",
                                       bounds=[(0.0, 1.0)] * cont.size, options={"maxiter": 100})
             x = x0.copy()

@@ -37,7 +37,7 @@ import numpy as np
 from scipy.linalg import LinAlgError, cholesky, lapack
 from scipy.optimize import minimize as _scipy_minimize
 
-from ._threads import single_threaded_blas
+from lightcnn._threads import single_threaded_blas
 
 __all__ = ["matern52", "kernel_with_gradient", "cholesky_jitter", "inverse_factor", "log_marginal_likelihood",
            "GaussianProcess"]
@@ -186,7 +186,7 @@ class GaussianProcess:
                 rng.uniform(np.log(0.05), np.log(2.0), X.shape[1]),
                 rng.uniform(np.log(1e-6), np.log(1e-1), 1)]))
         best_theta, best_val = theta0, np.inf
-        with single_threaded_blas():  # L-BFGS-B's tiny LAPACK calls: see _threads.py
+        with single_threaded_blas():  # L-BFGS-B's tiny LAPACK calls: see lightcnn/_threads.py
             for start in starts:
                 res = _scipy_minimize(neg_lml, np.clip(start, bounds[:, 0], bounds[:, 1]), jac=True,
                                       method="L-BFGS-B", bounds=bounds, options={"maxiter": 200})
