@@ -212,8 +212,10 @@ def test_dense_rejects_bad_shapes():
         L.dense_forward(np.zeros((2, 4), np.float32), np.zeros((4, 5), np.float32), np.zeros(4))
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (1, 1000), (5, 2)])
+# (40, 1000) is above SOFTMAX_SERIAL_MAX: the parallel compilation; the others run the serial one.
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (1, 1000), (5, 2), (40, 1000)])
 def test_softmax_and_log_softmax_match_twin(rng, shape):
+    assert (np.prod(shape) >= L.SOFTMAX_SERIAL_MAX) == (shape == (40, 1000))
     z = (rng.standard_normal(shape) * 5).astype(np.float32)
     p = L.softmax(z)
     assert_close(p, ref.softmax_ref(z), 1e-6, "softmax")

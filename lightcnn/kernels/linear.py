@@ -45,8 +45,7 @@ def _bias_act(z, b, act, alpha, y):
     act_forward_flat(z.reshape(-1), act, alpha, y.reshape(-1))
 
 
-@kernel(parallel=True)
-def _log_softmax_rows(z, logp):
+def _log_softmax_rows_body(z, logp):
     """logp[n] = z[n] - max z[n] - log sum exp(z[n] - max z[n])."""
     n, k = z.shape
     for i in prange(n):
@@ -62,8 +61,7 @@ def _log_softmax_rows(z, logp):
             logp[i, j] = (z[i, j] - zmax) - lse
 
 
-@kernel(parallel=True)
-def _softmax_rows(z, p):
+def _softmax_rows_body(z, p):
     n, k = z.shape
     for i in prange(n):
         zmax = z[i, 0]
@@ -76,6 +74,16 @@ def _softmax_rows(z, p):
         inv = 1.0 / total
         for j in range(k):
             p[i, j] = math.exp(np.float64(z[i, j] - zmax)) * inv
+
+
+# One body, two compilations: rows spread over threads for big inputs; a serial loop for the small
+# ones (a 2-class head on a batch of 32 is 64 exponentials, far less than waking a thread costs),
+# which training on cached features calls every step.
+_log_softmax_rows = kernel(parallel=True)(_log_softmax_rows_body)
+_log_softmax_rows_serial = kernel(_log_softmax_rows_body)
+_softmax_rows = kernel(parallel=True)(_softmax_rows_body)
+_softmax_rows_serial = kernel(_softmax_rows_body)
+SOFTMAX_SERIAL_MAX = 1 << 14  # elements; below this the serial loop is faster on 2 cores
 
 
 # --------------------------------------------------------------------------- validation
@@ -169,7 +177,7 @@ def softmax(logits):
     """logits (N,K) -> probabilities p (N,K), each row summing to 1 (max-subtracted, stable)."""
     z = _logits(logits)
     p = np.empty_like(z)
-    _softmax_rows(z, p)
+    (_softmax_rows_serial if z.size < SOFTMAX_SERIAL_MAX else _softmax_rows)(z, p)
     return p
 
 
@@ -177,7 +185,7 @@ def log_softmax(logits):
     """logits (N,K) -> log-probabilities logp (N,K) (log-sum-exp with the max subtracted)."""
     z = _logits(logits)
     logp = np.empty_like(z)
-    _log_softmax_rows(z, logp)
+    (_log_softmax_rows_serial if z.size < SOFTMAX_SERIAL_MAX else _log_softmax_rows)(z, logp)
     return logp
 
 
