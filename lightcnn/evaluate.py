@@ -22,6 +22,7 @@ import os
 import sys
 import warnings
 
+from lightcnn._cli import probability
 from lightcnn.errors import LightCNNError
 
 
@@ -40,7 +41,7 @@ def build_parser():
     p.add_argument("--csv", metavar="FILE", help="explicit CSV of file,label[,group][,split]")
     p.add_argument("--positive", metavar="CLASS", help="class for sensitivity etc. (default: the training run's; "
                                                         "none = macro averages)")
-    p.add_argument("--threshold", type=_probability, metavar="T",
+    p.add_argument("--threshold", type=probability, metavar="T",
                    help="also report decisions 'positive iff P(positive) >= T' (default: the model's stored "
                         "operating point, if any)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
@@ -48,16 +49,6 @@ def build_parser():
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (16)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
     return p
-
-
-def _probability(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
-    return value
 
 
 def evaluate(model_path, data, split="test", split_method=None, seed=None, fractions=None, csv=None,
