@@ -25,8 +25,8 @@ How (why it is shaped like this):
 Cost: 2*K FLOPs per output element in BLAS; the epilogue is 2-4 FLOPs per element.
 
 Also here, for the same inference plan (lightcnn.layers.plan): a squeeze-excitation gate
-(global average -> dense+ReLU -> dense+hard-sigmoid), a dense layer split over its input
-features, and a max pool that does not record the argmax that only training needs.
+(global average -> dense+ReLU -> dense+hard-sigmoid) and a max pool that does not record the
+argmax that only training needs. A dense layer is a pointwise conv on (N, F): gemm_bias_act.
 
 Deliberately absent: backward passes (training uses conv.py and friends), float16/int8,
 and Winograd. Results equal conv2d_forward/pointwise_conv_forward up to float32 GEMM
@@ -40,7 +40,7 @@ from lightcnn.kernels.activation import (ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT
                                          act_scalar)
 from lightcnn.kernels.depthwise import dw_output_row
 
-__all__ = ["gemm_bias_act", "gemm_bias_act_serial", "conv_im2col_bias_act", "inverted_residual_band", "se_gate", "dense_bias_act", "max_pool_inference",
+__all__ = ["gemm_bias_act", "gemm_bias_act_serial", "conv_im2col_bias_act", "inverted_residual_band", "se_gate", "max_pool_inference",
            "choose_tile"]
 
 # Rows of one GEMM tile. Each BLAS call packs the whole weight matrix, so tiles must not be
@@ -316,7 +316,7 @@ def band_layout(n_img, h_out, w_in, e_ch, kh, sh, threads, buffer_bytes=1 << 18,
     return items, sub_rows
 
 
-# --------------------------------------------------------------------------- squeeze-excitation, dense
+# --------------------------------------------------------------------------- squeeze-excitation, max pool
 
 
 @kernel
@@ -358,38 +358,6 @@ def se_gate(x, w1, b1, w2, b2, gate, alpha, s):
         for c in range(c_in):
             sn[c] += b2[c]
         act_forward_flat(sn, gate, alpha, sn)
-
-
-@kernel(parallel=True)
-def dense_bias_act(x, w, b, act, alpha, partial, y):
-    """y = act(x @ w + b) with the F input features split into partial.shape[0] chunks.
-
-    x (N,F), w (F,O), partial (P, N, O) scratch, y (N,O). A classifier is a matrix-vector
-    product bound by reading w (5 MB for 1280x1000): splitting F gives each thread a
-    contiguous block of w's rows. P is fixed by the caller, not by the thread count, so
-    the summation order and hence the result do not depend on threads.
-    """
-    n_img, f = x.shape
-    n_parts = partial.shape[0]
-    for p in prange(n_parts):
-        k0 = p * f // n_parts
-        k1 = (p + 1) * f // n_parts
-        xs = np.empty((n_img, k1 - k0), dtype=x.dtype)
-        for n in range(n_img):
-            for k in range(k0, k1):
-                xs[n, k - k0] = x[n, k]
-        np.dot(xs, w[k0:k1], partial[p])
-    n_out = w.shape[1]
-    acc = np.empty(n_out, dtype=y.dtype)
-    for n in range(n_img):
-        for o in range(n_out):
-            acc[o] = partial[0, n, o]
-        for p in range(1, n_parts):
-            for o in range(n_out):
-                acc[o] += partial[p, n, o]
-        for o in range(n_out):
-            acc[o] += b[o]
-        act_forward_flat(acc, act, alpha, y[n])
 
 
 @kernel(parallel=True)

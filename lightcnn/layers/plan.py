@@ -42,10 +42,13 @@ from lightcnn.layers.blocks import ConvBNAct, Fire, InvertedResidual, SqueezeExc
 
 _F32 = np.float32
 _DUMMY2 = np.zeros((1, 1), _F32)  # stands in for "no residual" / "no SE scale" (typed arguments)
-_DENSE_PARTS = 2  # fixed split of a dense layer's inputs: results independent of the thread count
 # A bottleneck runs as one band-by-band kernel (fused.inverted_residual_band) when its expanded
-# tensor is at least this large; smaller ones stay in cache anyway and parallelise better as GEMMs.
+# tensor is at least _FUSE_MIN_BYTES for the batch or _FUSE_MIN_IMAGE_BYTES for one image; smaller
+# ones stay in cache anyway and parallelise better as GEMMs. The per-image rule only matters at
+# batch 1-3: it fuses MobileNetV2's 56x56x144 blocks, which never writes their expanded tensors
+# (arena 7.6 -> 3.0 MB, batch-1 forward ~4.5 -> ~3.9 ms in back-to-back runs, noisy).
 _FUSE_MIN_BYTES = 1 << 22
+_FUSE_MIN_IMAGE_BYTES = 1 << 20
 # Small layers run on one thread: GEMMs of fewer multiply-accumulates than SERIAL_MAX_MACS (the 1x1
 # convs of Fire modules and MobileNet blocks on 7x7 maps at batch 1: ~30 us of work, where waking a
 # second thread and packing the weights twice cost about what the split saves) and depthwise
@@ -349,7 +352,7 @@ class InferencePlan:
             return None
         n, h, w, c = x.shape
         e = dw.in_ch
-        if n * h * w * e * 4 < _FUSE_MIN_BYTES:
+        if n * h * w * e * 4 < _FUSE_MIN_BYTES and h * w * e * 4 < _FUSE_MIN_IMAGE_BYTES:
             return None
         pads = dw.conv.pads(h, w)
         (kh, kw), (sh, sw) = dw.conv.kernel, dw.conv.stride
@@ -418,31 +421,31 @@ class InferencePlan:
         return y
 
     # ---- the rest
+    # The network's tail (global average pool, classifier) is microseconds of work at batch 1; it runs on
+    # NumPy and on the serial GEMM the convolutions already loaded, not on kernels of its own: every
+    # further compiled kernel costs ~2 MB resident and ~10 ms to load in a one-image predict.
     def _gap_fn(self, x, y):
         (xa, xi), ya = self._arg(x), self._arg(y)[0]
-        kern = pool_k._global_avg_fwd
 
         def run(vals):
-            kern(xa if xa is not None else vals[xi], ya)
+            np.mean(xa if xa is not None else vals[xi], axis=(1, 2), out=ya)
         return run
 
     def _dense(self, layer, x, name):
         y = self._new((x.shape[0], layer.out_features))
-        act = layer.act
+        act, alpha = layer.act, _F32(1.0)
+        weights = _Weights(lambda: (layer.params["weight"], layer.params.get("bias")),
+                           (layer.in_features, layer.out_features))
+        rows = x.shape[0]
 
         def make():
             (xa, xi), ya = self._arg(x), self._arg(y)[0]
-            partial = np.empty((_DENSE_PARTS,) + y.shape, _F32)
-            zero_b = np.zeros(layer.out_features, _F32)
-            kern, alpha = fused.dense_bias_act, _F32(1.0)
+            kern = fused.gemm_bias_act_serial
 
             def run(vals):
-                p = layer.params
-                w = p["weight"]
-                if w.dtype != _F32:
-                    w = w.astype(_F32)
-                b = p.get("bias", zero_b)
-                kern(xa if xa is not None else vals[xi], w, b.astype(_F32, copy=False), act, alpha, partial, ya)
+                w, b = weights()
+                xv = xa if xa is not None else np.ascontiguousarray(vals[xi], dtype=_F32)
+                kern(xv, w, b, _DUMMY2, False, _DUMMY2, 1, False, act, alpha, rows, ya, 0)
             return run
 
         self._step(name, make)
