@@ -214,3 +214,17 @@ def test_batchnorm_training_updates_running_stats(rng):
     before = bn.buffers["running_mean"].copy()
     bn.forward(x, training=True)
     np.testing.assert_array_equal(bn.buffers["running_mean"], before)
+
+
+def test_skip_initialisation_gives_zero_weights_only_inside_the_block():
+    from lightcnn.layers.basic import skip_initialisation
+
+    with skip_initialisation():
+        conv, dense = Conv2d(3, 4, 3), Dense(5, 2, init="glorot")
+        with skip_initialisation():
+            pass
+        dw = DepthwiseConv2d(4, 3)  # still inside the outer block after the nested one ends
+    assert not conv.params["weight"].any() and not dense.params["weight"].any() and not dw.params["weight"].any()
+    assert conv.params["weight"].dtype == np.float32 and dense.params["weight"].shape == (5, 2)
+    after = Conv2d(3, 4, 3)
+    assert after.params["weight"].std() > 0.1  # random (He) initialisation again outside
