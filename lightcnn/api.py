@@ -37,6 +37,15 @@ class Classifier:
         return self.checkpoint.provenance.get("registry_name") or Path(self.weights_path or "model").stem
 
     @property
+    def operating_point(self):
+        """(positive class name, threshold on its probability) chosen on validation when the model was
+        fine-tuned (lightcnn.train.run), or None: decisions are then argmax."""
+        op = (self.checkpoint.extra or {}).get("operating_point") or {}
+        if op.get("class") not in self.class_names or op.get("threshold") is None:
+            return None
+        return op["class"], float(op["threshold"])
+
+    @property
     def weights_sha256(self):
         if self._sha256 is None and self.weights_path:
             from lightcnn.weights import sha256_of

@@ -98,9 +98,8 @@ def evaluate(model_path, data, split="test", split_method=None, seed=None, fract
         probs.append(clf.predict(batch, batch_size))
     probs = np.concatenate(probs)
     report = classification_report(y, probs, clf.class_names, positive=positive, n_bootstrap=n_bootstrap, seed=seed)
-    stored = (clf.checkpoint.extra or {}).get("operating_point") or {}
-    if threshold is None and stored.get("class") == positive:
-        threshold = stored.get("threshold")
+    if threshold is None and clf.operating_point is not None and clf.operating_point[0] == positive:
+        threshold = clf.operating_point[1]
     if threshold is not None:
         if positive is None:
             raise LightCNNError("--threshold needs a positive class (--positive CLASS)")

@@ -140,15 +140,13 @@ def _format_text(name, preds, cam_png=None, decision=None):
 def _decisions(probs, clf):
     """Per image {"label", "positive", "threshold"} at the model's stored operating point (a two-class model
     fine-tuned with a positive class, see lightcnn.evaluate), else None."""
-    op = (clf.checkpoint.extra or {}).get("operating_point") or {}
-    if op.get("class") not in clf.class_names or op.get("threshold") is None:
+    if clf.operating_point is None:
         return [None] * len(probs)
     from lightcnn.metrics import decide
 
-    positive = clf.class_names.index(op["class"])
-    labels = decide(probs, positive, float(op["threshold"]))
-    return [{"label": clf.class_names[int(k)], "positive": op["class"], "threshold": float(op["threshold"])}
-            for k in labels]
+    name, threshold = clf.operating_point
+    labels = decide(probs, clf.class_names.index(name), threshold)
+    return [{"label": clf.class_names[int(k)], "positive": name, "threshold": threshold} for k in labels]
 
 
 class _Progress:

@@ -166,7 +166,7 @@ def test_operating_point_is_chosen_on_val_stored_and_used_by_evaluate_and_predic
     assert op["class"] == "stripes" and 0.0 <= op["threshold"] <= 1.0
     # the threshold is a function of the validation split alone: recompute it from best.h5's val scores
     clf = lightcnn.load(str(out / "best.h5"))
-    assert clf.checkpoint.extra["operating_point"] == op
+    assert clf.checkpoint.extra["operating_point"] == op and clf.operating_point == ("stripes", op["threshold"])
     from lightcnn.data import discover, split_dataset
 
     ds = discover(str(workspace / "data"))
