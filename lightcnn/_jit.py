@@ -1,51 +1,228 @@
-"""The one Numba configuration of lightcnn.
+"""The one Numba configuration of lightcnn, and the reason numba is imported late.
 
-Every kernel is decorated with `kernel` (or `kernel(parallel=True)`), never
-with `numba.njit` directly, so the compile policy lives here:
+Every kernel is decorated with `kernel` (or `kernel(parallel=True)`), never with
+`numba.njit` directly, so the compile policy lives here:
 
-- ``cache=True``: compiled machine code is stored next to the source in
-  ``__pycache__`` and reused by later processes; nothing compiles at import.
-- ``fastmath`` is off unless a kernel asks for it *and* its parity tests pass
-  with it on; the flag set below excludes ``nnan``/``ninf`` so NaN checks in
-  training still work.
-- ``parallel=True`` only where it pays on 2 cores; ``LIGHTCNN_NO_PARALLEL=1``
-  turns it off everywhere (useful when profiling or debugging).
+- **Nothing happens at import.** `kernel` returns a `Kernel`: the plain Python function
+  plus its options. numba (and LLVM, ~130 MB resident) is imported the first time a
+  kernel is *called*, and only then is the function handed to ``numba.njit``. The NumPy
+  inference engine (lightcnn.layers.plan_numpy) calls no kernel, so a NumPy-engine
+  process never loads LLVM. ``python -m lightcnn.compile`` is the explicit, visible
+  place where kernels get compiled.
+- ``cache=True``: machine code is stored on disk and reused by later processes. Where:
+  ``NUMBA_CACHE_DIR`` if set; else ``__pycache__`` beside the kernels (numba's own
+  default) if it is writable; else a ``numba`` folder in the user cache directory
+  (`lightcnn._paths.user_cache_dir`). With no writable place at all, kernels compile
+  without a cache and `cache_dir()` is None, which the engine choice reads.
+- **One cache entry per variant.** Numba keys its cache on the function's qualified
+  name and ignores ``parallel``; a serial and a parallel compilation of one body would
+  share an entry, and whichever compiled first would run for both. So a parallel
+  compilation is a copy of the function named ``<name>__parallel``.
+- ``fastmath`` is off unless a kernel asks for it *and* its parity tests pass with it on;
+  the flag set below excludes ``nnan``/``ninf`` so NaN checks in training still work.
+- ``parallel=True`` only where it pays on 2 cores; ``LIGHTCNN_NO_PARALLEL=1`` turns it off
+  everywhere (useful when profiling or debugging); serial builds then have their own names.
+- Kernels call each other (an activation inside an epilogue). Numba resolves a callee from
+  the caller module's globals at compile time: a `Kernel` there is typed as its dispatcher
+  (a ``typeof`` rule registered when numba loads), and the ``prange`` stand-in is replaced
+  by ``numba.prange`` before the caller compiles, since Numba's loop parallelizer
+  recognises that one object only (`_bind_prange`). LLVM inlines small callees when it links them;
+  Numba-level ``inline="always"`` is not used (it re-optimises every caller: ~8 s more
+  compile for MobileNetV2, no speed gained).
 - The thread pool: Numba picks TBB when the ``tbb`` package is installed (the ``fast``
   extra) and GNU OpenMP otherwise. A batch-1 forward is ~60 parallel loops microseconds
   apart, so how idle workers wait decides batch-1 latency (numbers: bench/README.md).
-  TBB's workers spin briefly and then yield: MobileNetV2 batch 1 on 2 threads, 3.8 ms.
-  Under OpenMP lightcnn makes workers *sleep* (``OMP_WAIT_POLICY=PASSIVE`` while Numba
-  loads its threading layer, unless the variable is already set): 8 ms, one futex
-  wake-up per loop. GNU OpenMP's default spin is worse on a shared 2-core VM: a spinning
-  worker uses up its scheduler share, and when it is preempted every later parallel loop
-  waits for it a full time slice (12 ms median / 50 ms p90 measured); a short spin
-  (``GOMP_SPINCOUNT=10000``) is fast back to back but 2-3x slower than sleeping on the
-  first call after 30 ms idle.
+  TBB's workers spin briefly and then yield. Under OpenMP lightcnn makes workers *sleep*
+  (``OMP_WAIT_POLICY=PASSIVE`` while Numba loads its threading layer, unless the variable
+  is already set): GNU OpenMP's default spin is worse on a shared 2-core VM, where a
+  spinning worker uses up its scheduler share and every later parallel loop waits for it.
 
 A test (tests/test_jit_policy.py) checks that no module hard-codes these.
 """
 
 import os
-
-import numba
+import threading
+import types
 
 PARALLEL_ENABLED = os.environ.get("LIGHTCNN_NO_PARALLEL", "") not in ("1", "true", "yes")
 
-if not PARALLEL_ENABLED and not os.environ.get("NUMBA_CACHE_DIR"):
-    # Numba's cache key ignores the parallel flag: serial builds get their own cache
-    # folder so they never load machine code compiled with parallel=True (or vice versa).
-    import tempfile
+# Reassociation and contraction let LLVM vectorise reductions and use FMA;
+# no-NaN/no-Inf assumptions are deliberately absent.
+FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "reassoc", "afn"})
 
-    numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), "lightcnn-numba-serial")
+_lock = threading.RLock()
+_state = {"numba": None, "cache_dir": None, "threads": None}
 
 
+def prange(*args):
+    """``range`` in plain Python; inside a compiled kernel it becomes ``numba.prange``."""
+    return range(*args)
 
-def _load_threading_layer():
+
+class Kernel:
+    """A loop-only function that Numba compiles on its first call.
+
+    ``kernel(*args)`` runs the compiled code; ``kernel.dispatcher`` is Numba's dispatcher
+    (importing numba if needed), which hot loops bind once to skip this wrapper.
+    """
+
+    def __init__(self, py_func, parallel, fastmath):
+        self.parallel = bool(parallel and PARALLEL_ENABLED)
+        self.fastmath = bool(fastmath)
+        if self.parallel:
+            py_func = _renamed_copy(py_func, py_func.__name__ + "__parallel")
+        self.py_func = py_func
+        self.__name__, self.__qualname__ = py_func.__name__, py_func.__qualname__
+        self.__module__, self.__doc__ = py_func.__module__, py_func.__doc__
+        self._dispatcher = None
+
+    @property
+    def key(self):
+        """'module.qualname': the name of this variant's cache entry."""
+        return f"{self.__module__}.{self.__qualname__}"
+
+    @property
+    def dispatcher(self):
+        d = self._dispatcher
+        if d is None:
+            with _lock:
+                if self._dispatcher is None:
+                    numba = _numba()
+                    _bind_prange(self.py_func, numba)
+                    self._dispatcher = numba.njit(
+                        cache=_state["cache_dir"] is not None, nogil=True, error_model="numpy",
+                        parallel=self.parallel, fastmath=set(FASTMATH_FLAGS) if self.fastmath else False,
+                    )(self.py_func)
+                d = self._dispatcher
+        return d
+
+    @property
+    def compiled(self):
+        """True once numba has a dispatcher for this kernel (loaded from cache or compiled)."""
+        return self._dispatcher is not None
+
+    def __call__(self, *args):
+        return self.dispatcher(*args)
+
+    def __repr__(self):
+        return f"<lightcnn kernel {self.key}{' (parallel)' if self.parallel else ''}>"
+
+
+def kernel(fn=None, *, parallel=False, fastmath=False):
+    """Decorate a loop-only function as a cached Numba kernel, compiled on first call.
+
+    Use as ``@kernel`` or ``@kernel(parallel=True, fastmath=True)``; ``kernel(parallel=True)(body)``
+    and ``kernel(body)`` give two variants of one body with separate cache entries.
+    """
+    def wrap(f):
+        return Kernel(f, parallel, fastmath)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def _renamed_copy(f, name):
+    g = types.FunctionType(f.__code__, f.__globals__, name, f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__.rsplit(".", 1)[0] + "." + name if "." in f.__qualname__ else name
+    g.__module__, g.__doc__ = f.__module__, f.__doc__
+    return g
+
+
+def _global_names(code):
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _bind_prange(py_func, numba):
+    """Point the `prange` that `py_func` reads in its module at numba.prange."""
+    namespace = py_func.__globals__
+    for name in _global_names(py_func.__code__):
+        if namespace.get(name) is prange:
+            namespace[name] = numba.prange
+
+
+def _register_kernel_type(numba):
+    """Let numba type a Kernel found in a caller's globals as the Kernel's own dispatcher."""
+    from numba.extending import typeof_impl
+
+    @typeof_impl.register(Kernel)
+    def _typeof_kernel(value, context):
+        return typeof_impl(value.dispatcher, context)
+
+
+# ------------------------------------------------------------------------------------ numba itself
+
+
+def numba_loaded():
+    """Whether numba has been imported by lightcnn (a kernel ran or was compiled)."""
+    return _state["numba"] is not None
+
+
+def cache_dir():
+    """Where compiled kernels are cached (a path), or None when nothing writable was found.
+
+    Decided without importing numba, in this order: NUMBA_CACHE_DIR; the kernels'
+    __pycache__ (numba's own default); the user cache directory.
+    """
+    with _lock:
+        if "resolved" not in _state:
+            _state["cache_dir"], _state["cache_reason"] = _resolve_cache_dir()
+            _state["resolved"] = True
+        return _state["cache_dir"]
+
+
+def cache_unavailable_reason():
+    """One line saying why there is no kernel cache (None when there is one)."""
+    cache_dir()
+    return _state.get("cache_reason")
+
+
+def _resolve_cache_dir():
+    from lightcnn._paths import user_cache_dir, writable_dir
+
+    env = os.environ.get("NUMBA_CACHE_DIR")
+    if env:
+        if writable_dir(env):
+            return os.path.abspath(env), None
+        return None, f"NUMBA_CACHE_DIR={env!r} is not writable"
+    in_tree = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "__pycache__")
+    if writable_dir(in_tree):
+        return in_tree, None
+    user = os.path.join(user_cache_dir(), "numba")
+    if writable_dir(user):
+        return user, None
+    return None, (f"no writable place for compiled kernels ({in_tree} and {user} are read-only; "
+                  "set NUMBA_CACHE_DIR to a writable folder)")
+
+
+def _numba():
+    """Import numba once, with lightcnn's cache folder and thread settings applied."""
+    if _state["numba"] is not None:
+        return _state["numba"]
+    with _lock:
+        if _state["numba"] is None:
+            where = cache_dir()
+            import numba
+
+            in_tree = where is not None and where.endswith(os.path.join("kernels", "__pycache__"))
+            if where is not None and not in_tree and not os.environ.get("NUMBA_CACHE_DIR"):
+                numba.config.CACHE_DIR = where  # the user cache dir: numba's read-only fallback
+            _register_kernel_type(numba)
+            _load_threading_layer(numba)
+            if _state["threads"] is not None:
+                numba.set_num_threads(max(1, min(_state["threads"], numba.config.NUMBA_NUM_THREADS)))
+            _state["numba"] = numba
+    return _state["numba"]
+
+
+def _load_threading_layer(numba):
     """Load Numba's threading layer now, with OMP_WAIT_POLICY=PASSIVE unless set (see above).
 
     libgomp reads the variable once, when it is loaded; the environment is restored
     afterwards so child processes and other OpenMP runtimes (PyTorch bundles its own)
-    keep their defaults. No effect if Numba already started its threads.
+    keep their defaults.
     """
     if not PARALLEL_ENABLED:
         return
@@ -63,46 +240,26 @@ def _load_threading_layer():
             os.environ.pop("OMP_WAIT_POLICY", None)
 
 
-_load_threading_layer()
-
-# Reassociation and contraction let LLVM vectorise reductions and use FMA;
-# no-NaN/no-Inf assumptions are deliberately absent.
-FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "reassoc", "afn"})
-
-
-def kernel(fn=None, *, parallel=False, fastmath=False):
-    """Decorate a loop-only function as a cached Numba kernel.
-
-    Use as ``@kernel`` or ``@kernel(parallel=True, fastmath=True)``.
-    """
-    options = dict(
-        cache=True,
-        nogil=True,
-        error_model="numpy",
-        parallel=bool(parallel and PARALLEL_ENABLED),
-        fastmath=set(FASTMATH_FLAGS) if fastmath else False,
-    )
-
-    def wrap(f):
-        return numba.njit(**options)(f)
-
-    return wrap(fn) if fn is not None else wrap
-
-
-def inline_scalar(fn):
-    """A scalar helper inlined into the kernels that call it (e.g. an activation)."""
-    return numba.njit(cache=True, inline="always", error_model="numpy")(fn)
+def _default_threads():
+    env = os.environ.get("NUMBA_NUM_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def set_num_threads(n):
-    """Set the number of threads Numba's parallel kernels use (1..cores)."""
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
-
-
-# numba.prange re-exported so kernels import everything JIT-related from here.
-prange = numba.prange
+    """Set the number of threads the parallel kernels use (1..cores); kept until numba loads."""
+    n = max(1, min(int(n), _default_threads()))
+    _state["threads"] = n
+    if _state["numba"] is not None:
+        _state["numba"].set_num_threads(n)
 
 
 def get_num_threads():
-    """Threads Numba's parallel kernels currently use."""
-    return numba.get_num_threads()
+    """Threads the parallel kernels use (or will use once numba loads)."""
+    if _state["numba"] is not None:
+        return _state["numba"].get_num_threads()
+    return _state["threads"] or _default_threads()

@@ -58,9 +58,9 @@ Mechanism
 ---------
 Each listed layer's class is swapped for a cached subclass (``FakeQuantConvBNAct`` for
 ``ConvBNAct``, ...) whose forward calls the original and rounds; the layer keeps its parameters,
-name, path and isinstance() checks. The model itself becomes ``FakeQuantModel``, whose
-``inference_plan`` is None: the compiled fast path fuses units and would skip the rounding, so a
-simulated model runs layer by layer (about 3x slower for MobileNetV3-Small, 5x for V2).
+name, path and isinstance() checks. The model itself becomes ``FakeQuantModel``. Its inference
+plan (lightcnn.layers.plan) sees each layer's ``_fake_quant`` grids and adds rounding steps
+at those tensors, leaving out the fusions that would skip them, so both engines run it.
 `remove_activation_quantization(model)` puts every original class back. A class, not an instance
 attribute, is swapped so that tools which temporarily replace and then delete an instance's
 ``forward`` (``Model.trace``, Grad-CAM) leave the simulation in place. A simulated model does not
@@ -72,6 +72,7 @@ from collections import defaultdict
 import numpy as np
 
 from lightcnn.errors import CheckpointError
+from lightcnn.kernels.quant import fake_quant
 from lightcnn.layers.basic import Dense, GlobalAvgPool
 from lightcnn.layers.blocks import ConvBNAct, InvertedResidual, SqueezeExcite
 
@@ -82,16 +83,6 @@ QRANGE = {"uint8": (0, 255), "int8": (-128, 127)}
 _WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _POOL_OPS = ("AVERAGE_POOL_2D", "MEAN")
 _IN = "@input"  # table key suffix: round this layer's input, not its output
-
-
-def fake_quant(y, scale, zero_point, qmin, qmax):
-    """Round y to the grid scale * (q - zero_point), q integer in [qmin, qmax]; a new float32 array."""
-    scale = np.float32(scale)
-    q = np.multiply(y, np.float32(1.0) / scale, dtype=np.float32)
-    np.rint(q, out=q)
-    np.clip(q, qmin - zero_point, qmax - zero_point, out=q)
-    q *= scale
-    return q
 
 
 # -- reading the table from a TFLite graph -----------------------------------------------------------
@@ -265,10 +256,8 @@ class _FakeQuantMixin:
 
 
 class _LayerByLayerMixin:
-    """For the model itself: no compiled inference plan (it fuses units and would skip the rounding)."""
-
-    def inference_plan(self, x):
-        return None
+    """Marks the model as simulating; its inference plan reads each layer's `_fake_quant` and adds
+    the rounding steps (lightcnn.layers.plan), so it keeps the plan's speed."""
 
 
 _SUBCLASSES = {}  # (mixin, class) -> the subclass, made once

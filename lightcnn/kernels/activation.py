@@ -17,7 +17,7 @@ in sign and zero pattern:
 
 Every activation is identified by an integer code (ACT_*) so that it can be passed
 into a Numba kernel as a plain scalar. Kernels fuse it into their epilogue in one of
-two ways: call the inlined ``act_scalar(v, act, alpha)`` per element, or -- much
+two ways: call a scalar kernel (``relu6_scalar(v)``, which LLVM inlines) per element, or -- much
 faster in a tight element loop -- call ``act_forward_flat(block, act, alpha, out)``
 on a flat output block they own, which tests `act` once outside the loop so the loop
 vectorises (a per-element test on `act` blocks vectorisation and costs 10-50x).
@@ -35,7 +35,7 @@ import math
 
 import numpy as np
 
-from lightcnn._jit import inline_scalar, kernel, prange
+from lightcnn._jit import kernel, prange
 
 ACT_NONE = 0
 ACT_RELU = 1
@@ -59,65 +59,115 @@ ACTIVATIONS = {
 _PARALLEL_MIN_SIZE = 1 << 17
 
 
-@inline_scalar
+# One small kernel per activation and per derivative. Epilogue loops branch on `act` once and
+# then call the one they need with no code argument: a constant code passed into a shared
+# act_scalar would be typed as a literal and compiled once per code (14 specialisations of
+# act_scalar for MobileNetV2), and a runtime code would be tested per element.
+# Each case is a chain of selects ("c if test else t"), not early returns, so LLVM emits
+# branch-free (vectorisable) code: random signs would mispredict branches. The tests are
+# ordered so that NaN falls through every clamp unchanged, as in PyTorch: a diverging network
+# must reach training's NaN check, not be masked to 0.
+
+
+@kernel
+def relu_scalar(v):
+    return 0.0 if v < 0 else v
+
+
+@kernel
+def relu6_scalar(v):
+    t = 0.0 if v < 0 else v
+    return 6.0 if t > 6 else t
+
+
+@kernel
+def elu_scalar(v, alpha):
+    u = 0.0 if v > 0 else v  # expm1 of the clamped value: no overflow for large v
+    e = alpha * math.expm1(u)
+    return v if v > 0 else e
+
+
+@kernel
+def sigmoid_scalar(v):
+    # exp(-|v|) <= 1 never overflows; for v < 0, sigmoid(v) = exp(v) / (1 + exp(v)).
+    e = math.exp(-abs(v))
+    s = 1.0 / (1.0 + e)
+    return s if v >= 0 else e * s
+
+
+@kernel
+def hard_sigmoid_scalar(v):
+    t = v + 3.0
+    t = 0.0 if t < 0 else t
+    t = 6.0 if t > 6 else t
+    return t / 6.0
+
+
+@kernel
+def hard_swish_scalar(v):
+    t = v + 3.0
+    t = 0.0 if t < 0 else t
+    t = 6.0 if t > 6 else t
+    return v * t / 6.0
+
+
+@kernel
 def act_scalar(v, act, alpha):
-    """The activation `act` (an ACT_* code) applied to one pre-activation value v."""
-    # Each case is a chain of selects ("c if test else t"), not early returns, so LLVM
-    # emits branch-free (vectorisable) code: random signs would mispredict branches.
-    # The tests are ordered so that NaN falls through every clamp unchanged, as in
-    # PyTorch: a diverging network must reach training's NaN check, not be masked to 0.
+    """The activation `act` (an ACT_* code, a runtime value) applied to one pre-activation value v."""
     if act == ACT_RELU:
-        return 0.0 if v < 0 else v
+        return relu_scalar(v)
     if act == ACT_RELU6:
-        t = 0.0 if v < 0 else v
-        return 6.0 if t > 6 else t
+        return relu6_scalar(v)
     if act == ACT_ELU:
-        u = 0.0 if v > 0 else v  # expm1 of the clamped value: no overflow for large v
-        e = alpha * math.expm1(u)
-        return v if v > 0 else e
+        return elu_scalar(v, alpha)
     if act == ACT_SIGMOID:
-        # exp(-|v|) <= 1 never overflows; for v < 0, sigmoid(v) = exp(v) / (1 + exp(v)).
-        e = math.exp(-abs(v))
-        s = 1.0 / (1.0 + e)
-        return s if v >= 0 else e * s
+        return sigmoid_scalar(v)
     if act == ACT_HARD_SIGMOID:
-        t = v + 3.0
-        t = 0.0 if t < 0 else t
-        t = 6.0 if t > 6 else t
-        return t / 6.0
+        return hard_sigmoid_scalar(v)
     if act == ACT_HARD_SWISH:
-        t = v + 3.0
-        t = 0.0 if t < 0 else t
-        t = 6.0 if t > 6 else t
-        return v * t / 6.0
+        return hard_swish_scalar(v)
     return v
 
 
-@inline_scalar
-def act_grad_scalar(v, act, alpha):
-    """d act(v) / dv at the pre-activation value v (PyTorch's choice at kinks)."""
-    # Selects again; `|`/`&` on booleans instead of `or`/`and`, which would branch.
-    # The kink tests are PyTorch's own, so NaN inputs also get PyTorch's gradient.
-    if act == ACT_RELU:
-        return 0.0 if v <= 0 else 1.0
-    if act == ACT_RELU6:
-        return 0.0 if (v <= 0) | (v >= 6) else 1.0
-    if act == ACT_ELU:
-        u = 0.0 if v > 0 else v
-        e = alpha * math.exp(u)
-        return 1.0 if v > 0 else e
-    if act == ACT_SIGMOID:
-        e = math.exp(-abs(v))
-        s = 1.0 / (1.0 + e)
-        s = s if v >= 0 else e * s
-        return s * (1.0 - s)
-    if act == ACT_HARD_SIGMOID:
-        return 1.0 / 6.0 if (v > -3) & (v < 3) else 0.0
-    if act == ACT_HARD_SWISH:
-        g = (2.0 * v + 3.0) / 6.0
-        g = 0.0 if v <= -3 else g
-        return 1.0 if v >= 3 else g
-    return 1.0
+# Derivatives: selects again; `|`/`&` on booleans instead of `or`/`and`, which would branch.
+# The kink tests are PyTorch's own, so NaN inputs also get PyTorch's gradient.
+
+
+@kernel
+def relu_grad_scalar(v):
+    return 0.0 if v <= 0 else 1.0
+
+
+@kernel
+def relu6_grad_scalar(v):
+    return 0.0 if (v <= 0) | (v >= 6) else 1.0
+
+
+@kernel
+def elu_grad_scalar(v, alpha):
+    u = 0.0 if v > 0 else v
+    e = alpha * math.exp(u)
+    return 1.0 if v > 0 else e
+
+
+@kernel
+def sigmoid_grad_scalar(v):
+    e = math.exp(-abs(v))
+    s = 1.0 / (1.0 + e)
+    s = s if v >= 0 else e * s
+    return s * (1.0 - s)
+
+
+@kernel
+def hard_sigmoid_grad_scalar(v):
+    return 1.0 / 6.0 if (v > -3) & (v < 3) else 0.0
+
+
+@kernel
+def hard_swish_grad_scalar(v):
+    g = (2.0 * v + 3.0) / 6.0
+    g = 0.0 if v <= -3 else g
+    return 1.0 if v >= 3 else g
 
 
 # The scalars unify to float64 (the literals are float64): the extra precision is
@@ -143,22 +193,22 @@ def act_forward_flat(x, act, alpha, out):
     """
     if act == ACT_RELU:
         for i in range(x.size):
-            out[i] = act_scalar(x[i], ACT_RELU, alpha)
+            out[i] = relu_scalar(x[i])
     elif act == ACT_RELU6:
         for i in range(x.size):
-            out[i] = act_scalar(x[i], ACT_RELU6, alpha)
+            out[i] = relu6_scalar(x[i])
     elif act == ACT_ELU:
         for i in range(x.size):
-            out[i] = act_scalar(x[i], ACT_ELU, alpha)
+            out[i] = elu_scalar(x[i], alpha)
     elif act == ACT_SIGMOID:
         for i in range(x.size):
-            out[i] = act_scalar(x[i], ACT_SIGMOID, alpha)
+            out[i] = sigmoid_scalar(x[i])
     elif act == ACT_HARD_SIGMOID:
         for i in range(x.size):
-            out[i] = act_scalar(x[i], ACT_HARD_SIGMOID, alpha)
+            out[i] = hard_sigmoid_scalar(x[i])
     elif act == ACT_HARD_SWISH:
         for i in range(x.size):
-            out[i] = act_scalar(x[i], ACT_HARD_SWISH, alpha)
+            out[i] = hard_swish_scalar(x[i])
     else:
         for i in range(x.size):
             out[i] = x[i]
@@ -173,22 +223,22 @@ def act_inplace(a, act, alpha):
     """
     if act == ACT_RELU:
         for i in range(a.size):
-            a[i] = act_scalar(a[i], ACT_RELU, alpha)
+            a[i] = relu_scalar(a[i])
     elif act == ACT_RELU6:
         for i in range(a.size):
-            a[i] = act_scalar(a[i], ACT_RELU6, alpha)
+            a[i] = relu6_scalar(a[i])
     elif act == ACT_ELU:
         for i in range(a.size):
-            a[i] = act_scalar(a[i], ACT_ELU, alpha)
+            a[i] = elu_scalar(a[i], alpha)
     elif act == ACT_SIGMOID:
         for i in range(a.size):
-            a[i] = act_scalar(a[i], ACT_SIGMOID, alpha)
+            a[i] = sigmoid_scalar(a[i])
     elif act == ACT_HARD_SIGMOID:
         for i in range(a.size):
-            a[i] = act_scalar(a[i], ACT_HARD_SIGMOID, alpha)
+            a[i] = hard_sigmoid_scalar(a[i])
     elif act == ACT_HARD_SWISH:
         for i in range(a.size):
-            a[i] = act_scalar(a[i], ACT_HARD_SWISH, alpha)
+            a[i] = hard_swish_scalar(a[i])
 
 
 @kernel
@@ -196,22 +246,22 @@ def act_backward_flat(dy, x, act, alpha, out):
     """out[i] = dy[i] * act'(x[i]) on flat arrays of equal size; see act_forward_flat."""
     if act == ACT_RELU:
         for i in range(x.size):
-            out[i] = dy[i] * act_grad_scalar(x[i], ACT_RELU, alpha)
+            out[i] = dy[i] * relu_grad_scalar(x[i])
     elif act == ACT_RELU6:
         for i in range(x.size):
-            out[i] = dy[i] * act_grad_scalar(x[i], ACT_RELU6, alpha)
+            out[i] = dy[i] * relu6_grad_scalar(x[i])
     elif act == ACT_ELU:
         for i in range(x.size):
-            out[i] = dy[i] * act_grad_scalar(x[i], ACT_ELU, alpha)
+            out[i] = dy[i] * elu_grad_scalar(x[i], alpha)
     elif act == ACT_SIGMOID:
         for i in range(x.size):
-            out[i] = dy[i] * act_grad_scalar(x[i], ACT_SIGMOID, alpha)
+            out[i] = dy[i] * sigmoid_grad_scalar(x[i])
     elif act == ACT_HARD_SIGMOID:
         for i in range(x.size):
-            out[i] = dy[i] * act_grad_scalar(x[i], ACT_HARD_SIGMOID, alpha)
+            out[i] = dy[i] * hard_sigmoid_grad_scalar(x[i])
     elif act == ACT_HARD_SWISH:
         for i in range(x.size):
-            out[i] = dy[i] * act_grad_scalar(x[i], ACT_HARD_SWISH, alpha)
+            out[i] = dy[i] * hard_swish_grad_scalar(x[i])
     else:
         for i in range(x.size):
             out[i] = dy[i]

@@ -36,9 +36,9 @@ the activation derivative in backward (apply activation_backward first).
 
 import numpy as np
 
-from lightcnn._jit import inline_scalar, kernel, prange
+from lightcnn._jit import kernel, prange
 from lightcnn.kernels.activation import (ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, ACTIVATIONS, act_inplace,
-                                         act_scalar)
+                                         act_scalar, hard_swish_scalar, relu6_scalar, relu_scalar)
 from lightcnn.kernels.shapes import conv_output_size
 
 __all__ = ["depthwise_conv2d_forward", "depthwise_conv2d_backward"]
@@ -91,7 +91,7 @@ def _act_code(act):
 # --------------------------------------------------------------------------- forward
 
 
-@inline_scalar
+@kernel
 def _epilogue(acc, act, alpha, out):
     """out[c] = act(acc[c]); `act` is branched on once, outside the channel loop."""
     # Passing act_scalar a constant code lets its if-chain fold away, leaving a branch-free
@@ -99,13 +99,13 @@ def _epilogue(acc, act, alpha, out):
     n_ch = acc.shape[0]
     if act == ACT_RELU:
         for c in range(n_ch):
-            out[c] = act_scalar(acc[c], ACT_RELU, alpha)
+            out[c] = relu_scalar(acc[c])
     elif act == ACT_RELU6:
         for c in range(n_ch):
-            out[c] = act_scalar(acc[c], ACT_RELU6, alpha)
+            out[c] = relu6_scalar(acc[c])
     elif act == ACT_HARD_SWISH:
         for c in range(n_ch):
-            out[c] = act_scalar(acc[c], ACT_HARD_SWISH, alpha)
+            out[c] = hard_swish_scalar(acc[c])
     elif act == ACT_NONE:
         for c in range(n_ch):
             out[c] = acc[c]
@@ -114,17 +114,17 @@ def _epilogue(acc, act, alpha, out):
             out[c] = act_scalar(acc[c], act, alpha)
 
 
-@inline_scalar
+@kernel
 def _taps3(r, wr, c):
     return r[0, c] * wr[0, c] + r[1, c] * wr[1, c] + r[2, c] * wr[2, c]
 
 
-@inline_scalar
+@kernel
 def _taps5(r, wr, c):
     return r[0, c] * wr[0, c] + r[1, c] * wr[1, c] + r[2, c] * wr[2, c] + r[3, c] * wr[3, c] + r[4, c] * wr[4, c]
 
 
-@inline_scalar
+@kernel
 def _window3x3(r0, r1, r2, w, b, acc):
     # All 9 taps in one pass over C: acc is stored once instead of loaded and stored per tap,
     # which is what bounds the generic loop (about 1.8x faster on MobileNet shapes).
@@ -132,7 +132,7 @@ def _window3x3(r0, r1, r2, w, b, acc):
         acc[c] = b[c] + _taps3(r0, w[0], c) + _taps3(r1, w[1], c) + _taps3(r2, w[2], c)
 
 
-@inline_scalar
+@kernel
 def _window5x5(r0, r1, r2, r3, r4, w, b, acc):
     for c in range(acc.shape[0]):
         acc[c] = (b[c] + _taps5(r0, w[0], c) + _taps5(r1, w[1], c) + _taps5(r2, w[2], c)
@@ -226,7 +226,7 @@ def dw_output_row(src, r_base, h_in, w, b, sh, sw, top, left, act, alpha, oh, ac
     i_lo = max(0, -h0)
     i_hi = min(kh, h_in - h0)
     r0 = h0 - r_base  # src row of input row h0
-    ow = 0
+    ow = np.int64(0)  # not the literal 0: a literal argument is typed Literal[int](0), a callee specialisation of its own
     if kh == 3 and kw == 3 and i_lo == 0 and i_hi == 3 and sw <= 2:
         # Interior columns in groups of g: ow_first .. ow_first + g*n_groups - 1.
         g = 4 if sw == 1 else 2
@@ -234,7 +234,7 @@ def dw_output_row(src, r_base, h_in, w, b, sh, sw, top, left, act, alpha, oh, ac
         ow_last = (w_in - 3 + left) // sw  # last ow whose window ends inside the input
         n_groups = max(0, (ow_last - ow_first + 1) // g)
         if n_groups > 0:
-            _border_pixels(src, r0, i_lo, i_hi, w_in, n_ch, w, b, sw, left, act, alpha, 0, ow_first, acc, out)
+            _border_pixels(src, r0, i_lo, i_hi, w_in, n_ch, w, b, sw, left, act, alpha, ow, ow_first, acc, out)
             _interior_groups(src, r0, ow_first * sw - left, n_groups, w, b, sw, act, alpha,
                              out[ow_first:ow_first + g * n_groups])
             ow = ow_first + g * n_groups
@@ -275,10 +275,10 @@ def _dw_forward_body(x, w, b, sh, sw, top, left, act, alpha, y):
         n = row // h_out
         oh = row - n * h_out
         acc = np.empty(n_ch, dtype=y.dtype)
-        dw_output_row(x[n], 0, h_in, w, b, sh, sw, top, left, act, alpha, oh, acc, y[n, oh])
+        dw_output_row(x[n], np.int64(0), h_in, w, b, sh, sw, top, left, act, alpha, oh, acc, y[n, oh])
 
 
-_dw_forward = kernel(parallel=True)(_dw_forward_body)
+dw_forward = kernel(parallel=True)(_dw_forward_body)
 # The same loop on the calling thread only, for maps too small to share (the inference plan).
 dw_forward_serial = kernel(_dw_forward_body)
 
@@ -299,7 +299,7 @@ def depthwise_conv2d_forward(x, w, b=None, stride=(1, 1), pad=(0, 0, 0, 0), act=
             raise ValueError(f"b must have shape (C,) = ({c},); got {b.shape}")
         b = np.ascontiguousarray(b, dtype=x.dtype)
     y = np.empty((n, ho, wo, c), dtype=x.dtype)
-    _dw_forward(x, w, b, sh, sw, pad[0], pad[2], _act_code(act), float(alpha), y)
+    dw_forward(x, w, b, sh, sw, pad[0], pad[2], _act_code(act), np.float32(alpha), y)
     return y
 
 

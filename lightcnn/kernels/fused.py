@@ -37,7 +37,7 @@ import numpy as np
 
 from lightcnn._jit import kernel, prange
 from lightcnn.kernels.activation import (ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, act_forward_flat,
-                                         act_scalar)
+                                         act_scalar, hard_swish_scalar, relu6_scalar, relu_scalar)
 from lightcnn.kernels.depthwise import dw_output_row
 
 __all__ = ["gemm_bias_act", "gemm_bias_act_serial", "conv_im2col_bias_act", "inverted_residual_band", "se_gate", "max_pool_inference",
@@ -75,13 +75,13 @@ def _bias_act_inplace(a, b, act, alpha):
             a[c] = a[c] + b[c]
     elif act == ACT_RELU:
         for c in range(n):
-            a[c] = act_scalar(a[c] + b[c], ACT_RELU, alpha)
+            a[c] = relu_scalar(a[c] + b[c])
     elif act == ACT_RELU6:
         for c in range(n):
-            a[c] = act_scalar(a[c] + b[c], ACT_RELU6, alpha)
+            a[c] = relu6_scalar(a[c] + b[c])
     elif act == ACT_HARD_SWISH:
         for c in range(n):
-            a[c] = act_scalar(a[c] + b[c], ACT_HARD_SWISH, alpha)
+            a[c] = hard_swish_scalar(a[c] + b[c])
     else:
         for c in range(n):
             a[c] = act_scalar(a[c] + b[c], act, alpha)
@@ -96,13 +96,13 @@ def _bias_act_store(a, b, act, alpha, out):
             out[c] = a[c] + b[c]
     elif act == ACT_RELU:
         for c in range(n):
-            out[c] = act_scalar(a[c] + b[c], ACT_RELU, alpha)
+            out[c] = relu_scalar(a[c] + b[c])
     elif act == ACT_RELU6:
         for c in range(n):
-            out[c] = act_scalar(a[c] + b[c], ACT_RELU6, alpha)
+            out[c] = relu6_scalar(a[c] + b[c])
     elif act == ACT_HARD_SWISH:
         for c in range(n):
-            out[c] = act_scalar(a[c] + b[c], ACT_HARD_SWISH, alpha)
+            out[c] = hard_swish_scalar(a[c] + b[c])
     else:
         for c in range(n):
             out[c] = act_scalar(a[c] + b[c], act, alpha)
@@ -294,11 +294,11 @@ def inverted_residual_band(x, has_expand, w1, b1, act1, wd, bd, sh, sw, top, lef
                     dw_output_row(ebuf, lo, h_in, wd, bd, sh, sw, top, left, act2, alpha, oh, dacc, dbuf[oh - oh0])
             else:
                 for oh in range(oh0, oh1):
-                    dw_output_row(x[n], 0, h_in, wd, bd, sh, sw, top, left, act2, alpha, oh, dacc, dbuf[oh - oh0])
+                    dw_output_row(x[n], np.int64(0), h_in, wd, bd, sh, sw, top, left, act2, alpha, oh, dacc, dbuf[oh - oh0])
             m = (oh1 - oh0) * w_out
             a = acc[:m]
             np.dot(dbuf[:oh1 - oh0].reshape(m, e_ch), w3, a)
-            _epilogue_tile(a, b3, x2d, use_res, act3, alpha, y2d, (n * h_out + oh0) * w_out, 0)
+            _epilogue_tile(a, b3, x2d, use_res, act3, alpha, y2d, (n * h_out + oh0) * w_out, np.int64(0))
 
 
 def band_layout(n_img, h_out, w_in, e_ch, kh, sh, threads, buffer_bytes=1 << 18, itemsize=4):

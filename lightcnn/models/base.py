@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from lightcnn.engine import check_engine, default_engine
 from lightcnn.layers.base import Layer, Sequential
 from lightcnn.layers.basic import Dense, Dropout, GlobalAvgPool
 
@@ -53,8 +54,7 @@ class Model(Layer):
         return self.features_net.forward(x, training)
 
     def head(self, f, training=False):
-        # (a subclass that overrides inference_plan, e.g. quantsim's, opts out of plans entirely)
-        if not training and type(self).inference_plan is Model.inference_plan:
+        if not training:
             plan = self.inference_plan(f, "head")
             if plan is not None:
                 return plan.run(np.ascontiguousarray(f))
@@ -65,8 +65,24 @@ class Model(Layer):
         return self.head(self.features(x, training), training)
 
     # -- the inference fast path ---------------------------------------------------------
-    #: plans kept per model (thread x input shape x thread count x part); oldest dropped first
+    #: plans kept per model (thread x input shape x thread count x part x engine); oldest dropped first
     MAX_PLANS = 6
+
+    @property
+    def engine(self):
+        """The inference engine asked for: "auto" (default; LIGHTCNN_ENGINE), "numba" or "numpy".
+        See lightcnn.engine; `last_engine` says which one the latest plan runs on."""
+        return self.__dict__.get("_engine") or default_engine()
+
+    @engine.setter
+    def engine(self, name):
+        self.__dict__["_engine"] = check_engine(name)
+        self.__dict__["_plans"] = {}
+
+    @property
+    def last_engine(self):
+        """"numba" or "numpy": the engine of the most recently built inference plan (None before any)."""
+        return self.__dict__.get("_last_engine")
 
     def inference_plan(self, x, part="features"):
         """The InferencePlan of `part` ("features": the trunk, "head": the head) for a float32
@@ -83,26 +99,28 @@ class Model(Layer):
         from lightcnn._jit import get_num_threads
 
         plans = self.__dict__.setdefault("_plans", {})
-        key = (threading.get_ident(), x.shape, get_num_threads(), part)
+        engine = self.engine
+        key = (threading.get_ident(), x.shape, get_num_threads(), part, engine)
         entry = plans.get(key)
         if entry is not None and entry[0] is net:
             return entry[1]
         from lightcnn.layers.plan import InferencePlan
 
         try:
-            plan = InferencePlan([(part, net)], x.shape)
+            plan = InferencePlan([(part, net)], x.shape, engine=engine)
         except ValueError:  # includes ShapeError: let the layer path raise its own message
             return None
         while len(plans) >= self.MAX_PLANS:
             plans.pop(next(iter(plans)))
         plans[key] = (net, plan)
+        self.__dict__["_last_engine"] = plan.engine
         return plan
 
     def profile_plans(self, x, repeats=5):
         """{plan step name: median ms} of the inference plans forward(x) runs (features, then head)."""
         x = np.ascontiguousarray(x, np.float32)
         plan = self.inference_plan(x)
-        if plan is None or type(self).inference_plan is not Model.inference_plan:
+        if plan is None:
             return None
         times = plan.profile(x, repeats)
         f = plan.run(x)

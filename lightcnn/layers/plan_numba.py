@@ -1,0 +1,207 @@
+"""The numba engine: each op of an InferencePlan (lightcnn.layers.plan) bound to a fused Numba kernel.
+
+`bind(step, plan)` returns fn(vals) that runs the step; `kernels_for(step, plan)` names the
+kernels that fn will call, which is how `lightcnn.engine` tells, without importing numba,
+whether a model's kernels are already compiled and cached.
+
+Every kernel gets one argument signature per dtype: float32 arrays, int64 integers, bool
+flags and float32 alpha, whichever op calls it, so each compiles (or loads) once.
+Calls go to the kernel's Numba dispatcher directly, bound when the plan is built.
+"""
+
+import numpy as np
+
+from lightcnn import _blas
+from lightcnn.kernels import depthwise as dw_k
+from lightcnn.kernels import fused
+
+_F32 = np.float32
+_DUMMY2 = np.zeros((1, 1), _F32)  # stands in for "no residual" / "no SE scale" (typed arguments)
+# Small layers run on one thread: GEMMs of fewer multiply-accumulates than SERIAL_MAX_MACS (the 1x1
+# convs of Fire modules and MobileNet blocks on 7x7 maps at batch 1: ~30 us of work, where waking a
+# second thread and packing the weights twice cost about what the split saves) and depthwise
+# layers with fewer output pixels than SERIAL_MAX_ROWS.
+SERIAL_MAX_MACS = 4_000_000
+SERIAL_MAX_ROWS = 256
+
+
+def _pointwise_kernel(step):
+    p = step.params
+    k = p["weights"].shape[0]
+    return fused.gemm_bias_act_serial if p["rows"] * k * p["weights"].shape[1] < SERIAL_MAX_MACS \
+        else fused.gemm_bias_act
+
+
+def kernels_for(step, plan):
+    """The Kernel objects bind(step, plan) calls (numba is not imported)."""
+    op = step.op
+    if op == "pointwise":
+        return [_pointwise_kernel(step)]
+    if op == "conv":
+        return [fused.conv_im2col_bias_act]
+    if op == "depthwise":
+        return [dw_k.dw_forward_serial if step.params["rows"] < SERIAL_MAX_ROWS else dw_k.dw_forward]
+    if op == "inverted_residual":
+        return [fused.inverted_residual_band]
+    if op == "se_gate":
+        return [] if step.params["grids"] else [fused.se_gate]
+    if op == "dense":
+        return [fused.gemm_bias_act_serial]
+    if op == "max_pool":
+        return [fused.max_pool_inference]
+    return []  # copy, gap, scale, add, fake_quant: NumPy; opaque: the layer's own path
+
+
+def bind(step, plan):
+    if step.op in ("pointwise", "conv", "depthwise", "inverted_residual"):
+        _blas.prepare()  # before any kernel that calls BLAS runs (picks SciPy's BLAS settings)
+    return _BINDERS[step.op](step, plan)
+
+
+def _dispatch(kern):
+    return kern.dispatcher  # skips the lazy wrapper on every call of the hot loop
+
+
+def _copy(step, plan):
+    xi, ya = step.vals["x"].index, plan.arg(step.vals["y"])[0]
+
+    def run(vals):
+        np.copyto(ya, vals[xi])
+    return run
+
+
+def _pointwise(step, plan):
+    p, v = step.params, step.vals
+    m, width, k = p["rows"], p["width"], p["weights"].shape[0]
+    xa, xi = plan.arg(v["x"], (m, k))
+    ya = plan.arg(v["y"], (m, width))[0]
+    use_res, use_scale = v["res"] is not None, v["scale"] is not None
+    ra = plan.arg(v["res"], (m, width))[0] if use_res else _DUMMY2
+    sa = plan.arg(v["scale"])[0] if use_scale else _DUMMY2
+    kern = _pointwise_kernel(step)
+    tile = fused.choose_tile(m, 1 if kern is fused.gemm_bias_act_serial else plan.threads)
+    kern, weights, rows_per_image = _dispatch(kern), p["weights"], p["rows_per_image"]
+    act, alpha, col0, shape2d = p["act"], p["alpha"], p["col0"], (m, k)
+
+    def run(vals):
+        wt, b = weights()
+        xv = xa if xa is not None else vals[xi].reshape(shape2d)
+        kern(xv, wt, b, ra, use_res, sa, rows_per_image, use_scale, act, alpha, tile, ya, col0)
+    return run
+
+
+def _conv(step, plan):
+    p, v = step.params, step.vals
+    m, width = p["rows"], p["width"]
+    xa, xi = plan.arg(v["x"])
+    ya = plan.arg(v["y"], (m, width))[0]
+    use_res = v["res"] is not None
+    ra = plan.arg(v["res"], (m, width))[0] if use_res else _DUMMY2
+    (kh, kw), (sh, sw), (ho, wo) = p["kernel"], p["stride"], p["out_hw"]
+    top, left, act, alpha, col0 = p["top"], p["left"], p["act"], p["alpha"], p["col0"]
+    tile = fused.choose_tile(m, plan.threads)
+    kern, weights = _dispatch(fused.conv_im2col_bias_act), p["weights"]
+
+    def run(vals):
+        wt, b = weights()
+        xv = xa if xa is not None else vals[xi]
+        kern(xv, wt, kh, kw, sh, sw, top, left, ho, wo, b, ra, use_res, act, alpha, tile, ya, col0)
+    return run
+
+
+def _depthwise(step, plan):
+    p, v = step.params, step.vals
+    xa, xi = plan.arg(v["x"])
+    ya = plan.arg(v["y"])[0]
+    kern, weights = _dispatch(kernels_for(step, plan)[0]), p["weights"]
+    (sh, sw), top, left, act, alpha = p["stride"], p["top"], p["left"], p["act"], p["alpha"]
+
+    def run(vals):
+        wt, b = weights()
+        kern(vals[xi] if xa is None else xa, wt, b, sh, sw, top, left, act, alpha, ya)
+    return run
+
+
+def _inverted_residual(step, plan):
+    p, v = step.params, step.vals
+    xa, ya = plan.arg(v["x"])[0], plan.arg(v["y"])[0]
+    n, h, w, _ = v["x"].shape
+    w_expand, w_dw, w_project = p["expand"], p["depthwise"], p["project"]
+    kh = w_dw.shape[0]
+    (sh, sw), top, left = p["stride"], p["top"], p["left"]
+    items, sub_rows = fused.band_layout(n, v["y"].shape[1], w, w_dw.shape[2], kh, sh, plan.threads)
+    has_expand = w_expand is not None
+    act1, act2, act3 = p["acts"]
+    alpha, use_res = p["alpha"], p["use_res"]
+    dummy_w, dummy_b = np.zeros((1, 1), _F32), np.zeros(1, _F32)
+    kern = _dispatch(fused.inverted_residual_band)
+
+    def run(vals):
+        w1, b1 = w_expand() if has_expand else (dummy_w, dummy_b)
+        wd, bd = w_dw()
+        w3, b3 = w_project()
+        kern(xa, has_expand, w1, b1, act1, wd, bd, sh, sw, top, left, act2, w3, b3, act3, use_res, alpha,
+             items, sub_rows, ya)
+    return run
+
+
+def _se_gate(step, plan):
+    p, v = step.params, step.vals
+    if p["grids"]:  # a simulated quantised runtime rounds inside the gate: the NumPy op does that
+        from lightcnn.layers import plan_numpy
+
+        return plan_numpy.bind(step, plan)
+    (xa, xi), sa = plan.arg(v["x"]), plan.arg(v["s"])[0]
+    kern, fc1, fc2, gate, alpha = _dispatch(fused.se_gate), p["fc1"], p["fc2"], p["gate"], _F32(1.0)
+
+    def run(vals):
+        (w1, b1), (w2, b2) = fc1(), fc2()
+        kern(xa if xa is not None else vals[xi], w1, b1, w2, b2, gate, alpha, sa)
+    return run
+
+
+def _dense(step, plan):
+    p, v = step.params, step.vals
+    (xa, xi), ya = plan.arg(v["x"]), plan.arg(v["y"])[0]
+    rows = v["x"].shape[0]
+    kern, weights, act, alpha = _dispatch(fused.gemm_bias_act_serial), p["weights"], p["act"], p["alpha"]
+
+    def run(vals):
+        w, b = weights()
+        xv = xa if xa is not None else np.ascontiguousarray(vals[xi], dtype=_F32)
+        kern(xv, w, b, _DUMMY2, False, _DUMMY2, 1, False, act, alpha, rows, ya, 0)
+    return run
+
+
+def _max_pool(step, plan):
+    p, v = step.params, step.vals
+    (xa, xi), ya = plan.arg(v["x"]), plan.arg(v["y"])[0]
+    (kh, kw), (sh, sw), top, left = p["kernel"], p["stride"], p["top"], p["left"]
+    kern = _dispatch(fused.max_pool_inference)
+
+    def run(vals):
+        kern(xa if xa is not None else vals[xi], kh, kw, sh, sw, top, left, ya)
+    return run
+
+
+def _opaque(step, plan):
+    layer, xi, yi = step.params["layer"], step.vals["x"].index, step.vals["y"].index
+
+    def run(vals):
+        vals[yi] = layer.forward(vals[xi], False)
+    return run
+
+
+def _numpy_op(step, plan):
+    """The tail and the bookkeeping ops are microseconds of NumPy at batch 1; a compiled kernel
+    of their own would cost ~2 MB resident and ~10 ms to load in a one-image predict."""
+    from lightcnn.layers import plan_numpy
+
+    return plan_numpy.bind(step, plan)
+
+
+_BINDERS = dict(copy=_copy, pointwise=_pointwise, conv=_conv, depthwise=_depthwise,
+                inverted_residual=_inverted_residual, se_gate=_se_gate, dense=_dense, max_pool=_max_pool,
+                opaque=_opaque, gap=_numpy_op, scale=_numpy_op, add=_numpy_op, fake_quant=_numpy_op)
+
+__all__ = ["bind", "kernels_for"]
