@@ -10,10 +10,12 @@ How each op runs (x NHWC float32; the (N*H*W, C) view of x is free):
   conv        im2col by KH*KW strided copies into (N, Ho, Wo, KH, KW, C) -- the column
               order of HWIO weights -- then one matmul;
   depthwise   KH*KW multiply-adds of strided views of a zero-padded copy, each a whole-tensor
-              pass vectorised over channels (the padded buffer is allocated once per step);
+              pass vectorised over channels;
   inverted_residual  expand, depthwise, project as above (no band fusion: NumPy passes are
               whole tensors anyway);
   se_gate, gap, dense, max_pool, scale, add, fake_quant, copy: a few NumPy calls each.
+Work buffers (padded copies, im2col columns, expanded tensors) are shared by all steps of a plan
+(`Scratch`), since steps run one after another: a few MB instead of one set per layer.
 Activations follow lightcnn.kernels.activation's definitions (NaN passes through unchanged).
 Results equal the numba engine's up to float32 summation order (tests: <= 1e-5 of the logit range).
 """
@@ -112,18 +114,55 @@ def _pointwise(step, plan):
     return run
 
 
-def _padded_windows(x_shape, kernel, stride, top, left, out_hw):
-    """(padded buffer (N, Hp, Wp, C) zeroed once, its interior view, fn(p, q) -> strided view (N, Ho, Wo, C))."""
-    n, h, w, c = x_shape
-    (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out_hw
-    hp = max(h + top, (ho - 1) * sh + kh)
-    wp = max(w + left, (wo - 1) * sw + kw)
-    padded = np.zeros((n, hp, wp, c), _F32)
-    interior = padded[:, top:top + h, left:left + w, :]
+class Scratch:
+    """Flat float32 work buffers shared by all steps of one plan (steps run one after another), by slot name.
 
-    def tap(p, q):
-        return padded[:, p:p + (ho - 1) * sh + 1:sh, q:q + (wo - 1) * sw + 1:sw, :]
-    return padded, interior, tap
+    A view must be taken again on every run: a buffer is replaced when a later step needs it larger.
+    """
+
+    def __init__(self):
+        self.buffers = {}
+
+    def take(self, slot, shape):
+        size = int(np.prod(shape))
+        buf = self.buffers.get(slot)
+        if buf is None or buf.size < size:
+            buf = self.buffers[slot] = np.empty(size, _F32)
+        return buf[:size].reshape(shape)
+
+
+def _scratch(plan):
+    return plan.__dict__.setdefault("_numpy_scratch", Scratch())
+
+
+class Padded:
+    """x copied into a padded scratch buffer, and the strided view of it that each window tap reads.
+
+    fill: the value the padding holds (0 for convolutions, -inf for max pooling).
+    """
+
+    def __init__(self, scratch, slot, x_shape, kernel, stride, top, left, out_hw, fill=0.0):
+        n, h, w, c = x_shape
+        (kh, kw), (self.sh, self.sw), (self.ho, self.wo) = kernel, stride, out_hw
+        hp = max(h + top, (self.ho - 1) * self.sh + kh)
+        wp = max(w + left, (self.wo - 1) * self.sw + kw)
+        self.scratch, self.slot, self.shape, self.fill = scratch, slot, (n, hp, wp, c), _F32(fill)
+        self.rows, self.cols = (top, top + h), (left, left + w)
+
+    def load(self, x):
+        """The padded copy of x (N, Hp, Wp, C); only the border is written besides x."""
+        buf = self.scratch.take(self.slot, self.shape)
+        (r0, r1), (c0, c1) = self.rows, self.cols
+        buf[:, :r0] = self.fill
+        buf[:, r1:] = self.fill
+        buf[:, r0:r1, :c0] = self.fill
+        buf[:, r0:r1, c1:] = self.fill
+        buf[:, r0:r1, c0:c1] = x
+        return buf
+
+    def tap(self, buf, p, q):
+        """The (N, Ho, Wo, C) view of buf that window position (p, q) reads for every output pixel."""
+        return buf[:, p:p + (self.ho - 1) * self.sh + 1:self.sh, q:q + (self.wo - 1) * self.sw + 1:self.sw, :]
 
 
 def _conv(step, plan):
@@ -134,36 +173,36 @@ def _conv(step, plan):
     n, h, w, c = v["x"].shape
     ya = plan.arg(v["y"], (m, width))[0]
     res = plan.arg(v["res"], (m, width))[0]
-    _, interior, tap = _padded_windows(v["x"].shape, p["kernel"], p["stride"], p["top"], p["left"], p["out_hw"])
-    cols = np.empty((n, ho, wo, kh, kw, c), _F32)
-    cols2d = cols.reshape(m, kh * kw * c)
+    scratch = _scratch(plan)
+    padded = Padded(scratch, "pad", v["x"].shape, p["kernel"], p["stride"], p["top"], p["left"], p["out_hw"])
     weights, act, alpha, col0 = p["weights"], p["act"], p["alpha"], p["col0"]
     direct = col0 == 0 and width == p["weights"].shape[1]
 
     def run(vals):
         w2d, b = weights()
-        interior[...] = x(vals)
+        buf = padded.load(x(vals))
+        cols = scratch.take("cols", (n, ho, wo, kh, kw, c))
         for i in range(kh):
             for j in range(kw):
-                cols[:, :, :, i, j, :] = tap(i, j)
-        acc = np.matmul(cols2d, w2d, out=ya if direct else None)
+                cols[:, :, :, i, j, :] = padded.tap(buf, i, j)
+        acc = np.matmul(cols.reshape(m, kh * kw * c), w2d, out=ya if direct else None)
         _store(_epilogue(acc, b, act, alpha, res, col0), ya, col0, width)
     return run
 
 
-def depthwise_runner(x_shape, y_shape, kernel, stride, top, left):
-    """fn(x, w, b, act, alpha, y): y = act(depthwise(x, w) + b); buffers allocated once."""
+def depthwise_runner(scratch, x_shape, y_shape, kernel, stride, top, left):
+    """fn(x, w, b, act, alpha, y): y = act(depthwise(x, w) + b), work buffers from `scratch`."""
     kh, kw = kernel
-    _, interior, tap = _padded_windows(x_shape, kernel, stride, top, left, y_shape[1:3])
-    product = np.empty(y_shape, _F32)
+    padded = Padded(scratch, "pad", x_shape, kernel, stride, top, left, y_shape[1:3])
 
     def run(x, w, b, act, alpha, y):
-        interior[...] = x
-        np.multiply(tap(0, 0), w[0, 0], out=y)
+        buf = padded.load(x)
+        product = scratch.take("product", y_shape)
+        np.multiply(padded.tap(buf, 0, 0), w[0, 0], out=y)
         for i in range(kh):
             for j in range(kw):
                 if i or j:
-                    np.multiply(tap(i, j), w[i, j], out=product)
+                    np.multiply(padded.tap(buf, i, j), w[i, j], out=product)
                     y += product
         y += b
         activate(y, act, alpha)
@@ -174,7 +213,7 @@ def _depthwise(step, plan):
     p, v = step.params, step.vals
     x, ya = _source(plan, v["x"]), plan.arg(v["y"])[0]
     kernel = p["weights"].shape[:2]
-    runner = depthwise_runner(v["x"].shape, v["y"].shape, kernel, p["stride"], p["top"], p["left"])
+    runner = depthwise_runner(_scratch(plan), v["x"].shape, v["y"].shape, kernel, p["stride"], p["top"], p["left"])
     weights, act, alpha = p["weights"], p["act"], p["alpha"]
 
     def run(vals):
@@ -192,21 +231,22 @@ def _inverted_residual(step, plan):
     e = w_dw.shape[2]
     act1, act2, act3 = p["acts"]
     alpha, use_res = p["alpha"], p["use_res"]
-    dw = depthwise_runner((n, h, w, e), (n, ho, wo, e), w_dw.shape[:2], p["stride"], p["top"], p["left"])
-    expanded = np.empty((n, h, w, e), _F32) if w_expand is not None else None
-    depthwise_out = np.empty((n, ho, wo, e), _F32)
+    scratch = _scratch(plan)
+    dw = depthwise_runner(scratch, (n, h, w, e), (n, ho, wo, e), w_dw.shape[:2], p["stride"], p["top"], p["left"])
     x2d, y2d = xa.reshape(-1, c), ya.reshape(-1, c_out)
 
     def run(vals):
         src = xa
         if w_expand is not None:
             w1, b1 = w_expand()
+            expanded = scratch.take("expanded", (n, h, w, e))
             flat = expanded.reshape(-1, e)
             np.matmul(x2d, w1, out=flat)
             flat += b1
             activate(flat, act1, alpha)
             src = expanded
         wd, bd = w_dw()
+        depthwise_out = scratch.take("depthwise", (n, ho, wo, e))
         dw(src, wd, bd, act2, alpha, depthwise_out)
         w3, b3 = w_project()
         out = np.matmul(depthwise_out.reshape(-1, e), w3, out=y2d)
@@ -274,18 +314,15 @@ def _max_pool(step, plan):
     (kh, kw), (sh, sw), top, left = p["kernel"], p["stride"], p["top"], p["left"]
     n, h, w, c = v["x"].shape
     _, ho, wo, _ = v["y"].shape
-    hp = max(h + top, (ho - 1) * sh + kh)
-    wp = max(w + left, (wo - 1) * sw + kw)
-    padded = np.full((n, hp, wp, c), -np.inf, _F32)  # padding never wins a max
-    interior = padded[:, top:top + h, left:left + w, :]
+    padded = Padded(_scratch(plan), "pad", v["x"].shape, (kh, kw), (sh, sw), top, left, (ho, wo), fill=-np.inf)
 
-    def run(vals):
-        interior[...] = x(vals)
-        np.copyto(ya, padded[:, 0:(ho - 1) * sh + 1:sh, 0:(wo - 1) * sw + 1:sw, :])
+    def run(vals):  # padding never wins a max; NaN propagates through np.maximum
+        buf = padded.load(x(vals))
+        np.copyto(ya, padded.tap(buf, 0, 0))
         for i in range(kh):
             for j in range(kw):
                 if i or j:
-                    np.maximum(ya, padded[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :], out=ya)
+                    np.maximum(ya, padded.tap(buf, i, j), out=ya)
     return run
 
 
