@@ -149,6 +149,8 @@ def main(argv=None):
                "info": cmd_info}[args.command]
     try:
         return handler(args)
+    except BrokenPipeError:  # stdout closed by its reader: lightcnn._cli.run_main ends quietly
+        raise
     except (LightCNNError, ValueError, OSError) as exc:
         _err(str(exc))
         return 1
@@ -158,4 +160,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lightcnn._cli import run_main
+
+    run_main(main)
