@@ -4,7 +4,7 @@
     clf = lightcnn.load("mobilenet_v2")            # or a path to any lightcnn .h5
     clf.topk("cat.jpg", k=5)                        # -> [[Prediction(index, wnid, label, score), ...]]
     clf.predict(frame)                              # a uint8 (H,W,3) array, e.g. a video frame -> (1, K)
-    clf.cam("cat.jpg").maps                         # -> (1, h, w) class activation map of the top-1 class
+    clf.cam("cat.jpg").maps                         # -> (1, h, w) class activation map of the decided class
 
 Images are paths, bytes, PIL images or uint8 pixel arrays (H,W,C) / (N,H,W,C) with C = 1, 3 or 4; each is
 resized, cropped and normalised exactly like an image file. A float32/float64 array is a batch that is already
@@ -127,13 +127,28 @@ class Classifier:
         """Images or a preprocessed batch (see `batch`) -> per image, the k most probable classes."""
         return topk(self.predict(images, batch_size), k, self.class_names, self.class_ids)
 
+    def decide(self, probs):
+        """(N,K) probabilities -> (N,) class indices: at the stored operating point when the model has one
+        (see `operating_point`), else argmax. The class `predict --json` reports as "decision"."""
+        if self.operating_point is None:
+            return np.asarray(probs).argmax(axis=1)
+        from lightcnn.metrics import decide
+
+        name, threshold = self.operating_point
+        return decide(probs, self.class_names.index(name), threshold)
+
     def cam(self, images, class_index=None, layer=None, method="auto"):
         """Images or a preprocessed batch (see `batch`) -> lightcnn.explain.Explanation: maps (N,h,w) for
-        `class_index` (None = each image's top-1). method "auto" is CAM for GAP+linear (and SqueezeNet conv)
-        heads when no layer is named, else Grad-CAM at `layer` (default model.cam_layer); see lightcnn.explain."""
+        `class_index` (None = each image's decided class, see `decide`: the top-1, or the class chosen at the
+        stored operating point; Explanation.class_index says which). method "auto" is CAM for GAP+linear (and
+        SqueezeNet conv) heads when no layer is named, else Grad-CAM at `layer` (default model.cam_layer); see
+        lightcnn.explain."""
         from lightcnn.explain import explain
 
-        return explain(self.model, self.batch(images), class_index, layer, method)
+        batch = self.batch(images)
+        if class_index is None and self.operating_point is not None:
+            class_index = self.decide(softmax(self.logits(batch)))
+        return explain(self.model, batch, class_index, layer, method)
 
     def __repr__(self):
         return f"Classifier({self.model.arch!r}, {len(self.class_names)} classes, weights={self.weights_path})"
