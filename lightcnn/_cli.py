@@ -1,6 +1,30 @@
-"""argparse value types shared by the command-line tools: one message style for bad numbers."""
+"""What the command-line tools share: argparse value types (one message style for bad numbers) and `run_main`,
+the `python -m` entry point that ends quietly when the reader of stdout goes away."""
 
 import argparse
+import os
+import sys
+
+
+def run_main(main):
+    """Run a CLI's ``main()`` and exit with its return code (``if __name__ == "__main__": run_main(main)``).
+
+    When whoever reads stdout stops early (``python -m lightcnn.predict ... --json | head -1``), writing raises
+    BrokenPipeError. Like cat, grep or head themselves, the tool then stops quietly with status 0: no traceback,
+    nothing on stderr. stdout is pointed at /dev/null first, so the interpreter's final flush of the lines still
+    buffered cannot fail again on the way out.
+    """
+    try:
+        code = main()
+        sys.stdout.flush()  # lines still buffered may be the ones that meet the closed pipe
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor: nothing left to flush into a pipe
+            pass
+        code = 0
+    sys.exit(code)
 
 
 def positive_int(text):

@@ -3,7 +3,12 @@
     import lightcnn
     clf = lightcnn.load("mobilenet_v2")            # or a path to any lightcnn .h5
     clf.topk("cat.jpg", k=5)                        # -> [[Prediction(index, wnid, label, score), ...]]
-    clf.cam("cat.jpg").maps                         # -> (1, h, w) class activation map of the top-1 class
+    clf.predict(frame)                              # a uint8 (H,W,3) array, e.g. a video frame -> (1, K)
+    clf.cam("cat.jpg").maps                         # -> (1, h, w) class activation map of the decided class
+
+Images are paths, bytes, PIL images or uint8 pixel arrays (H,W,C) / (N,H,W,C) with C = 1, 3 or 4; each is
+resized, cropped and normalised exactly like an image file. A float32/float64 array is a batch that is already
+preprocessed, accepted only as (N,H,W,C) with (H,W,C) = clf.input_shape; any other array is refused (ShapeError).
 
 Weights are found without network access (see lightcnn.weights.find_weights);
 preprocessing comes from the weight file, so a fine-tuned model carries its own.
@@ -14,9 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from lightcnn.checkpoint import load_state, read_checkpoint
-from lightcnn.errors import CheckpointError
+from lightcnn.errors import CheckpointError, ShapeError
 from lightcnn.postprocess import softmax, topk
 from lightcnn.preprocess import Preprocessing, load_image, preprocess_image
+
+
+def _is_pixels(array, *ndims):
+    """An array of 8-bit pixels: uint8, (H,W,C) or (N,H,W,C) as allowed by `ndims`, C = 1, 3 or 4, H, W > 0."""
+    return (array.dtype == np.uint8 and array.ndim in ndims and array.shape[-1] in (1, 3, 4)
+            and min(array.shape[-3:-1]) > 0)
 
 
 class Classifier:
@@ -53,12 +64,54 @@ class Classifier:
             self._sha256 = sha256_of(self.weights_path)
         return self._sha256
 
+    @property
+    def input_shape(self):
+        """(H, W, C) of one preprocessed image: what `preprocess` makes and a float batch must have."""
+        spec = self.preprocessing
+        return spec.size, spec.size, spec.channels
+
+    def _refuse(self, array):
+        h, w, c = self.input_shape
+        return ShapeError(f"cannot classify an array of shape {array.shape} and dtype {array.dtype}: images are uint8 "
+                          "(H,W,C) or (N,H,W,C) arrays with C = 1, 3 or 4 (preprocessed like image files); a float32 "
+                          f"or float64 array must be a batch (N,{h},{w},{c}) already preprocessed for this model")
+
     def preprocess(self, images):
-        """Images (paths, bytes, PIL images) -> (N,H,W,C) float32 batch."""
-        if isinstance(images, (str, Path, bytes)) or hasattr(images, "mode"):
+        """Images -> (N,H,W,C) float32 batch, each resized, cropped and normalised as the weight file says.
+
+        images: a path, bytes, PIL image, uint8 array (H,W,C) or a list of these, or a uint8 array (N,H,W,C).
+        Arrays are pixels in RGB order, C = 1 (grey), 3 (RGB) or 4 (RGBA, composited on black), exactly as the
+        decoded image file would be. Any other array raises ShapeError.
+        """
+        if isinstance(images, np.ndarray):
+            if not _is_pixels(images, 3, 4):
+                raise self._refuse(images)
+            if images.ndim == 4 and len(images) == 0:
+                return np.zeros((0, *self.input_shape), np.float32)
+            images = [images] if images.ndim == 3 else list(images)
+        elif isinstance(images, (str, Path, bytes)) or hasattr(images, "mode"):
             images = [images]
-        return np.stack([preprocess_image(load_image(i) if not hasattr(i, "mode") else i, self.preprocessing)
-                         for i in images])
+        out = []
+        for image in images:
+            if isinstance(image, np.ndarray) and not _is_pixels(image, 3):
+                raise self._refuse(image)
+            if not isinstance(image, np.ndarray) and not hasattr(image, "mode"):
+                image = load_image(image)
+            out.append(preprocess_image(image, self.preprocessing))
+        return np.stack(out)
+
+    def batch(self, images):
+        """What `predict`, `topk` and `cam` accept -> the (N,H,W,C) float32 batch the network runs on.
+
+        Pixels (paths, bytes, PIL images, uint8 arrays (H,W,C) or (N,H,W,C), lists of them) are preprocessed;
+        a float32/float64 array is taken as already preprocessed only when it is (N,H,W,C) with (H,W,C) =
+        `input_shape`. Anything else (a float image without its batch axis, a float batch of another size,
+        uint16 or int arrays, ...) raises ShapeError saying what is accepted: no array is guessed at.
+        """
+        if (isinstance(images, np.ndarray) and images.dtype in (np.float32, np.float64) and images.ndim == 4
+                and images.shape[1:] == self.input_shape):
+            return np.ascontiguousarray(images, np.float32)
+        return self.preprocess(images)
 
     def logits(self, batch, batch_size=32):
         """(N,H,W,C) preprocessed batch -> (N,K) logits, run in chunks of `batch_size`."""
@@ -67,22 +120,35 @@ class Classifier:
         return np.concatenate(outs) if outs else np.zeros((0, len(self.class_names)), np.float32)
 
     def predict(self, images, batch_size=32):
-        """Images or an NHWC batch -> (N,K) probabilities."""
-        batch = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.preprocess(images)
-        return softmax(self.logits(batch, batch_size))
+        """Images or a preprocessed batch (see `batch` for what is accepted) -> (N,K) probabilities."""
+        return softmax(self.logits(self.batch(images), batch_size))
 
     def topk(self, images, k=5, batch_size=32):
-        """Images or an NHWC batch -> per image, the k most probable classes."""
+        """Images or a preprocessed batch (see `batch`) -> per image, the k most probable classes."""
         return topk(self.predict(images, batch_size), k, self.class_names, self.class_ids)
 
+    def decide(self, probs):
+        """(N,K) probabilities -> (N,) class indices: at the stored operating point when the model has one
+        (see `operating_point`), else argmax. The class `predict --json` reports as "decision"."""
+        if self.operating_point is None:
+            return np.asarray(probs).argmax(axis=1)
+        from lightcnn.metrics import decide
+
+        name, threshold = self.operating_point
+        return decide(probs, self.class_names.index(name), threshold)
+
     def cam(self, images, class_index=None, layer=None, method="auto"):
-        """Images or an NHWC batch -> lightcnn.explain.Explanation: maps (N,h,w) for `class_index`
-        (None = each image's top-1). method "auto" is CAM for GAP+linear (and SqueezeNet conv) heads when no
-        layer is named, else Grad-CAM at `layer` (default model.cam_layer); see lightcnn.explain."""
+        """Images or a preprocessed batch (see `batch`) -> lightcnn.explain.Explanation: maps (N,h,w) for
+        `class_index` (None = each image's decided class, see `decide`: the top-1, or the class chosen at the
+        stored operating point; Explanation.class_index says which). method "auto" is CAM for GAP+linear (and
+        SqueezeNet conv) heads when no layer is named, else Grad-CAM at `layer` (default model.cam_layer); see
+        lightcnn.explain."""
         from lightcnn.explain import explain
 
-        batch = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.preprocess(images)
-        return explain(self.model, np.ascontiguousarray(batch, np.float32), class_index, layer, method)
+        batch = self.batch(images)
+        if class_index is None and self.operating_point is not None:
+            class_index = self.decide(softmax(self.logits(batch)))
+        return explain(self.model, batch, class_index, layer, method)
 
     def __repr__(self):
         return f"Classifier({self.model.arch!r}, {len(self.class_names)} classes, weights={self.weights_path})"

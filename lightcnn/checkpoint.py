@@ -56,11 +56,34 @@ class Checkpoint:
         return self.config.get("padding", "torch")
 
 
+def _umask():
+    """The process umask, read without changing it where Linux reports it (os.umask can only set it, and setting
+    it to read it would briefly affect files other threads create)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_target(path):
+    """A temporary file beside `path`, with the mode a plain open(path, "w") would give it.
+
+    mkstemp creates files 0600 (private); the file is renamed to `path`, so it gets 0666 minus the umask
+    (0644 under the usual umask 022), like any other file the user writes.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     return tmp
 
 

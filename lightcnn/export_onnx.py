@@ -1,6 +1,19 @@
 """Export a lightcnn Model to an ONNX graph (inference only), using the `onnx` package.
 
-    python -m lightcnn.export_onnx --model mobilenet_v2 --out mobilenet_v2.onnx [--weights FILE.h5]
+    python -m lightcnn.export_onnx --model mobilenet_v2 --out mobilenet_v2.onnx     # registered weights
+    python -m lightcnn.export_onnx --weights runs/ct/best.h5 --out ct.onnx          # any lightcnn .h5
+    python -m lightcnn.export_onnx --model mobilenet_v2_dense --random-weights --out r.onnx   # architecture only
+
+``--model NAME`` means the registered weights, found as predict finds them (lightcnn.weights.find_weights,
+never downloaded); random weights only with ``--random-weights``. The exported network is the float one
+(no simulated activation quantisation, see lightcnn.quantsim). Exit codes: 0 written, 1 the weights or
+the onnx package are missing or the export failed, 2 usage error; failures are one line.
+
+Metadata
+--------
+The graph carries what it takes to use it as ONNX ``metadata_props``, each value a JSON string: ``arch``,
+and from a weight file ``model``, ``class_names``, ``class_ids`` (WordNet IDs or null), ``preprocessing``
+(lightcnn.preprocess.Preprocessing.to_dict(): how an image becomes the ``input`` tensor) and ``weights_sha256``.
 
 Graph layout
 ------------
@@ -22,11 +35,12 @@ What each layer becomes (weights are transposed once, here):
 Activations: Relu, Clip(0, 6), Elu, Sigmoid, HardSigmoid(1/6, 1/2), HardSwish (opset 14+).
 
 Used by bench/compare_runtimes.py to run the very same weights in ONNX Runtime.  `onnx`
-is an optional dependency (``pip install lightcnn[compare]``); importing this module
-without it works, exporting raises ImportError naming the package.
+is an optional dependency (``pip install "lightcnn[compare]"``); importing this module
+without it works, exporting raises ImportError naming the package (the CLI prints it as one line).
 """
 
 import argparse
+import json
 import sys
 
 import numpy as np
@@ -46,7 +60,8 @@ def _require_onnx():
     try:
         import onnx  # noqa: F401
     except ImportError:
-        raise ImportError("ONNX export needs the 'onnx' package: pip install onnx (or lightcnn[compare])") from None
+        raise ImportError("ONNX export needs the 'onnx' package: pip install \"lightcnn[compare]\" "
+                          "(or pip install onnx)") from None
     import onnx
 
     return onnx
@@ -261,10 +276,12 @@ def _transpose_act(g, t, layer):
 _CUSTOM = {"CovidSqueezeFeatures": _covid_features, "_TransposeAct": _transpose_act}
 
 
-def export_onnx(model, path=None, input_size=None, dynamic_batch=True):
+def export_onnx(model, path=None, input_size=None, dynamic_batch=True, metadata=None):
     """Translate `model` (a lightcnn Model) into an onnx.ModelProto; also save it when `path` is given.
 
     input_size: (H, W) of the exported graph (default: the model's own input_shape).
+    metadata: {key: JSON-serialisable value}, stored as metadata_props with each value JSON-encoded
+    (see `checkpoint_metadata`); "arch" is always added.
     The graph input ``input`` is NHWC (N, H, W, C) and transposed to NCHW inside the
     graph, so ORT is fed exactly the array lightcnn's forward takes.
     """
@@ -288,34 +305,95 @@ def export_onnx(model, path=None, input_size=None, dynamic_batch=True):
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lightcnn",
                               ir_version=IR_VERSION)
     proto.doc_string = f"lightcnn {model.arch}; input NHWC float32 (N,{h},{w},{c})"
+    for key, value in {"arch": model.arch, **(metadata or {})}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
     onnx.checker.check_model(proto)
     if path is not None:
         onnx.save(proto, str(path))
     return proto
 
 
+def checkpoint_metadata(ckpt, name=None):
+    """What a graph exported from `ckpt` needs to be used on its own: classes, preprocessing, provenance."""
+    from lightcnn.preprocess import Preprocessing
+
+    preprocessing = ckpt.preprocessing or Preprocessing().to_dict()  # what lightcnn.load() uses for such files
+    meta = {"class_names": list(ckpt.class_names),
+            "class_ids": None if ckpt.class_ids is None else list(ckpt.class_ids),
+            "preprocessing": preprocessing}
+    if name:
+        meta["model"] = name
+    if ckpt.path:
+        from lightcnn.weights import sha256_of
+
+        meta["weights_sha256"] = sha256_of(ckpt.path)
+    return meta
+
+
+def _random_model(name):
+    """A registered name's architecture and config, or a builder name, with random weights."""
+    from lightcnn.errors import LightCNNError
+    from lightcnn.models import BUILDERS, build
+    from lightcnn.registry import REGISTRY
+
+    if name in REGISTRY:
+        return build(REGISTRY[name].arch, **REGISTRY[name].config)
+    if name in BUILDERS:
+        return build(name)
+    raise LightCNNError(f"unknown model {name!r}; registered weights: {', '.join(REGISTRY)}; architectures: "
+                        f"{', '.join(sorted(BUILDERS))}")
+
+
 def main(argv=None):
+    from lightcnn._cli import positive_int
+
     parser = argparse.ArgumentParser(prog="python -m lightcnn.export_onnx", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="registered model name (random weights unless --weights is given)")
-    parser.add_argument("--weights", help="a lightcnn .h5 checkpoint")
-    parser.add_argument("--size", type=int, help="input height = width (default: the model's)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="NAME", help="registered weights, found like predict finds them "
+                        "(python -m lightcnn.weights list); with --random-weights, any architecture")
+    source.add_argument("--weights", metavar="FILE.h5", help="a lightcnn .h5 checkpoint")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="export --model's architecture with random weights (no classes, no preprocessing)")
+    parser.add_argument("--size", type=positive_int, help="input height = width (default: the model's)")
     parser.add_argument("--out", required=True, help="output .onnx path")
     args = parser.parse_args(argv)
-    if args.weights:
-        from lightcnn.api import model_from_checkpoint
-        from lightcnn.checkpoint import read_checkpoint
+    if args.random_weights and not args.model:
+        parser.error("--random-weights goes with --model NAME (a registered name or an architecture)")
 
-        model = model_from_checkpoint(read_checkpoint(args.weights))
-    elif args.model:
-        from lightcnn.models import build
+    from lightcnn.errors import LightCNNError
 
-        model = build(args.model)
-    else:
-        parser.error("give --model or --weights")
-    export_onnx(model, args.out, input_size=args.size)
-    print(f"wrote {args.out}")
+    try:
+        _require_onnx()  # before loading anything: say first what is missing
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.random_weights:
+            model, metadata = _random_model(args.model), {"weights": "random"}
+        else:
+            from lightcnn.api import model_from_checkpoint
+            from lightcnn.checkpoint import read_checkpoint
+            from lightcnn.weights import find_weights
+
+            try:
+                ckpt = read_checkpoint(find_weights(args.weights or args.model))
+            except LightCNNError as exc:
+                hint = "; --random-weights exports an architecture without weights" if args.model else ""
+                raise LightCNNError(f"{exc}{hint}") from None
+            model = model_from_checkpoint(ckpt, simulate_quantization=False)
+            metadata = checkpoint_metadata(ckpt, args.model or None)
+        export_onnx(model, args.out, input_size=args.size, metadata=metadata)
+    except BrokenPipeError:
+        raise
+    except (LightCNNError, ValueError, OSError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}" + (" (random weights)" if args.random_weights else ""))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lightcnn._cli import run_main
+
+    run_main(main)

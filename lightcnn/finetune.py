@@ -190,4 +190,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lightcnn._cli import run_main
+
+    run_main(main)

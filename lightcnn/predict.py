@@ -12,7 +12,8 @@ IMAGE    a file; a directory (walked recursively in sorted order, image files on
          topk [{index, wnid, label, score}], decode_ms, preprocess_ms, inference_ms (the batch's time divided by
          its size), and with --cam a "cam" object
 --cam DIR  per image, DIR/<name>.png (the map over the preprocessed input) and DIR/<name>.npy (the raw map) for
-         the top-1 class: CAM when the head is GAP + linear (or SqueezeNet's conv head), else Grad-CAM at the
+         the class the output names (the top-1, or the "decision" at a fine-tuned model's operating point; the
+         JSON "cam" object gives it as "class" and "class_index"): CAM when the head is GAP + linear (or SqueezeNet's conv head), else Grad-CAM at the
          model's default layer; --cam-layer NAME asks for Grad-CAM at any layer of
          ``python -m lightcnn.summary NAME``
 --threads N  threads for Numba kernels and for BLAS. BLAS (OpenBLAS/MKL) reads its thread count only when numpy
@@ -124,7 +125,7 @@ def expand_images(args):
 # -- output ------------------------------------------------------------------------------------------------------
 
 
-def _format_text(name, preds, cam_png=None, decision=None):
+def _format_text(name, preds, cam=None, decision=None):
     lines = [name]
     # A fine-tuned model's classes have no separate IDs (wnid == label): print the name once.
     lines += [f"{rank:>4d}  {p.score:.4f}  {p.wnid}  {p.label}" if p.wnid != p.label else
@@ -132,8 +133,8 @@ def _format_text(name, preds, cam_png=None, decision=None):
     if decision:
         lines.append(f"   decision  {decision['label']}  (operating point: {decision['positive']} when "
                      f"P >= {decision['threshold']:.4f})")
-    if cam_png:
-        lines.append(f"   cam  {cam_png}")
+    if cam:
+        lines.append(f"   cam  {cam['png']}  ({cam['class']})")
     return "\n".join(lines)
 
 
@@ -246,17 +247,17 @@ def _prepare_chunk(chunk, spec, stdin_bytes):
     return good, xs, pixels, times, failed
 
 
-def _explain_chunk(clf, method, layer, batch, feats, top1):
-    """(N,h,w) maps of the top-1 classes, and the layer they live at."""
+def _explain_chunk(clf, method, layer, batch, feats, classes):
+    """(N,h,w) maps of `classes` (one index per image), and the layer they live at."""
     import numpy as np
 
     from lightcnn import explain as explain_mod
 
     if method == "cam":
-        ex = explain_mod.class_activation_map(clf.model, class_index=top1, features=feats)
+        ex = explain_mod.class_activation_map(clf.model, class_index=classes, features=feats)
         return ex.maps, ex.layer
     # The backward needs every activation cached: a few images at a time.
-    parts = [explain_mod.grad_cam(clf.model, batch[j:j + GRADCAM_BATCH], top1[j:j + GRADCAM_BATCH], layer)
+    parts = [explain_mod.grad_cam(clf.model, batch[j:j + GRADCAM_BATCH], classes[j:j + GRADCAM_BATCH], layer)
              for j in range(0, len(batch), GRADCAM_BATCH)]
     return np.concatenate([part.maps for part in parts]), parts[0].layer
 
@@ -301,9 +302,11 @@ def _run(args, paths, clf):
             cams = [None] * len(good)
             if cam_method:
                 t0 = time.perf_counter()
-                top1 = np.array([p[0].index for p in preds])
+                # the class the output names: the decision at the operating point if there is one, else top-1
+                explained = np.array([clf.class_names.index(d["label"]) if d else p[0].index
+                                      for p, d in zip(preds, decisions)])
                 try:
-                    maps, layer = _explain_chunk(clf, cam_method, args.cam_layer, batch, feats, top1)
+                    maps, layer = _explain_chunk(clf, cam_method, args.cam_layer, batch, feats, explained)
                 except ValueError as exc:  # e.g. --cam-layer names a layer without a spatial output
                     _err(f"--cam-layer {args.cam_layer}: {' '.join(str(exc).split())}")
                     failures += 1
@@ -319,7 +322,8 @@ def _run(args, paths, clf):
                         _err(f"{stem}.png: cannot write the CAM ({exc.strerror or exc})")
                         continue
                     cams[i] = {"png": str(png), "npy": str(npy), "method": cam_method, "layer": layer,
-                               "class_index": int(top1[i]), "ms": round(cam_ms, 3)}
+                               "class_index": int(explained[i]), "class": clf.class_names[int(explained[i])],
+                               "ms": round(cam_ms, 3)}
             for i, path in enumerate(good):
                 if args.json:
                     record = {"file": path, "model": clf.name, "arch": clf.model.arch,
@@ -333,8 +337,7 @@ def _run(args, paths, clf):
                         record["decision"] = decisions[i]
                     print(json.dumps(record))
                 else:
-                    print(("\n" if printed else "") + _format_text(path, preds[i], cams[i] and cams[i]["png"],
-                                                                      decisions[i]))
+                    print(("\n" if printed else "") + _format_text(path, preds[i], cams[i], decisions[i]))
                 printed += 1
             sys.stdout.flush()
         progress.update(start + len(chunk))
@@ -378,4 +381,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lightcnn._cli import run_main
+
+    run_main(main)

@@ -125,3 +125,26 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, small_ckpt, mon
     with pytest.raises(KeyboardInterrupt):
         atomic_write_text(tmp_path / "log.json", "{}")
     assert not (tmp_path / "log.json").exists()
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["umask022", "umask077", "umask002"])
+def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path, small_ckpt, umask, mode):
+    """Converted weights and reports are ordinary files: 0666 minus the umask, like open(path, "w") gives."""
+    import stat
+
+    from lightcnn.checkpoint import atomic_write_bytes
+
+    _, ckpt = small_ckpt
+    saved = os.umask(umask)
+    try:
+        h5 = save_checkpoint(tmp_path / "m.h5", ckpt)
+        raw = tmp_path / "w.bin"
+        atomic_write_bytes(raw, b"bytes")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(saved)
+    assert stat.S_IMODE(plain.stat().st_mode) == mode  # what the umask gives any file, the reference
+    assert stat.S_IMODE(h5.stat().st_mode) == mode
+    assert stat.S_IMODE(raw.stat().st_mode) == mode

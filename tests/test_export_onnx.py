@@ -89,3 +89,79 @@ def test_export_saves_file(tmp_path):
     assert loaded.graph.input[0].name == "input" and loaded.graph.output[0].name == "logits"
     dims = [d.dim_param or d.dim_value for d in loaded.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["N", 224, 224, 3]  # NHWC, symbolic batch
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+
+
+def _metadata(path):
+    import json
+
+    return {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
+
+
+def test_cli_model_name_exports_the_registered_weights_with_classes_and_preprocessing(tmp_path, capsys):
+    """--model NAME is the registered weights as predict finds them, not a random network of that architecture."""
+    import lightcnn
+    from lightcnn.errors import CheckpointError
+    from lightcnn.export_onnx import main
+    from lightcnn.preprocess import Preprocessing
+    from lightcnn.weights import find_weights
+
+    try:
+        weights = find_weights("mobilenet_v2")
+    except CheckpointError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "m.onnx"
+    assert main(["--model", "mobilenet_v2", "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    clf = lightcnn.load(str(weights), simulate_quantization=False)
+    meta = _metadata(out)
+    assert meta["arch"] == "mobilenet_v2" and meta["model"] == "mobilenet_v2"
+    assert meta["class_names"] == clf.class_names and meta["class_names"][285] == "Egyptian cat"
+    assert meta["class_ids"] == clf.class_ids
+    assert Preprocessing.from_dict(meta["preprocessing"]) == clf.preprocessing
+    assert meta["weights_sha256"] == clf.weights_sha256
+    # the graph computes these weights' logits on an input preprocessed as the metadata says
+    x = np.random.default_rng(0).integers(0, 256, (2, 300, 260, 3), dtype=np.uint8)
+    batch = clf.preprocess(x)
+    y_ort = _run_ort(onnx.load(str(out)), batch)
+    np.testing.assert_allclose(y_ort, clf.logits(batch), rtol=0, atol=TOL * 10)
+
+
+def test_cli_random_weights_only_when_asked(tmp_path, capsys, monkeypatch):
+    from lightcnn.export_onnx import main
+
+    monkeypatch.setenv("LIGHTCNN_WEIGHTS", str(tmp_path / "empty"))
+    monkeypatch.setenv("LIGHTCNN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "r.onnx"
+    assert main(["--model", "mobilenet_v2", "--out", str(out)]) == 1   # not built: refused, nothing random written
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not built" in err and "--random-weights" in err and not out.exists()
+    assert main(["--model", "mobilenet_v2_dense", "--out", str(out)]) == 1
+    assert "unknown model 'mobilenet_v2_dense'" in capsys.readouterr().err and not out.exists()
+
+    assert main(["--model", "mobilenet_v2_dense", "--random-weights", "--size", "64", "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {out} (random weights)\n"
+    assert _metadata(out) == {"arch": "mobilenet_v2_dense", "weights": "random"}
+    with pytest.raises(SystemExit) as usage:
+        main(["--weights", "x.h5", "--random-weights", "--out", str(out)])
+    assert usage.value.code == 2
+
+
+def test_cli_without_onnx_says_how_to_install_it_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import runpy, sys; sys.modules['onnx'] = None; "  # an interpreter where `import onnx` fails
+            f"sys.argv = ['export_onnx', '--model', 'squeezenet1_1', '--random-weights', '--out', {str(tmp_path / 'x.onnx')!r}]; "
+            "runpy.run_module('lightcnn.export_onnx', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            env=dict(os.environ), timeout=300)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert 'pip install "lightcnn[compare]"' in result.stderr
+    assert not (tmp_path / "x.onnx").exists()

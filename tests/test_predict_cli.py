@@ -393,3 +393,48 @@ def test_cli_top1_on_the_imagenet_sample_equals_the_library(v2, v2_weights):
     accuracy = 100 * np.mean([labels[f.name] == c for f, c in zip(files, cli_top1)])
     print(f"\nCLI: 1000 images in {cli_seconds:.1f} s, top-1 {accuracy:.1f} %")
     assert abs(accuracy - REGISTRY["mobilenet_v2"].sample_top1) <= 2.0, accuracy
+
+
+@pytest.mark.parametrize("cam_layer", [None, "features.blocks.3"], ids=["cam", "gradcam"])
+def test_cam_explains_the_decided_class_and_says_which(tmp_path, capsys, cam_layer):
+    """A two-class model whose stored operating point overrules the argmax for this image: the map, the "cam"
+    record and the text output all follow the decision, as lightcnn.Classifier.cam does."""
+    import lightcnn
+    from lightcnn.checkpoint import Checkpoint, save_checkpoint
+    from lightcnn.models import mobilenet_v2
+    from lightcnn.predict import main as predict_main
+    from lightcnn.preprocess import Preprocessing
+
+    rng = np.random.default_rng(3)
+    image = tmp_path / "scan.png"
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(image)
+    model = mobilenet_v2(width_mult=0.35, num_classes=2, seed=1)
+    ckpt = Checkpoint(arch=model.arch, config=model.config, tensors=model.state_dict(), class_names=["neg", "pos"],
+                      preprocessing=Preprocessing(size=32, resize="shorter", resize_size=36).to_dict())
+    path = tmp_path / "two.h5"
+    save_checkpoint(path, ckpt)
+    p_pos = float(lightcnn.load(str(path)).predict(str(image))[0, 1])
+    top1 = int(p_pos >= 0.5)
+    # a threshold on P(pos) that decides the other class than argmax does
+    threshold = (1.0 + p_pos) / 2 if top1 == 1 else p_pos / 2
+    ckpt.extra = {"operating_point": {"class": "pos", "threshold": threshold}}
+    save_checkpoint(path, ckpt)
+    clf = lightcnn.load(str(path))
+    decided = 1 - top1
+
+    layer_args = ["--cam-layer", cam_layer] if cam_layer else []
+    assert predict_main(["--weights", str(path), str(image), "--json", "--cam", str(tmp_path / "maps"),
+                         *layer_args]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["topk"][0]["index"] == top1 and record["decision"]["label"] == clf.class_names[decided]
+    assert record["cam"]["class_index"] == decided and record["cam"]["class"] == clf.class_names[decided]
+    expected = clf.cam(str(image), layer=cam_layer)   # the API's default is the decided class too
+    assert list(expected.class_index) == [decided]
+    np.testing.assert_allclose(np.load(record["cam"]["npy"]), expected.maps[0], rtol=1e-5, atol=1e-6)
+    argmax_map = clf.cam(str(image), class_index=top1, layer=cam_layer).maps[0]
+    assert not np.allclose(argmax_map, expected.maps[0])
+
+    assert predict_main(["--weights", str(path), str(image), "--cam", str(tmp_path / "maps2"), *layer_args]) == 0
+    assert f"({clf.class_names[decided]})" in capsys.readouterr().out.splitlines()[-1]

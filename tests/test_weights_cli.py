@@ -1,6 +1,7 @@
 """python -m lightcnn.weights: build from local originals, fetch with SHA-256 checks, refuse bad files cleanly."""
 
 import hashlib
+import json
 import os
 import pickle
 import subprocess
@@ -150,3 +151,104 @@ def test_garbage_h5_info(tmp_path):
 def test_usage_error_exits_2():
     result = run_cli("convert")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+# -- what a converted file knows about its inputs and classes ---------------------------------------------------
+
+
+def _predict_top1(weights, image):
+    result = subprocess.run([sys.executable, "-m", "lightcnn.predict", "--weights", str(weights), str(image),
+                             "--json", "--topk", "1"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["topk"][0]["label"]
+
+
+def _refused_with_choices(result, *fragments):
+    """Exit 2 and one line naming the missing options and their choices; nothing written."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "does not record" in lines[0], result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_tflite_converted_without_flags_takes_scaling_and_classes_from_the_file(tmp_path, sources_dir, data_dir):
+    """The Coral MobileNetV2: uint8 input (scale 1/128, zero point 128) and 1001 outputs (ImageNet + background)
+    give the registry's preprocessing and ImageNet classes; no class_285, no null preprocessing."""
+    from lightcnn.checkpoint import read_checkpoint
+    from lightcnn.registry import REGISTRY
+
+    src = next(sources_dir.rglob("mobilenet_v2_quant_tflite/mobilenet_v2_1.0_224_quant.tflite"))
+    out = tmp_path / "m.h5"
+    result = run_cli("convert", src, "--arch", "mobilenet_v2", "-o", out)
+    assert result.returncode == 0, result.stderr
+    ckpt = read_checkpoint(out)
+    assert ckpt.preprocessing == REGISTRY["mobilenet_v2"].preprocessing.to_dict()
+    assert len(ckpt.class_names) == 1000 and ckpt.class_names[285] == "Egyptian cat" and ckpt.class_ids[0] == "n01440764"
+    assert _predict_top1(out, data_dir / "smoke-test-images" / "cat.bmp") == "Egyptian cat"
+
+
+def test_tflite_with_1000_outputs_needs_classes_and_its_input_scaling_is_read(tmp_path, sources_dir, data_dir):
+    """The Keras int8 export has 1000 outputs (which could be any 1000 classes): refused without --classes; with
+    them, its input quantisation (scale 1/127.5, zero point 127) is the scaling."""
+    from lightcnn.checkpoint import read_checkpoint
+
+    src = next(sources_dir.rglob("mobilenet_v2_keras_int8_tflite/mobilenet_v2_1.0_224_quant.tflite"))
+    out = tmp_path / "k.h5"
+    _refused_with_choices(run_cli("convert", src, "--arch", "mobilenet_v2", "-o", out), "--classes", "imagenet")
+    assert not out.exists()
+    result = run_cli("convert", src, "--arch", "mobilenet_v2", "--classes", "imagenet", "-o", out)
+    assert result.returncode == 0, result.stderr
+    prep = read_checkpoint(out).preprocessing
+    assert (prep["mean"], prep["std"], prep["input_range"], prep["size"]) == ([127.0] * 3, [127.5] * 3, 255.0, 224)
+    assert _predict_top1(out, data_dir / "smoke-test-images" / "cat.bmp") == "Egyptian cat"
+
+
+def test_deep_compression_file_is_caffe_with_imagenet_classes(tmp_path, sources_dir):
+    from lightcnn.checkpoint import read_checkpoint
+    from lightcnn.registry import REGISTRY
+
+    src = next(sources_dir.rglob("compressed_SqueezeNet.net"))
+    out = tmp_path / "s.h5"
+    result = run_cli("convert", src, "--arch", "squeezenet1_0", "-o", out)
+    assert result.returncode == 0, result.stderr
+    ckpt = read_checkpoint(out)
+    assert ckpt.preprocessing == REGISTRY["squeezenet1_0_caffe"].preprocessing.to_dict()
+    assert ckpt.preprocessing["channel_order"] == "BGR" and ckpt.class_names[285] == "Egyptian cat"
+
+
+def test_pth_without_preprocessing_or_classes_is_refused_with_the_choices(tmp_path, fixtures_dir):
+    """A state dict records neither; torchvision's convention is likely but not knowable from the file."""
+    src = fixtures_dir / "torchvision" / "squeezenet1_1.pth"
+    out = tmp_path / "o.h5"
+    _refused_with_choices(run_cli("convert", src, "--arch", "squeezenet1_1", "-o", out),
+                          "preprocessing or classes", "--preprocessing {caffe,grayscale_227,keras,tf_slim,torchvision}",
+                          "--classes {imagenet,FILE")
+    _refused_with_choices(run_cli("convert", src, "--arch", "squeezenet1_1", "--classes", "imagenet", "-o", out),
+                          "its preprocessing;", "torchvision")
+    assert not out.exists()
+    result = run_cli("convert", src, "--arch", "squeezenet1_1", "--classes", "imagenet", "--preprocessing",
+                     "torchvision", "-o", out)
+    assert result.returncode == 0, result.stderr
+
+
+def test_recorded_metadata_reproduces_the_registry(monkeypatch, sources_dir):
+    """What the files record equals what the registry states for them, except the Keras file: its zero point is
+    127 (the runtime computes (q - 127) / 127.5) where the registry keeps Keras's (x - 127.5) / 127.5."""
+    from lightcnn.registry import WEIGHTS
+    from lightcnn.weights import find_source, recorded_metadata
+
+    monkeypatch.setenv("LIGHTCNN_SOURCES", str(sources_dir))
+    checked = 0
+    for spec in WEIGHTS:
+        src = find_source(spec.filename, spec.sha256)
+        if src is None:
+            continue
+        preprocessing, classes = recorded_metadata(src, spec.converter)
+        if spec.name == "mobilenet_v2_keras":
+            assert classes is None and preprocessing == spec.preprocessing.__class__(
+                **{**spec.preprocessing.to_dict(), "mean": (127.0,) * 3})
+        else:
+            assert (preprocessing, classes) == (spec.preprocessing, spec.classes), spec.name
+        checked += 1
+    assert checked >= 3

@@ -185,6 +185,8 @@ def main(argv=None):
 
     try:
         return _run(args, options, dims)
+    except BrokenPipeError:  # stdout closed by its reader: lightcnn._cli.run_main ends quietly
+        raise
     except (LightCNNError, TuneLogError, ValueError, OSError) as exc:
         _err(str(exc))
         return 1
@@ -278,4 +280,6 @@ def _json_default(value):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lightcnn._cli import run_main
+
+    run_main(main)

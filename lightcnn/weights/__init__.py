@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lightcnn.checkpoint import Checkpoint, atomic_write_bytes, load_state, save_checkpoint
 from lightcnn.errors import CheckpointError, LightCNNError
+from lightcnn.preprocess import Preprocessing
 from lightcnn.registry import DEFAULT_MODEL, IMAGENET_LABELS, REGISTRY, WeightSpec, get_spec
 
 CONVERTER_VERSION = "2"  # 2: quantised TFLite files also record their activation grids (extra)
@@ -147,20 +148,74 @@ def imagenet_classes(fetch=False):
 _SUFFIX_FORMAT = {".tflite": "tflite", ".pth": "pth", ".pt": "pth", ".net": "deep_compression"}
 
 
-def convert_file(src, arch, config=None, fmt=None, preprocessing=None, class_ids=None, class_names=None):
-    """Read a foreign checkpoint and return a Checkpoint for `arch` (strictly checked by loading it)."""
-    from lightcnn.convert.deep_compression import read_deep_compression
-    from lightcnn.convert.pth import read_pth
-    from lightcnn.convert.tflite import read_tflite
-    from lightcnn.models import build
-    from lightcnn.weights import mapping
-
+def _source_format(src, fmt=None):
     src = Path(src)
     if not src.is_file():
         raise CheckpointError(f"{src}: no such file")
     fmt = fmt or _SUFFIX_FORMAT.get(src.suffix.lower())
     if fmt is None:
         raise CheckpointError(f"{src}: cannot tell the format from the suffix; pass --format tflite|pth|deep_compression")
+    return src, fmt
+
+
+def _tflite_preprocessing(tensor):
+    """The Preprocessing a quantised TFLite input tensor implies, or None (float input: the file cannot say).
+
+    The runtime is fed 8-bit pixels q and computes real = scale * (q - zero_point); on 0..255 pixels p that is
+    (p - mean) / std with mean = zero_point (+128 for int8, whose q is p - 128) and std = 1 / scale, the rule the
+    registry's TFLite entries follow. Geometry as theirs: shorter side to size / 0.875, centre crop of the
+    tensor's H = W.
+    """
+    shape = tuple(tensor.shape)
+    if (tensor.type_name not in ("UINT8", "INT8") or tensor.scale.size != 1 or len(shape) != 4 or shape[3] != 3
+            or shape[1] != shape[2] or shape[1] < 1):
+        return None
+    mean = float(tensor.zero_point[0]) + (128.0 if tensor.type_name == "INT8" else 0.0)
+    std = float(f"{1.0 / float(tensor.scale[0]):.6g}")  # float32 scales: 1/127.5 is stored as 0.00784314
+    return Preprocessing(size=shape[1], resize="shorter", resize_size=round(shape[1] / 0.875), input_range=255.0,
+                         mean=(mean,) * 3, std=(std,) * 3)
+
+
+def recorded_metadata(src, fmt=None):
+    """(Preprocessing or None, "imagenet" or None): what a source file itself records about its inputs and classes.
+
+    tflite            a quantised input tensor gives the scaling (see _tflite_preprocessing); 1001 outputs are
+                      ImageNet with TF's "background" class first (dropped by the converter, as the registry does)
+    deep_compression  the format is Caffe's SqueezeNet: Caffe preprocessing and ImageNet classes, as registered
+    pth               nothing: a state dict has no record of either
+    None where the file does not say; `python -m lightcnn.weights convert` then refuses instead of guessing.
+    """
+    from lightcnn.registry import WEIGHTS
+
+    src, fmt = _source_format(src, fmt)
+    if fmt == "deep_compression":
+        spec = next(s for s in WEIGHTS if s.converter == "deep_compression")
+        return spec.preprocessing, spec.classes
+    if fmt != "tflite":
+        return None, None
+    from lightcnn.convert.tflite import read_tflite
+
+    tfl = read_tflite(src)
+    preprocessing = _tflite_preprocessing(tfl.tensors[tfl.inputs[0]]) if len(tfl.inputs) == 1 else None
+    outputs = [tuple(tfl.tensors[i].shape) for i in tfl.outputs]
+    classes = "imagenet" if len(outputs) == 1 and outputs[0][-1:] == (1001,) else None
+    return preprocessing, classes
+
+
+def convert_file(src, arch, config=None, fmt=None, preprocessing=None, class_ids=None, class_names=None):
+    """Read a foreign checkpoint and return a Checkpoint for `arch` (strictly checked by loading it).
+
+    preprocessing / class_names None record no preprocessing and names class_0, class_1, ... (tests and
+    benchmarks that want only the tensors); `recorded_metadata` gives what the file itself says, and the
+    convert command refuses rather than write such a file.
+    """
+    from lightcnn.convert.deep_compression import read_deep_compression
+    from lightcnn.convert.pth import read_pth
+    from lightcnn.convert.tflite import read_tflite
+    from lightcnn.models import build
+    from lightcnn.weights import mapping
+
+    src, fmt = _source_format(src, fmt)
     config = dict(config or {})
     if fmt == "tflite":
         config.setdefault("padding", "tf")
@@ -232,5 +287,5 @@ def find_weights(name_or_path):
                           "LIGHTCNN_SOURCES to a folder of original checkpoints)")
 
 
-__all__ = ["build_one", "convert_file", "find_weights", "find_source", "download", "weights_dir", "source_dirs",
+__all__ = ["build_one", "convert_file", "recorded_metadata", "find_weights", "find_source", "download", "weights_dir", "source_dirs",
            "imagenet_classes", "DEFAULT_MODEL", "get_spec", "REGISTRY"]

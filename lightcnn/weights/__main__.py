@@ -4,7 +4,10 @@
   fetch NAME... | --all        download originals (SHA-256 checked) into the cache
   build [NAME...] [--fetch]    convert originals found in $LIGHTCNN_SOURCES (or the cache;
                                downloaded first with --fetch) into weights/NAME.h5
-  convert SRC --arch A -o OUT  convert any supported file (.pth, .tflite, .net)
+  convert SRC --arch A -o OUT  convert any supported file (.pth, .tflite, .net); preprocessing and classes
+                               come from the file where it records them (a quantised TFLite input, 1001
+                               TFLite outputs = ImageNet + background, the Caffe .net format), else
+                               --preprocessing and --classes are required
   info FILE.h5                 print a converted file's metadata
 
 Exit codes: 0 success, 1 a file failed, 2 usage error.
@@ -95,16 +98,27 @@ def cmd_build(args):
 def cmd_convert(args):
     from lightcnn.checkpoint import save_checkpoint
     from lightcnn.preprocess import PRESETS
-    from lightcnn.weights import convert_file, imagenet_classes
+    from lightcnn.weights import convert_file, imagenet_classes, recorded_metadata
 
     config = json.loads(args.config) if args.config else {}
     preprocessing = PRESETS[args.preprocessing] if args.preprocessing else None
+    classes = args.classes
+    if preprocessing is None or classes is None:  # take what the file records; never guess the rest
+        recorded_preprocessing, recorded_classes = recorded_metadata(args.src, args.format)
+        preprocessing = preprocessing or recorded_preprocessing
+        classes = classes or recorded_classes
     ids = names = None
-    if args.classes == "imagenet":
+    if classes == "imagenet":
         ids, names = imagenet_classes(fetch=False)
-    elif args.classes:
-        names = [line.strip() for line in open(args.classes, encoding="utf-8") if line.strip()]
-    ckpt = convert_file(args.src, args.arch, config, args.format, preprocessing, ids, names)
+    elif classes:
+        names = [line.strip() for line in open(classes, encoding="utf-8") if line.strip()]
+    ckpt = convert_file(args.src, args.arch, config, args.format, preprocessing, ids, names)  # a bad file says so
+    missing = ([f"--preprocessing {{{','.join(sorted(PRESETS))}}}"] if preprocessing is None else []) + \
+              (["--classes {imagenet,FILE with one name per line}"] if classes is None else [])
+    if missing:  # a file with class_0.. names or no preprocessing would predict wrongly without saying so
+        what = " or ".join(m.split()[0].lstrip("-") for m in missing)
+        _err(f"{args.src}: the file does not record its {what}; pass {' and '.join(missing)}")
+        return 2
     save_checkpoint(args.output, ckpt)
     print(f"wrote {args.output}: {ckpt.arch} {ckpt.config}", file=sys.stderr)
     return 0
@@ -149,6 +163,8 @@ def main(argv=None):
                "info": cmd_info}[args.command]
     try:
         return handler(args)
+    except BrokenPipeError:  # stdout closed by its reader: lightcnn._cli.run_main ends quietly
+        raise
     except (LightCNNError, ValueError, OSError) as exc:
         _err(str(exc))
         return 1
@@ -158,4 +174,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lightcnn._cli import run_main
+
+    run_main(main)
