@@ -69,3 +69,23 @@ def probability(text):
     if value > 1:
         raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
     return value
+
+
+def add_engine_argument(parser):
+    """--engine auto|numba|numpy (see lightcnn.engine)."""
+    parser.add_argument("--engine", choices=("auto", "numba", "numpy"), default=None,
+                        help="inference engine: auto (default, or $LIGHTCNN_ENGINE) runs Numba's compiled kernels if "
+                             "they are cached ('python -m lightcnn.compile') and NumPy otherwise; numba compiles "
+                             "what is missing (once, tens of seconds); numpy never compiles")
+
+
+def engine_note(model, images, name):
+    """One stderr line when auto fell back to NumPy for a long job (> LONG_JOB images), else nothing."""
+    if model.engine == "auto" and model.last_engine == "numpy" and images > LONG_JOB:
+        from lightcnn.engine import compile_hint
+
+        print(f"note: {compile_hint(name)}", file=sys.stderr)
+
+
+#: images above which a job is long enough for the compile hint
+LONG_JOB = 50

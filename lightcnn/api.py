@@ -188,8 +188,11 @@ def model_from_checkpoint(ckpt, simulate_quantization=False):
     return model
 
 
-def load(name_or_path="mobilenet_v2", simulate_quantization=None):
+def load(name_or_path="mobilenet_v2", simulate_quantization=None, engine=None):
     """Load a registered model by name (its converted .h5 must exist) or any lightcnn .h5 path.
+
+    engine: "auto" (default: $LIGHTCNN_ENGINE, else auto), "numba" or "numpy"; see lightcnn.engine.
+    `clf.model.last_engine` tells which one ran.
 
     simulate_quantization: None uses the file's default (on for registry models where rounding
     activations to the quantised runtime's 8-bit grids brings results closer to it, see
@@ -198,4 +201,7 @@ def load(name_or_path="mobilenet_v2", simulate_quantization=None):
     from lightcnn.weights import find_weights
 
     ckpt = read_checkpoint(find_weights(name_or_path))
-    return Classifier(model_from_checkpoint(ckpt, simulate_quantization), ckpt)
+    model = model_from_checkpoint(ckpt, simulate_quantization)
+    if engine is not None:
+        model.engine = engine
+    return Classifier(model, ckpt)

@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 
-from lightcnn._cli import probability
+from lightcnn._cli import add_engine_argument, probability
 from lightcnn.errors import LightCNNError
 
 
@@ -48,11 +48,12 @@ def build_parser():
     p.add_argument("--bootstrap", type=_nonneg_int, default=1000, metavar="N", help="resamples for the CIs (1000)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (16)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
+    add_engine_argument(p)
     return p
 
 
 def evaluate(model_path, data, split="test", split_method=None, seed=None, fractions=None, csv=None,
-             positive=None, n_bootstrap=1000, batch_size=16, warn=None, threshold=None):
+             positive=None, n_bootstrap=1000, batch_size=16, warn=None, threshold=None, engine=None):
     """Returns (report dict, info dict). `report` is metrics.classification_report on the chosen split (argmax
     decisions); with a threshold (given, or the model's stored operating point) report["at_operating_point"]
     is the same at that threshold."""
@@ -63,7 +64,7 @@ def evaluate(model_path, data, split="test", split_method=None, seed=None, fract
     from lightcnn.metrics import classification_report
     from lightcnn.train.features import load_view
 
-    clf = load(model_path)
+    clf = load(model_path, engine=engine)
     training = (clf.checkpoint.extra or {}).get("training") or {}
     split_method = split_method or training.get("split", "auto")
     seed = seed if seed is not None else int((training.get("train") or {}).get("seed", 0))
@@ -106,7 +107,11 @@ def evaluate(model_path, data, split="test", split_method=None, seed=None, fract
         report["at_operating_point"] = classification_report(y, probs, clf.class_names, positive=positive,
                                                              n_bootstrap=n_bootstrap, seed=seed, threshold=threshold)
     info = {"model": str(model_path), "data": str(data), "split": split, "split_method": method, "seed": seed,
-            "images": int(len(idx)), "positive": positive}
+            "images": int(len(idx)), "positive": positive, "engine": clf.model.last_engine}
+    if warn is not None and clf.model.engine == "auto" and clf.model.last_engine == "numpy" and len(idx) > 50:
+        from lightcnn.engine import compile_hint
+
+        warn(compile_hint(clf.model.arch))
     return report, info
 
 
@@ -124,7 +129,7 @@ def main(argv=None):
         report, info = evaluate(args.model, args.data, args.split, args.split_method, args.seed, args.fractions,
                                 args.csv, args.positive, args.bootstrap, args.batch_size,
                                 warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True),
-                                threshold=args.threshold)
+                                threshold=args.threshold, engine=args.engine)
     except LightCNNError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 1

@@ -33,6 +33,7 @@ import os
 import sys
 import time
 
+from lightcnn._cli import add_engine_argument, engine_note
 from lightcnn._cli import positive_int as _positive_int
 from lightcnn.errors import LightCNNError
 
@@ -65,6 +66,7 @@ def build_parser():
                         "python -m lightcnn.summary); default: CAM for GAP+linear heads, else Grad-CAM at the "
                         "model's default layer")
     parser.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
+    add_engine_argument(parser)
     return parser
 
 
@@ -330,7 +332,8 @@ def _run(args, paths, clf):
                               "weights": str(clf.weights_path), "weights_sha256": sha,
                               "topk": [p.to_dict() for p in preds[i]],
                               "decode_ms": round(times[i][0], 3), "preprocess_ms": round(times[i][1], 3),
-                              "inference_ms": round(infer_ms, 3), "batch_size": len(good)}
+                              "inference_ms": round(infer_ms, 3), "batch_size": len(good),
+                              "engine": clf.model.last_engine}
                     if cams[i]:
                         record["cam"] = cams[i]
                     if decisions[i]:
@@ -341,6 +344,8 @@ def _run(args, paths, clf):
                 printed += 1
             sys.stdout.flush()
         progress.update(start + len(chunk))
+        if start == 0:
+            engine_note(clf.model, len(paths), clf.name)
     return failures
 
 
@@ -368,6 +373,8 @@ def main(argv=None):
     clf, status = _load_classifier(args)
     if clf is None:
         return status
+    if args.engine:
+        clf.model.engine = args.engine
     if args.cam_layer and args.cam_layer not in {name for name, _ in clf.model.named_layers() if name}:
         print(f"error: --cam-layer {args.cam_layer!r}: no such layer in {clf.model.arch}; "
               f"'python -m lightcnn.summary {args.weights or args.model or clf.name}' lists them", file=sys.stderr)

@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 
+from lightcnn._cli import add_engine_argument
 from lightcnn._cli import positive_int as _positive_int
 from lightcnn.errors import LightCNNError
 
@@ -32,6 +33,7 @@ def build_parser():
                         help="square input side (default: the size the model was built for)")
     parser.add_argument("--repeats", type=_positive_int, default=5, metavar="R",
                         help="timed runs per layer with --profile (default 5)")
+    add_engine_argument(parser)
     return parser
 
 
@@ -77,12 +79,14 @@ def main(argv=None):
         print(f"error: unknown model {args.name!r}; weight names: {', '.join(REGISTRY)}; architectures: "
               f"{', '.join(sorted(BUILDERS))}; or a .h5 path", file=sys.stderr)
         return 2
+    if args.engine:
+        model.engine = args.engine
     try:
         table = model.summary(input_size=args.input_size, profile=args.profile, repeats=args.repeats)
     except (LightCNNError, ValueError) as exc:  # e.g. an input size too small for the network's strides
         print(f"error: {args.name}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2 if args.input_size else 1
-    print(f"# {what}", file=sys.stderr)
+    print(f"# {what}; engine: {model.last_engine or model.engine}", file=sys.stderr)
     print(table)
     return 0
 

@@ -24,7 +24,8 @@ layer types (the lowering); an engine only maps each op to code:
           numba, so the first result comes without any compilation.
 
 The ops: copy, pointwise, conv, depthwise, inverted_residual, se_gate, scale, gap, dense,
-max_pool, fake_quant, add, and opaque (a layer the lowering does not know runs its own
+max_pool, transpose_conv, place (a tensor into a channel range of a wider one, cropped or
+zero-padded at the bottom/right), fake_quant, add, and opaque (a layer the lowering does not know runs its own
 forward; the numba engine only). A layer that simulates a quantised runtime (lightcnn.quantsim
 sets `_fake_quant` on it) is lowered with `fake_quant` steps at the tensors the runtime rounds,
 and without the fusions that would skip them.
@@ -238,6 +239,27 @@ class InferencePlan:
     def _step(self, op, name, vals, **params):
         self.steps.append(Step(op, name, vals, params))
 
+    # The lowering API for a layer that describes its own inference graph: a layer class with a
+    # method lower_inference(plan, x, name) -> Val is lowered by calling it (seed 001's trunk does).
+    def lower(self, layer, x, name):
+        """Lower `layer` applied to x (a Val); returns its output Val and releases x."""
+        return self._lower(layer, x, name)
+
+    def new(self, shape):
+        """A new tensor of `shape` in the arena, held once."""
+        return self._new(shape)
+
+    def hold(self, v):
+        """One more reader of v: v's buffer stays reserved until release() is called once more."""
+        self._hold(v)
+
+    def release(self, v):
+        self._release(v)
+
+    def step(self, op, name, vals, **params):
+        """Append a step (see the op list in the module docstring)."""
+        self._step(op, name, vals, **params)
+
     # ---------------------------------------------------------------- lowering
     def _lower(self, layer, x, name):
         """Plan `layer` applied to value x; returns the output value. Releases x."""
@@ -250,6 +272,9 @@ class InferencePlan:
         return y
 
     def _lower_layer(self, layer, x, name):
+        own_lowering = getattr(_own_class(layer), "lower_inference", None)
+        if own_lowering is not None:
+            return own_lowering(layer, self, x, name)
         if not _plain(layer):  # a subclass with its own forward: run that forward
             return self._opaque(layer, x, name)
         if isinstance(layer, Sequential):
@@ -267,7 +292,8 @@ class InferencePlan:
             return self._inverted_residual(layer, x, name)
         if isinstance(layer, Fire):
             return self._fire(layer, x, name)
-        if isinstance(layer, SqueezeExcite) and len(x.shape) == 4 and x.buf is not None:
+        if isinstance(layer, SqueezeExcite) and len(x.shape) == 4:
+            x = self._materialise(x, name)
             s = self._se_gate(layer, x, name)
             y = self._new(x.shape)
             self._step("scale", name, dict(x=x, s=s, y=y))
@@ -297,9 +323,10 @@ class InferencePlan:
         """Any other layer: its own forward(x, training=False), output a fresh array per call."""
         if self.engine == "numpy":  # that forward runs Numba kernels
             raise Unsupported(f"the numpy engine cannot run {name} ({type(layer).__name__}, a layer it does not know)")
-        probe = layer.forward(np.zeros(x.shape, _F32), False)
+        forward = type(layer).forward  # the class's: tools may wrap the instance's (Model.trace)
+        probe = forward(layer, np.zeros(x.shape, _F32), False)
         y = self._new(probe.shape, dynamic=True)
-        self._step("opaque", name, dict(x=x, y=y), layer=layer)
+        self._step("opaque", name, dict(x=x, y=y), layer=layer, forward=forward)
         self._release(x)
         return y
 

@@ -12,7 +12,9 @@ Calls go to the kernel's Numba dispatcher directly, bound when the plan is built
 import numpy as np
 
 from lightcnn import _blas
+from lightcnn.kernels import conv as conv_k
 from lightcnn.kernels import depthwise as dw_k
+from lightcnn.kernels import transpose as tconv_k
 from lightcnn.kernels import fused
 
 _F32 = np.float32
@@ -49,6 +51,8 @@ def kernels_for(step, plan):
         return [fused.gemm_bias_act_serial]
     if op == "max_pool":
         return [fused.max_pool_inference]
+    if op == "transpose_conv":
+        return [conv_k.col2im]
     return []  # copy, gap, scale, add, fake_quant: NumPy; opaque: the layer's own path
 
 
@@ -184,11 +188,25 @@ def _max_pool(step, plan):
     return run
 
 
-def _opaque(step, plan):
-    layer, xi, yi = step.params["layer"], step.vals["x"].index, step.vals["y"].index
+def _transpose_conv(step, plan):
+    p, v = step.params, step.vals
+    x, ya = plan.arg(v["x"]), plan.arg(v["y"])[0]
+    weights, stride, pads, op, act, alpha = (p["weights"], p["stride"], p["pads"], p["output_padding"], p["act"],
+                                            p["alpha"])
 
     def run(vals):
-        vals[yi] = layer.forward(vals[xi], False)
+        w, b = weights()
+        xv = x[0] if x[0] is not None else vals[x[1]]
+        ya[...] = tconv_k.conv_transpose2d_forward(xv, w, b, stride, pads, op, act, alpha)
+    return run
+
+
+def _opaque(step, plan):
+    layer, forward = step.params["layer"], step.params["forward"]
+    xi, yi = step.vals["x"].index, step.vals["y"].index
+
+    def run(vals):
+        vals[yi] = forward(layer, vals[xi], False)
     return run
 
 
@@ -202,6 +220,6 @@ def _numpy_op(step, plan):
 
 _BINDERS = dict(copy=_copy, pointwise=_pointwise, conv=_conv, depthwise=_depthwise,
                 inverted_residual=_inverted_residual, se_gate=_se_gate, dense=_dense, max_pool=_max_pool,
-                opaque=_opaque, gap=_numpy_op, scale=_numpy_op, add=_numpy_op, fake_quant=_numpy_op)
+                opaque=_opaque, transpose_conv=_transpose_conv, place=_numpy_op, gap=_numpy_op, scale=_numpy_op, add=_numpy_op, fake_quant=_numpy_op)
 
 __all__ = ["bind", "kernels_for"]

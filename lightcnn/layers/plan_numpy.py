@@ -326,6 +326,49 @@ def _max_pool(step, plan):
     return run
 
 
+def _transpose_conv(step, plan):
+    """Every input pixel stamps w (KH,KW,C,O) stride apart onto a full-size output, then the crop."""
+    p, v = step.params, step.vals
+    x, ya = _source(plan, v["x"]), plan.arg(v["y"])[0]
+    n, h, w, c = v["x"].shape
+    _, ho, wo, n_out = v["y"].shape
+    (sh, sw), (top, _, left, _) = p["stride"], p["pads"]
+    weights, act, alpha = p["weights"], p["act"], p["alpha"]
+    scratch = _scratch(plan)
+
+    def run(vals):
+        wt, b = weights()
+        kh, kw = wt.shape[:2]
+        stamps = np.matmul(x(vals).reshape(-1, c), wt.transpose(2, 0, 1, 3).reshape(c, -1)).reshape(n, h, w, kh, kw,
+                                                                                                    n_out)
+        full = scratch.take("full", (n, max((h - 1) * sh + kh, top + ho), max((w - 1) * sw + kw, left + wo), n_out))
+        full[...] = 0
+        for i in range(kh):
+            for j in range(kw):
+                full[:, i:i + (h - 1) * sh + 1:sh, j:j + (w - 1) * sw + 1:sw] += stamps[:, :, :, i, j]
+        np.copyto(ya, full[:, top:top + ho, left:left + wo])
+        if b is not None:
+            ya[...] += b
+        activate(ya, act, alpha)
+    return run
+
+
+def _place(step, plan):
+    """y[..., col0:col0+C] = x cropped or zero-padded at the bottom/right to y's height and width."""
+    v, col0 = step.vals, step.params["col0"]
+    x, ya = _source(plan, v["x"]), plan.arg(v["y"])[0]
+    _, h, w, c = v["x"].shape
+    _, ho, wo, _ = v["y"].shape
+    hh, ww = min(h, ho), min(w, wo)
+
+    def run(vals):
+        target = ya[..., col0:col0 + c]
+        if hh < ho or ww < wo:
+            target[...] = 0
+        target[:, :hh, :ww] = x(vals)[:, :hh, :ww]
+    return run
+
+
 def _add(step, plan):
     v = step.vals
     a, b, ya = _source(plan, v["a"]), _source(plan, v["b"]), plan.arg(v["y"])[0]
@@ -346,4 +389,4 @@ def _fake_quant(step, plan):
 
 _BINDERS = dict(copy=_copy, pointwise=_pointwise, conv=_conv, depthwise=_depthwise,
                 inverted_residual=_inverted_residual, se_gate=_se_gate, scale=_scale, gap=_gap, dense=_dense,
-                max_pool=_max_pool, add=_add, fake_quant=_fake_quant)
+                max_pool=_max_pool, transpose_conv=_transpose_conv, place=_place, add=_add, fake_quant=_fake_quant)

@@ -198,6 +198,8 @@ class Model(Layer):
             if not layer.is_unit or any(path.startswith(f"{p}.") for p, _ in originals):
                 continue
             original = layer.forward
+            if not (profile and not fast):
+                original = self._unit_runner(layer, path)
 
             def traced(inp, training=False, _layer=layer, _path=path, _orig=original):
                 start = time.perf_counter()
@@ -221,6 +223,24 @@ class Model(Layer):
         if times is not None:
             _attribute_plan_times(rows, times)
         return rows
+
+    def _unit_runner(self, layer, path):
+        """forward(x) of one unit through a plan on this model's engine (so a summary on the numpy
+        engine compiles nothing); the unit's own forward where it cannot be planned."""
+        from lightcnn.layers.plan import InferencePlan
+
+        own = layer.forward
+
+        def run(x, training=False):
+            if not (isinstance(x, np.ndarray) and x.dtype == np.float32):
+                return own(x, training)
+            try:
+                plan = InferencePlan([(path, layer)], x.shape, engine=self.engine)
+            except ValueError:
+                return own(x, training)
+            self.__dict__["_last_engine"] = plan.engine
+            return plan.run(np.ascontiguousarray(x))
+        return run
 
     def summary(self, input_size=None, profile=False, repeats=5, fast=True):
         """Per-unit table as text: name, output shape, parameters, MACs (and ms with profile=True).

@@ -140,6 +140,19 @@ class CovidSqueezeFeatures(Layer):
             self.cache = (up.shape, skip.shape[3])
         return self.fuse.forward(combine_k.concat_channels([up_fit, skip]), training)
 
+    def lower_inference(self, plan, x, name):
+        """The same graph for an inference plan (lightcnn.layers.plan): concat by writing both parts into one buffer."""
+        skip = plan.lower(self.early, x, f"{name}.early")
+        plan.hold(skip)  # read again after the upsampling branch
+        up = plan.lower(self.upsample, plan.lower(self.late, skip, f"{name}.late"), f"{name}.upsample")
+        n, h, w, skip_ch = skip.shape
+        cat = plan.new((n, h, w, up.shape[3] + skip_ch))
+        plan.step("place", f"{name}.concat", dict(x=up, y=cat), col0=0)
+        plan.step("place", f"{name}.concat", dict(x=skip, y=cat), col0=up.shape[3])
+        plan.release(up)
+        plan.release(skip)
+        return plan.lower(self.fuse, cat, f"{name}.fuse")
+
     def backward(self, dy):
         (up_shape, skip_ch), self.cache = self.cache, None
         dcat = self.fuse.backward(dy)
@@ -177,6 +190,21 @@ class _TransposeAct(Layer):
 
     def forward(self, x, training=False):
         return self.act.forward(self.tconv.forward(x, training), training)
+
+    def lower_inference(self, plan, x, name):
+        """One transpose_conv step of an inference plan, the ELU in its epilogue."""
+        t = self.tconv
+        n, h, w, _ = x.shape
+        (kh, kw), (sh, sw) = t.kernel, t.stride
+        top, bottom, left, right = t.padding
+        ho = (h - 1) * sh - top - bottom + kh + t.output_padding[0]
+        wo = (w - 1) * sw - left - right + kw + t.output_padding[1]
+        y = plan.new((n, ho, wo, t.out_ch))
+        plan.step("transpose_conv", name, dict(x=x, y=y),
+                  weights=lambda: (t.params["weight"], t.params.get("bias")), stride=(sh, sw), pads=t.padding,
+                  output_padding=t.output_padding, act=int(self.act.code), alpha=np.float32(self.act.alpha))
+        plan.release(x)
+        return y
 
     def backward(self, dy):
         return self.tconv.backward(self.act.backward(dy))
