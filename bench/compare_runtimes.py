@@ -3,7 +3,7 @@
     python bench/compare_runtimes.py                          # table: 4 models x batch 1, 8 x 2 threads
     python bench/compare_runtimes.py --threads 1 --batch 1    # other settings
     python bench/compare_runtimes.py --json                   # one JSON object instead of the table
-    python bench/compare_runtimes.py --process                # also: python -m lightcnn.predict wall time / RSS
+    python bench/compare_runtimes.py --process                # also: whole predict processes, cold / compiled / warm
 
 Needs the optional extras onnx + onnxruntime (``pip install lightcnn[compare]``); PyTorch is
 used when installed (``torch_ms`` is null otherwise).
@@ -12,7 +12,8 @@ For each model
   1. weights: the torchvision fixture checkpoint (../shared/fixtures/torchvision/NAME.pth, realistic
      batch-norm statistics, logits of order 1) converted by lightcnn.weights.convert_file, or random
      weights with randomised batch-norm statistics when the fixture is absent (--random);
-  2. the same weights in each engine: ONNX Runtime runs lightcnn's own graph exported by
+  2. the same weights in each engine (lightcnn twice: its numba engine, the headline, and its numpy
+     engine, reported as `numpy ms` and its ratio to the numba engine): ONNX Runtime runs lightcnn's own graph exported by
      lightcnn.export_onnx (NHWC input, transposed inside the graph); PyTorch runs an eager NCHW
      nn.Module built here layer by layer from the lightcnn model (Conv2d + BatchNorm2d + activation,
      unfused, as torchvision's eval-mode models run);
@@ -283,6 +284,9 @@ def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, rand
     results = {}
     for arch in models:
         model, source = load_lightcnn(arch, random)
+        model.engine = "numba"
+        numpy_model, _ = load_lightcnn(arch, random)  # the same weights on the NumPy engine
+        numpy_model.engine = "numpy"
         ort_run = ort_session(model, threads)
         torch_run = torch_runner(model, threads) if use_torch else None
         macs = model.count_macs()
@@ -296,7 +300,8 @@ def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, rand
                 x = np.ascontiguousarray(np.resize(xin, (batch,) + xin.shape[1:]), np.float32)
             y = model.forward(x)
             diffs = {"ort": float(np.abs(ort_run(x) - y).max())}
-            fns = {"lightcnn": (model.forward, x), "ort": (ort_run, x)}
+            diffs["numpy"] = float(np.abs(numpy_model.forward(x) - y).max())
+            fns = {"lightcnn": (model.forward, x), "numpy": (numpy_model.forward, x), "ort": (ort_run, x)}
             if torch_run is not None:
                 import torch
 
@@ -318,6 +323,8 @@ def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, rand
                 "lightcnn_p90_ms": p90["lightcnn"], "ort_p90_ms": p90["ort"], "torch_p90_ms": p90.get("torch"),
                 "lightcnn_idle_ms": idle["lightcnn"], "ort_idle_ms": idle["ort"], "torch_idle_ms": idle.get("torch"),
                 "ratio_ort_idle": idle["lightcnn"] / idle["ort"],
+                "numpy_ms": med["numpy"], "ratio_numpy_numba": med["numpy"] / med["lightcnn"],
+                "ratio_numpy_ort": med["numpy"] / med["ort"],
                 "lightcnn_gflops": 2.0 * macs * batch / (med["lightcnn"] * 1e6),
                 "ort_gflops": 2.0 * macs * batch / (med["ort"] * 1e6),
                 "weights": source,
@@ -333,14 +340,15 @@ def _fmt(v, spec):
 
 HEADER = (f"{'model':20s} {'batch':>5s} {'thr':>3s} | {'lightcnn ms':>11s} {'p90':>6s} | {'ORT ms':>7s} {'p90':>6s} | "
           f"{'torch ms':>8s} {'p90':>6s} | {'x ORT':>6s} {'x torch':>7s} | {'GFLOP/s':>7s} {'ORT':>5s} | {'max|diff|':>9s} | "
-          f"{'idle ms':>7s} {'ORT':>6s} {'x ORT':>6s}")
+          f"{'idle ms':>7s} {'ORT':>6s} {'x ORT':>6s} | {'numpy ms':>8s} {'x numba':>7s}")
 
 
 def _format_row(arch, batch, threads, r):
     return (f"{arch:20s} {batch:5d} {threads:3d} | {r['lightcnn_ms']:11.2f} {r['lightcnn_p90_ms']:6.2f} | "
             f"{r['ort_ms']:7.2f} {r['ort_p90_ms']:6.2f} | {_fmt(r['torch_ms'], '8.2f')} {_fmt(r['torch_p90_ms'], '6.2f')} | "
             f"{r['ratio_ort']:6.2f} {_fmt(r['ratio_torch'], '7.2f')} | {r['lightcnn_gflops']:7.1f} {r['ort_gflops']:5.0f} | "
-            f"{r['max_abs_diff']:9.1e} | {r['lightcnn_idle_ms']:7.2f} {r['ort_idle_ms']:6.2f} {r['ratio_ort_idle']:6.2f}")
+            f"{r['max_abs_diff']:9.1e} | {r['lightcnn_idle_ms']:7.2f} {r['ort_idle_ms']:6.2f} {r['ratio_ort_idle']:6.2f} | "
+            f"{r['numpy_ms']:8.2f} {r['ratio_numpy_numba']:7.2f}")
 
 
 # --------------------------------------------------------------------------- whole process
@@ -355,36 +363,70 @@ t0 = time.perf_counter()
 proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 _, status, usage = os.wait4(proc.pid, 0)
 wall = time.perf_counter() - t0
-print(wall, usage.ru_maxrss / 1024.0, os.waitstatus_to_exitcode(status))
+print(wall, usage.ru_maxrss / 1024.0, os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime)
 sys.stderr.write(proc.stderr.read().decode()[-500:])
 """
 
 
 def _run_measured(cmd, env):
-    """(wall seconds, peak RSS MB, returncode, stderr tail) of `cmd` run as a fresh process."""
+    """{wall_s, cpu_s, rss_mb} of `cmd` run as a fresh process (raises with its stderr if it fails)."""
     done = subprocess.run([sys.executable, "-c", _LAUNCHER] + cmd, env=env, capture_output=True, text=True)
-    wall, rss, rc = done.stdout.split()
-    return float(wall), float(rss), int(rc), done.stderr
+    wall, rss, rc, cpu = done.stdout.split()
+    if int(rc) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {done.stderr}")
+    return {"wall_s": round(float(wall), 3), "cpu_s": round(float(cpu), 3), "rss_mb": round(float(rss), 1)}
+
+
+_ORT_PREDICT = """
+import sys, numpy as np, onnxruntime
+from lightcnn.preprocess import Preprocessing, load_image, preprocess_image
+import json
+spec = Preprocessing.from_dict(json.loads(sys.argv[3]))
+x = preprocess_image(load_image(sys.argv[2]), spec)[None]
+options = onnxruntime.SessionOptions()
+options.intra_op_num_threads = int(sys.argv[4])
+session = onnxruntime.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+print(int(logits.argmax()))
+"""
+
+
+def _median_run(cmd, env, repeats):
+    runs = [_run_measured(cmd, env) for _ in range(repeats)]
+    return {k: float(np.median([r[k] for r in runs])) if k != "rss_mb" else max(r[k] for r in runs) for k in runs[0]}
 
 
 def process_figures(image, model="mobilenet_v2", threads=2, repeats=3):
-    """python -m lightcnn.predict on one image: cold-cache first run, then warm-cache runs (wall, RSS)."""
+    """Whole `python -m lightcnn.predict IMAGE` processes on a fresh kernel cache, each {wall_s, cpu_s, rss_mb}:
+
+    cold            empty cache, default engine (auto -> numpy: nothing compiles)
+    compile         python -m lightcnn.compile MODEL into that cache
+    after_compile   the first predict after it (auto -> numba, kernels loaded from the cache)
+    warm_numba / warm_numpy   medians of `repeats` more runs with --engine numba / numpy
+    ort             a script that preprocesses the same image and runs the same weights in ONNX Runtime
+    """
     cmd = [sys.executable, "-m", "lightcnn.predict", str(image), "--model", model, "--threads", str(threads)]
-    env = dict(os.environ)
     out = {"command": " ".join(cmd[1:])}
-    with tempfile.TemporaryDirectory(prefix="lightcnn-cold-cache-") as cold:
-        wall, rss, rc, err = _run_measured(cmd, dict(env, NUMBA_CACHE_DIR=cold))
-        out["cold_cache_wall_s"], out["cold_cache_rss_mb"] = wall, rss
-        if rc != 0:
-            out["error"] = err
-            return out
-    _run_measured(cmd, env)  # make sure the default cache is warm
-    walls, rsss = [], []
-    for _ in range(repeats):
-        wall, rss, rc, err = _run_measured(cmd, env)
-        walls.append(wall)
-        rsss.append(rss)
-    out["warm_cache_wall_s"], out["warm_cache_rss_mb"] = float(np.median(walls)), float(max(rsss))
+    with tempfile.TemporaryDirectory(prefix="lightcnn-cold-cache-") as cache:
+        env = {k: v for k, v in os.environ.items() if k != "LIGHTCNN_ENGINE"}
+        env["NUMBA_CACHE_DIR"] = cache
+        out["cold"] = _run_measured(cmd, env)
+        out["compile"] = _run_measured([sys.executable, "-m", "lightcnn.compile", model, "-q"], env)
+        out["after_compile"] = _run_measured(cmd, env)
+        out["warm_numba"] = _median_run(cmd + ["--engine", "numba"], env, repeats)
+        out["warm_numpy"] = _median_run(cmd + ["--engine", "numpy"], env, repeats)
+        try:
+            import lightcnn
+            from lightcnn.export_onnx import export_onnx
+
+            clf = lightcnn.load(model)
+            onnx_path = os.path.join(cache, f"{model}.onnx")
+            export_onnx(clf.model, onnx_path)
+            spec = json.dumps(clf.preprocessing.to_dict())
+            out["ort"] = _median_run([sys.executable, "-c", _ORT_PREDICT, onnx_path, str(image), spec, str(threads)],
+                                     env, repeats)
+        except Exception as exc:  # noqa: BLE001 - ORT figures are a comparison, not the measurement
+            out["ort"] = {"error": f"{type(exc).__name__}: {exc}"}
     code = "import time; t = time.perf_counter(); import lightcnn; print(time.perf_counter() - t)"
     times = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
              for _ in range(3)]
@@ -451,7 +493,8 @@ def main(argv=None):
     if args.json:
         doc = {arch: {b: {k: row[k] for k in ("lightcnn_ms", "ort_ms", "torch_ms", "ratio_ort", "ratio_torch",
                                                "max_abs_diff", "lightcnn_idle_ms", "ort_idle_ms", "torch_idle_ms",
-                                               "ratio_ort_idle")} for b, row in per.items()}
+                                               "ratio_ort_idle", "numpy_ms", "ratio_numpy_numba")}
+                   for b, row in per.items()}
                for arch, per in results.items()}
         if process is not None:
             doc["_process"] = process

@@ -291,6 +291,7 @@ def simulate_activation_quantization(model, table):
         _swap_class(layers[path], _FakeQuantMixin)
     _swap_class(model, _LayerByLayerMixin)
     model._activation_quantization = table
+    model.__dict__["_plans"] = {}  # plans are lowered with or without the rounding steps
     return model
 
 
@@ -301,6 +302,7 @@ def remove_activation_quantization(model):
             layer.__class__ = layer._original_class
             layer.__dict__.pop("_fake_quant", None)
     model.__dict__.pop("_activation_quantization", None)
+    model.__dict__["_plans"] = {}
     return model
 
 

@@ -6,6 +6,10 @@ Environment variables (each optional):
   LIGHTCNN_DATA      real images (default: $LIGHTCNN_SHARED/data)
   LIGHTCNN_SOURCES   original checkpoints (default: $LIGHTCNN_SHARED/weights)
 Tests that need one of these skip with the path they looked at when it is absent.
+
+  LIGHTCNN_ENGINE    the inference engine of every test that does not pin its own (default here: numba,
+                     the engine the plan tests were written for; LIGHTCNN_ENGINE=numpy runs the suite
+                     on the NumPy engine). tests/test_engines.py pins each engine it tests.
 """
 
 import os
@@ -15,6 +19,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("LIGHTCNN_ENGINE", "numba")  # CLI subprocesses inherit it
 
 
 def _shared_root():

@@ -25,23 +25,32 @@ def test_no_module_calls_numba_jit_directly():
 
 
 def test_import_compiles_nothing():
-    """Importing the package and every kernel module leaves every dispatcher uncompiled."""
+    """Importing the package and every kernel module imports no numba and compiles no kernel."""
     code = r"""
-import importlib, pkgutil, numba, sys, time
-t = time.perf_counter()
-import lightcnn
-elapsed = time.perf_counter() - t
-import lightcnn.kernels, lightcnn.layers, lightcnn.models, lightcnn.api
-compiled = []
+import importlib, pkgutil, sys
+import lightcnn, lightcnn.kernels, lightcnn.layers, lightcnn.models, lightcnn.api, lightcnn.predict
+from lightcnn._jit import Kernel
+kernels = []
 for info in pkgutil.iter_modules(lightcnn.kernels.__path__):
     mod = importlib.import_module("lightcnn.kernels." + info.name)
-    for name, obj in vars(mod).items():
-        if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.signatures:
-            compiled.append(name)
-print(len(compiled), ",".join(compiled))
+    kernels += [obj for obj in vars(mod).values() if isinstance(obj, Kernel)]
+print(len(kernels), sum(k.compiled for k in kernels), "numba" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out[0] == "0", f"compiled at import: {out[1:]}"
+    assert int(out[0]) > 20, "kernel modules define their kernels with lightcnn._jit.kernel"
+    assert out[1:] == ["0", "False"], f"compiled at import / numba imported: {out}"
+
+
+def test_a_kernel_compiles_on_its_first_call_and_imports_numba_then():
+    code = r"""
+import sys, numpy as np
+from lightcnn.kernels import activation as act_k
+assert "numba" not in sys.modules
+y = act_k.activation_forward(np.array([-1.0, 2.0], np.float32), act_k.ACT_RELU, 1.0)
+print(y.tolist(), "numba" in sys.modules, act_k.act_forward_flat.compiled)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[0.0,", "2.0]", "True", "True"]
 
 
 def test_import_lightcnn_is_light():
@@ -52,7 +61,8 @@ def test_import_lightcnn_is_light():
 
 
 def _env_after_jit_import(extra_env):
-    code = ("import os, lightcnn._jit, numba\n"
+    code = ("import os, lightcnn._jit\n"
+            "numba = lightcnn._jit._numba()\n"
             "numba.set_num_threads(1)\n"
             "print(os.environ.get('OMP_WAIT_POLICY'))")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}

@@ -27,7 +27,8 @@ def _close(a, b, rtol=RTOL):
 
 
 def _layer_path(model, x):
-    return model.head(model.features(x))
+    """The layer-by-layer forward (never a plan): the reference the plan must reproduce."""
+    return model.head_net.forward(model.features_net.forward(x))
 
 
 

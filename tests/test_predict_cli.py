@@ -122,7 +122,8 @@ def test_json_lines_validate(smoke_dir, v2, v2_weights):
     library = v2.topk([str(smoke_dir / n) for n in names], k=3)
     for record, lib in zip(records, library):
         assert set(record) == {"file", "model", "arch", "weights", "weights_sha256", "topk", "decode_ms",
-                               "preprocess_ms", "inference_ms", "batch_size"}
+                               "preprocess_ms", "inference_ms", "batch_size", "engine"}
+        assert record["engine"] == os.environ["LIGHTCNN_ENGINE"]  # pinned by conftest (numba unless overridden)
         assert record["model"] == "mobilenet_v2" and record["arch"] == "mobilenet_v2"
         assert Path(record["weights"]).resolve() == Path(v2_weights).resolve()
         assert record["weights_sha256"] == sha
