@@ -78,6 +78,7 @@ class Model(Layer):
     def engine(self, name):
         self.__dict__["_engine"] = check_engine(name)
         self.__dict__["_plans"] = {}
+        self.__dict__["_prefix_plans"] = {}
 
     @property
     def last_engine(self):
@@ -131,10 +132,12 @@ class Model(Layer):
 
     def _on_params_changed(self):
         self.__dict__["_plans"] = {}
+        self.__dict__["_prefix_plans"] = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_plans"] = {}  # plans hold buffers and bound kernels of *this* object: rebuilt on demand
+        state.pop("_prefix_plans", None)
         return state
 
     def backward(self, dlogits, through_features=True):

@@ -41,7 +41,6 @@ import numpy as np
 
 from lightcnn.augment import Augmenter
 from lightcnn.checkpoint import atomic_write_bytes
-from lightcnn.kernels.pool import global_avg_pool_forward
 from lightcnn.layers.base import Sequential
 from lightcnn.layers.blocks import Fire
 from lightcnn.preprocess import Preprocessing, load_image, normalise_pixels, preprocess_uint8
@@ -187,12 +186,31 @@ def split_backbone(model, unfreeze):
 
 
 def frozen_output(model, prefix, unfreeze, x):
-    """What the cache holds for a batch x (N,S,S,C): see the module docstring."""
+    """What the cache holds for a batch x (N,S,S,C): see the module docstring.
+
+    The frozen part runs as an inference plan on the model's engine (lightcnn.engine), so feature
+    extraction needs no compilation beyond what predict uses, and none at all on the numpy engine.
+    """
     if unfreeze == "all":
         return x
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if int(unfreeze) == 0:
-        return global_avg_pool_forward(model.features_net.forward(x, False))
-    return prefix.forward(x, False)
+        return np.mean(model.features(x), axis=(1, 2), dtype=np.float64).astype(np.float32)
+    return _prefix_plan(model, prefix, x.shape).run(x)
+
+
+def _prefix_plan(model, prefix, shape):
+    """The inference plan of the frozen prefix for batches of `shape`, kept on the model per shape."""
+    from lightcnn.layers.plan import InferencePlan
+
+    plans = model.__dict__.setdefault("_prefix_plans", {})
+    key = (tuple(id(layer) for _, layer in prefix.children()), shape, model.engine)
+    if key not in plans:
+        if len(plans) >= 4:
+            plans.pop(next(iter(plans)))
+        plans[key] = InferencePlan([("features", prefix)], shape, engine=model.engine)
+        model.__dict__["_last_engine"] = plans[key].engine
+    return plans[key]
 
 
 # --------------------------------------------------------------------------------------------- keys
@@ -306,11 +324,17 @@ def extract_features(model, dataset_items, preprocessing, cache_dir, augment_vie
             todo.append((v, i, entry))
     if progress is True:
         progress = _progress_printer("features")
+    noted = False
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         batch = np.stack([load_view(paths[i], preprocessing, augmenter if v else None,
                                     view_rng(paths[i], v, seed) if v else None) for v, i, _ in chunk])
         out = np.ascontiguousarray(frozen_output(model, prefix, unfreeze, batch), dtype=np.float32)
+        if not noted and progress and unfreeze != "all":
+            from lightcnn._cli import engine_note
+
+            engine_note(model, len(todo), model.arch)
+            noted = True
         for row, (v, i, entry) in zip(out, chunk):
             results[v][i] = row.copy()
             if entry is not None:
