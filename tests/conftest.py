@@ -40,6 +40,21 @@ def require_path(path, what):
     return path
 
 
+def torchvision_model(arch, fixtures_dir):
+    """(model with the torchvision fixture's weights, its recorded inputs/logits npz); skips if absent."""
+    from lightcnn.checkpoint import load_state
+    from lightcnn.models import build
+    from lightcnn.weights import convert_file
+
+    folder = fixtures_dir / "torchvision"
+    if not (folder / f"{arch}.pth").exists():
+        pytest.skip(f"torchvision fixture {arch}.pth not found in {folder}")
+    ck = convert_file(folder / f"{arch}.pth", arch)
+    model = build(arch, **ck.config)
+    load_state(model, ck.tensors)
+    return model, np.load(folder / f"{arch}_io.npz")
+
+
 @pytest.fixture
 def rng():
     """A fresh seeded generator per test: results never depend on test order."""

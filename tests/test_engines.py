@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import torchvision_model
 from lightcnn.kernels import activation as act_k
 from lightcnn.layers.plan_numpy import activate
 from lightcnn.models import BUILDERS, build
@@ -37,24 +38,11 @@ def _run(model, engine, x):
     return y
 
 
-def _torchvision_model(arch, fixtures_dir):
-    from lightcnn.checkpoint import load_state
-    from lightcnn.weights import convert_file
-
-    folder = fixtures_dir / "torchvision"
-    if not (folder / f"{arch}.pth").exists():
-        pytest.skip(f"torchvision fixture {arch}.pth not found in {folder}")
-    ck = convert_file(folder / f"{arch}.pth", arch)
-    model = build(arch, **ck.config)
-    load_state(model, ck.tensors)
-    return model, np.load(folder / f"{arch}_io.npz")
-
-
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "squeezenet1_0",
                                   "squeezenet1_1"])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_engines_agree_on_real_weights(arch, batch, fixtures_dir, rng):
-    model, io = _torchvision_model(arch, fixtures_dir)
+    model, io = torchvision_model(arch, fixtures_dir)
     inputs = io["input_nhwc"]
     x = np.ascontiguousarray(np.resize(inputs, (batch,) + inputs.shape[1:]), np.float32)
     numpy_logits = _run(model, "numpy", x)

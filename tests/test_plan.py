@@ -133,16 +133,9 @@ def test_plan_matches_layer_path(arch, rng):
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "squeezenet1_0",
                                   "squeezenet1_1"])
 def test_plan_torchvision_fixture_logits(arch, fixtures_dir):
-    from lightcnn.checkpoint import load_state
-    from lightcnn.weights import convert_file
+    from tests.conftest import torchvision_model
 
-    folder = fixtures_dir / "torchvision"
-    if not (folder / f"{arch}.pth").exists():
-        pytest.skip(f"torchvision fixture {arch}.pth not found in {folder}")
-    ck = convert_file(folder / f"{arch}.pth", arch)
-    model = build(arch, **ck.config)
-    load_state(model, ck.tensors)
-    io = np.load(folder / f"{arch}_io.npz")
+    model, io = torchvision_model(arch, fixtures_dir)
     assert model.inference_plan(io["input_nhwc"]) is not None
     assert np.abs(model.forward(io["input_nhwc"]) - io["logits"]).max() <= 1e-4
 
