@@ -373,8 +373,9 @@ def main(argv=None):
     clf, status = _load_classifier(args)
     if clf is None:
         return status
-    if args.engine:
-        clf.model.engine = args.engine
+    from lightcnn.engine import engine_for_job
+
+    clf.model.engine = engine_for_job(args.engine or clf.model.engine, len(paths))
     if args.cam_layer and args.cam_layer not in {name for name, _ in clf.model.named_layers() if name}:
         print(f"error: --cam-layer {args.cam_layer!r}: no such layer in {clf.model.arch}; "
               f"'python -m lightcnn.summary {args.weights or args.model or clf.name}' lists them", file=sys.stderr)
