@@ -1,25 +1,38 @@
 """Hostile and degenerate inputs (issue 13): every weight file and image either works or gets one line.
 
+Images: FIFOs and devices are refused unread, reads stop at a byte cap, sides and aspect ratios are bounded
+from the header, file names with control characters stay one line, and in `predict` a bad image never stops
+the good one of the same call.
+
 The .pth files here are hand-assembled pickles (no torch needed) that each break one rule the reader must
 enforce: views past or around their storage, zero-stride expansion bombs, zip members larger, smaller or more
 compressed than declared, pickles that try to modify the reader's allow-listed stand-ins. Each must raise one
 line naming the file, use bounded memory, and leave nothing behind that changes how the next file is read.
 """
 
+import io
 import json
 import os
 import pickle
+import shutil
+import struct
 import subprocess
 import sys
+import threading
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from lightcnn import preprocess
+from lightcnn._files import printable
 from lightcnn.convert.deep_compression import read_deep_compression
 from lightcnn.convert.pth import read_pth
 from lightcnn.convert.tflite import read_tflite
-from lightcnn.errors import CheckpointError, UnsafePickleError
+from lightcnn.errors import CheckpointError, ImageError, UnsafePickleError
+from lightcnn.preprocess import TORCHVISION, load_image, preprocess_image
 from tests.conftest import REPO
 
 # --------------------------------------------------------------------------- hand-built pickles
@@ -341,3 +354,159 @@ def test_tflite_tensors_sharing_one_buffer_cannot_multiply_the_file(sources_dir,
     with pytest.raises(CheckpointError) as err:
         read_tflite(path)
     _one_line_naming(err, path, "sharing one buffer")
+
+
+# --------------------------------------------------------------------------- images and the predict CLI
+
+
+def _png_bytes(width, height):
+    out = io.BytesIO()
+    Image.new("L", (width, height), 128).save(out, "PNG")
+    return out.getvalue()
+
+
+def _png_header_only(width, height):
+    """A PNG whose IHDR claims width x height (an IDAT far too small for it): only the header is ever read."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b""))
+
+
+def _finishes(fn, seconds=20):
+    """Run fn() in a daemon thread; return its exception (or None). Fails instead of hanging when it blocks."""
+    outcome = {}
+
+    def target():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome["exc"] = exc
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s"
+    return outcome.get("exc")
+
+
+def _image_error(fn, source_name, fragment):
+    exc = _finishes(fn)
+    assert isinstance(exc, ImageError), repr(exc)
+    msg = str(exc)
+    assert "\n" not in msg and msg.startswith(f"{source_name}: ") and fragment in msg, msg
+    return msg
+
+
+def test_load_image_refuses_a_fifo_without_blocking(tmp_path):
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    _image_error(lambda: load_image(fifo), fifo, "is a named pipe (FIFO), not a regular file")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero here")
+def test_load_image_refuses_dev_zero():
+    _image_error(lambda: load_image("/dev/zero"), "/dev/zero", "is a character device, not a regular file")
+
+
+@pytest.mark.parametrize("width, height", [(1, 20000), (20000, 1), (3, 601)])
+def test_extreme_aspect_ratios_are_refused_from_the_header(width, height, tmp_path):
+    data = _png_bytes(width, height)
+    _image_error(lambda: load_image(data, name="strip.png"), "strip.png", f"{width}x{height} is more than 200 times")
+    path = tmp_path / "strip.png"
+    path.write_bytes(data)
+    _image_error(lambda: load_image(path), path, "more than 200 times longer")
+
+
+def test_the_aspect_limit_is_exactly_200():
+    """Control for the test above: 1 x 200 is still an image (upscaled to 256 x 51200 inside, then cropped)."""
+    x = preprocess_image(_png_bytes(1, 200), TORCHVISION)
+    assert x.shape == (224, 224, 3) and np.isfinite(x).all()
+    _image_error(lambda: load_image(_png_bytes(1, 201), name="t"), "t", "1x201 is more than 200 times")
+
+
+def test_a_side_over_65500_is_refused_from_the_header():
+    # 70000 x 400 = 28 Mpx (under max_pixels) and 175:1 (under the aspect limit): only the side rule refuses it.
+    header = _png_header_only(70_000, 400)
+    _image_error(lambda: load_image(header, name="wide.png"), "wide.png", "70000x400 has a side over 65500 pixels")
+    _image_error(lambda: load_image(header, name="wide.png", max_pixels=None), "wide.png", "side over 65500")
+
+
+def test_arrays_and_pil_images_meet_the_same_extent_rules():
+    with pytest.raises(ImageError, match="more than 200 times"):
+        preprocess_image(np.zeros((20000, 1), np.uint8), TORCHVISION)
+    with pytest.raises(ImageError, match="more than 200 times"):
+        preprocess_image(Image.new("RGB", (20000, 1)), TORCHVISION)
+
+
+def test_reads_stop_at_the_byte_cap(monkeypatch, tmp_path):
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_BYTES", 1000)
+    stream = io.BytesIO(bytes(10_000))
+    stream.name = "big-stream.png"
+    _image_error(lambda: load_image(stream), "big-stream.png", "more than the 1000-byte limit")
+    assert stream.tell() == 1001  # read one byte past the cap, never to the end
+    _image_error(lambda: load_image(bytes(1001), name="<stdin>"), "<stdin>", "1001 bytes, over the 1000-byte limit")
+    path = tmp_path / "big.png"
+    path.write_bytes(bytes(1001))
+    _image_error(lambda: load_image(path), path, "1001 bytes, over the 1000-byte limit for an image file")
+    small = tmp_path / "small.png"
+    small.write_bytes(_png_bytes(8, 8))  # control: under the cap, the same reader decodes
+    assert load_image(small).size == (8, 8)
+
+
+def test_a_file_name_with_a_newline_gives_one_line(tmp_path):
+    path = tmp_path / "two\nlines.png"
+    path.write_bytes(b"not an image")
+    _image_error(lambda: load_image(path), tmp_path / "two\\nlines.png", "not a recognised image format")
+
+
+def test_printable_escapes_only_what_breaks_a_line():
+    assert printable("plain/ünïcode name.png") == "plain/ünïcode name.png"
+    assert printable("a\nb\r\tc\x1b\u2028.png") == "a\\nb\\r\\tc\\x1b\\u2028.png"
+    assert printable(b"raw\xffbytes\n") == "raw\\udcffbytes\\n"
+
+
+def _smoke_image():
+    from tests.conftest import require_path, shared_path
+
+    return require_path(shared_path("LIGHTCNN_DATA", "data") / "smoke-test-images" / "cat.bmp", "smoke-test images")
+
+
+@pytest.fixture(scope="module")
+def v2_weights():
+    from lightcnn.weights import find_weights
+
+    try:
+        return find_weights("mobilenet_v2")
+    except CheckpointError as exc:
+        pytest.skip(str(exc))
+
+
+def test_predict_cli_bad_images_one_line_each_and_the_good_one_predicted(tmp_path, v2_weights):
+    good = tmp_path / "good.bmp"
+    shutil.copy(_smoke_image(), good)
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    tall = tmp_path / "tall.png"
+    tall.write_bytes(_png_bytes(1, 20000))
+    newline = tmp_path / "new\nline.png"
+    newline.write_bytes(b"not an image")
+    args = [fifo, good, tall, newline, "-"]
+    expected = [(str(fifo), "named pipe (FIFO)"), (str(tall), "1x20000 is more than 200 times longer"),
+                (str(tmp_path / "new\\nline.png"), "not a recognised image format"),
+                ("<stdin>", "20000x1 is more than 200 times longer")]
+    if os.path.exists("/dev/zero"):
+        args.insert(1, "/dev/zero")
+        expected.insert(1, ("/dev/zero", "character device"))
+    result = subprocess.run([sys.executable, "-m", "lightcnn.predict", *map(str, args), "--topk", "1"],
+                            input=_png_bytes(20000, 1), capture_output=True, cwd=REPO, timeout=900)
+    assert result.returncode == 1
+    stderr = result.stderr.decode()
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == len(expected), lines
+    for line, (where, fragment) in zip(lines, expected):
+        assert line.startswith(f"error: {where}: ") and fragment in line, line
+    blocks = result.stdout.decode().strip().split("\n\n")
+    assert len(blocks) == 1 and blocks[0].splitlines()[0] == str(good), result.stdout.decode()
+    assert blocks[0].splitlines()[1].endswith("Egyptian cat")
