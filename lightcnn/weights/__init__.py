@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from lightcnn._files import printable
 from lightcnn.checkpoint import Checkpoint, atomic_write_bytes, load_state, save_checkpoint
 from lightcnn.errors import CheckpointError, LightCNNError
 from lightcnn.registry import DEFAULT_MODEL, IMAGENET_LABELS, REGISTRY, WeightSpec, get_spec
@@ -156,8 +157,8 @@ def convert_file(src, arch, config=None, fmt=None, preprocessing=None, class_ids
     from lightcnn.weights import mapping
 
     src = Path(src)
-    if not src.is_file():
-        raise CheckpointError(f"{src}: no such file")
+    if not src.exists():  # anything else that is not a regular file (FIFO, device) is refused by the reader
+        raise CheckpointError(f"{printable(src)}: no such file")
     fmt = fmt or _SUFFIX_FORMAT.get(src.suffix.lower())
     if fmt is None:
         raise CheckpointError(f"{src}: cannot tell the format from the suffix; pass --format tflite|pth|deep_compression")
