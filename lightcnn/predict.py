@@ -107,8 +107,8 @@ def expand_images(args):
             if found:
                 paths.extend(found)
             else:
-                errors.append(f"{printable(arg)}: directory contains no image files ({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}"
-                              ", ...)")
+                errors.append(f"{printable(arg)}: directory contains no image files "
+                              f"({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...)")
         elif os.path.exists(arg):
             paths.append(arg)  # an explicit file is tried whatever its extension (formats are found by content)
         elif glob.has_magic(arg):

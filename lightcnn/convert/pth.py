@@ -315,15 +315,16 @@ def _read_legacy(path, data):
         raise CheckpointError(f"{path}: storage key list does not match the storages the state_dict uses")
     pos = stream.tell()
     for key in keys:
-        st = roots[key]
+        st, shown = roots[key], printable(key)[:80]
         if pos + 8 > len(data):
-            raise CheckpointError(f"{path}: truncated: storage {key} starts at byte {pos} past the end ({len(data)} bytes)")
+            raise CheckpointError(f"{path}: truncated: storage {shown} starts at byte {pos} past the end "
+                                  f"({len(data)} bytes)")
         count = int.from_bytes(data[pos:pos + 8], "big" if big_endian else "little", signed=True)
         nbytes = count * st.dtype.itemsize
         if count != st.numel:
-            raise CheckpointError(f"{path}: storage {key} records {count} elements, the state_dict says {st.numel}")
+            raise CheckpointError(f"{path}: storage {shown} records {count} elements, the state_dict says {st.numel}")
         if pos + 8 + nbytes > len(data):
-            raise CheckpointError(f"{path}: truncated: storage {key} needs bytes {pos + 8}..{pos + 8 + nbytes}, "
+            raise CheckpointError(f"{path}: truncated: storage {shown} needs bytes {pos + 8}..{pos + 8 + nbytes}, "
                                   f"file has {len(data)}")
         st.data = np.frombuffer(data, st.dtype, count, pos + 8)
         pos += 8 + nbytes
