@@ -25,6 +25,11 @@ Weights are looked up without network access (lightcnn.weights.find_weights) and
 
 Exit codes: 0 every image predicted; 1 an image, an argument or the weights failed (every other image is still
 predicted and printed); 2 usage error. Expected failures print one line, ``error: <file>: <reason>``.
+
+Hostile inputs (lightcnn.preprocess): only regular files are opened (a FIFO, device or socket is refused unread,
+so nothing blocks); at most MAX_IMAGE_BYTES (256 MiB) are read from a file or stdin; images with a side over
+65500 px, an aspect ratio over 200:1 or more than 89.5 Mpx are refused from the header. File names are printed
+with control characters escaped (``a\\nb.png``), so one failure is always one line.
 """
 
 import argparse
@@ -35,6 +40,7 @@ import time
 
 from lightcnn._cli import add_engine_argument, engine_note
 from lightcnn._cli import positive_int as _positive_int
+from lightcnn._files import printable
 from lightcnn.errors import LightCNNError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff",
@@ -104,8 +110,8 @@ def expand_images(args):
             if found:
                 paths.extend(found)
             else:
-                errors.append(f"{arg}: directory contains no image files ({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}"
-                              ", ...)")
+                errors.append(f"{printable(arg)}: directory contains no image files "
+                              f"({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...)")
         elif os.path.exists(arg):
             paths.append(arg)  # an explicit file is tried whatever its extension (formats are found by content)
         elif glob.has_magic(arg):
@@ -118,9 +124,9 @@ def expand_images(args):
             if found:
                 paths.extend(found)
             else:
-                errors.append(f"{arg}: no image files match this pattern")
+                errors.append(f"{printable(arg)}: no image files match this pattern")
         else:
-            errors.append(f"{arg}: no such file or directory")
+            errors.append(f"{printable(arg)}: no such file or directory")
     return paths, errors
 
 
@@ -128,7 +134,7 @@ def expand_images(args):
 
 
 def _format_text(name, preds, cam=None, decision=None):
-    lines = [name]
+    lines = [printable(name)]  # a file name with a newline must not add a line to the block
     # A fine-tuned model's classes have no separate IDs (wnid == label): print the name once.
     lines += [f"{rank:>4d}  {p.score:.4f}  {p.wnid}  {p.label}" if p.wnid != p.label else
               f"{rank:>4d}  {p.score:.4f}  {p.label}" for rank, p in enumerate(preds, 1)]
@@ -236,10 +242,10 @@ def _prepare_chunk(chunk, spec, stdin_bytes):
     for path in chunk:
         try:
             pix, x, dec_ms, pre_ms = _prepare(path, spec, stdin_bytes)
-        except (LightCNNError, OSError, ValueError) as exc:
-            failed += 1
-            msg = " ".join(str(exc).split())
-            where = "<stdin>" if path == STDIN else path
+        except (LightCNNError, OSError, ValueError, MemoryError) as exc:
+            failed += 1  # one line for this image; the rest of the chunk is still predicted
+            msg = " ".join(str(exc).split()) or type(exc).__name__
+            where = "<stdin>" if path == STDIN else printable(path)
             _err(msg if msg.startswith(where) else f"{where}: {msg}")
             continue
         good.append(path)
@@ -272,10 +278,12 @@ def _run(args, paths, clf):
 
     from lightcnn import explain as explain_mod
     from lightcnn.postprocess import softmax, topk
+    from lightcnn.preprocess import MAX_IMAGE_BYTES
 
     failures = 0
     spec = clf.preprocessing
-    stdin_bytes = sys.stdin.buffer.read() if STDIN in paths else None
+    # At most one byte over the cap: load_image then refuses it with one line instead of reading without end.
+    stdin_bytes = sys.stdin.buffer.read(MAX_IMAGE_BYTES + 1) if STDIN in paths else None
     cam_method = None
     if args.cam:
         try:
@@ -321,7 +329,7 @@ def _run(args, paths, clf):
                         png, npy = explain_mod.save_explanation(stem, rgb, maps[i])
                     except OSError as exc:
                         failures += 1
-                        _err(f"{stem}.png: cannot write the CAM ({exc.strerror or exc})")
+                        _err(f"{printable(stem)}.png: cannot write the CAM ({exc.strerror or exc})")
                         continue
                     cams[i] = {"png": str(png), "npy": str(npy), "method": cam_method, "layer": layer,
                                "class_index": int(explained[i]), "class": clf.class_names[int(explained[i])],

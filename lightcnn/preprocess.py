@@ -60,6 +60,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lightcnn._files import printable, read_regular_file
 from lightcnn.errors import ImageError
 
 __all__ = [
@@ -71,6 +72,9 @@ __all__ = [
     "GRAYSCALE_227",
     "PRESETS",
     "DEFAULT_MAX_PIXELS",
+    "MAX_IMAGE_BYTES",
+    "MAX_SIDE",
+    "MAX_ASPECT",
     "load_image",
     "preprocess_uint8",
     "normalise_pixels",
@@ -86,6 +90,13 @@ __all__ = [
 # Pillow's own default decompression-bomb threshold (~89.5 Mpx, 0.25 GiB as RGB). Our check uses this number
 # explicitly so that a program that changes Image.MAX_IMAGE_PIXELS does not silently change ours.
 DEFAULT_MAX_PIXELS = 89_478_485
+# Always enforced, whatever max_pixels says: at most this many bytes are read from a file, stream or stdin before
+# decoding (a file that is larger is refused from its size, unread); no side may exceed JPEG's own limit; and the
+# longer side may be at most MAX_ASPECT times the shorter, because resizing the shorter side of a 1 x 20000
+# strip to 256 would make a 256 x 5,120,000 image (3.9 GB as RGB).
+MAX_IMAGE_BYTES = 256 << 20
+MAX_SIDE = 65_500
+MAX_ASPECT = 200
 
 RESIZE_MODES = ("shorter", "square", "central_fraction", "stretch")
 CHANNEL_ORDERS = ("RGB", "BGR", "L")
@@ -290,40 +301,54 @@ def _one_line(exc):
 
 
 def _read_source(source, name):
-    """Return (bytes, name) for a path, bytes-like object or binary file object."""
+    """Return (bytes, name) for a path, bytes-like object or binary file object; at most MAX_IMAGE_BYTES.
+
+    Only regular files are opened (a FIFO, device or socket is refused from os.stat, so nothing blocks), and
+    `name` has its control characters escaped, so every message about the source is one line.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source), name or "<bytes>"
+        name = printable(name or "<bytes>")
+        if len(source) > MAX_IMAGE_BYTES:
+            raise ImageError(f"{name}: {len(source)} bytes, over the {MAX_IMAGE_BYTES}-byte limit for an image file")
+        return bytes(source), name
     if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        name = name or str(path)
-        if not os.path.exists(path):
-            raise ImageError(f"{name}: no such file")
-        if os.path.isdir(path):
-            raise ImageError(f"{name}: is a directory, not an image file")
-        try:
-            with open(path, "rb") as f:
-                return f.read(), name
-        except OSError as exc:
-            raise ImageError(f"{name}: cannot read ({exc.strerror or _one_line(exc)})") from exc
+        name = printable(name or source)
+        return read_regular_file(source, MAX_IMAGE_BYTES, ImageError, "an image file", name), name
     if hasattr(source, "read"):
-        name = name or str(getattr(source, "name", "<stream>"))
+        name = printable(name or str(getattr(source, "name", "<stream>")))
         try:
-            data = source.read()
+            data = source.read(MAX_IMAGE_BYTES + 1)
         except OSError as exc:
             raise ImageError(f"{name}: cannot read ({_one_line(exc)})") from exc
         if isinstance(data, str):
             raise TypeError(f"{name}: file object is open in text mode; open it with 'rb'")
+        if len(data) > MAX_IMAGE_BYTES:
+            raise ImageError(f"{name}: more than the {MAX_IMAGE_BYTES}-byte limit for an image file")
         return bytes(data), name
     raise TypeError(f"load_image: expected a path, bytes or a binary file object, got {type(source).__name__}")
+
+
+def _check_extent(width, height, name):
+    """Refuse sizes no pipeline here can use: zero, a side over MAX_SIDE, or an aspect ratio over MAX_ASPECT."""
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{name}: zero-sized image ({width}x{height})")
+    if max(width, height) > MAX_SIDE:
+        raise ImageError(f"{name}: {width}x{height} has a side over {MAX_SIDE} pixels (possible decompression bomb)")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageError(f"{name}: {width}x{height} is more than {MAX_ASPECT} times longer than wide; refused "
+                         "(resizing its shorter side would need a huge image)")
 
 
 def load_image(source, *, max_pixels=DEFAULT_MAX_PIXELS, name=None):
     """Decode one image file into a fully loaded PIL image in mode "RGB" or "L".
 
-    source      a path (str / os.PathLike), bytes, or a binary file object (read to its end)
+    source      a path (str / os.PathLike) to a regular file, bytes, or a binary file object (read to its end);
+                at most MAX_IMAGE_BYTES in every case
     max_pixels  refuse images with more than this many pixels (W * H) before decoding them; None = no limit of
-                ours (Pillow's hard limit, twice Image.MAX_IMAGE_PIXELS, still applies)
-    name        what error messages call the source (default: the path, the stream's .name, or "<bytes>")
+                ours (Pillow's hard limit, twice Image.MAX_IMAGE_PIXELS, still applies). MAX_SIDE and
+                MAX_ASPECT apply either way, also before decoding.
+    name        what error messages call the source (default: the path, the stream's .name, or "<bytes>"),
+                control characters escaped
 
     The format is found from the content, never the extension (some .png files in the CT set are JPEG streams).
     EXIF orientation is applied, an animated file gives its first frame, and the mode is reduced to "RGB" or
@@ -341,8 +366,7 @@ def load_image(source, *, max_pixels=DEFAULT_MAX_PIXELS, name=None):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            if width <= 0 or height <= 0:
-                raise ImageError(f"{name}: zero-sized image ({width}x{height})")
+            _check_extent(width, height, name)
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageError(
                     f"{name}: {width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels} "
@@ -478,8 +502,7 @@ def _as_pil(image, name):
             raise ImageError(f"{name}: cannot make an image from an array {image.shape} {image.dtype}") from exc
     elif not isinstance(image, Image.Image):
         return load_image(image)
-    if image.width <= 0 or image.height <= 0:
-        raise ImageError(f"{name}: zero-sized image ({image.width}x{image.height})")
+    _check_extent(image.width, image.height, name)
     return _to_rgb_or_l(image, name)
 
 
@@ -492,7 +515,7 @@ def preprocess_uint8(image, spec):
     This is the exact input of the uint8 TFLite models. blur_sigma and mean/std are not applied here
     (they need float arithmetic; see `normalise_pixels`).
     """
-    name = getattr(image, "filename", None) or "<image>"
+    name = printable(getattr(image, "filename", None) or "<image>")
     img = _as_pil(image, name)
     img = img.convert("L" if spec.channel_order == "L" else "RGB")
     img = _geometry(img, spec)

@@ -17,16 +17,17 @@ every position never named is 0. A gap is at most 15, so longer zero runs are br
 by filler entries with code 0: N (422,083 in all) exceeds the non-zero count (415,921).
 
 The file must be consumed exactly: its size has to equal
-``26*4 + sum(1024 + 4*out_channels + N + ceil(N/2))`` (675,763 bytes).
+``26*4 + sum(1024 + 4*out_channels + N + ceil(N/2))`` (675,763 bytes). Only a regular file
+no larger than the all-weights-stored maximum (``MAX_FILE_BYTES``) is read.
 
 (The original decoder would use 4-bit codes for layers named fc/ip; this network has none.)
 """
 
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from lightcnn._files import printable, read_regular_file
 from lightcnn.errors import CheckpointError
 
 __all__ = ["LAYERS", "ConvShape", "CompressedLayer", "read_deep_compression", "read_deep_compression_raw"]
@@ -63,6 +64,12 @@ LAYERS = (
 )
 
 
+# The largest file the header could describe (every weight stored): larger files are refused unread.
+MAX_FILE_BYTES = 4 * len(LAYERS) + sum(
+    4 * CODEBOOK_SIZE + 4 * s.out_channels + (n := s.out_channels * s.in_channels * s.kernel ** 2) + (n + 1) // 2
+    for s in LAYERS)
+
+
 class CompressedLayer(NamedTuple):
     """One layer as stored: codebook (256,), bias (O,), codes (N,) uint8, gaps (N,) uint8."""
 
@@ -75,11 +82,9 @@ class CompressedLayer(NamedTuple):
 
 def read_deep_compression_raw(path):
     """Parse the file into a list of `CompressedLayer` (no decoding), checking every size."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    name = printable(path)  # one line even for a file name with control characters
+    data = read_regular_file(path, MAX_FILE_BYTES, CheckpointError, "a Deep-Compression .net file", name)
+    path = name
     header = 4 * len(LAYERS)
     if len(data) < header:
         raise CheckpointError(f"{path}: truncated: {len(data)} bytes, the header alone needs {header}")

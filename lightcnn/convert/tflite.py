@@ -35,20 +35,29 @@ of a depthwise kernel 1HWC). int32 biases use scale = input_scale * weight_scale
 Layouts stay TFLite's: activations NHWC, conv kernels (O, KH, KW, I), depthwise kernels
 (1, KH, KW, C*M), fully-connected (O, I). Only subgraph 0 is read. Every read is
 bounds-checked, so a truncated or garbled file raises `CheckpointError`, never IndexError.
+Only a regular file of at most ``MAX_FILE_BYTES`` is read; a constant tensor must have at most
+``MAX_TENSOR_ELEMENTS`` elements and exactly the bytes its shape needs, and all constants
+together copy at most ``MAX_COPY_RATIO`` times the file's size (+ 1 MiB) out of it.
 """
 
+import math
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from lightcnn._files import printable, read_regular_file
 from lightcnn.errors import CheckpointError, LightCNNError
 
 __all__ = ["TFLiteModel", "TFLiteOperator", "TFLiteTensor", "dequantize", "read_tflite"]
 
 FILE_IDENTIFIER = b"TFL3"
+
+MAX_FILE_BYTES = 2 << 30          # a flatbuffer addresses at most 2 GiB; the registered files are 2.6-4 MB
+MAX_TENSOR_ELEMENTS = 1 << 28     # same cap as the .pth reader
+MAX_COPY_RATIO = 4                # constant bytes copied out, per byte of the file (+ 1 MiB): tensors sharing
+COPY_SLACK = 1 << 20              # one buffer cannot multiply a small file into gigabytes
 
 # BuiltinOperator enum (schema.fbs), by value.
 BUILTIN_OPERATORS = (
@@ -334,7 +343,7 @@ def _buffer_bytes(buf, buffers, index):
     return None
 
 
-def _tensor(buf, buffers, index, t):
+def _tensor(buf, buffers, index, t, budget):
     type_id = t.scalar(1, "<b", 0)
     if type_id not in TENSOR_TYPES:
         raise _Malformed(f"tensor {index} has unknown type {type_id}")
@@ -356,10 +365,17 @@ def _tensor(buf, buffers, index, t):
     if raw is not None and dtype is not None:
         if any(s < 0 for s in shape):
             raise _Malformed(f"constant tensor {index} ({name}) has dynamic shape {shape}")
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)  # Python ints: no int64 wrap-around that could match a small buffer
+        if count > MAX_TENSOR_ELEMENTS:
+            raise _Malformed(f"tensor {index} ({name}) shape {shape} has {count} elements, over the limit of "
+                             f"{MAX_TENSOR_ELEMENTS}")
         if len(raw) != count * dtype.itemsize:
             raise _Malformed(f"tensor {index} ({name}) shape {shape} {type_name} needs "
                              f"{count * dtype.itemsize} bytes, its buffer {buffer} has {len(raw)}")
+        budget[0] -= len(raw)
+        if budget[0] < 0:
+            raise _Malformed(f"tensor {index} ({name}) takes the constants copied out past {MAX_COPY_RATIO}x the "
+                             "file's size (many tensors sharing one buffer?)")
         data = np.frombuffer(raw, dtype, count).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
     return TFLiteTensor(index, name, shape, type_name, dtype, buffer, scale, zero_point, qdim, data)
 
@@ -380,7 +396,8 @@ def _parse(path, data):
         raise _Malformed("the model has no subgraph")
     sg = subgraphs[0]
     buffers = model.tables(4)
-    tensors = [_tensor(buf, buffers, i, t) for i, t in enumerate(sg.tables(0))]
+    budget = [MAX_COPY_RATIO * buf.size + COPY_SLACK]  # bytes the constants may still copy out of the file
+    tensors = [_tensor(buf, buffers, i, t, budget) for i, t in enumerate(sg.tables(0))]
 
     def indices(table, fid, what):
         idx = tuple(int(i) for i in table.array(fid, "<i4"))
@@ -402,11 +419,9 @@ def _parse(path, data):
 
 def read_tflite(path):
     """Parse a ``.tflite`` file -> `TFLiteModel` (subgraph 0). Raises `CheckpointError` on bad files."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    name = printable(path)  # one line even for a file name with control characters
+    data = read_regular_file(path, MAX_FILE_BYTES, CheckpointError, "a TFLite model", name)
+    path = name
     try:
         return _parse(path, data)
     except LightCNNError:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from lightcnn._files import printable
 from lightcnn.checkpoint import Checkpoint, atomic_write_bytes, load_state, save_checkpoint
 from lightcnn.errors import CheckpointError, LightCNNError
 from lightcnn.preprocess import Preprocessing
@@ -150,8 +151,8 @@ _SUFFIX_FORMAT = {".tflite": "tflite", ".pth": "pth", ".pt": "pth", ".net": "dee
 
 def _source_format(src, fmt=None):
     src = Path(src)
-    if not src.is_file():
-        raise CheckpointError(f"{src}: no such file")
+    if not src.exists():  # anything else that is not a regular file (FIFO, device) is refused by the reader
+        raise CheckpointError(f"{printable(src)}: no such file")
     fmt = fmt or _SUFFIX_FORMAT.get(src.suffix.lower())
     if fmt is None:
         raise CheckpointError(f"{src}: cannot tell the format from the suffix; pass --format tflite|pth|deep_compression")

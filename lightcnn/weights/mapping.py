@@ -44,6 +44,7 @@ def linear_to_fo(w):
 # -- torchvision ---------------------------------------------------------------------
 
 CONV, DEPTHWISE, BN, DENSE = "conv", "depthwise", "bn", "dense"
+_WEIGHT_NDIM = {CONV: (4,), DEPTHWISE: (4,), DENSE: (2, 4)}
 _BN_KEYS = {"weight": "weight", "bias": "bias", "running_mean": "running_mean", "running_var": "running_var"}
 
 
@@ -126,7 +127,12 @@ def map_torchvision(state, model, source):
             raise CheckpointError(f"{source}: tensor '{name}' has no place in {model.arch} "
                                   "(wrong --arch for this file?)")
         ours, kind = prefixes[prefix]
-        our_key, converted = _convert_tensor(kind, key, np.asarray(value, np.float32))
+        value = np.asarray(value, np.float32)
+        if key == "weight" and kind in _WEIGHT_NDIM and value.ndim not in _WEIGHT_NDIM[kind]:
+            # checked before the layout transform, which would fail with NumPy's "axes don't match array"
+            raise CheckpointError(f"{source}: tensor '{name}' has shape {value.shape}; a {kind} weight has "
+                                  f"{' or '.join(map(str, _WEIGHT_NDIM[kind]))} dims")
+        our_key, converted = _convert_tensor(kind, key, value)
         if our_key is None:
             raise CheckpointError(f"{source}: tensor '{name}' is not a known {kind} parameter")
         tensors[f"{ours}.{our_key}"] = converted
