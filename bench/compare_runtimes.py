@@ -446,6 +446,36 @@ def _default_image():
 # --------------------------------------------------------------------------- main
 
 
+PROCESS_HEADER = (f"{'model':22s} {'engine / step':28s} {'wall s':>7s} {'CPU s':>7s} {'peak RSS MB':>11s}")
+_PROCESS_ROWS = [("cold", "auto, empty cache (-> numpy)"), ("compile", "python -m lightcnn.compile"),
+                 ("after_compile", "auto, after compile"), ("warm_numba", "--engine numba, warm"),
+                 ("warm_numpy", "--engine numpy"), ("ort", "ONNX Runtime script")]
+
+
+def _process_report(args, log):
+    """Whole-process figures for each --process-models model, as a table (and a dict for --json)."""
+    image = args.image or _default_image()
+    if image is None:
+        log("# --process: no image found")
+        return {"error": "no image found"}
+    log(f"# whole processes on {image}, {max(args.threads)} threads, load {os.getloadavg()[0]:.2f}")
+    log(PROCESS_HEADER)
+    report = {}
+    for model in args.process_models:
+        figures = report[model] = process_figures(image, model=model, threads=max(args.threads))
+        for key, label in _PROCESS_ROWS:
+            row = figures.get(key) or {}
+            if "wall_s" in row:
+                log(f"{model:22s} {label:28s} {row['wall_s']:7.2f} {row['cpu_s']:7.2f} {row['rss_mb']:11.1f}")
+            else:
+                log(f"{model:22s} {label:28s} {row.get('error', 'n/a')}")
+    log(f"# import lightcnn: {report[args.process_models[0]]['import_lightcnn_s'] * 1e3:.2f} ms; "
+        f"load after: {os.getloadavg()[0]:.2f}")
+    if args.process_only and args.json:
+        print(json.dumps(report, indent=1))
+    return report
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -462,6 +492,9 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON object {model: {batch: {...}}}")
     parser.add_argument("--process", action="store_true", help="also time python -m lightcnn.predict (subprocess)")
     parser.add_argument("--image", help="image for --process (default: one from ../shared/data)")
+    parser.add_argument("--process-only", action="store_true", help="only the whole-process figures (no latency table)")
+    parser.add_argument("--process-models", nargs="+", default=["mobilenet_v2"], metavar="NAME",
+                        help="registered models for --process (default: mobilenet_v2; their weights must be built)")
     args = parser.parse_args(argv)
 
     import onnxruntime
@@ -469,6 +502,9 @@ def main(argv=None):
     from lightcnn import _blas
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if args.process_only:
+        _process_report(args, log)
+        return 0
     blas = _blas.info()
     log(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; "
         f"onnxruntime {onnxruntime.__version__}; BLAS for lightcnn: OpenBLAS {blas['coretype']} "
@@ -485,11 +521,7 @@ def main(argv=None):
     import numba
 
     log(f"# load average after: {os.getloadavg()[0]:.2f}; Numba threading layer: {numba.threading_layer()}")
-    process = None
-    if args.process:
-        image = args.image or _default_image()
-        process = process_figures(image, threads=max(args.threads)) if image else {"error": "no image found"}
-        log(f"# predict process: {json.dumps(process)}")
+    process = _process_report(args, log) if args.process else None
     if args.json:
         doc = {arch: {b: {k: row[k] for k in ("lightcnn_ms", "ort_ms", "torch_ms", "ratio_ort", "ratio_torch",
                                                "max_abs_diff", "lightcnn_idle_ms", "ort_idle_ms", "torch_idle_ms",

@@ -191,8 +191,8 @@ def main(argv=None):
     from lightcnn.registry import DEFAULT_MODEL, REGISTRY
 
     names = list(args.models)
-    if args.all:
-        names += sorted(BUILDERS)
+    if args.all:  # every architecture, and every registered weight whose plan differs (simulated 8-bit models)
+        names += sorted(BUILDERS) + [name for name, spec in REGISTRY.items() if spec.simulate_quantization]
     names = list(dict.fromkeys(names or [DEFAULT_MODEL]))
     for name in names:
         if name not in REGISTRY and name not in BUILDERS:
