@@ -439,3 +439,42 @@ def test_cam_explains_the_decided_class_and_says_which(tmp_path, capsys, cam_lay
 
     assert predict_main(["--weights", str(path), str(image), "--cam", str(tmp_path / "maps2"), *layer_args]) == 0
     assert f"({clf.class_names[decided]})" in capsys.readouterr().out.splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- engines from the command line
+
+
+def test_fresh_cache_predicts_on_numpy_and_a_long_job_says_compile_would_help(smoke_dir, v2_weights, tmp_path):
+    """auto with an empty kernel cache: the NumPy engine, nothing compiled, and for more than 50 images one
+    note naming `python -m lightcnn.compile`; a one-image job prints no note."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    for i in range(51):
+        Image.fromarray(np.roll(pixels, i, axis=0)).save(folder / f"{i:02d}.png")
+    env = {"LIGHTCNN_ENGINE": "auto", "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    many = run_cli(folder, "--json", "--topk", "1", env=env)
+    assert many.returncode == 0, many.stderr.decode()
+    assert {r["engine"] for r in json_lines(many)} == {"numpy"}
+    notes = [line for line in err_lines(many) if line.startswith("note:")]
+    assert len(notes) == 1 and "python -m lightcnn.compile mobilenet_v2" in notes[0], err_lines(many)
+    assert not list((tmp_path / "numba-cache").rglob("*.nbi")), "auto compiled kernels"
+    one = run_cli(smoke_dir / "cat.bmp", "--json", env=env)
+    assert one.returncode == 0 and json_lines(one)[0]["engine"] == "numpy"
+    assert json_lines(one)[0]["topk"][0]["label"] == "Egyptian cat"
+    assert not [line for line in err_lines(one) if line.startswith("note:")]
+
+
+def test_engine_option_pins_the_engine(smoke_dir, v2_weights):
+    results = {}
+    for engine in ("numpy", "numba"):
+        result = run_cli(smoke_dir / "cat.bmp", "--json", "--engine", engine)
+        assert result.returncode == 0, result.stderr.decode()
+        results[engine] = json_lines(result)[0]
+        assert results[engine]["engine"] == engine
+    a, b = ([p["score"] for p in results[e]["topk"]] for e in ("numpy", "numba"))
+    assert [p["index"] for p in results["numpy"]["topk"]] == [p["index"] for p in results["numba"]["topk"]]
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5

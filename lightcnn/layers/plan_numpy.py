@@ -9,8 +9,8 @@ How each op runs (x NHWC float32; the (N*H*W, C) view of x is free):
               (squeeze-excitation's scale multiplies the input rows first);
   conv        im2col by KH*KW strided copies into (N, Ho, Wo, KH, KW, C) -- the column
               order of HWIO weights -- then one matmul;
-  depthwise   KH*KW multiply-adds of strided views of a zero-padded copy, each a whole-tensor
-              pass vectorised over channels;
+  depthwise   KH*KW multiply-adds of strided views of a zero-padded copy, each a NumPy pass
+              vectorised over channels, band by band of output rows that stay in L2;
   inverted_residual  expand, depthwise, project as above (no band fusion: NumPy passes are
               whole tensors anyway);
   se_gate, gap, dense, max_pool, scale, add, fake_quant, copy: a few NumPy calls each.
@@ -160,9 +160,10 @@ class Padded:
         buf[:, r0:r1, c0:c1] = x
         return buf
 
-    def tap(self, buf, p, q):
-        """The (N, Ho, Wo, C) view of buf that window position (p, q) reads for every output pixel."""
-        return buf[:, p:p + (self.ho - 1) * self.sh + 1:self.sh, q:q + (self.wo - 1) * self.sw + 1:self.sw, :]
+    def tap(self, buf, p, q, r0=0, r1=None):
+        """The (N, r1 - r0, Wo, C) view of buf that window position (p, q) reads for output rows r0..r1-1."""
+        r1 = self.ho if r1 is None else r1
+        return buf[:, p + r0 * self.sh:p + (r1 - 1) * self.sh + 1:self.sh, q:q + (self.wo - 1) * self.sw + 1:self.sw]
 
 
 def _conv(step, plan):
@@ -190,22 +191,33 @@ def _conv(step, plan):
     return run
 
 
+# Depthwise output rows per band: each tap is a whole NumPy pass, so the 2*KH*KW passes over a band
+# of ~128 KB run from L2 instead of memory (measured 2.5-6x faster on MobileNetV2's 112x112x32 and
+# 56x56x144 layers than whole-tensor passes).
+_BAND_BYTES = 1 << 17
+
+
 def depthwise_runner(scratch, x_shape, y_shape, kernel, stride, top, left):
     """fn(x, w, b, act, alpha, y): y = act(depthwise(x, w) + b), work buffers from `scratch`."""
     kh, kw = kernel
-    padded = Padded(scratch, "pad", x_shape, kernel, stride, top, left, y_shape[1:3])
+    n, ho, wo, c = y_shape
+    padded = Padded(scratch, "pad", x_shape, kernel, stride, top, left, (ho, wo))
+    band = max(1, min(ho, _BAND_BYTES // (n * wo * c * 4)))
 
     def run(x, w, b, act, alpha, y):
         buf = padded.load(x)
-        product = scratch.take("product", y_shape)
-        np.multiply(padded.tap(buf, 0, 0), w[0, 0], out=y)
-        for i in range(kh):
-            for j in range(kw):
-                if i or j:
-                    np.multiply(padded.tap(buf, i, j), w[i, j], out=product)
-                    y += product
-        y += b
-        activate(y, act, alpha)
+        product = scratch.take("product", (n, band, wo, c))
+        for r0 in range(0, ho, band):
+            r1 = min(ho, r0 + band)
+            out, prod = y[:, r0:r1], product[:, :r1 - r0]
+            np.multiply(padded.tap(buf, 0, 0, r0, r1), w[0, 0], out=out)
+            for i in range(kh):
+                for j in range(kw):
+                    if i or j:
+                        np.multiply(padded.tap(buf, i, j, r0, r1), w[i, j], out=prod)
+                        out += prod
+            out += b
+            activate(out, act, alpha)
     return run
 
 
