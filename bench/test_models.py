@@ -1,6 +1,7 @@
-"""Whole-model latency: every benchmarked architecture at batch 1 and 8, with 1 and 2 Numba threads.
+"""Whole-model latency: every benchmarked architecture at batch 1 and 8, with 1 and 2 Numba threads,
+on the numba engine, and on the numpy engine (NumPy's own BLAS threads; row `engine=numpy`).
 
-Group per model (``model-mobilenet_v2`` ...), one row per (batch, threads); pedantic mode (each
+Group per model (``model-mobilenet_v2`` ...), one row per (engine, batch, threads); pedantic mode (each
 round is one forward of the batch, after explicit warm-up calls). Random weights: latency does
 not depend on the values. Plus the fine-tuning step time (group ``finetune``).
 """
@@ -21,10 +22,11 @@ def models():
     return {}
 
 
-def _model(models, arch):
-    if arch not in models:
-        models[arch] = build(arch)
-    return models[arch]
+def _model(models, arch, engine="numba"):
+    if (arch, engine) not in models:
+        models[arch, engine] = build(arch)
+        models[arch, engine].engine = engine
+    return models[arch, engine]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -34,9 +36,20 @@ def test_model_forward(benchmark, models, arch, batch, threads):
     benchmark.group = f"model-{arch}"
     model = _model(models, arch)
     x = np.random.default_rng(batch).standard_normal((batch,) + model.input_shape).astype(np.float32)
-    benchmark.extra_info.update(batch=batch, threads=threads, gflop=2e-9 * model.count_macs() * batch)
+    benchmark.extra_info.update(engine="numba", batch=batch, threads=threads, gflop=2e-9 * model.count_macs() * batch)
     with numba_threads(threads):
         run(benchmark, model.forward, x, rounds=ROUNDS[batch])
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("arch", MODELS)
+def test_model_forward_numpy_engine(benchmark, models, arch, batch):
+    benchmark.group = f"model-{arch}"
+    model = _model(models, arch, "numpy")
+    x = np.random.default_rng(batch).standard_normal((batch,) + model.input_shape).astype(np.float32)
+    benchmark.extra_info.update(engine="numpy", batch=batch, gflop=2e-9 * model.count_macs() * batch)
+    run(benchmark, model.forward, x, rounds=ROUNDS[batch])
+    assert model.last_engine == "numpy"
 
 
 # --------------------------------------------------------------------------- fine-tuning step

@@ -224,3 +224,17 @@ def test_one_specialisation_per_kernel_for_a_forward(rng):
         if kern.compiled:  # (other tests may compile float64 variants: one per dtype is the rule)
             float32 = [sig for sig in kern.dispatcher.signatures if "float32" in str(sig[0])]
             assert len(float32) <= 1, (kern.key, float32)
+
+
+def test_two_compiles_at_once_share_the_work(tmp_path):
+    """Two `python -m lightcnn.compile` started together on one empty cache: the lock makes one wait, and it then
+    finds every kernel cached, so exactly one process compiles anything; both succeed."""
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTCNN_ENGINE"}
+    env.update(NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "lightcnn.compile", "squeezenet1_1", "--batch", "1"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    compiling = [err.count("compiled lightcnn.") for _, err in outputs]
+    assert sorted(compiling)[0] == 0 and sorted(compiling)[1] > 0, compiling
