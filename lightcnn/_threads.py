@@ -18,17 +18,22 @@ import ctypes
 import glob
 import os
 
-__all__ = ["single_threaded_blas"]
+__all__ = ["single_threaded_blas", "numpy_blas_threads"]
 
 _SETTERS = None  # list of (set(n) -> previous n) callables, found once
+_NUMPY_SETTERS = None  # the same for NumPy's own OpenBLAS only (no SciPy import)
 
 
-def _find_setters():
+def _find_setters(with_scipy=True):
     import numpy
-    import scipy
 
+    packages = [numpy]
+    if with_scipy:
+        import scipy
+
+        packages.insert(0, scipy)
     setters = []
-    for pkg in (scipy, numpy):
+    for pkg in packages:
         root = os.path.dirname(os.path.dirname(pkg.__file__))
         name = pkg.__name__
         for path in sorted(glob.glob(os.path.join(root, f"{name}.libs", "*openblas*"))
@@ -69,3 +74,27 @@ def single_threaded_blas():
     finally:
         for s, n in zip(_SETTERS, previous):
             s(max(int(n), 1))
+
+
+@contextlib.contextmanager
+def numpy_blas_threads(n):
+    """Context manager: NumPy's OpenBLAS uses `n` threads in the calling thread inside the block.
+
+    For lightcnn's NumPy inference engine. Its matmuls are small at batch 1 (a 3136x24 @ 24x144
+    GEMM), and on a busy 2-core machine OpenBLAS's second thread waits for a core: measured with
+    another process running, MobileNetV2 batch 1 took 320 ms with 2 BLAS threads against 61 ms
+    with 1 (and 25-28 ms either way when the machine was quiet). The per-thread setter costs
+    microseconds; without one (an OpenBLAS older than 0.3.27, MKL) nothing changes.
+    """
+    global _NUMPY_SETTERS
+    if _NUMPY_SETTERS is None:
+        try:
+            _NUMPY_SETTERS = _find_setters(with_scipy=False)
+        except Exception:  # never let a speed tweak break inference
+            _NUMPY_SETTERS = []
+    previous = [s(n) for s in _NUMPY_SETTERS]
+    try:
+        yield
+    finally:
+        for s, old in zip(_NUMPY_SETTERS, previous):
+            s(max(int(old), 1))

@@ -196,6 +196,7 @@ class InferencePlan:
         else:
             from lightcnn.layers import plan_numpy as backend
         self._fns = [backend.bind(step, self) for step in self.steps]
+        self._context = backend.run_context(self)
 
     def numba_kernels(self):
         """The lightcnn._jit.Kernel objects the numba engine would call for this plan."""
@@ -501,8 +502,9 @@ class InferencePlan:
         vals = self.vals
         vals[self.input_index] = x
         try:
-            for fn in self._fns:
-                fn(vals)
+            with self._context():
+                for fn in self._fns:
+                    fn(vals)
             return np.array(vals[self.output_index], copy=True)
         finally:
             vals[self.input_index] = None
@@ -515,10 +517,11 @@ class InferencePlan:
         for _ in range(repeats):
             vals[self.input_index] = x
             per = {}
-            for name, fn in zip(names, self._fns):
-                t0 = time.perf_counter()
-                fn(vals)
-                per[name] = per.get(name, 0.0) + time.perf_counter() - t0
+            with self._context():
+                for name, fn in zip(names, self._fns):
+                    t0 = time.perf_counter()
+                    fn(vals)
+                    per[name] = per.get(name, 0.0) + time.perf_counter() - t0
             for name, t in per.items():
                 times[name].append(t)
         vals[self.input_index] = None

@@ -9,6 +9,8 @@ flags and float32 alpha, whichever op calls it, so each compiles (or loads) once
 Calls go to the kernel's Numba dispatcher directly, bound when the plan is built.
 """
 
+import contextlib
+
 import numpy as np
 
 from lightcnn import _blas
@@ -54,6 +56,11 @@ def kernels_for(step, plan):
     if op == "transpose_conv":
         return [conv_k.col2im]
     return []  # copy, gap, scale, add, fake_quant: NumPy; opaque: the layer's own path
+
+
+def run_context(plan):
+    """Nothing to set around a run: the kernels' BLAS calls are already single-threaded (lightcnn._blas)."""
+    return contextlib.nullcontext
 
 
 def bind(step, plan):

@@ -28,6 +28,16 @@ from lightcnn.kernels.quant import fake_quant
 _F32 = np.float32
 
 
+def run_context(plan):
+    """NumPy's BLAS at one thread around each run (see lightcnn._threads.numpy_blas_threads for the numbers),
+    or at the count asked for explicitly (lightcnn._jit.set_num_threads, --threads)."""
+    from lightcnn import _jit
+    from lightcnn._threads import numpy_blas_threads
+
+    threads = _jit._state["threads"] or 1
+    return lambda: numpy_blas_threads(threads)
+
+
 def bind(step, plan):
     return _BINDERS[step.op](step, plan)
 
