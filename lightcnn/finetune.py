@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from lightcnn._cli import add_common_options, progress_printer, set_verbosity
 from lightcnn._cli import nonneg_float as _nonneg_float
 from lightcnn._cli import nonneg_int as _nonneg_int
 from lightcnn._cli import positive_float as _positive_float
@@ -122,7 +123,7 @@ def build_parser():
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in RUN_DIR")
     g.add_argument("--cache-dir", metavar="DIR", help="feature cache (default RUN_DIR/../.feature-cache)")
     g.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
-    g.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_common_options(p)
     return p
 
 
@@ -165,6 +166,7 @@ def _summary(report):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_verbosity(args)
     if args.threads:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(args.threads)  # effective only when numpy is not imported yet
@@ -173,7 +175,7 @@ def main(argv=None):
         set_num_threads(args.threads)
     from lightcnn.train.run import finetune
 
-    progress = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    progress = progress_printer()
     try:
         result = finetune(config_from_args(args), resume=args.resume, progress=progress)
     except LightCNNError as exc:

@@ -39,7 +39,9 @@ def _err(message):
 
 
 def _say(message):
-    print(message, file=sys.stderr, flush=True)
+    from lightcnn._cli import note
+
+    note(message)
 
 
 def parse_space(spec):
@@ -152,8 +154,8 @@ def prepare_features(args, progress):
     return cfg, ds, features, labels
 
 
-def main(argv=None):
-    from lightcnn._cli import positive_int
+def build_parser():
+    from lightcnn._cli import add_common_options, positive_int
 
     parser = argparse.ArgumentParser(prog="python -m lightcnn.tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("data", help="image folder (class folders or a dataset with manifest.csv)")
@@ -165,16 +167,30 @@ def main(argv=None):
     parser.add_argument("--initial", type=positive_int, default=10, help="trials from the Sobol design before the GP leads")
     parser.add_argument("--runs", type=positive_int, default=1, help="independent searches with seeds seed, seed+1, ...")
     parser.add_argument("--epochs", type=positive_int, default=20, help="epochs per trial (unless tuned)")
-    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    parser.add_argument("--split", default="auto", choices=["auto", "official", "random", "group"])
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                        help="optimiser of every trial's head and of the final run (default sgd)")
+    parser.add_argument("--split", default="auto", choices=["auto", "official", "random", "group"],
+                        help="auto = the dataset's own split if it has one, else group-aware random (default auto)")
     parser.add_argument("--positive", help="positive class name for sensitivity/specificity (e.g. CT_COVID)")
     parser.add_argument("--blur-sigma", type=float, help="3x3 Gaussian blur added to preprocessing (seed 000: 1.3)")
-    parser.add_argument("--acquisition", choices=["ei", "pi", "lcb"], default="ei")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--acquisition", choices=["ei", "pi", "lcb"], default="ei",
+                        help="acquisition function: expected improvement (default), probability of improvement, "
+                             "lower confidence bound")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the split, the heads and the first run's search (default 0)")
     parser.add_argument("--cache-dir", help="feature cache (default RUN_DIR/.feature-cache)")
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue the trial logs in RUN_DIR")
+    add_common_options(parser)
+    return parser
+
+
+def main(argv=None):
+    from lightcnn._cli import set_verbosity
+
+    parser = build_parser()
     args = parser.parse_args(argv)
+    set_verbosity(args)
     try:
         options, dims = parse_space(args.space)
     except ValueError as exc:

@@ -70,8 +70,10 @@ def find_source(filename, sha256):
     return None
 
 
-def _progress(message):
-    print(message, file=sys.stderr, flush=True)
+def _progress(message, end="\n"):
+    from lightcnn._cli import note  # obeys the command's -q
+
+    note(message, end=end)
 
 
 def download(url, dest, sha256, what):
@@ -91,9 +93,9 @@ def download(url, dest, sha256, what):
                 received += len(block)
                 if time.monotonic() - last > 0.5:
                     pct = f" {100 * received / total:5.1f}%" if total else ""
-                    print(f"\r  {received / 1e6:7.1f} MB{pct}", end="", file=sys.stderr, flush=True)
+                    _progress(f"\r  {received / 1e6:7.1f} MB{pct}", end="")
                     last = time.monotonic()
-            print(file=sys.stderr)
+            _progress("")
     except (OSError, ValueError) as exc:  # urllib's URLError is an OSError
         reason = getattr(exc, "reason", exc)
         raise LightCNNError(f"cannot download {what} from {url} ({reason}); on a machine without internet "
