@@ -88,6 +88,55 @@ def progress_printer():
     return note if _level >= NORMAL else None
 
 
+def read_config_option(argv):
+    """(path, dict) of `--config FILE` in argv (a JSON object a run wrote with its settings), or (None, None).
+
+    Read before the real parse, so that the file's values can become the parser's defaults (`replay_defaults`)
+    and options given on the command line override them. An unreadable file exits with status 2, as argparse does.
+    """
+    import json
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return None, None
+    try:
+        with open(known.config, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"error: --config {known.config}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if not isinstance(data, dict):
+        print(f"error: --config {known.config}: expected a JSON object", file=sys.stderr)
+        sys.exit(2)
+    return known.config, data
+
+
+def replay_defaults(parser, values):
+    """Make `values` ({dest: value}) the parser's defaults; what they fill is no longer required on the line."""
+    for action in parser._actions:
+        if action.dest in values:
+            action.default = values[action.dest]
+            action.required = False
+            if not action.option_strings:  # a positional argument: may now be left out
+                action.nargs = "?"
+    for group in parser._mutually_exclusive_groups:
+        if any(a.dest in values and values[a.dest] is not None for a in group._group_actions):
+            group.required = False
+
+
+def given_on_line(argv, parser, dests):
+    """Which of `dests` were given as options in argv (by any of their option strings, also as --opt=value)."""
+    strings = {s: a.dest for a in parser._actions for s in a.option_strings if a.dest in dests}
+    given = set()
+    for token in argv or ():
+        name = token.split("=", 1)[0]
+        if name in strings:
+            given.add(strings[name])
+    return given
+
+
 def did_you_mean(name, choices):
     """' (did you mean 'x'?)' for the closest of `choices` to a mistyped `name`, or ''."""
     import difflib
