@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from lightcnn.errors import did_you_mean  # noqa: F401  (re-exported for the CLIs)
+
 
 def run_main(main):
     """Run a CLI's ``main()`` and exit with its return code (``if __name__ == "__main__": run_main(main)``).
@@ -135,14 +137,6 @@ def given_on_line(argv, parser, dests):
         if name in strings:
             given.add(strings[name])
     return given
-
-
-def did_you_mean(name, choices):
-    """' (did you mean 'x'?)' for the closest of `choices` to a mistyped `name`, or ''."""
-    import difflib
-
-    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def positive_int(text):

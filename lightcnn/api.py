@@ -5,6 +5,13 @@
     clf.topk("cat.jpg", k=5)                        # -> [[Prediction(index, wnid, label, score), ...]]
     clf.predict(frame)                              # a uint8 (H,W,3) array, e.g. a video frame -> (1, K)
     clf.cam("cat.jpg").maps                         # -> (1, h, w) class activation map of the decided class
+    clf.pooled(images)                              # -> (N, F) embeddings (timm's forward_features + pooling)
+    clf.reset_head(3, ["a", "b", "c"])              # a new classifier on the same trunk (timm's reset_classifier)
+    clf.meta                                        # parameters, MACs, file size and SHA-256, accuracy, licence
+
+Models are found by registry name ("mobilenet_v2_keras"), by architecture and weights tag
+(lightcnn.load("mobilenet_v2", weights="keras"), or "mobilenet_v2.keras") or by path; lightcnn.list_models()
+and lightcnn.list_weights() say what exists.
 
 Images are paths, bytes, PIL images or uint8 pixel arrays (H,W,C) / (N,H,W,C) with C = 1, 3 or 4; each is
 resized, cropped and normalised exactly like an image file. A float32/float64 array is a batch that is already
@@ -42,6 +49,8 @@ class Classifier:
                               else Preprocessing())
         self.weights_path = checkpoint.path
         self._sha256 = None
+        self._meta = None
+        self._head_reset = False
 
     @property
     def name(self):
@@ -51,6 +60,8 @@ class Classifier:
     def operating_point(self):
         """(positive class name, threshold on its probability) chosen on validation when the model was
         fine-tuned (lightcnn.train.run), or None: decisions are then argmax."""
+        if self._head_reset:  # the stored threshold belonged to the old head
+            return None
         op = (self.checkpoint.extra or {}).get("operating_point") or {}
         if op.get("class") not in self.class_names or op.get("threshold") is None:
             return None
@@ -127,6 +138,64 @@ class Classifier:
         """Images or a preprocessed batch (see `batch`) -> per image, the k most probable classes."""
         return topk(self.predict(images, batch_size), k, self.class_names, self.class_ids)
 
+    def _chunks(self, run, images, batch_size):
+        batch = self.batch(images)
+        outs = [run(batch[i:i + batch_size]) for i in range(0, len(batch), batch_size)]
+        return np.concatenate(outs) if outs else None
+
+    def features(self, images, batch_size=32):
+        """Images or a preprocessed batch (see `batch`) -> (N,h,w,C) float32 feature maps of the trunk (the
+        input of the head; timm's forward_features), run in chunks of `batch_size`."""
+        out = self._chunks(self.model.features, images, batch_size)
+        if out is None:  # no images: the shape of one image's maps, with N = 0
+            return self.model.features(np.zeros((1, *self.input_shape), np.float32))[:0]
+        return out
+
+    def pooled(self, images, batch_size=32):
+        """Images or a preprocessed batch (see `batch`) -> (N,C) float32 embeddings: `features` averaged over
+        h and w (the global average pooling the head starts with)."""
+        if self.model.head_is_pooled:
+            out = self._chunks(self.model.pooled, images, batch_size)
+        else:  # SqueezeNet's original head pools after its classifier conv: average the trunk's maps here
+            out = self._chunks(lambda x: self.model.features(x).mean(axis=(1, 2), dtype=np.float32), images,
+                               batch_size)
+        return np.zeros((0, self.model.feature_channels), np.float32) if out is None else out
+
+    def reset_head(self, num_classes, class_names=None, hidden=(), dropout=0.0, seed=0):
+        """Replace the classifier by a new, randomly initialised one with `num_classes` outputs (timm's
+        reset_classifier): GAP -> [Dense+ReLU per width in `hidden`] -> dropout -> Dense(num_classes). The
+        trunk is kept. class_names default to class_0, class_1, ...; the stored operating point is dropped.
+        Returns self. To train the new head, see lightcnn.train (python -m lightcnn.finetune).
+        """
+        num_classes = int(num_classes)
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        names = [f"class_{i}" for i in range(num_classes)] if class_names is None else [str(n) for n in class_names]
+        if len(names) != num_classes:
+            raise ValueError(f"{len(names)} class names for {num_classes} classes")
+        self.model.reset_head(num_classes, hidden=tuple(hidden), dropout=dropout, seed=seed)
+        self.class_names, self.class_ids = names, None
+        self._head_reset, self._meta = True, None
+        return self
+
+    @property
+    def meta(self):
+        """What the model and its weights are: a dict of lightcnn.weights.META_FIELDS (name, arch, tag,
+        parameters, macs, input_size, num_classes, file, file_size, weights_sha256, published_top1,
+        measured_top1, licence, source, url, source_sha256), None where unknown; the same fields as
+        `python -m lightcnn.weights list --json`. After reset_head, parameters and MACs are the new model's,
+        file and SHA-256 still the file it was loaded from."""
+        if self._meta is None:
+            from lightcnn.registry import REGISTRY
+            from lightcnn.weights import weights_meta
+
+            spec = None if self._head_reset else REGISTRY.get(self.checkpoint.provenance.get("registry_name"))
+            meta = weights_meta(spec, self.weights_path, self.model, self.checkpoint)
+            if self.weights_path and meta["weights_sha256"]:
+                self._sha256 = meta["weights_sha256"]
+            self._meta = meta
+        return dict(self._meta)
+
     def decide(self, probs):
         """(N,K) probabilities -> (N,) class indices: at the stored operating point when the model has one
         (see `operating_point`), else argmax. The class `predict --json` reports as "decision"."""
@@ -188,8 +257,14 @@ def model_from_checkpoint(ckpt, simulate_quantization=False):
     return model
 
 
-def load(name_or_path="mobilenet_v2", simulate_quantization=None, engine=None):
+def load(name_or_path="mobilenet_v2", simulate_quantization=None, engine=None, weights=None):
     """Load a registered model by name (its converted .h5 must exist) or any lightcnn .h5 path.
+
+    weights: with an architecture name, which of its registered weights (a tag, see lightcnn.list_weights and
+    the README: "tfslim", "keras", "torchvision", "caffe", or "default"); "mobilenet_v2.keras" is the same as
+    load("mobilenet_v2", weights="keras") and as today's registry name "mobilenet_v2_keras". A .h5 path is
+    accepted too (its architecture must be `name_or_path`). A mistyped name raises CheckpointError with the
+    closest known name.
 
     engine: "auto" (default: $LIGHTCNN_ENGINE, else auto), "numba" or "numpy"; see lightcnn.engine.
     `clf.model.last_engine` tells which one ran.
@@ -198,9 +273,20 @@ def load(name_or_path="mobilenet_v2", simulate_quantization=None, engine=None):
     activations to the quantised runtime's 8-bit grids brings results closer to it, see
     lightcnn.quantsim); True/False force it on/off.
     """
+    from lightcnn.registry import resolve_name
     from lightcnn.weights import find_weights
 
+    expected_arch = None
+    if weights is not None and (str(weights).endswith(".h5") or Path(str(weights)).is_file()):
+        expected_arch, name_or_path = name_or_path, weights
+    elif weights is not None:
+        try:
+            name_or_path = resolve_name(name_or_path, weights)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
     ckpt = read_checkpoint(find_weights(name_or_path))
+    if expected_arch is not None and ckpt.arch != expected_arch:
+        raise CheckpointError(f"{name_or_path}: holds a {ckpt.arch}, not a {expected_arch}")
     model = model_from_checkpoint(ckpt, simulate_quantization)
     if engine is not None:
         model.engine = engine

@@ -27,16 +27,29 @@ def _err(message):
 
 
 def cmd_list(args):
+    from lightcnn.errors import CheckpointError
     from lightcnn.registry import WEIGHTS
-    from lightcnn.weights import find_source, weights_dir
+    from lightcnn.weights import find_source, find_weights, registry_meta, source_dirs, weight_dirs
 
-    out = weights_dir()
-    print(f"{'name':32s} {'arch':20s} {'format':17s} {'built':6s} {'source found':12s} published top-1")
+    if args.json:  # one object per line, the fields of lightcnn.load(NAME).meta
+        for spec in WEIGHTS:
+            print(json.dumps(registry_meta(spec)))
+        return 0
+    print(f"{'name':32s} {'arch.tag':32s} {'format':17s} {'built':6s} {'source found':12s} published top-1")
     for spec in WEIGHTS:
-        built = "yes" if (out / f"{spec.name}.h5").is_file() else "no"
+        try:
+            built = "yes" if find_weights(spec.name) else "no"
+        except CheckpointError:
+            built = "no"
         found = "yes" if find_source(spec.filename, spec.sha256) else "no"
-        print(f"{spec.name:32s} {spec.arch:20s} {spec.converter:17s} {built:6s} {found:12s} {spec.published_top1}%")
-    print(f"\nconverted files: {out}", file=sys.stderr)
+        print(f"{spec.name:32s} {spec.arch + '.' + spec.tag:32s} {spec.converter:17s} {built:6s} {found:12s} "
+              f"{spec.published_top1}%")
+    print("\nconverted .h5 files are looked for in (in order; 'build' writes into the first):")
+    for folder in weight_dirs():
+        print(f"  {folder}")
+    print("original checkpoints are looked for in:")
+    for folder in source_dirs():
+        print(f"  {folder}")
     return 0
 
 
