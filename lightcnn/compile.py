@@ -197,7 +197,8 @@ def main(argv=None):
     names = list(dict.fromkeys(names or [DEFAULT_MODEL]))
     for name in names:
         if name not in REGISTRY and name not in BUILDERS:
-            print(f"error: unknown model {name!r}{did_you_mean(name, [*REGISTRY, *BUILDERS])}; weight names: {', '.join(REGISTRY)}; architectures: "
+            hint = did_you_mean(name, [*REGISTRY, *BUILDERS])
+            print(f"error: unknown model {name!r}{hint}; weight names: {', '.join(REGISTRY)}; architectures: "
                   f"{', '.join(sorted(BUILDERS))}", file=sys.stderr)
             return 2
     if cache_dir() is None:

@@ -343,7 +343,8 @@ def _random_model(name):
         return build(name)
     from lightcnn._cli import did_you_mean
 
-    raise LightCNNError(f"unknown model {name!r}{did_you_mean(name, [*REGISTRY, *BUILDERS])}; registered weights: {', '.join(REGISTRY)}; architectures: "
+    hint = did_you_mean(name, [*REGISTRY, *BUILDERS])
+    raise LightCNNError(f"unknown model {name!r}{hint}; registered weights: {', '.join(REGISTRY)}; architectures: "
                         f"{', '.join(sorted(BUILDERS))}")
 
 

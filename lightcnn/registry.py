@@ -8,7 +8,7 @@ whether lightcnn.load() simulates their 8-bit activations by default
 (lightcnn.quantsim). Converted files are named ``<name>.h5`` in the weights directory.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from lightcnn.errors import did_you_mean
 from lightcnn.preprocess import Preprocessing
@@ -25,7 +25,7 @@ class WeightSpec(NamedTuple):
     preprocessing: Preprocessing
     classes: str            # "imagenet" (1000 classes, synset order)
     published_top1: float   # ILSVRC-2012 validation top-1 (%), as published by the source
-    sample_top1: float      # reference runtime's top-1 on shared/data/imagenet-sample (%), or None
+    sample_top1: float | None  # reference runtime's top-1 on shared/data/imagenet-sample (%), or None
     source: str             # one line of provenance for the docs
     licence: str
     # quantised TFLite files: round activations to the file's 8-bit grids by default (lightcnn.quantsim),
@@ -37,7 +37,7 @@ class WeightSpec(NamedTuple):
 
 # TF-slim / TFLite uint8 models feed raw RGB bytes; their input quantisation
 # (q - zero_point) * scale becomes mean/std on 0..255 pixels here.
-_TFLITE_COMMON = dict(resize="shorter", resize_size=256, size=224, input_range=255.0)
+_TFLITE_COMMON: dict[str, Any] = dict(resize="shorter", resize_size=256, size=224, input_range=255.0)
 
 WEIGHTS = (
     WeightSpec(

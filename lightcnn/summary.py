@@ -78,7 +78,8 @@ def main(argv=None):
         from lightcnn.models import BUILDERS
         from lightcnn.registry import REGISTRY
 
-        print(f"error: unknown model {args.name!r}{did_you_mean(args.name, [*REGISTRY, *BUILDERS])}; weight names: {', '.join(REGISTRY)}; architectures: "
+        hint = did_you_mean(args.name, [*REGISTRY, *BUILDERS])
+        print(f"error: unknown model {args.name!r}{hint}; weight names: {', '.join(REGISTRY)}; architectures: "
               f"{', '.join(sorted(BUILDERS))}; or a .h5 path", file=sys.stderr)
         return 2
     if args.engine:

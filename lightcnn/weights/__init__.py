@@ -385,5 +385,6 @@ def registry_meta(spec):
     return weights_meta(spec, path)
 
 
-__all__ = ["weights_meta", "registry_meta", "weight_dirs", "cache_dir", "build_one", "convert_file", "recorded_metadata", "find_weights", "find_source", "download", "weights_dir", "source_dirs",
+__all__ = ["weights_meta", "registry_meta", "weight_dirs", "cache_dir", "build_one", "convert_file",
+           "recorded_metadata", "find_weights", "find_source", "download", "weights_dir", "source_dirs",
            "imagenet_classes", "DEFAULT_MODEL", "get_spec", "REGISTRY"]
