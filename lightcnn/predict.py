@@ -33,7 +33,8 @@ import os
 import sys
 import time
 
-from lightcnn._cli import NORMAL, add_common_options, add_engine_argument, engine_note, set_verbosity, verbosity
+from lightcnn._cli import (NORMAL, add_common_options, add_engine_argument, detail, engine_note, set_verbosity,
+                           verbosity)
 from lightcnn._cli import positive_int as _positive_int
 from lightcnn.errors import LightCNNError
 
@@ -377,6 +378,7 @@ def main(argv=None):
         return status
     if args.engine:
         clf.model.engine = args.engine
+    detail(f"weights {clf.weights_path}: {clf.model.arch}, {len(clf.class_names)} classes, engine {clf.model.engine}")
     if args.cam_layer and args.cam_layer not in {name for name, _ in clf.model.named_layers() if name}:
         print(f"error: --cam-layer {args.cam_layer!r}: no such layer in {clf.model.arch}; "
               f"'python -m lightcnn.summary {args.weights or args.model or clf.name}' lists them", file=sys.stderr)

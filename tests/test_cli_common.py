@@ -97,7 +97,7 @@ def tiny_images(tmp_path_factory):
     return root / "tiny.h5", paths
 
 
-@pytest.mark.parametrize("flag", [None, "-q", "--quiet"])
+@pytest.mark.parametrize("flag", [None, "-q", "--quiet", "-v"])
 def test_quiet_silences_progress(tiny_images, flag, capsys):
     from lightcnn.predict import main as predict_main
 
@@ -106,10 +106,11 @@ def test_quiet_silences_progress(tiny_images, flag, capsys):
     assert predict_main(argv) == 0
     captured = capsys.readouterr()
     assert len([line for line in captured.out.splitlines() if line.strip()]) >= 25  # results are never silenced
-    if flag:
+    if flag in ("-q", "--quiet"):
         assert captured.err == ""
     else:
         assert "predict: 25/25 images" in captured.err
+        assert (f"weights {weights}: mobilenet_v2" in captured.err) == (flag == "-v")  # a detail only with -v
 
 
 def test_quiet_before_the_subcommand_reaches_it():
