@@ -1,9 +1,16 @@
-"""What the command-line tools share: argparse value types (one message style for bad numbers) and `run_main`,
-the `python -m` entry point that ends quietly when the reader of stdout goes away."""
+"""What the command-line tools share: argparse value types (one message style for bad numbers), `run_main`,
+the `python -m` entry point that ends quietly when the reader of stdout goes away, and the options every command
+has (--version, -q/--quiet, -v/--verbose) with the stderr printers that obey them.
+
+Verbosity: -q shows only warnings and errors, the default adds progress and notes (`note`), -v adds details
+(`detail`). Results on stdout and "error:" lines are never silenced.
+"""
 
 import argparse
 import os
 import sys
+
+from lightcnn.errors import did_you_mean  # noqa: F401  (re-exported for the CLIs)
 
 
 def run_main(main):
@@ -25,6 +32,111 @@ def run_main(main):
             pass
         code = 0
     sys.exit(code)
+
+
+QUIET, NORMAL, VERBOSE = -1, 0, 1
+_level = NORMAL
+
+
+def add_common_options(parser, subcommand=False):
+    """--version, -q/--quiet and -v/--verbose on `parser`.
+
+    subcommand=True for the parsers of a command's subcommands: their defaults are suppressed so that an option
+    given before the subcommand (`weights -q build`) is not reset by the subparser's default.
+    """
+    from lightcnn import __version__
+
+    default = argparse.SUPPRESS if subcommand else None
+    parser.add_argument("--version", action="version", version=f"lightcnn {__version__}",
+                        help="print 'lightcnn X.Y.Z' and exit")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=default if subcommand else False,
+                       help="no progress or notes on stderr (warnings and errors still)")
+    group.add_argument("-v", "--verbose", action="count", default=default if subcommand else 0,
+                       help="more detail on stderr")
+    return parser
+
+
+def set_verbosity(args):
+    """Set the level `note`/`detail` obey from parsed -q/-v; returns it (QUIET, NORMAL or VERBOSE)."""
+    global _level
+    if getattr(args, "quiet", False):
+        _level = QUIET
+    elif getattr(args, "verbose", 0):
+        _level = VERBOSE
+    else:
+        _level = NORMAL
+    return _level
+
+
+def verbosity():
+    return _level
+
+
+def note(message, end="\n"):
+    """Progress or a note on stderr, unless -q."""
+    if _level >= NORMAL:
+        print(message, end=end, file=sys.stderr, flush=True)
+
+
+def detail(message):
+    """A detail on stderr, only with -v."""
+    if _level >= VERBOSE:
+        print(message, file=sys.stderr, flush=True)
+
+
+def progress_printer():
+    """`note` as a progress callback, or None under -q (for functions that take progress=None to stay silent)."""
+    return note if _level >= NORMAL else None
+
+
+def read_config_option(argv):
+    """(path, dict) of `--config FILE` in argv (a JSON object a run wrote with its settings), or (None, None).
+
+    Read before the real parse, so that the file's values can become the parser's defaults (`replay_defaults`)
+    and options given on the command line override them. An unreadable file exits with status 2, as argparse does.
+    """
+    import json
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return None, None
+    try:
+        with open(known.config, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"error: --config {known.config}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if not isinstance(data, dict):
+        print(f"error: --config {known.config}: expected a JSON object", file=sys.stderr)
+        sys.exit(2)
+    return known.config, data
+
+
+def replay_defaults(parser, values):
+    """Make `values` ({dest: value}) the parser's defaults; what they fill is no longer required on the line."""
+    for action in parser._actions:
+        if action.dest in values:
+            action.default = values[action.dest]
+            action.required = False
+            if not action.option_strings:  # a positional argument: may now be left out
+                action.nargs = "?"
+    for group in parser._mutually_exclusive_groups:
+        if any(a.dest in values and values[a.dest] is not None for a in group._group_actions):
+            group.required = False
+
+
+def given_on_line(argv, parser, dests):
+    """Which of `dests` were given as options in argv (by any of their option strings, also as --opt=value)."""
+    strings = {s: a.dest for a in parser._actions for s in a.option_strings if a.dest in dests}
+    given = set()
+    for token in argv or ():
+        name = token.split("=", 1)[0]
+        if name in strings:
+            given.add(strings[name])
+    return given
 
 
 def positive_int(text):
@@ -80,11 +192,11 @@ def add_engine_argument(parser):
 
 
 def engine_note(model, images, name):
-    """One stderr line when auto fell back to NumPy for a long job (> LONG_JOB images), else nothing."""
+    """One stderr line when auto fell back to NumPy for a long job (> LONG_JOB images), else nothing (or -q)."""
     if model.engine == "auto" and model.last_engine == "numpy" and images > LONG_JOB:
         from lightcnn.engine import compile_hint
 
-        print(f"note: {compile_hint(name)}", file=sys.stderr)
+        note(f"note: {compile_hint(name)}")
 
 
 #: images above which a job is long enough for the compile hint

@@ -5,6 +5,13 @@
     clf.topk("cat.jpg", k=5)                        # -> [[Prediction(index, wnid, label, score), ...]]
     clf.predict(frame)                              # a uint8 (H,W,3) array, e.g. a video frame -> (1, K)
     clf.cam("cat.jpg").maps                         # -> (1, h, w) class activation map of the decided class
+    clf.pooled(images)                              # -> (N, F) embeddings (timm's forward_features + pooling)
+    clf.reset_head(3, ["a", "b", "c"])              # a new classifier on the same trunk (timm's reset_classifier)
+    clf.meta                                        # parameters, MACs, file size and SHA-256, accuracy, licence
+
+Models are found by registry name ("mobilenet_v2_keras"), by architecture and weights tag
+(lightcnn.load("mobilenet_v2", weights="keras"), or "mobilenet_v2.keras") or by path; lightcnn.list_models()
+and lightcnn.list_weights() say what exists.
 
 Images are paths, bytes, PIL images or uint8 pixel arrays (H,W,C) / (N,H,W,C) with C = 1, 3 or 4; each is
 resized, cropped and normalised exactly like an image file. A float32/float64 array is a batch that is already
@@ -14,14 +21,28 @@ Weights are found without network access (see lightcnn.weights.find_weights);
 preprocessing comes from the weight file, so a fine-tuned model carries its own.
 """
 
+from __future__ import annotations
+
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import numpy as np
 
-from lightcnn.checkpoint import load_state, read_checkpoint
+from lightcnn.checkpoint import Checkpoint, load_state, read_checkpoint
 from lightcnn.errors import CheckpointError, ShapeError
 from lightcnn.postprocess import softmax, topk
 from lightcnn.preprocess import Preprocessing, load_image, preprocess_image
+
+if TYPE_CHECKING:  # imported for annotations only: `import lightcnn.api` stays light
+    from lightcnn.explain import Explanation
+    from lightcnn.models.base import Model
+    from lightcnn.postprocess import Prediction
+
+
+#: what predict/topk/cam/features/pooled accept: a path, bytes, a PIL image, a uint8 pixel array (H,W,C) or
+#: (N,H,W,C), a list of these, or a float (N,H,W,C) batch already preprocessed (see Classifier.batch)
+Images = Union[str, os.PathLike, bytes, np.ndarray, Any, Sequence[Any]]
 
 
 def _is_pixels(array, *ndims):
@@ -33,31 +54,35 @@ def _is_pixels(array, *ndims):
 class Classifier:
     """A model with its class names and preprocessing, as read from one .h5 file."""
 
-    def __init__(self, model, checkpoint):
+    def __init__(self, model: Model, checkpoint: Checkpoint) -> None:
         self.model = model
         self.checkpoint = checkpoint
         self.class_names = list(checkpoint.class_names)
-        self.class_ids = checkpoint.class_ids
+        self.class_ids: list[str] | None = checkpoint.class_ids
         self.preprocessing = (Preprocessing.from_dict(checkpoint.preprocessing) if checkpoint.preprocessing
                               else Preprocessing())
         self.weights_path = checkpoint.path
         self._sha256 = None
+        self._meta: dict[str, Any] | None = None
+        self._head_reset = False
 
     @property
-    def name(self):
+    def name(self) -> str:
         return self.checkpoint.provenance.get("registry_name") or Path(self.weights_path or "model").stem
 
     @property
-    def operating_point(self):
+    def operating_point(self) -> tuple[str, float] | None:
         """(positive class name, threshold on its probability) chosen on validation when the model was
         fine-tuned (lightcnn.train.run), or None: decisions are then argmax."""
+        if self._head_reset:  # the stored threshold belonged to the old head
+            return None
         op = (self.checkpoint.extra or {}).get("operating_point") or {}
         if op.get("class") not in self.class_names or op.get("threshold") is None:
             return None
         return op["class"], float(op["threshold"])
 
     @property
-    def weights_sha256(self):
+    def weights_sha256(self) -> str | None:
         if self._sha256 is None and self.weights_path:
             from lightcnn.weights import sha256_of
 
@@ -65,7 +90,7 @@ class Classifier:
         return self._sha256
 
     @property
-    def input_shape(self):
+    def input_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of one preprocessed image: what `preprocess` makes and a float batch must have."""
         spec = self.preprocessing
         return spec.size, spec.size, spec.channels
@@ -76,7 +101,7 @@ class Classifier:
                           "(H,W,C) or (N,H,W,C) arrays with C = 1, 3 or 4 (preprocessed like image files); a float32 "
                           f"or float64 array must be a batch (N,{h},{w},{c}) already preprocessed for this model")
 
-    def preprocess(self, images):
+    def preprocess(self, images: Images) -> np.ndarray:
         """Images -> (N,H,W,C) float32 batch, each resized, cropped and normalised as the weight file says.
 
         images: a path, bytes, PIL image, uint8 array (H,W,C) or a list of these, or a uint8 array (N,H,W,C).
@@ -88,11 +113,13 @@ class Classifier:
                 raise self._refuse(images)
             if images.ndim == 4 and len(images) == 0:
                 return np.zeros((0, *self.input_shape), np.float32)
-            images = [images] if images.ndim == 3 else list(images)
-        elif isinstance(images, (str, Path, bytes)) or hasattr(images, "mode"):
-            images = [images]
+            items: Sequence[Any] = [images] if images.ndim == 3 else list(images)
+        elif isinstance(images, (str, os.PathLike, bytes)) or hasattr(images, "mode"):
+            items = [images]
+        else:
+            items = images  # type: ignore[assignment]  # a list of the above
         out = []
-        for image in images:
+        for image in items:
             if isinstance(image, np.ndarray) and not _is_pixels(image, 3):
                 raise self._refuse(image)
             if not isinstance(image, np.ndarray) and not hasattr(image, "mode"):
@@ -100,7 +127,7 @@ class Classifier:
             out.append(preprocess_image(image, self.preprocessing))
         return np.stack(out)
 
-    def batch(self, images):
+    def batch(self, images: Images) -> np.ndarray:
         """What `predict`, `topk` and `cam` accept -> the (N,H,W,C) float32 batch the network runs on.
 
         Pixels (paths, bytes, PIL images, uint8 arrays (H,W,C) or (N,H,W,C), lists of them) are preprocessed;
@@ -113,21 +140,81 @@ class Classifier:
             return np.ascontiguousarray(images, np.float32)
         return self.preprocess(images)
 
-    def logits(self, batch, batch_size=32):
+    def logits(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """(N,H,W,C) preprocessed batch -> (N,K) logits, run in chunks of `batch_size`."""
         batch = np.ascontiguousarray(batch, np.float32)
         outs = [self.model.forward(batch[i:i + batch_size]) for i in range(0, len(batch), batch_size)]
         return np.concatenate(outs) if outs else np.zeros((0, len(self.class_names)), np.float32)
 
-    def predict(self, images, batch_size=32):
+    def predict(self, images: Images, batch_size: int = 32) -> np.ndarray:
         """Images or a preprocessed batch (see `batch` for what is accepted) -> (N,K) probabilities."""
         return softmax(self.logits(self.batch(images), batch_size))
 
-    def topk(self, images, k=5, batch_size=32):
+    def topk(self, images: Images, k: int = 5, batch_size: int = 32) -> list[list[Prediction]]:
         """Images or a preprocessed batch (see `batch`) -> per image, the k most probable classes."""
         return topk(self.predict(images, batch_size), k, self.class_names, self.class_ids)
 
-    def decide(self, probs):
+    def _chunks(self, run: Callable[[np.ndarray], np.ndarray], images: Images, batch_size: int) -> np.ndarray | None:
+        batch = self.batch(images)
+        outs = [run(batch[i:i + batch_size]) for i in range(0, len(batch), batch_size)]
+        return np.concatenate(outs) if outs else None
+
+    def features(self, images: Images, batch_size: int = 32) -> np.ndarray:
+        """Images or a preprocessed batch (see `batch`) -> (N,h,w,C) float32 feature maps of the trunk (the
+        input of the head; timm's forward_features), run in chunks of `batch_size`."""
+        out = self._chunks(self.model.features, images, batch_size)
+        if out is None:  # no images: the shape of one image's maps, with N = 0
+            return self.model.features(np.zeros((1, *self.input_shape), np.float32))[:0]
+        return out
+
+    def pooled(self, images: Images, batch_size: int = 32) -> np.ndarray:
+        """Images or a preprocessed batch (see `batch`) -> (N,C) float32 embeddings: `features` averaged over
+        h and w (the global average pooling the head starts with)."""
+        if self.model.head_is_pooled:
+            out = self._chunks(self.model.pooled, images, batch_size)
+        else:  # SqueezeNet's original head pools after its classifier conv: average the trunk's maps here
+            out = self._chunks(lambda x: self.model.features(x).mean(axis=(1, 2), dtype=np.float32), images,
+                               batch_size)
+        return np.zeros((0, self.model.feature_channels), np.float32) if out is None else out
+
+    def reset_head(self, num_classes: int, class_names: Sequence[str] | None = None, hidden: Sequence[int] = (),
+                   dropout: float = 0.0, seed: int = 0) -> Classifier:
+        """Replace the classifier by a new, randomly initialised one with `num_classes` outputs (timm's
+        reset_classifier): GAP -> [Dense+ReLU per width in `hidden`] -> dropout -> Dense(num_classes). The
+        trunk is kept. class_names default to class_0, class_1, ...; the stored operating point is dropped.
+        Returns self. To train the new head, see lightcnn.train (python -m lightcnn.finetune).
+        """
+        num_classes = int(num_classes)
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        names = [f"class_{i}" for i in range(num_classes)] if class_names is None else [str(n) for n in class_names]
+        if len(names) != num_classes:
+            raise ValueError(f"{len(names)} class names for {num_classes} classes")
+        self.model.reset_head(num_classes, hidden=tuple(hidden), dropout=dropout, seed=seed)
+        self.class_names, self.class_ids = names, None
+        self._head_reset, self._meta = True, None
+        return self
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What the model and its weights are: a dict of lightcnn.weights.META_FIELDS (name, arch, tag,
+        parameters, macs, input_size, num_classes, file, file_size, weights_sha256, published_top1,
+        measured_top1, licence, source, url, source_sha256), None where unknown; the same fields as
+        `python -m lightcnn.weights list --json`. After reset_head, parameters and MACs are the new model's,
+        file and SHA-256 still the file it was loaded from."""
+        meta = self._meta
+        if meta is None:
+            from lightcnn.registry import REGISTRY
+            from lightcnn.weights import weights_meta
+
+            spec = None if self._head_reset else REGISTRY.get(str(self.checkpoint.provenance.get("registry_name")))
+            meta = weights_meta(spec, self.weights_path, self.model, self.checkpoint)
+            if self.weights_path and meta["weights_sha256"]:
+                self._sha256 = meta["weights_sha256"]
+            self._meta = meta
+        return dict(meta)
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
         """(N,K) probabilities -> (N,) class indices: at the stored operating point when the model has one
         (see `operating_point`), else argmax. The class `predict --json` reports as "decision"."""
         if self.operating_point is None:
@@ -137,7 +224,8 @@ class Classifier:
         name, threshold = self.operating_point
         return decide(probs, self.class_names.index(name), threshold)
 
-    def cam(self, images, class_index=None, layer=None, method="auto"):
+    def cam(self, images: Images, class_index: int | Sequence[int] | np.ndarray | None = None, layer: str | None = None,
+            method: str = "auto") -> Explanation:
         """Images or a preprocessed batch (see `batch`) -> lightcnn.explain.Explanation: maps (N,h,w) for
         `class_index` (None = each image's decided class, see `decide`: the top-1, or the class chosen at the
         stored operating point; Explanation.class_index says which). method "auto" is CAM for GAP+linear (and
@@ -150,11 +238,11 @@ class Classifier:
             class_index = self.decide(softmax(self.logits(batch)))
         return explain(self.model, batch, class_index, layer, method)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Classifier({self.model.arch!r}, {len(self.class_names)} classes, weights={self.weights_path})"
 
 
-def model_from_checkpoint(ckpt, simulate_quantization=False):
+def model_from_checkpoint(ckpt: Checkpoint, simulate_quantization: bool | None = False) -> Model:
     """The model a checkpoint describes, with its weights loaded.
 
     simulate_quantization: False (default) the plain float network, what training, export and
@@ -188,8 +276,15 @@ def model_from_checkpoint(ckpt, simulate_quantization=False):
     return model
 
 
-def load(name_or_path="mobilenet_v2", simulate_quantization=None, engine=None):
+def load(name_or_path: str | os.PathLike = "mobilenet_v2", simulate_quantization: bool | None = None,
+         engine: str | None = None, weights: str | os.PathLike | None = None) -> Classifier:
     """Load a registered model by name (its converted .h5 must exist) or any lightcnn .h5 path.
+
+    weights: with an architecture name, which of its registered weights (a tag, see lightcnn.list_weights and
+    the README: "tfslim", "keras", "torchvision", "caffe", or "default"); "mobilenet_v2.keras" is the same as
+    load("mobilenet_v2", weights="keras") and as today's registry name "mobilenet_v2_keras". A .h5 path is
+    accepted too (its architecture must be `name_or_path`). A mistyped name raises CheckpointError with the
+    closest known name.
 
     engine: "auto" (default: $LIGHTCNN_ENGINE, else auto), "numba" or "numpy"; see lightcnn.engine.
     `clf.model.last_engine` tells which one ran.
@@ -198,9 +293,20 @@ def load(name_or_path="mobilenet_v2", simulate_quantization=None, engine=None):
     activations to the quantised runtime's 8-bit grids brings results closer to it, see
     lightcnn.quantsim); True/False force it on/off.
     """
+    from lightcnn.registry import resolve_name
     from lightcnn.weights import find_weights
 
+    expected_arch = None
+    if weights is not None and (str(weights).endswith(".h5") or Path(str(weights)).is_file()):
+        expected_arch, name_or_path = name_or_path, weights
+    elif weights is not None:
+        try:
+            name_or_path = resolve_name(name_or_path, weights)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
     ckpt = read_checkpoint(find_weights(name_or_path))
+    if expected_arch is not None and ckpt.arch != expected_arch:
+        raise CheckpointError(f"{name_or_path}: holds a {ckpt.arch}, not a {expected_arch}")
     model = model_from_checkpoint(ckpt, simulate_quantization)
     if engine is not None:
         model.engine = engine

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from lightcnn._cli import positive_int
+from lightcnn._cli import QUIET, add_common_options, did_you_mean, positive_int, set_verbosity
 
 
 def build_parser():
@@ -35,7 +35,7 @@ def build_parser():
     parser.add_argument("--all", action="store_true", help="every registered architecture")
     parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8], metavar="N",
                         help="batch sizes to prepare (default: 1 8)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    add_common_options(parser)
     return parser
 
 
@@ -186,6 +186,7 @@ def main(argv=None):
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    args.quiet = set_verbosity(args) == QUIET
     from lightcnn._jit import cache_dir, cache_unavailable_reason
     from lightcnn.models import BUILDERS
     from lightcnn.registry import DEFAULT_MODEL, REGISTRY
@@ -196,7 +197,8 @@ def main(argv=None):
     names = list(dict.fromkeys(names or [DEFAULT_MODEL]))
     for name in names:
         if name not in REGISTRY and name not in BUILDERS:
-            print(f"error: unknown model {name!r}; weight names: {', '.join(REGISTRY)}; architectures: "
+            hint = did_you_mean(name, [*REGISTRY, *BUILDERS])
+            print(f"error: unknown model {name!r}{hint}; weight names: {', '.join(REGISTRY)}; architectures: "
                   f"{', '.join(sorted(BUILDERS))}", file=sys.stderr)
             return 2
     if cache_dir() is None:

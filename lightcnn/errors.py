@@ -5,6 +5,14 @@ anything else is a bug and keeps its traceback.
 """
 
 
+def did_you_mean(name, choices):
+    """' (did you mean 'x'?)' for the closest of `choices` to a mistyped `name` (difflib), or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 class LightCNNError(Exception):
     """Base class of every expected, user-facing failure."""
 

@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 
-from lightcnn._cli import add_engine_argument, probability
+from lightcnn._cli import add_common_options, add_engine_argument, probability, set_verbosity
 from lightcnn.errors import LightCNNError
 
 
@@ -49,6 +49,7 @@ def build_parser():
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (16)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
     add_engine_argument(p)
+    add_common_options(p)
     return p
 
 
@@ -117,6 +118,7 @@ def evaluate(model_path, data, split="test", split_method=None, seed=None, fract
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    set_verbosity(args)
     if args.threads:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(args.threads)

@@ -341,12 +341,15 @@ def _random_model(name):
         return build(REGISTRY[name].arch, **REGISTRY[name].config)
     if name in BUILDERS:
         return build(name)
-    raise LightCNNError(f"unknown model {name!r}; registered weights: {', '.join(REGISTRY)}; architectures: "
+    from lightcnn._cli import did_you_mean
+
+    hint = did_you_mean(name, [*REGISTRY, *BUILDERS])
+    raise LightCNNError(f"unknown model {name!r}{hint}; registered weights: {', '.join(REGISTRY)}; architectures: "
                         f"{', '.join(sorted(BUILDERS))}")
 
 
-def main(argv=None):
-    from lightcnn._cli import positive_int
+def build_parser():
+    from lightcnn._cli import add_common_options, positive_int
 
     parser = argparse.ArgumentParser(prog="python -m lightcnn.export_onnx", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -357,7 +360,16 @@ def main(argv=None):
                         help="export --model's architecture with random weights (no classes, no preprocessing)")
     parser.add_argument("--size", type=positive_int, help="input height = width (default: the model's)")
     parser.add_argument("--out", required=True, help="output .onnx path")
+    add_common_options(parser)
+    return parser
+
+
+def main(argv=None):
+    from lightcnn._cli import set_verbosity
+
+    parser = build_parser()
     args = parser.parse_args(argv)
+    set_verbosity(args)
     if args.random_weights and not args.model:
         parser.error("--random-weights goes with --model NAME (a registered name or an architecture)")
 

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from lightcnn._cli import add_common_options, progress_printer, set_verbosity
 from lightcnn._cli import nonneg_float as _nonneg_float
 from lightcnn._cli import nonneg_int as _nonneg_int
 from lightcnn._cli import positive_float as _positive_float
@@ -120,9 +121,12 @@ def build_parser():
 
     g = p.add_argument_group("running")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in RUN_DIR")
+    g.add_argument("--config", metavar="RUN/config.json",
+                   help="run the configuration an earlier run wrote again; options given here override the file's "
+                        "(e.g. --out NEW_DIR, --epochs 50)")
     g.add_argument("--cache-dir", metavar="DIR", help="feature cache (default RUN_DIR/../.feature-cache)")
     g.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
-    g.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_common_options(p)
     return p
 
 
@@ -138,6 +142,22 @@ def config_from_args(args):
                 blur_sigma=args.blur_sigma, resize=args.resize, split=args.split, fractions=args.fractions,
                 kfold=args.kfold, positive=args.positive, cache_dir=args.cache_dir, n_bootstrap=args.bootstrap,
                 report_test=not args.no_test, train=train)
+
+
+SOURCES = ("model", "weights", "arch")
+
+
+def args_from_config(config):
+    """A config.json (FinetuneConfig.to_dict()) -> {argparse dest: value}: the inverse of config_from_args."""
+    values = {k: v for k, v in config.items() if k not in ("train", "n_bootstrap", "report_test")}
+    if "n_bootstrap" in config:
+        values["bootstrap"] = config["n_bootstrap"]
+    if "report_test" in config:
+        values["no_test"] = not config["report_test"]
+    train = dict(config.get("train") or {})
+    train.pop("positive", None)  # a class index; --positive is the top-level class name
+    values.update(train)
+    return values
 
 
 def _summary(report):
@@ -163,8 +183,23 @@ def _summary(report):
 
 
 def main(argv=None):
+    from lightcnn._cli import given_on_line, read_config_option, replay_defaults
+
     parser = build_parser()
+    _, saved = read_config_option(argv)
+    if saved is not None:
+        replay_defaults(parser, args_from_config(saved))
     args = parser.parse_args(argv)
+    set_verbosity(args)
+    config = config_from_args(args)
+    if saved is not None:
+        explicit = given_on_line(argv, parser, SOURCES)
+        if explicit:  # --weights on the line replaces the file's --model (one source only)
+            for key in SOURCES:
+                if key not in explicit:
+                    config[key] = None
+        # the file's training values the command line has no option for (train.positive, ...) are kept
+        config["train"] = {**(saved.get("train") or {}), **config["train"]}
     if args.threads:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(args.threads)  # effective only when numpy is not imported yet
@@ -173,9 +208,9 @@ def main(argv=None):
         set_num_threads(args.threads)
     from lightcnn.train.run import finetune
 
-    progress = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    progress = progress_printer()
     try:
-        result = finetune(config_from_args(args), resume=args.resume, progress=progress)
+        result = finetune(config, resume=args.resume, progress=progress)
     except LightCNNError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 1

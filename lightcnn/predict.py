@@ -38,7 +38,8 @@ import os
 import sys
 import time
 
-from lightcnn._cli import add_engine_argument, engine_note
+from lightcnn._cli import (NORMAL, add_common_options, add_engine_argument, detail, engine_note, set_verbosity,
+                           verbosity)
 from lightcnn._cli import positive_int as _positive_int
 from lightcnn._files import printable
 from lightcnn.errors import LightCNNError
@@ -73,6 +74,7 @@ def build_parser():
                         "model's default layer")
     parser.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
     add_engine_argument(parser)
+    add_common_options(parser)
     return parser
 
 
@@ -164,7 +166,7 @@ class _Progress:
     def __init__(self, total):
         self.total = total
         self.tty = sys.stderr.isatty()
-        self.enabled = total > PROGRESS_MIN_IMAGES or (self.tty and total > 1)
+        self.enabled = verbosity() >= NORMAL and (total > PROGRESS_MIN_IMAGES or (self.tty and total > 1))
         self.start = time.perf_counter()
         self.next_pct = 10
 
@@ -364,6 +366,7 @@ def main(argv=None):
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
+    set_verbosity(args)
     if args.images.count(STDIN) > 1:
         parser.print_usage(sys.stderr)
         print("error: '-' (stdin) can be given only once", file=sys.stderr)
@@ -384,6 +387,7 @@ def main(argv=None):
     from lightcnn.engine import engine_for_job
 
     clf.model.engine = engine_for_job(args.engine or clf.model.engine, len(paths))
+    detail(f"weights {clf.weights_path}: {clf.model.arch}, {len(clf.class_names)} classes, engine {clf.model.engine}")
     if args.cam_layer and args.cam_layer not in {name for name, _ in clf.model.named_layers() if name}:
         print(f"error: --cam-layer {args.cam_layer!r}: no such layer in {clf.model.arch}; "
               f"'python -m lightcnn.summary {args.weights or args.model or clf.name}' lists them", file=sys.stderr)

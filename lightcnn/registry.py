@@ -8,8 +8,9 @@ whether lightcnn.load() simulates their 8-bit activations by default
 (lightcnn.quantsim). Converted files are named ``<name>.h5`` in the weights directory.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from lightcnn.errors import did_you_mean
 from lightcnn.preprocess import Preprocessing
 
 
@@ -24,17 +25,19 @@ class WeightSpec(NamedTuple):
     preprocessing: Preprocessing
     classes: str            # "imagenet" (1000 classes, synset order)
     published_top1: float   # ILSVRC-2012 validation top-1 (%), as published by the source
-    sample_top1: float      # reference runtime's top-1 on shared/data/imagenet-sample (%), or None
+    sample_top1: float | None  # reference runtime's top-1 on shared/data/imagenet-sample (%), or None
     source: str             # one line of provenance for the docs
     licence: str
     # quantised TFLite files: round activations to the file's 8-bit grids by default (lightcnn.quantsim),
     # set where that measurably brings lightcnn closer to the reference runtime
     simulate_quantization: bool = False
+    # the weights' tag within their architecture: lightcnn.load(arch, weights=tag) or "arch.tag"
+    tag: str = ""
 
 
 # TF-slim / TFLite uint8 models feed raw RGB bytes; their input quantisation
 # (q - zero_point) * scale becomes mean/std on 0..255 pixels here.
-_TFLITE_COMMON = dict(resize="shorter", resize_size=256, size=224, input_range=255.0)
+_TFLITE_COMMON: dict[str, Any] = dict(resize="shorter", resize_size=256, size=224, input_range=255.0)
 
 WEIGHTS = (
     WeightSpec(
@@ -52,6 +55,7 @@ WEIGHTS = (
         sample_top1=87.3,
         source="Google's quantisation-aware MobileNetV2 1.0/224 (TF-slim, TFLite uint8), Coral test data",
         licence="Apache-2.0",
+        tag="tfslim",
     ),
     WeightSpec(
         name="mobilenet_v2_keras",
@@ -68,6 +72,7 @@ WEIGHTS = (
         sample_top1=87.8,
         source="tf.keras.applications.MobileNetV2(weights='imagenet'), post-training int8 TFLite",
         licence="none stated (Keras weights: Apache-2.0)",
+        tag="keras",
     ),
     WeightSpec(
         name="mobilenet_v3_small",
@@ -84,6 +89,7 @@ WEIGHTS = (
         sample_top1=76.1,
         source="Google's quantisation-aware TF-slim MobileNetV3-Small 1.0/224 (TFLite uint8)",
         licence="MIT (zoo) / Apache-2.0 (TF-slim)",
+        tag="tfslim",
         # sample, float -> simulated: top-1 73.9 -> 76.7%, top-1 agreement with the runtime 82.5 -> 87.7%
         simulate_quantization=True,
     ),
@@ -103,6 +109,7 @@ WEIGHTS = (
         sample_top1=62.3,
         source="SqueezeNet v1.0 with Deep Compression (pruned, 8-bit codebook), Caffe layout",
         licence="BSD-2-Clause",
+        tag="caffe",
     ),
     # torchvision's published checkpoints. torchvision publishes only the first 8 hex digits
     # of each file's SHA-256 (in the file name); that prefix is what is checked.
@@ -111,33 +118,33 @@ WEIGHTS = (
         filename="mobilenet_v2-b0353104.pth", url="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
         sha256="b0353104", converter="pth", preprocessing=Preprocessing(), classes="imagenet",
         published_top1=71.878, sample_top1=None, source="torchvision MobileNet_V2_Weights.IMAGENET1K_V1",
-        licence="BSD-3-Clause"),
+        licence="BSD-3-Clause", tag="torchvision"),
     WeightSpec(
         name="mobilenet_v3_large", arch="mobilenet_v3_large", config=dict(num_classes=1000),
         filename="mobilenet_v3_large-8738ca79.pth",
         url="https://download.pytorch.org/models/mobilenet_v3_large-8738ca79.pth",
         sha256="8738ca79", converter="pth", preprocessing=Preprocessing(), classes="imagenet",
         published_top1=74.042, sample_top1=None, source="torchvision MobileNet_V3_Large_Weights.IMAGENET1K_V1",
-        licence="BSD-3-Clause"),
+        licence="BSD-3-Clause", tag="torchvision"),
     WeightSpec(
         name="mobilenet_v3_small_torchvision", arch="mobilenet_v3_small", config=dict(num_classes=1000),
         filename="mobilenet_v3_small-047dcff4.pth",
         url="https://download.pytorch.org/models/mobilenet_v3_small-047dcff4.pth",
         sha256="047dcff4", converter="pth", preprocessing=Preprocessing(), classes="imagenet",
         published_top1=67.668, sample_top1=None, source="torchvision MobileNet_V3_Small_Weights.IMAGENET1K_V1",
-        licence="BSD-3-Clause"),
+        licence="BSD-3-Clause", tag="torchvision"),
     WeightSpec(
         name="squeezenet1_0", arch="squeezenet1_0", config=dict(num_classes=1000),
         filename="squeezenet1_0-b66bff10.pth", url="https://download.pytorch.org/models/squeezenet1_0-b66bff10.pth",
         sha256="b66bff10", converter="pth", preprocessing=Preprocessing(), classes="imagenet",
         published_top1=58.092, sample_top1=None, source="torchvision SqueezeNet1_0_Weights.IMAGENET1K_V1",
-        licence="BSD-3-Clause"),
+        licence="BSD-3-Clause", tag="torchvision"),
     WeightSpec(
         name="squeezenet1_1", arch="squeezenet1_1", config=dict(num_classes=1000),
         filename="squeezenet1_1-b8a52dc0.pth", url="https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth",
         sha256="b8a52dc0", converter="pth", preprocessing=Preprocessing(), classes="imagenet",
         published_top1=58.178, sample_top1=None, source="torchvision SqueezeNet1_1_Weights.IMAGENET1K_V1",
-        licence="BSD-3-Clause"),
+        licence="BSD-3-Clause", tag="torchvision"),
 )
 
 REGISTRY = {spec.name: spec for spec in WEIGHTS}
@@ -160,8 +167,70 @@ IMAGENET_LABELS = LabelSpec(
 
 
 def get_spec(name):
-    """The WeightSpec registered as `name`, or a ValueError listing the known names."""
+    """The WeightSpec registered as `name` (or "arch.tag"), or a ValueError listing the known names."""
     try:
-        return REGISTRY[name]
+        return REGISTRY[resolve_name(name)]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None
+        raise ValueError(f"unknown model {name!r}{did_you_mean(name, known_names())}; known: "
+                         f"{', '.join(REGISTRY)}") from None
+
+
+# -- discovery, as torchvision's list_models / get_model_weights and timm's "arch.tag" names ------------------
+
+def list_models(pretrained=None):
+    """Architecture names (what lightcnn.models.build takes), sorted.
+
+    pretrained None: every architecture; True: only those with registered weights; False: only those without.
+    """
+    from lightcnn.models import BUILDERS
+
+    with_weights = {spec.arch for spec in WEIGHTS}
+    return sorted(a for a in BUILDERS if pretrained is None or (a in with_weights) == bool(pretrained))
+
+
+def list_weights(arch=None):
+    """Registered weight names ("mobilenet_v2_keras", ...), of one architecture when `arch` is given."""
+    return [spec.name for spec in WEIGHTS if arch is None or spec.arch == arch]
+
+
+def known_names():
+    """Every name lightcnn.load accepts: registry names, "arch.tag" forms and architecture names."""
+    return [*REGISTRY, *(f"{s.arch}.{s.tag}" for s in WEIGHTS), *list_models()]
+
+
+def default_weights(arch):
+    """The registry entry an architecture loads without a tag: the one named like it, else its first; or None."""
+    specs = [spec for spec in WEIGHTS if spec.arch == arch]
+    return next((s for s in specs if s.name == arch), specs[0] if specs else None)
+
+
+def resolve_name(name, weights=None):
+    """(architecture or registry name, weights tag) -> the registry name; ValueError with a suggestion if none.
+
+    resolve_name("mobilenet_v2_keras") and resolve_name("mobilenet_v2", "keras") and
+    resolve_name("mobilenet_v2.keras") are the same weights; weights "default" (or None after an architecture
+    name) picks `default_weights`. A name that is neither registered nor "arch.tag" is returned unchanged.
+    """
+    if weights is None:
+        if name in REGISTRY or not isinstance(name, str) or "." not in name or name.endswith(".h5"):
+            return name
+        arch, _, weights = name.partition(".")
+        if arch not in list_models():
+            return name
+    else:
+        arch = name
+    if arch not in list_models():
+        raise ValueError(f"unknown architecture {arch!r}{did_you_mean(arch, list_models())}; "
+                         f"architectures: {', '.join(list_models())}")
+    specs = [spec for spec in WEIGHTS if spec.arch == arch]
+    if not specs:
+        raise ValueError(f"{arch!r} has no registered weights; build it untrained with lightcnn.models.build"
+                         f"({arch!r}), or load a .h5 of your own")
+    if weights in ("default", "DEFAULT", True):
+        return default_weights(arch).name
+    for spec in specs:
+        if weights in (spec.tag, spec.name):
+            return spec.name
+    tags = [s.tag for s in specs]
+    raise ValueError(f"no weights {weights!r} for {arch}{did_you_mean(weights, tags)}; tags: "
+                     f"{', '.join(tags)} (or 'default')")

@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from lightcnn._cli import add_engine_argument
+from lightcnn._cli import add_common_options, add_engine_argument, did_you_mean, note, set_verbosity
 from lightcnn._cli import positive_int as _positive_int
 from lightcnn.errors import LightCNNError
 
@@ -34,6 +34,7 @@ def build_parser():
     parser.add_argument("--repeats", type=_positive_int, default=5, metavar="R",
                         help="timed runs per layer with --profile (default 5)")
     add_engine_argument(parser)
+    add_common_options(parser)
     return parser
 
 
@@ -67,6 +68,7 @@ def main(argv=None):
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    set_verbosity(args)
     try:
         model, what = resolve_model(args.name)
     except LightCNNError as exc:
@@ -76,7 +78,8 @@ def main(argv=None):
         from lightcnn.models import BUILDERS
         from lightcnn.registry import REGISTRY
 
-        print(f"error: unknown model {args.name!r}; weight names: {', '.join(REGISTRY)}; architectures: "
+        hint = did_you_mean(args.name, [*REGISTRY, *BUILDERS])
+        print(f"error: unknown model {args.name!r}{hint}; weight names: {', '.join(REGISTRY)}; architectures: "
               f"{', '.join(sorted(BUILDERS))}; or a .h5 path", file=sys.stderr)
         return 2
     if args.engine:
@@ -86,7 +89,7 @@ def main(argv=None):
     except (LightCNNError, ValueError) as exc:  # e.g. an input size too small for the network's strides
         print(f"error: {args.name}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2 if args.input_size else 1
-    print(f"# {what}; engine: {model.last_engine or model.engine}", file=sys.stderr)
+    note(f"# {what}; engine: {model.last_engine or model.engine}")
     print(table)
     return 0
 

@@ -201,3 +201,30 @@ def test_operating_point_is_chosen_on_val_stored_and_used_by_evaluate_and_predic
     text = capsys.readouterr().out
     assert f"decision  {expected}" in text
     assert not re.search(r"stripes\s+stripes|blobs\s+blobs", text)  # a class without an ID is printed once
+
+
+def test_config_replays_a_run_and_the_command_line_overrides_it(workspace, capsys):
+    first = workspace / "replay_a"
+    assert _run(workspace, first, "--epochs", "2", "--lr", "0.01", "--positive", "stripes", "--head", "dense",
+                "--hidden", "8,4", "--split", "random", "--seed", "3") == 0
+    saved = json.loads((first / "config.json").read_text())
+
+    again = workspace / "replay_b"
+    assert finetune_main(["--config", str(first / "config.json"), "--out", str(again), "--quiet"]) == 0
+    replayed = json.loads((again / "config.json").read_text())
+    assert replayed == {**saved, "out": str(again)}
+    assert (again / "best.h5").is_file()
+
+    changed = workspace / "replay_c"
+    assert finetune_main(["--config", str(first / "config.json"), "--out", str(changed), "--epochs", "1",
+                          "--weights", str(workspace / "tiny.h5"), "--quiet"]) == 0
+    override = json.loads((changed / "config.json").read_text())
+    assert override["train"]["epochs"] == 1 and override["train"]["lr"] == 0.01
+    assert override["train"]["hidden"] == [8, 4] and override["positive"] == "stripes"
+    capsys.readouterr()
+
+
+def test_config_file_that_cannot_be_read_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        finetune_main(["--config", str(tmp_path / "missing.json")])
+    assert exc.value.code == 2 and "missing.json" in capsys.readouterr().err

@@ -89,3 +89,21 @@ def test_fine_tuned_model_predicts(tmp_path, dataset, weights):
 def test_bad_space_is_a_usage_error(tmp_path, dataset, weights, space, message):
     result = run_tune(dataset, "--weights", weights, "--space", space, "--out", tmp_path / "r")
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_config_replays_a_tuning_run(tmp_path, dataset, weights, capsys):
+    from lightcnn.tune.__main__ import main as tune_main
+
+    first = tmp_path / "first"
+    assert tune_main([str(dataset), "--weights", str(weights), "--space", "lr=1e-3:1e-1:log", "--trials", "2",
+                      "--initial", "2", "--epochs", "2", "--split", "random", "--seed", "4", "--out", str(first),
+                      "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
+    saved = json.loads((first / "config.json").read_text())
+    assert saved["space"] == "lr=1e-3:1e-1:log" and saved["seed"] == 4 and saved["trials"] == 2
+
+    again = tmp_path / "again"
+    assert tune_main(["--config", str(first / "config.json"), "--out", str(again), "--trials", "3", "-q"]) == 0
+    replayed = json.loads((again / "config.json").read_text())
+    assert replayed == {**saved, "out": str(again), "trials": 3}
+    assert len((again / "run0" / "trials.jsonl").read_text().splitlines()) == 4  # header + 3 trials
+    capsys.readouterr()

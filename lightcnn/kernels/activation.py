@@ -302,7 +302,7 @@ def _check_float(x, name):
     return np.ascontiguousarray(x)
 
 
-def activation_forward(x, act, alpha=1.0):
+def activation_forward(x: np.ndarray, act: int, alpha: float = 1.0) -> np.ndarray:
     """y = act(x), element-wise.  x (...) -> y (...) of x's shape and dtype.
 
     `act` is an ACT_* code or a name from ACTIVATIONS; `alpha` is used by ELU only.
@@ -321,7 +321,7 @@ def activation_forward(x, act, alpha=1.0):
     return out
 
 
-def activation_backward(dy, x, act, alpha=1.0):
+def activation_backward(dy: np.ndarray, x: np.ndarray, act: int, alpha: float = 1.0) -> np.ndarray:
     """dx = dy * act'(x).  dy (...), x (...) the pre-activation input -> dx (...)."""
     code = activation_code(act)
     x = _check_float(x, "x")

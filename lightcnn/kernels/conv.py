@@ -150,7 +150,8 @@ def _is_plain_1x1(w, stride, pad):
 # ----------------------------------------------------------------------------- conv2d
 
 
-def conv2d_forward(x, w, b=None, stride=(1, 1), pad=(0, 0, 0, 0), act=ACT_NONE, alpha=1.0):
+def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride: tuple[int, ...] = (1, 1),
+                   pad: tuple[int, ...] = (0, 0, 0, 0), act: int = ACT_NONE, alpha: float = 1.0) -> np.ndarray:
     """y = act(conv(x, w) + b).  x (N,H,W,C), w (KH,KW,C,O), b (O,) or None -> y (N,H',W',O).
 
     stride (sh, sw) or int; pad (top, bottom, left, right) or int; act an ACT_* code or name;
@@ -179,7 +180,8 @@ def conv2d_forward(x, w, b=None, stride=(1, 1), pad=(0, 0, 0, 0), act=ACT_NONE, 
     return y
 
 
-def conv2d_backward(dy, x, w, stride=(1, 1), pad=(0, 0, 0, 0)):
+def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[int, ...] = (1, 1),
+                    pad: tuple[int, ...] = (0, 0, 0, 0)) -> tuple:
     """Gradients of conv2d_forward (without activation) given dy = dL/d(conv output + b).
 
     dy (N,H',W',O), x (N,H,W,C), w (KH,KW,C,O) -> dx (N,H,W,C), dw (KH,KW,C,O), db (O,).
@@ -227,7 +229,8 @@ def _pointwise_args(x, w, fn):
     return x, np.ascontiguousarray(w, dtype=x.dtype)
 
 
-def pointwise_conv_forward(x, w, b=None, act=ACT_NONE, alpha=1.0):
+def pointwise_conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, act: int = ACT_NONE,
+                           alpha: float = 1.0) -> np.ndarray:
     """y = act(x @ w + b) over the channel axis.  x (N,H,W,C), w (C,O), b (O,) or None -> y (N,H,W,O)."""
     fn = "pointwise_conv_forward"
     x, w = _pointwise_args(x, w, fn)
@@ -242,7 +245,7 @@ def pointwise_conv_forward(x, w, b=None, act=ACT_NONE, alpha=1.0):
     return y
 
 
-def pointwise_conv_backward(dy, x, w):
+def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray) -> tuple:
     """dy (N,H,W,O), x (N,H,W,C), w (C,O) -> dx (N,H,W,C), dw (C,O), db (O,); dy is pre-activation."""
     fn = "pointwise_conv_backward"
     x, w = _pointwise_args(x, w, fn)

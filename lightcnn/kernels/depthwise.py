@@ -283,7 +283,10 @@ dw_forward = kernel(parallel=True)(_dw_forward_body)
 dw_forward_serial = kernel(_dw_forward_body)
 
 
-def depthwise_conv2d_forward(x, w, b=None, stride=(1, 1), pad=(0, 0, 0, 0), act=ACT_NONE, alpha=1.0):
+def depthwise_conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride: tuple[int,
+                             ...] = (1, 1),
+                             pad: tuple[int, ...] = (0, 0, 0, 0), act: int = ACT_NONE,
+                             alpha: float = 1.0) -> np.ndarray:
     """Depthwise conv with fused bias and activation: x (N,H,W,C), w (KH,KW,C), b (C,) -> y (N,Ho,Wo,C).
 
     stride (SH, SW) or int; pad (top, bottom, left, right); act an ACT_* code or name
@@ -364,7 +367,8 @@ def _dw_backward_params(dy, x, sh, sw, top, left, dw_part, db_part):
                             pwij[c] += g[c] * xr[c]
 
 
-def depthwise_conv2d_backward(dy, x, w, stride=(1, 1), pad=(0, 0, 0, 0)):
+def depthwise_conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[int, ...] = (1, 1),
+                              pad: tuple[int, ...] = (0, 0, 0, 0)) -> tuple:
     """Gradients of the depthwise conv: dy (N,Ho,Wo,C) w.r.t. the pre-activation output,
     x (N,H,W,C), w (KH,KW,C) -> (dx (N,H,W,C), dw (KH,KW,C), db (C,)), all in x's dtype.
     """

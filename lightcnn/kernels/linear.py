@@ -128,7 +128,8 @@ def _logits(logits):
 # --------------------------------------------------------------------------- dense
 
 
-def dense_forward(x, w, b=None, act=ACT_NONE, alpha=1.0):
+def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, act: int = ACT_NONE,
+                  alpha: float = 1.0) -> np.ndarray:
     """y = act(x @ w + b).  x (N,F), w (F,O), b (O,) or None -> y (N,O) in x's dtype."""
     code = activation_code(act)
     x = _float2d(x, "x", "(N,F)")
@@ -155,7 +156,7 @@ def dense_forward(x, w, b=None, act=ACT_NONE, alpha=1.0):
     return out
 
 
-def dense_backward(dy, x, w):
+def dense_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray) -> tuple:
     """dy (N,O) w.r.t. the pre-activation output, x (N,F), w (F,O) -> (dx (N,F), dw (F,O), db (O,))."""
     x = _float2d(x, "x", "(N,F)")
     w = _float2d(w, "w", "(F,O)").astype(x.dtype, copy=False)
@@ -173,7 +174,7 @@ def dense_backward(dy, x, w):
 # --------------------------------------------------------------------------- softmax
 
 
-def softmax(logits):
+def softmax(logits: np.ndarray) -> np.ndarray:
     """logits (N,K) -> probabilities p (N,K), each row summing to 1 (max-subtracted, stable)."""
     z = _logits(logits)
     p = np.empty_like(z)
@@ -181,7 +182,7 @@ def softmax(logits):
     return p
 
 
-def log_softmax(logits):
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     """logits (N,K) -> log-probabilities logp (N,K) (log-sum-exp with the max subtracted)."""
     z = _logits(logits)
     logp = np.empty_like(z)
@@ -192,7 +193,8 @@ def log_softmax(logits):
 # --------------------------------------------------------------------------- losses
 
 
-def cross_entropy(logits, labels, class_weights=None, label_smoothing=0.0):
+def cross_entropy(logits: np.ndarray, labels: np.ndarray, class_weights: np.ndarray | None = None,
+                  label_smoothing: float = 0.0) -> tuple:
     """Mean cross entropy as torch.nn.functional.cross_entropy(reduction="mean").
 
     logits (N,K), labels (N,) ints in [0,K), class_weights (K,) or None, label_smoothing in [0,1]
@@ -224,7 +226,8 @@ def cross_entropy(logits, labels, class_weights=None, label_smoothing=0.0):
     return float(loss), grad.astype(z.dtype)
 
 
-def focal_loss(logits, labels, gamma=2.0, class_weights=None):
+def focal_loss(logits: np.ndarray, labels: np.ndarray, gamma: float = 2.0,
+               class_weights: np.ndarray | None = None) -> tuple:
     """Softmax focal loss, FL = -w_y (1 - p_y)^gamma log p_y, weighted mean like cross_entropy.
 
     logits (N,K), labels (N,), gamma >= 0, class_weights (K,) or None -> (loss float, dlogits (N,K)).
@@ -264,7 +267,7 @@ def focal_loss(logits, labels, gamma=2.0, class_weights=None):
 # --------------------------------------------------------------------------- dropout
 
 
-def dropout_forward(x, p, rng):
+def dropout_forward(x: np.ndarray, p: float, rng: np.random.Generator) -> tuple:
     """Inverted dropout (training only).  x (...) -> (y (...), mask (...)), both in x's dtype.
 
     Each element is kept with probability 1 - p; mask holds 0 or 1/(1-p), so y = x * mask and
@@ -288,7 +291,7 @@ def dropout_forward(x, p, rng):
     return x * mask, mask
 
 
-def dropout_backward(dy, mask):
+def dropout_backward(dy: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """dx = dy * mask.  dy (...), mask (...) from dropout_forward -> dx (...)."""
     dy = np.asarray(dy)
     mask = np.asarray(mask)

@@ -188,7 +188,8 @@ def fold_batchnorm(gamma, beta, running_mean, running_var, eps):
     return scale.astype(dtype), shift.astype(dtype)
 
 
-def batchnorm_inference_forward(x, scale, shift, act=ACT_NONE, alpha=1.0):
+def batchnorm_inference_forward(x: np.ndarray, scale: np.ndarray, shift: np.ndarray, act: int = ACT_NONE,
+                                alpha: float = 1.0) -> np.ndarray:
     """y = act(x * scale + shift) per channel.  x (N,H,W,C) (any leading axes), scale/shift (C,) -> y like x."""
     code = activation_code(act)
     x, rows = _as_rows(x)
@@ -204,7 +205,7 @@ def batchnorm_inference_forward(x, scale, shift, act=ACT_NONE, alpha=1.0):
     return y
 
 
-def batchnorm_inference_backward(dy, scale):
+def batchnorm_inference_backward(dy: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """dx = dy * scale (frozen / eval-mode BN).  dy (N,H,W,C) w.r.t. the pre-activation output, scale (C,)."""
     dy, _ = _as_rows(dy, "dy")
     scale = _channel_vec(scale, dy.shape[-1], dy.dtype, "scale")
@@ -233,7 +234,7 @@ def fold_batchnorm_into_conv(w, b, scale, shift):
 # --------------------------------------------------------------------------- training
 
 
-def batchnorm_train_forward(x, gamma, beta, eps):
+def batchnorm_train_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> tuple:
     """Normalise with the batch's own statistics (over N, H, W).
 
     x (N,H,W,C), gamma/beta (C,) -> (y (N,H,W,C), BatchNormCache(xhat (N,H,W,C), inv_std (C,)),
@@ -258,7 +259,7 @@ def batchnorm_train_forward(x, gamma, beta, eps):
     return y, BatchNormCache(xhat, inv_std), mean, var64.astype(x.dtype)
 
 
-def batchnorm_train_backward(dy, cache, gamma):
+def batchnorm_train_backward(dy: np.ndarray, cache: tuple, gamma: np.ndarray) -> tuple:
     """Full batch-norm gradient (the batch statistics depend on x).
 
     dy (N,H,W,C), cache from batchnorm_train_forward, gamma (C,) -> (dx (N,H,W,C), dgamma (C,), dbeta (C,)).

@@ -127,7 +127,8 @@ def _max_pool_fwd(x, kh, kw, sh, sw, top, left, y, argmax):
                             ao[c] = idx
 
 
-def max_pool2d_forward(x, kernel=(2, 2), stride=None, pad=(0, 0, 0, 0), ceil_mode=False):
+def max_pool2d_forward(x: np.ndarray, kernel: tuple[int, ...] = (2, 2), stride: tuple[int, ...] | None = None,
+                       pad: tuple[int, ...] = (0, 0, 0, 0), ceil_mode: bool = False) -> tuple:
     """Max pool x (N,H,W,C) -> (y (N,Ho,Wo,C), argmax (N,Ho,Wo,C) int64).
 
     kernel, stride: int or (h, w); stride defaults to the kernel. pad: (top, bottom, left, right),
@@ -156,7 +157,7 @@ def _max_pool_bwd(dy, argmax, dx):
                     dx[n, ih, idx - ih * w_in, c] += dy[n, oh, ow, c]
 
 
-def max_pool2d_backward(dy, argmax, x_shape):
+def max_pool2d_backward(dy: np.ndarray, argmax: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray:
     """Gradient of max pooling: dy (N,Ho,Wo,C), argmax (N,Ho,Wo,C) -> dx x_shape (N,H,W,C)."""
     x_shape = _check_x_shape(x_shape)
     dy = _check_nhwc(dy, "dy")
@@ -210,7 +211,9 @@ def _avg_pool_fwd(x, kh, kw, sh, sw, top, bottom, left, right, include_pad, y):
                 yo[c] *= inv
 
 
-def avg_pool2d_forward(x, kernel=(2, 2), stride=None, pad=(0, 0, 0, 0), ceil_mode=False, count_include_pad=True):
+def avg_pool2d_forward(x: np.ndarray, kernel: tuple[int, ...] = (2, 2), stride: tuple[int, ...] | None = None,
+                       pad: tuple[int, ...] = (0, 0, 0, 0), ceil_mode: bool = False,
+                       count_include_pad: bool = True) -> np.ndarray:
     """Average pool x (N,H,W,C) -> y (N,Ho,Wo,C).
 
     kernel, stride: int or (h, w); stride defaults to the kernel. pad: (top, bottom, left, right).
@@ -255,8 +258,9 @@ def _avg_pool_bwd(dy, kh, kw, sh, sw, top, bottom, left, right, include_pad, dx)
                             d[c] += g[c] * inv
 
 
-def avg_pool2d_backward(dy, x_shape, kernel=(2, 2), stride=None, pad=(0, 0, 0, 0), ceil_mode=False,
-                        count_include_pad=True):
+def avg_pool2d_backward(dy: np.ndarray, x_shape: tuple[int, ...], kernel: tuple[int, ...] = (2, 2),
+                        stride: tuple[int, ...] | None = None, pad: tuple[int, ...] = (0, 0, 0, 0),
+                        ceil_mode: bool = False, count_include_pad: bool = True) -> np.ndarray:
     """Gradient of average pooling: dy (N,Ho,Wo,C) -> dx x_shape (N,H,W,C); same window arguments as forward."""
     x_shape = _check_x_shape(x_shape)
     kh, kw, sh, sw, pad, ho, wo = _window_args(x_shape, kernel, stride, pad, ceil_mode)
@@ -289,7 +293,7 @@ def _global_avg_fwd(x, y):
             yn[c] *= inv
 
 
-def global_avg_pool_forward(x):
+def global_avg_pool_forward(x: np.ndarray) -> np.ndarray:
     """Mean over the spatial axes: x (N,H,W,C) -> y (N,C)."""
     x = _check_nhwc(x)
     y = np.empty((x.shape[0], x.shape[3]), dtype=x.dtype)
@@ -297,7 +301,7 @@ def global_avg_pool_forward(x):
     return y
 
 
-def global_avg_pool_backward(dy, x_shape):
+def global_avg_pool_backward(dy: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray:
     """Gradient of the spatial mean: dy (N,C) -> dx x_shape (N,H,W,C), every cell dy / (H*W)."""
     x_shape = _check_x_shape(x_shape)
     dy = np.asarray(dy)

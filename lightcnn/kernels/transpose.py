@@ -61,9 +61,10 @@ def _transpose_geometry(x, w, stride, pad, output_padding, fn):
     return x, wm, (sh, sw), (pt, pb, pl, pr), (ho, wo)
 
 
-def conv_transpose2d_forward(
-    x, w, b=None, stride=(1, 1), pad=(0, 0, 0, 0), output_padding=(0, 0), act=ACT_NONE, alpha=1.0
-):
+def conv_transpose2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride: tuple[int,
+                             ...] = (1, 1),
+                             pad: tuple[int, ...] = (0, 0, 0, 0), output_padding: tuple[int, ...] = (0, 0),
+                             act: int = ACT_NONE, alpha: float = 1.0) -> np.ndarray:
     """y = act(conv_transpose(x, w) + b).  x (N,H,W,C), w (KH,KW,C,O), b (O,) or None -> y (N,H',W',O).
 
     stride and output_padding (h, w) or int; pad (top, bottom, left, right) crops the output.
@@ -87,7 +88,8 @@ def conv_transpose2d_forward(
     return y
 
 
-def conv_transpose2d_backward(dy, x, w, stride=(1, 1), pad=(0, 0, 0, 0), output_padding=(0, 0)):
+def conv_transpose2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[int, ...] = (1, 1),
+                              pad: tuple[int, ...] = (0, 0, 0, 0), output_padding: tuple[int, ...] = (0, 0)) -> tuple:
     """Gradients of conv_transpose2d_forward (without activation) given dy w.r.t. its pre-activation output.
 
     dy (N,H',W',O), x (N,H,W,C), w (KH,KW,C,O) -> dx (N,H,W,C), dw (KH,KW,C,O), db (O,).

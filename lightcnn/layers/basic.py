@@ -78,7 +78,7 @@ def he_normal(rng, shape, fan_in, dtype=np.float32):
     return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
 
 
-def _default_rng(rng):
+def _default_rng(rng) -> np.random.Generator:
     return rng if rng is not None else np.random.default_rng(0)
 
 
@@ -91,7 +91,9 @@ class Conv2d(Layer):
 
     is_unit = True
 
-    def __init__(self, in_ch, out_ch, kernel, stride=1, padding="torch", bias=True, rng=None):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int | tuple[int, int], stride: int | tuple[int, int] = 1,
+                 padding: int | str | tuple[int, ...] = "torch", bias: bool = True,
+                 rng: np.random.Generator | None = None) -> None:
         super().__init__()
         self.in_ch, self.out_ch = int(in_ch), int(out_ch)
         self.kernel, self.stride = _pair(kernel), _pair(stride)
@@ -107,7 +109,8 @@ class Conv2d(Layer):
     def _is_pointwise(self, pads):
         return self.kernel == (1, 1) and self.stride == (1, 1) and pads == (0, 0, 0, 0)
 
-    def forward(self, x, training=False, weight=None, bias=None, act=act_k.ACT_NONE, alpha=1.0):
+    def forward(self, x: np.ndarray, training: bool = False, weight: np.ndarray | None = None,
+                bias: np.ndarray | None = None, act: int = act_k.ACT_NONE, alpha: float = 1.0) -> np.ndarray:
         """`weight`/`bias` override the stored ones and `act` is fused into the
         output; both are for ConvBNAct's inference path (folded batch norm)."""
         check_nhwc(x, self.name, self.in_ch)
@@ -124,7 +127,7 @@ class Conv2d(Layer):
             self.cache = (x, pads, w)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: np.ndarray) -> np.ndarray:
         x, pads, w = self.cache
         self.cache = None
         if self._is_pointwise(pads):
@@ -158,7 +161,9 @@ class DepthwiseConv2d(Layer):
 
     is_unit = True
 
-    def __init__(self, channels, kernel, stride=1, padding="torch", bias=True, rng=None):
+    def __init__(self, channels: int, kernel: int | tuple[int, int], stride: int | tuple[int, int] = 1,
+                 padding: int | str | tuple[int, ...] = "torch", bias: bool = True,
+                 rng: np.random.Generator | None = None) -> None:
         super().__init__()
         self.in_ch = self.out_ch = int(channels)
         self.kernel, self.stride = _pair(kernel), _pair(stride)
@@ -171,7 +176,8 @@ class DepthwiseConv2d(Layer):
     def pads(self, h, w):
         return resolve_padding(self.padding, h, w, *self.kernel, *self.stride)
 
-    def forward(self, x, training=False, weight=None, bias=None, act=act_k.ACT_NONE, alpha=1.0):
+    def forward(self, x: np.ndarray, training: bool = False, weight: np.ndarray | None = None,
+                bias: np.ndarray | None = None, act: int = act_k.ACT_NONE, alpha: float = 1.0) -> np.ndarray:
         check_nhwc(x, self.name, self.in_ch)
         w = self.params["weight"] if weight is None else weight
         b = self.params.get("bias") if bias is None else bias
@@ -183,7 +189,7 @@ class DepthwiseConv2d(Layer):
             self.cache = (x, pads, w)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: np.ndarray) -> np.ndarray:
         x, pads, w = self.cache
         self.cache = None
         dx, dw, db = dw_k.depthwise_conv2d_backward(dy, x, w, self.stride, pads)
@@ -210,7 +216,9 @@ class ConvTranspose2d(Layer):
 
     is_unit = True
 
-    def __init__(self, in_ch, out_ch, kernel, stride, padding=0, output_padding=0, bias=True, rng=None):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int | tuple[int, int], stride: int | tuple[int, int],
+                 padding: int | str | tuple[int, ...] = 0, output_padding: int | tuple[int, int] = 0,
+                 bias: bool = True, rng: np.random.Generator | None = None) -> None:
         super().__init__()
         self.in_ch, self.out_ch = int(in_ch), int(out_ch)
         self.kernel, self.stride = _pair(kernel), _pair(stride)
@@ -221,7 +229,7 @@ class ConvTranspose2d(Layer):
         if bias:
             self.params["bias"] = np.zeros(out_ch, np.float32)
 
-    def forward(self, x, training=False):
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         check_nhwc(x, self.name, self.in_ch)
         y = tconv_k.conv_transpose2d_forward(x, self.params["weight"], self.params.get("bias"), self.stride,
                                              self.padding, self.output_padding)
@@ -229,7 +237,7 @@ class ConvTranspose2d(Layer):
             self.cache = x
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: np.ndarray) -> np.ndarray:
         x, self.cache = self.cache, None
         dx, dw, db = tconv_k.conv_transpose2d_backward(dy, x, self.params["weight"], self.stride, self.padding,
                                                        self.output_padding)
@@ -252,7 +260,7 @@ class BatchNorm(Layer):
     scale/shift.
     """
 
-    def __init__(self, channels, eps=1e-5, momentum=0.1):
+    def __init__(self, channels: int, eps: float = 1e-05, momentum: float = 0.1) -> None:
         super().__init__()
         self.channels, self.eps, self.momentum = int(channels), float(eps), float(momentum)
         self.params["weight"] = np.ones(channels, np.float32)
@@ -265,7 +273,7 @@ class BatchNorm(Layer):
         return norm_k.fold_batchnorm(self.params["weight"], self.params["bias"], self.buffers["running_mean"],
                                      self.buffers["running_var"], self.eps)
 
-    def forward(self, x, training=False):
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         check_nhwc(x, self.name, self.channels)
         if training and not self.frozen:
             y, cache, mean, var = norm_k.batchnorm_train_forward(x, self.params["weight"], self.params["bias"],
@@ -282,7 +290,7 @@ class BatchNorm(Layer):
             self.cache = ("frozen", scale.astype(x.dtype))
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: np.ndarray) -> np.ndarray:
         mode, cache = self.cache
         self.cache = None
         if mode == "frozen":
@@ -295,16 +303,16 @@ class BatchNorm(Layer):
 class Activation(Layer):
     """Elementwise nonlinearity by name (relu, relu6, elu, sigmoid, hard_sigmoid, hard_swish)."""
 
-    def __init__(self, kind, alpha=1.0):
+    def __init__(self, kind: str, alpha: float = 1.0) -> None:
         super().__init__()
         self.kind, self.code, self.alpha = kind, act_k.ACTIVATIONS[kind], float(alpha)
 
-    def forward(self, x, training=False):
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         if training:
             self.cache = x
         return act_k.activation_forward(x, self.code, self.alpha)
 
-    def backward(self, dy):
+    def backward(self, dy: np.ndarray) -> np.ndarray:
         x, self.cache = self.cache, None
         return act_k.activation_backward(dy, x, self.code, self.alpha)
 
@@ -317,7 +325,8 @@ class Dense(Layer):
 
     is_unit = True
 
-    def __init__(self, in_features, out_features, bias=True, act="none", rng=None, init="he"):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act: str = "none",
+                 rng: np.random.Generator | None = None, init: str = "he") -> None:
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.act, self.act_name = act_k.ACTIVATIONS[act], act
@@ -331,7 +340,7 @@ class Dense(Layer):
         if bias:
             self.params["bias"] = np.zeros(out_features, np.float32)
 
-    def forward(self, x, training=False):
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         check_rank2(x, self.name, self.in_features)
         if training:
             y_pre = linear_k.dense_forward(x, self.params["weight"], self.params.get("bias"))
@@ -339,7 +348,7 @@ class Dense(Layer):
             return y_pre if self.act == act_k.ACT_NONE else act_k.activation_forward(y_pre, self.act, 1.0)
         return linear_k.dense_forward(x, self.params["weight"], self.params.get("bias"), self.act, 1.0)
 
-    def backward(self, dy):
+    def backward(self, dy: np.ndarray) -> np.ndarray:
         x, y_pre = self.cache
         self.cache = None
         if self.act != act_k.ACT_NONE:
@@ -363,13 +372,13 @@ class GlobalAvgPool(Layer):
 
     is_unit = True
 
-    def forward(self, x, training=False):
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         check_nhwc(x, self.name)
         if training:
             self.cache = x.shape
         return pool_k.global_avg_pool_forward(x)
 
-    def backward(self, dy):
+    def backward(self, dy: np.ndarray) -> np.ndarray:
         shape, self.cache = self.cache, None
         return pool_k.global_avg_pool_backward(dy, shape)
 
@@ -379,12 +388,13 @@ class MaxPool2d(Layer):
 
     is_unit = True
 
-    def __init__(self, kernel, stride, padding=0, ceil_mode=False):
+    def __init__(self, kernel: int | tuple[int, int], stride: int | tuple[int, int],
+                 padding: int | str | tuple[int, ...] = 0, ceil_mode: bool = False) -> None:
         super().__init__()
         self.kernel, self.stride = _pair(kernel), _pair(stride)
         self.padding, self.ceil_mode = padding, bool(ceil_mode)
 
-    def forward(self, x, training=False):
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         check_nhwc(x, self.name)
         pads = resolve_padding(self.padding, x.shape[1], x.shape[2], *self.kernel, *self.stride)
         y, argmax = pool_k.max_pool2d_forward(x, self.kernel, self.stride, pads, self.ceil_mode)
@@ -392,7 +402,7 @@ class MaxPool2d(Layer):
             self.cache = (argmax, x.shape)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: np.ndarray) -> np.ndarray:
         (argmax, shape), self.cache = self.cache, None
         return pool_k.max_pool2d_backward(dy, argmax, shape)
 
@@ -402,7 +412,9 @@ class AvgPool2d(Layer):
 
     is_unit = True
 
-    def __init__(self, kernel, stride, padding=0, ceil_mode=False, count_include_pad=True):
+    def __init__(self, kernel: int | tuple[int, int], stride: int | tuple[int, int],
+                 padding: int | str | tuple[int, ...] = 0, ceil_mode: bool = False,
+                 count_include_pad: bool = True) -> None:
         super().__init__()
         self.kernel, self.stride = _pair(kernel), _pair(stride)
         self.padding, self.ceil_mode, self.count_include_pad = padding, bool(ceil_mode), bool(count_include_pad)
@@ -411,13 +423,13 @@ class AvgPool2d(Layer):
         pads = resolve_padding(self.padding, shape[1], shape[2], *self.kernel, *self.stride)
         return self.kernel, self.stride, pads, self.ceil_mode, self.count_include_pad
 
-    def forward(self, x, training=False):
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         check_nhwc(x, self.name)
         if training:
             self.cache = x.shape
         return pool_k.avg_pool2d_forward(x, *self._args(x.shape))
 
-    def backward(self, dy):
+    def backward(self, dy: np.ndarray) -> np.ndarray:
         shape, self.cache = self.cache, None
         return pool_k.avg_pool2d_backward(dy, shape, *self._args(shape))
 
@@ -425,12 +437,12 @@ class AvgPool2d(Layer):
 class Dropout(Layer):
     """Inverted dropout during training only; the generator is explicit and seeded."""
 
-    def __init__(self, p, seed=0):
+    def __init__(self, p: float, seed: int = 0) -> None:
         super().__init__()
         self.p = float(p)
         self.rng = np.random.default_rng(seed)
 
-    def forward(self, x, training=False):
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         if not training or self.p == 0.0:
             if training:
                 self.cache = None
@@ -439,7 +451,7 @@ class Dropout(Layer):
         self.cache = mask
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: np.ndarray) -> np.ndarray:
         mask, self.cache = self.cache, None
         return dy if mask is None else linear_k.dropout_backward(dy, mask)
 
@@ -450,10 +462,10 @@ class Dropout(Layer):
 class Flatten(Layer):
     """(N,1,1,C) -> (N,C); anything else is a shape error (use GlobalAvgPool)."""
 
-    def forward(self, x, training=False):
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         if x.ndim != 4 or x.shape[1:3] != (1, 1):
             raise ValueError(f"{self.name}: expected shape (N, 1, 1, C), got {x.shape}")
         return x.reshape(x.shape[0], x.shape[3])
 
-    def backward(self, dy):
+    def backward(self, dy: np.ndarray) -> np.ndarray:
         return dy.reshape(dy.shape[0], 1, 1, dy.shape[1])

@@ -13,6 +13,8 @@ configuration is finally trained once more by `lightcnn.train.finetune`, which w
          all runs wins.
 
 RUN_DIR/run<r>/trials.jsonl  every trial (append-only, fsync'd): --resume replays it without re-evaluating
+RUN_DIR/config.json          this command's settings: --config RUN_DIR/config.json runs them again (options
+                             given with it override the file's)
 RUN_DIR/best.json            winning hyperparameters, observed and GP-estimated validation accuracy, the default
                              configuration's validation accuracy, test-split metrics of the final model
 RUN_DIR/best/                the final fine-tuning run (best.h5, report.json, metrics.csv, config.json)
@@ -39,7 +41,9 @@ def _err(message):
 
 
 def _say(message):
-    print(message, file=sys.stderr, flush=True)
+    from lightcnn._cli import note
+
+    note(message)
 
 
 def parse_space(spec):
@@ -152,8 +156,8 @@ def prepare_features(args, progress):
     return cfg, ds, features, labels
 
 
-def main(argv=None):
-    from lightcnn._cli import positive_int
+def build_parser():
+    from lightcnn._cli import add_common_options, positive_int
 
     parser = argparse.ArgumentParser(prog="python -m lightcnn.tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("data", help="image folder (class folders or a dataset with manifest.csv)")
@@ -165,16 +169,44 @@ def main(argv=None):
     parser.add_argument("--initial", type=positive_int, default=10, help="trials from the Sobol design before the GP leads")
     parser.add_argument("--runs", type=positive_int, default=1, help="independent searches with seeds seed, seed+1, ...")
     parser.add_argument("--epochs", type=positive_int, default=20, help="epochs per trial (unless tuned)")
-    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    parser.add_argument("--split", default="auto", choices=["auto", "official", "random", "group"])
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                        help="optimiser of every trial's head and of the final run (default sgd)")
+    parser.add_argument("--split", default="auto", choices=["auto", "official", "random", "group"],
+                        help="auto = the dataset's own split if it has one, else group-aware random (default auto)")
     parser.add_argument("--positive", help="positive class name for sensitivity/specificity (e.g. CT_COVID)")
     parser.add_argument("--blur-sigma", type=float, help="3x3 Gaussian blur added to preprocessing (seed 000: 1.3)")
-    parser.add_argument("--acquisition", choices=["ei", "pi", "lcb"], default="ei")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--acquisition", choices=["ei", "pi", "lcb"], default="ei",
+                        help="acquisition function: expected improvement (default), probability of improvement, "
+                             "lower confidence bound")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the split, the heads and the first run's search (default 0)")
     parser.add_argument("--cache-dir", help="feature cache (default RUN_DIR/.feature-cache)")
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue the trial logs in RUN_DIR")
+    parser.add_argument("--config", metavar="RUN/config.json",
+                        help="run the settings an earlier tuning run wrote again; options given here override them")
+    add_common_options(parser)
+    return parser
+
+
+#: settings of a run that RUN_DIR/config.json does not keep (they say how to run, not what)
+NOT_SAVED = ("config", "resume", "quiet", "verbose")
+
+
+def main(argv=None):
+    from lightcnn._cli import given_on_line, read_config_option, replay_defaults, set_verbosity
+
+    parser = build_parser()
+    _, saved = read_config_option(argv)
+    if saved is not None:
+        replay_defaults(parser, {k: v for k, v in saved.items() if k not in NOT_SAVED})
     args = parser.parse_args(argv)
+    set_verbosity(args)
+    if saved is not None:
+        explicit = given_on_line(argv, parser, ("model", "weights"))
+        for key in ("model", "weights"):
+            if explicit and key not in explicit:
+                setattr(args, key, None)
     try:
         options, dims = parse_space(args.space)
     except ValueError as exc:
@@ -205,6 +237,8 @@ def _run(args, options, dims):
     if out.exists() and any(out.glob("run*/trials.jsonl")) and not args.resume:
         raise ValueError(f"{out}: holds an earlier tuning run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SAVED}
+    atomic_write_text(out / "config.json", json.dumps(settings, indent=2) + "\n")
     started = time.perf_counter()
     cfg, ds, features, labels = prepare_features(args, _say)
     base_train = dict(epochs=args.epochs, optimizer=args.optimizer, seed=args.seed,

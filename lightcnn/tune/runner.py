@@ -15,12 +15,16 @@ A hook for command lines: ``describe_space`` (space.py) turns "lr=1e-5:1e-1:log,
 dimensions, and ``minimize(..., log_path=..., resume=...)`` does the rest.
 """
 
+from __future__ import annotations
+
 import json
 import math
+import os
 import time
+from typing import Any, Callable, Sequence
 
-from .optimizer import Optimizer
-from .space import Space
+from .optimizer import OptimizeResult, Optimizer
+from .space import Dimension, Space
 from .trial_log import TrialLog, TuneLogError
 
 __all__ = ["minimize", "NoImprovement", "TimeBudget"]
@@ -57,8 +61,11 @@ class TimeBudget:
         return time.monotonic() - self.start >= self.seconds
 
 
-def minimize(objective, space, n_calls=30, n_initial=10, initial_design="sobol", acquisition="ei",
-             seed=None, callback=None, log_path=None, resume=False, xi=0.001, kappa=1.96):
+def minimize(objective: Callable[[list], float], space: Sequence[Dimension] | Space, n_calls: int = 30,
+             n_initial: int = 10, initial_design: str = "sobol", acquisition: str = "ei", seed: int | None = None,
+             callback: Callable[[OptimizeResult], Any] | Sequence[Callable[[OptimizeResult], Any]] | None = None,
+             log_path: str | os.PathLike | None = None, resume: bool = False, xi: float = 0.001,
+             kappa: float = 1.96) -> OptimizeResult:
     """Minimise ``objective(x) -> float`` over ``space`` with GP Bayesian optimisation.
 
     objective  called with a list of values, one per dimension; may return NaN/inf for a
@@ -75,7 +82,13 @@ def minimize(objective, space, n_calls=30, n_initial=10, initial_design="sobol",
     Returns an OptimizeResult: x, fun, x_iters, func_vals, x_estimated, fun_estimated, ...
     """
     space = Space(space)
-    callbacks = [] if callback is None else list(callback) if isinstance(callback, (list, tuple)) else [callback]
+    callbacks: list[Callable[[OptimizeResult], Any]]
+    if callback is None:
+        callbacks = []
+    elif isinstance(callback, (list, tuple)):
+        callbacks = list(callback)
+    else:
+        callbacks = [callback]  # type: ignore[list-item]  # one callable
     log = TrialLog(log_path) if log_path is not None else None
     trials = []
     if log is not None and log.exists():

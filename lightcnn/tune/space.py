@@ -26,7 +26,10 @@ feature columns: integers get equal-width bins of ``q``, categories ``floor(q k)
 ``describe_space`` parses the compact text form a command line uses.
 """
 
+from __future__ import annotations
+
 import math
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -37,28 +40,28 @@ class Dimension:
     """Base class: one hyperparameter with a unit-cube encoding of ``width`` features."""
 
     width = 1
-    name = None
+    name: str | None = None
 
-    def encode(self, values):
+    def encode(self, values: Sequence[Any]) -> np.ndarray:
         """values (n,) → features (n, width) in [0, 1]."""
         raise NotImplementedError
 
-    def decode(self, features):
+    def decode(self, features: np.ndarray) -> list:
         """features (n, width) → list of n valid values (rounded / argmax)."""
         raise NotImplementedError
 
-    def from_quantile(self, q):
+    def from_quantile(self, q: np.ndarray) -> list:
         """q (n,) uniform in [0, 1) → list of n valid values (for designs and random search)."""
         raise NotImplementedError
 
-    def contains(self, value):
+    def contains(self, value: Any) -> bool:
         raise NotImplementedError
 
 
 class _Interval(Dimension):
     """Shared logic of Real and Integer: an interval [low, high] on a linear or log scale."""
 
-    def __init__(self, low, high, log=False, name=None):
+    def __init__(self, low: float, high: float, log: bool = False, name: str | None = None) -> None:
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError(f"{type(self).__name__}: bounds must be finite, got low={low}, high={high}")
         if not low < high:
@@ -101,7 +104,7 @@ class _Interval(Dimension):
 class Real(_Interval):
     """A real number in [low, high]; ``log=True`` searches ln v uniformly (learning rates, decays)."""
 
-    def __init__(self, low, high, log=False, name=None):
+    def __init__(self, low: float, high: float, log: bool = False, name: str | None = None) -> None:
         super().__init__(float(low), float(high), log, name)
 
     def decode(self, features):
@@ -116,7 +119,7 @@ class Real(_Interval):
 class Integer(_Interval):
     """An integer in [low, high] (both included); ``log=True`` for sizes spanning decades."""
 
-    def __init__(self, low, high, log=False, name=None):
+    def __init__(self, low: int, high: int, log: bool = False, name: str | None = None) -> None:
         if int(low) != low or int(high) != high:
             raise ValueError(f"Integer: bounds must be integers, got low={low}, high={high}")
         super().__init__(int(low), int(high), log, name)
@@ -143,7 +146,7 @@ class Integer(_Interval):
 class Categorical(Dimension):
     """One of a list of choices, encoded one-hot so no artificial order is imposed."""
 
-    def __init__(self, choices, name=None):
+    def __init__(self, choices: Sequence[Any], name: str | None = None) -> None:
         choices = list(choices)
         if len(choices) < 2:
             raise ValueError(f"Categorical: need at least 2 choices, got {choices!r}")
@@ -196,10 +199,10 @@ class Space:
     columns a gradient-based acquisition optimiser may move.
     """
 
-    def __init__(self, dimensions):
-        if isinstance(dimensions, Space):
-            dimensions = dimensions.dimensions
-        dimensions = list(dimensions)
+    dimensions: list[Dimension]
+
+    def __init__(self, dimensions: Sequence[Dimension] | Space) -> None:
+        dimensions = list(dimensions.dimensions if isinstance(dimensions, Space) else dimensions)
         if not dimensions:
             raise ValueError("Space: need at least one dimension")
         for i, d in enumerate(dimensions):
@@ -267,7 +270,7 @@ def _number(text, where):
         raise ValueError(f"{where}: {text!r} is not a number") from None
 
 
-def describe_space(text):
+def describe_space(text: str) -> tuple[list[str], list[Dimension]]:
     """Parse ``"lr=1e-5:1e-1:log, momentum=0.5:0.99, batch=16|32|64|100"`` → (names, dimensions).
 
     Grammar, one entry per comma:
@@ -279,7 +282,8 @@ def describe_space(text):
 
     Raises ValueError naming the entry on any mistake.
     """
-    names, dims = [], []
+    names: list[str] = []
+    dims: list[Dimension] = []
     entries = [e.strip() for e in text.split(",")]
     if not any(entries):
         raise ValueError("describe_space: empty description; expected e.g. 'lr=1e-5:1e-1:log, batch=16|32'")

@@ -1,12 +1,17 @@
 """Find, fetch, convert and build weights into the one HDF5 format.
 
-Where things live (each overridable by an environment variable):
+Where things live (each overridable by an environment variable; none depends on the current folder):
   LIGHTCNN_SOURCES   folders (os.pathsep-separated) searched recursively for original
                      checkpoints by file name + SHA-256; offline machines point it at a
                      copy of the originals (these machines: ../shared/weights)
-  LIGHTCNN_CACHE     downloads land in $LIGHTCNN_CACHE/sources (default ~/.cache/lightcnn)
-  LIGHTCNN_WEIGHTS   converted .h5 files (default: the repository's weights/ folder when
-                     running from a checkout, else $LIGHTCNN_CACHE/weights)
+  LIGHTCNN_CACHE     the cache folder (default: the platform's user cache, lightcnn._paths:
+                     $XDG_CACHE_HOME/lightcnn or ~/.cache/lightcnn on Linux, ~/Library/Caches/lightcnn
+                     on macOS, %LOCALAPPDATA%\\lightcnn\\Cache on Windows); downloads land in <cache>/sources
+  LIGHTCNN_WEIGHTS   converted .h5 files (default: the checkout's weights/ folder when lightcnn is
+                     imported from a source checkout, else <cache>/weights)
+
+A registered name is looked up in weight_dirs(), in order: $LIGHTCNN_WEIGHTS (when set) or the
+checkout's weights/, then <cache>/weights. `build` writes into the first of them.
 
 Nothing is downloaded unless asked: `fetch`, or `build --fetch` / `get`.
 """
@@ -28,16 +33,36 @@ _REPO_WEIGHTS = Path(__file__).resolve().parent.parent.parent / "weights"
 
 
 def cache_dir():
-    return Path(os.environ.get("LIGHTCNN_CACHE") or Path.home() / ".cache" / "lightcnn")
+    """lightcnn's cache folder: $LIGHTCNN_CACHE, else the platform's user cache (lightcnn._paths)."""
+    from lightcnn._paths import user_cache_dir
+
+    return Path(os.environ.get("LIGHTCNN_CACHE") or user_cache_dir())
+
+
+def checkout_weights_dir():
+    """The weights/ folder of the source checkout lightcnn is imported from, or None for an installed copy.
+
+    Found beside the package (never from the current folder): <checkout>/weights/README.md next to
+    <checkout>/pyproject.toml and <checkout>/lightcnn/.
+    """
+    root = _REPO_WEIGHTS.parent
+    if (_REPO_WEIGHTS / "README.md").is_file() and (root / "pyproject.toml").is_file():
+        return _REPO_WEIGHTS
+    return None
 
 
 def weights_dir():
-    """Folder of converted .h5 files."""
+    """Folder converted .h5 files are written to: the first of weight_dirs()."""
+    return weight_dirs()[0]
+
+
+def weight_dirs():
+    """Folders searched for <name>.h5, in order: $LIGHTCNN_WEIGHTS or the checkout's weights/, then <cache>/weights."""
     if os.environ.get("LIGHTCNN_WEIGHTS"):
-        return Path(os.environ["LIGHTCNN_WEIGHTS"])
-    if (_REPO_WEIGHTS / "README.md").exists():
-        return _REPO_WEIGHTS
-    return cache_dir() / "weights"
+        first = Path(os.environ["LIGHTCNN_WEIGHTS"])
+    else:
+        first = checkout_weights_dir() or cache_dir() / "weights"
+    return list(dict.fromkeys([first, cache_dir() / "weights"]))
 
 
 def source_dirs():
@@ -71,8 +96,10 @@ def find_source(filename, sha256):
     return None
 
 
-def _progress(message):
-    print(message, file=sys.stderr, flush=True)
+def _progress(message, end="\n"):
+    from lightcnn._cli import note  # obeys the command's -q
+
+    note(message, end=end)
 
 
 def download(url, dest, sha256, what):
@@ -92,9 +119,9 @@ def download(url, dest, sha256, what):
                 received += len(block)
                 if time.monotonic() - last > 0.5:
                     pct = f" {100 * received / total:5.1f}%" if total else ""
-                    print(f"\r  {received / 1e6:7.1f} MB{pct}", end="", file=sys.stderr, flush=True)
+                    _progress(f"\r  {received / 1e6:7.1f} MB{pct}", end="")
                     last = time.monotonic()
-            print(file=sys.stderr)
+            _progress("")
     except (OSError, ValueError) as exc:  # urllib's URLError is an OSError
         reason = getattr(exc, "reason", exc)
         raise LightCNNError(f"cannot download {what} from {url} ({reason}); on a machine without internet "
@@ -267,26 +294,98 @@ def build_one(spec: WeightSpec, fetch=False, out_dir=None):
 def find_weights(name_or_path):
     """Resolve --weights/--model to an .h5 path without network access.
 
-    Order: an explicit existing path; <LIGHTCNN_WEIGHTS or repo weights/>/<name>.h5;
-    <cache>/weights/<name>.h5. The error names every place looked and the command
-    that builds the file.
+    Order: an explicit existing path; <dir>/<name>.h5 for each dir in weight_dirs()
+    ($LIGHTCNN_WEIGHTS or the source checkout's weights/, then the user cache's weights/).
+    The error names every place looked and the command that builds the file.
     """
+    from lightcnn.registry import known_names, resolve_name
+
     candidate = Path(name_or_path)
     if candidate.suffix == ".h5" or os.sep in str(name_or_path):
         if candidate.is_file():
             return candidate
         raise CheckpointError(f"{candidate}: no such weight file")
-    places = [weights_dir() / f"{name_or_path}.h5", cache_dir() / "weights" / f"{name_or_path}.h5"]
+    try:
+        name_or_path = resolve_name(name_or_path)  # "mobilenet_v2.keras" -> "mobilenet_v2_keras"
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    places = [folder / f"{name_or_path}.h5" for folder in weight_dirs()]
     for place in places:
         if place.is_file():
             return place
     if name_or_path not in REGISTRY:
-        raise CheckpointError(f"unknown model {name_or_path!r}; known: {', '.join(REGISTRY)} (or pass a .h5 path)")
+        from lightcnn.errors import did_you_mean
+
+        raise CheckpointError(f"unknown model {name_or_path!r}{did_you_mean(name_or_path, known_names())}; known: "
+                              f"{', '.join(REGISTRY)} (or pass a .h5 path)")
     looked = " and ".join(str(p) for p in dict.fromkeys(places))
     raise CheckpointError(f"weights for {name_or_path!r} not built: looked for {looked}; build them with "
                           f"'python -m lightcnn.weights build {name_or_path}' (add --fetch to download, or set "
                           "LIGHTCNN_SOURCES to a folder of original checkpoints)")
 
 
-__all__ = ["build_one", "convert_file", "recorded_metadata", "find_weights", "find_source", "download", "weights_dir", "source_dirs",
+# -- what a user compares weights by (lightcnn.load(...).meta, `weights list --json`) -------------------------
+
+META_FIELDS = ("name", "arch", "tag", "parameters", "macs", "input_size", "num_classes", "file", "file_size",
+               "weights_sha256", "published_top1", "measured_top1", "licence", "source", "url", "source_sha256")
+
+
+def weights_meta(spec=None, path=None, model=None, checkpoint=None):
+    """One dict of META_FIELDS about a model's weights (None where unknown).
+
+    spec        the registry entry (accuracy, licence, source) or None for a file of one's own
+    path        the .h5 file (size, SHA-256) or None when not built
+    model       the built model (parameter count, MACs at the input size); built from spec/checkpoint if None
+    checkpoint  the file's contents, for its provenance when there is no spec
+    parameters and macs count multiply-accumulates of one image at input_size x input_size.
+    published_top1: ILSVRC-2012 validation top-1 (%) as the source publishes it; measured_top1: the reference
+    runtime's top-1 (%) on the 1000-image ImageNet sample (README, "Models and weights").
+    """
+    from lightcnn.layers.basic import skip_initialisation
+    from lightcnn.models import build
+
+    provenance = dict(getattr(checkpoint, "provenance", None) or {})
+    if model is None:
+        with skip_initialisation():
+            if spec is not None:
+                model = build(spec.arch, **spec.config)
+            elif checkpoint is not None:
+                model = build(checkpoint.arch, **{k: v for k, v in checkpoint.config.items() if k != "head"})
+    size = None
+    if checkpoint is not None and checkpoint.preprocessing:
+        size = int(checkpoint.preprocessing.get("size") or 0) or None
+    if size is None and spec is not None:
+        size = spec.preprocessing.size
+    built = path is not None and Path(path).is_file()
+    return dict(
+        name=spec.name if spec else provenance.get("registry_name") or (Path(path).stem if path else None),
+        arch=spec.arch if spec else (checkpoint.arch if checkpoint is not None else getattr(model, "arch", None)),
+        tag=spec.tag if spec else None,
+        parameters=model.count_params() if model is not None else None,
+        macs=model.count_macs(size) if model is not None else None,
+        input_size=size,
+        num_classes=model.num_classes if model is not None else None,
+        file=str(path) if built else None,
+        file_size=Path(path).stat().st_size if built else None,
+        weights_sha256=sha256_of(path) if built else None,
+        published_top1=spec.published_top1 if spec else None,
+        measured_top1=spec.sample_top1 if spec else None,
+        licence=spec.licence if spec else None,
+        source=spec.source if spec else provenance.get("source_file"),
+        url=spec.url if spec else provenance.get("url"),
+        source_sha256=spec.sha256 if spec else provenance.get("source_sha256"),
+    )
+
+
+def registry_meta(spec):
+    """weights_meta of a registered entry, with its .h5 wherever find_weights would find it (or not built)."""
+    try:
+        path = find_weights(spec.name)
+    except CheckpointError:
+        path = None
+    return weights_meta(spec, path)
+
+
+__all__ = ["weights_meta", "registry_meta", "weight_dirs", "cache_dir", "build_one", "convert_file",
+           "recorded_metadata", "find_weights", "find_source", "download", "weights_dir", "source_dirs",
            "imagenet_classes", "DEFAULT_MODEL", "get_spec", "REGISTRY"]

@@ -18,6 +18,7 @@ import json
 import sys
 import time
 
+from lightcnn._cli import note
 from lightcnn.errors import LightCNNError
 
 
@@ -26,16 +27,29 @@ def _err(message):
 
 
 def cmd_list(args):
+    from lightcnn.errors import CheckpointError
     from lightcnn.registry import WEIGHTS
-    from lightcnn.weights import find_source, weights_dir
+    from lightcnn.weights import find_source, find_weights, registry_meta, source_dirs, weight_dirs
 
-    out = weights_dir()
-    print(f"{'name':32s} {'arch':20s} {'format':17s} {'built':6s} {'source found':12s} published top-1")
+    if args.json:  # one object per line, the fields of lightcnn.load(NAME).meta
+        for spec in WEIGHTS:
+            print(json.dumps(registry_meta(spec)))
+        return 0
+    print(f"{'name':32s} {'arch.tag':32s} {'format':17s} {'built':6s} {'source found':12s} published top-1")
     for spec in WEIGHTS:
-        built = "yes" if (out / f"{spec.name}.h5").is_file() else "no"
+        try:
+            built = "yes" if find_weights(spec.name) else "no"
+        except CheckpointError:
+            built = "no"
         found = "yes" if find_source(spec.filename, spec.sha256) else "no"
-        print(f"{spec.name:32s} {spec.arch:20s} {spec.converter:17s} {built:6s} {found:12s} {spec.published_top1}%")
-    print(f"\nconverted files: {out}", file=sys.stderr)
+        print(f"{spec.name:32s} {spec.arch + '.' + spec.tag:32s} {spec.converter:17s} {built:6s} {found:12s} "
+              f"{spec.published_top1}%")
+    print("\nconverted .h5 files are looked for in (in order; 'build' writes into the first):")
+    for folder in weight_dirs():
+        print(f"  {folder}")
+    print("original checkpoints are looked for in:")
+    for folder in source_dirs():
+        print(f"  {folder}")
     return 0
 
 
@@ -76,11 +90,11 @@ def cmd_build(args):
     status, built = 0, 0
     for i, spec in enumerate(specs, 1):
         if not explicit and not args.fetch and find_source(spec.filename, spec.sha256) is None:
-            print(f"[{i}/{len(specs)}] {spec.name}: skipped, {spec.filename} not in LIGHTCNN_SOURCES "
-                  "(use --fetch to download)", file=sys.stderr)
+            note(f"[{i}/{len(specs)}] {spec.name}: skipped, {spec.filename} not in LIGHTCNN_SOURCES "
+                  "(use --fetch to download)")
             continue
         start = time.perf_counter()
-        print(f"[{i}/{len(specs)}] {spec.name}: converting {spec.filename} ...", file=sys.stderr, flush=True)
+        note(f"[{i}/{len(specs)}] {spec.name}: converting {spec.filename} ...")
         try:
             out = build_one(spec, fetch=args.fetch, out_dir=args.out_dir)
         except LightCNNError as exc:
@@ -88,7 +102,7 @@ def cmd_build(args):
             status = 1
             continue
         built += 1
-        print(f"[{i}/{len(specs)}] {spec.name}: wrote {out} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        note(f"[{i}/{len(specs)}] {spec.name}: wrote {out} ({time.perf_counter() - start:.1f} s)")
     if built == 0 and status == 0:
         _err("nothing built: no original checkpoint found; set LIGHTCNN_SOURCES or pass --fetch")
         return 1
@@ -120,7 +134,7 @@ def cmd_convert(args):
         _err(f"{args.src}: the file does not record its {what}; pass {' and '.join(missing)}")
         return 2
     save_checkpoint(args.output, ckpt)
-    print(f"wrote {args.output}: {ckpt.arch} {ckpt.config}", file=sys.stderr)
+    note(f"wrote {args.output}: {ckpt.arch} {ckpt.config}")
     return 0
 
 
@@ -135,30 +149,50 @@ def cmd_info(args):
     return 0
 
 
-def main(argv=None):
+def build_parser():
+    from lightcnn._cli import add_common_options
     from lightcnn.preprocess import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m lightcnn.weights", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="registered models and their status")
+    add_common_options(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
+    p = sub.add_parser("list", help="registered models, their status and the folders searched")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per registered model (the fields of lightcnn.load(NAME).meta)")
+    add_common_options(p, subcommand=True)
     p = sub.add_parser("fetch", help="download original checkpoints (SHA-256 checked)")
-    p.add_argument("names", nargs="*")
-    p.add_argument("--all", action="store_true")
-    p = sub.add_parser("build", help="convert originals into weights/NAME.h5")
-    p.add_argument("names", nargs="*")
+    p.add_argument("names", nargs="*", metavar="NAME", help="registered model names (python -m lightcnn.weights list)")
+    p.add_argument("--all", action="store_true", help="every registered model")
+    add_common_options(p, subcommand=True)
+    p = sub.add_parser("build", help="convert originals into NAME.h5 in the weights folder")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="registered model names (default: every model whose original is found)")
     p.add_argument("--fetch", action="store_true", help="download originals that are not found locally")
-    p.add_argument("--out-dir", default=None)
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="write the .h5 files here (default: the weights folder, see 'list')")
+    add_common_options(p, subcommand=True)
     p = sub.add_parser("convert", help="convert one file")
-    p.add_argument("src")
-    p.add_argument("--arch", required=True)
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--format", choices=["tflite", "pth", "deep_compression"])
+    p.add_argument("src", metavar="SRC", help="a .pth/.pt, .tflite or Deep-Compression .net checkpoint")
+    p.add_argument("--arch", required=True, help="architecture it fills (python -m lightcnn.summary lists them)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.h5", help="the lightcnn .h5 file to write")
+    p.add_argument("--format", choices=["tflite", "pth", "deep_compression"],
+                   help="source format (default: from the file's suffix)")
     p.add_argument("--config", help='builder options as JSON, e.g. \'{"width_mult": 1.0}\'')
-    p.add_argument("--preprocessing", choices=sorted(PRESETS))
+    p.add_argument("--preprocessing", choices=sorted(PRESETS),
+                   help="input preprocessing preset (required when the file does not record it)")
     p.add_argument("--classes", help="'imagenet' or a text file with one class name per line")
+    add_common_options(p, subcommand=True)
     p = sub.add_parser("info", help="print a .h5 file's metadata")
-    p.add_argument("file")
-    args = parser.parse_args(argv)
+    p.add_argument("file", metavar="FILE.h5", help="a lightcnn .h5 file")
+    add_common_options(p, subcommand=True)
+    return parser
+
+
+def main(argv=None):
+    from lightcnn._cli import set_verbosity
+
+    args = build_parser().parse_args(argv)
+    set_verbosity(args)
     handler = {"list": cmd_list, "fetch": cmd_fetch, "build": cmd_build, "convert": cmd_convert,
                "info": cmd_info}[args.command]
     try:
