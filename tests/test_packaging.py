@@ -31,11 +31,13 @@ def test_urls_classifiers_script_and_typed_marker():
     assert "py.typed" in setuptools["package-data"]["lightcnn"]
 
 
-@pytest.mark.parametrize("extra", ["fast", "compare"])
+@pytest.mark.parametrize("extra", [None, "fast", "compare"])
 @pytest.mark.parametrize("machine,wanted", [("x86_64", True), ("AMD64", True), ("arm64", False),
                                             ("aarch64", False)])
 def test_tbb_is_required_only_where_it_has_wheels(extra, machine, wanted):
+    """tbb is a dependency (None: the core list) and in the old extras, each time only where it has wheels."""
     requirements = pytest.importorskip("packaging.requirements")
-    tbb = [requirements.Requirement(r) for r in PROJECT["optional-dependencies"][extra] if r.startswith("tbb")]
+    listed = PROJECT["dependencies"] if extra is None else PROJECT["optional-dependencies"][extra]
+    tbb = [requirements.Requirement(r) for r in listed if r.startswith("tbb")]
     assert len(tbb) == 1 and tbb[0].marker is not None
     assert tbb[0].marker.evaluate({"platform_machine": machine}) is wanted
