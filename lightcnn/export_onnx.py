@@ -68,15 +68,18 @@ def _require_onnx():
 
 
 class _Graph:
-    """Accumulates nodes and initializers; tensors get short unique names."""
+    """Accumulates nodes and initializers; tensors get short unique names, prefixed with the lightcnn path
+    of the unit that emits them ("features.blocks.3.project/conv_41"), so ONNX Runtime's profile can be
+    matched to lightcnn's layers (bench/compare_layers.py)."""
 
     def __init__(self, onnx):
         self.onnx = onnx
         self.nodes, self.inits, self._count = [], [], 0
+        self.scope = ""
 
     def name(self, hint):
         self._count += 1
-        return f"{hint}_{self._count}"
+        return f"{self.scope}/{hint}_{self._count}" if self.scope else f"{hint}_{self._count}"
 
     def const(self, array, hint):
         name = self.name(hint)
@@ -173,8 +176,28 @@ def _window(t, layer):
     return attrs, (ho, wo, c)
 
 
-def _emit(g, t, layer):
-    """Append the nodes of `layer` applied to tensor t; returns the output tensor."""
+def _emit(g, t, layer, path=None):
+    """Append the nodes of `layer` (at lightcnn path `path`) applied to tensor t; returns the output tensor."""
+    if path is None:
+        return _emit_unit(g, t, layer)
+    outer, g.scope = g.scope, path
+    try:
+        if isinstance(layer, Sequential):
+            for name, child in layer.children():
+                t = _emit(g, t, child, f"{path}.{name}")
+            return t
+        if isinstance(layer, InvertedResidual):
+            y = t
+            for name, child in layer.children():
+                y = _emit(g, y, child, f"{path}.{name}")
+            g.scope = path
+            return _T(g.op("Add", [y.name, t.name], "residual"), y.shape) if layer.use_residual else y
+        return _emit_unit(g, t, layer)
+    finally:
+        g.scope = outer
+
+
+def _emit_unit(g, t, layer):
     if isinstance(layer, Sequential):
         for _, child in layer.children():
             t = _emit(g, t, child)
@@ -293,8 +316,8 @@ def export_onnx(model, path=None, input_size=None, dynamic_batch=True, metadata=
         h, w = (input_size, input_size) if np.isscalar(input_size) else tuple(input_size)
     g = _Graph(onnx)
     nchw = g.op("Transpose", ["input"], "nchw", perm=[0, 3, 1, 2])
-    t = _emit(g, _T(nchw, (h, w, c)), model.features_net)
-    t = _flat(g, _emit(g, t, model.head_net)) if model.head_net is not None else t
+    t = _emit(g, _T(nchw, (h, w, c)), model.features_net, "features")
+    t = _flat(g, _emit(g, t, model.head_net, "head")) if model.head_net is not None else t
     g.nodes.append(helper.make_node("Identity", [t.name], ["logits"], name="logits"))
     batch = "N" if dynamic_batch else 1
     graph = helper.make_graph(
