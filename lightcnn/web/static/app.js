@@ -107,8 +107,8 @@ function camBlock(result, file) {
   const applyOpacity = () => { fig.querySelector(".cam-heat").style.opacity = opacity.value / 100; };
   opacity.addEventListener("input", applyOpacity);
   const layer = el("select", { "aria-label": "Grad-CAM layer" });
-  const def = info.cam.method === "cam" ? "CAM (features output)" : `Grad-CAM at ${info.cam.layer}`;
-  layer.append(el("option", { value: "", text: "default: " + def }));
+  const def = info.cam.method === "cam" ? "default: CAM" : `default: Grad-CAM at ${info.cam.layer}`;
+  layer.append(el("option", { value: "", text: def }));
   for (const name of info.cam.layers) layer.append(el("option", { value: name, text: "Grad-CAM at " + name }));
   const caption = el("p", { class: "muted cam-caption" });
   const describe = (cam) => {
