@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import REPO, require_path, shared_path
 
 CLIS = ["lightcnn.predict", "lightcnn.weights", "lightcnn.summary", "lightcnn.evaluate", "lightcnn.finetune",
-        "lightcnn.tune", "lightcnn.export_onnx"]
+        "lightcnn.tune", "lightcnn.export_onnx", "lightcnn.serve"]
 
 
 def run_with_closed_stdout(module, *args):
