@@ -126,6 +126,12 @@ def main(argv=None):
     shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown}:{args.port}/" + (f"?token={token}" if token else "")
     print(f"lightcnn.serve: {url}  (models: {', '.join(models)}; Ctrl+C stops)", flush=True)
+    from lightcnn.engine import default_engine, stamp_path
+
+    stamp = stamp_path()
+    if (args.engine or default_engine()) == "auto" and not (stamp and os.path.exists(stamp)):
+        print("note: no compiled kernels yet, so requests run on the NumPy engine; 'python -m lightcnn.compile "
+              "--all' once makes them about twice as fast", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

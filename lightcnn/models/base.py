@@ -20,6 +20,8 @@ from lightcnn.layers.base import Layer, Sequential
 from lightcnn.layers.basic import Dense, Dropout, GlobalAvgPool
 
 
+_PLANS_LOCK = threading.Lock()
+
 # LIGHTCNN_NO_PLAN=1: always run layer by layer (for A/B timing and debugging the fast path).
 _NO_PLAN = os.environ.get("LIGHTCNN_NO_PLAN", "") in ("1", "true", "yes")
 
@@ -111,9 +113,10 @@ class Model(Layer):
             plan = InferencePlan([(part, net)], x.shape, engine=engine)
         except ValueError:  # includes ShapeError: let the layer path raise its own message
             return None
-        while len(plans) >= self.MAX_PLANS:
-            plans.pop(next(iter(plans)))
-        plans[key] = (net, plan)
+        with _PLANS_LOCK:  # threads share the dict (each has its own plans in it)
+            while len(plans) >= self.MAX_PLANS:
+                plans.pop(next(iter(plans)), None)
+            plans[key] = (net, plan)
         self.__dict__["_last_engine"] = plan.engine
         return plan
 
