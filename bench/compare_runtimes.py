@@ -97,6 +97,21 @@ def ort_session(model, threads):
 
 def torch_module(model):
     """An eager NCHW torch.nn.Module computing the same function as the lightcnn model."""
+    from torch import nn
+
+    convert = _torch_translator()
+    trunk, shape = convert(model.features_net, model.input_shape)
+    head, _ = convert(model.head_net, shape)
+    return nn.Sequential(trunk, head).eval()
+
+
+def torch_convert(layer, shape):
+    """(torch module, output shape (H, W, C) or (F,)) of a lightcnn layer applied to `shape` (NCHW inside)."""
+    return _torch_translator()(layer, shape)
+
+
+def _torch_translator():
+    """convert(layer, shape) -> (module, shape): lightcnn layers as eager PyTorch modules, same weights."""
     import torch
     from torch import nn
 
@@ -106,7 +121,7 @@ def torch_module(model):
     from lightcnn.layers.blocks import ConvBNAct, Fire, InvertedResidual, SqueezeExcite
 
     def t(a):
-        return torch.from_numpy(np.ascontiguousarray(a, np.float32))
+        return torch.from_numpy(np.ascontiguousarray(a, np.float32)).clone()  # never share lightcnn's arrays
 
     def act(code, alpha=1.0):
         return {act_k.ACT_NONE: nn.Identity(), act_k.ACT_RELU: nn.ReLU(), act_k.ACT_RELU6: nn.ReLU6(),
@@ -228,12 +243,37 @@ def torch_module(model):
             return DenseT(layer), (layer.out_features,)
         if isinstance(layer, Dropout):
             return nn.Identity(), shape
+        if type(layer).__name__ == "_TransposeAct":  # seed 001's 4x upsampling + ELU
+            h, w, _ = shape
+            tc = layer.tconv
+            (kh, kw), (sh, sw), (top, _, left, _) = tc.kernel, tc.stride, tc.padding
+            mod = nn.ConvTranspose2d(tc.in_ch, tc.out_ch, (kh, kw), (sh, sw), (top, left))
+            mod.weight.data = t(tc.params["weight"].transpose(2, 3, 0, 1))
+            mod.bias.data = t(tc.params["bias"])
+            return nn.Sequential(mod, act(layer.act.code, layer.act.alpha)), ((h - 1) * sh + kh - 2 * top,
+                                                                            (w - 1) * sw + kw - 2 * left, tc.out_ch)
+        if type(layer).__name__ == "CovidSqueezeFeatures":
+            early, skip_shape = convert(layer.early, shape)
+            late, late_shape = convert(layer.late, skip_shape)
+            up, up_shape = convert(layer.upsample, late_shape)
+            fuse, out_shape = convert(layer.fuse, skip_shape[:2] + (up_shape[2] + skip_shape[2],))
+            return CovidT(early, late, up, fuse, skip_shape[:2]), out_shape
         raise NotImplementedError(f"no PyTorch translation for {type(layer).__name__}")
 
-    trunk, shape = convert(model.features_net, model.input_shape)
-    head, _ = convert(model.head_net, shape)
-    module = nn.Sequential(trunk, head).eval()
-    return module
+    class CovidT(nn.Module):
+        def __init__(self, early, late, up, fuse, hw):
+            super().__init__()
+            self.early, self.late, self.up, self.fuse, self.hw = early, late, up, fuse, hw
+
+        def forward(self, x):
+            skip = self.early(x)
+            up = self.up(self.late(skip))[:, :, :self.hw[0], :self.hw[1]]
+            pad = (0, self.hw[1] - up.shape[3], 0, self.hw[0] - up.shape[2])
+            if any(pad):
+                up = nn.functional.pad(up, pad)
+            return self.fuse(torch.cat([up, skip], 1))
+
+    return convert
 
 
 def torch_runner(model, threads):

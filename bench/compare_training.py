@@ -1,0 +1,162 @@
+"""One training step of lightcnn's hand-written backprop beside PyTorch eager, same weights, same batch, one process.
+
+    python bench/compare_training.py                   # the three cases below, batch 32, 2 threads
+    python bench/compare_training.py --batch 16 --threads 1 --json
+
+A step is forward + backward + SGD update (momentum 0.9) of the trainable part, batch norm frozen
+(inference statistics, as lightcnn's last-k fine-tuning and torch's eval-mode BN with trainable affine):
+  mobilenet_v2 last-7   the input is the frozen prefix's output (the cached boundary activations,
+                        (N, 14, 14, 64) at 224x224), the last 7 blocks + last conv + a 2-class head train;
+  squeezenet1_1 last-Fire  likewise from the input of the last Fire module;
+  covid_squeezenet full    seed 001's network from scratch on (N, 227, 227, 1).
+PyTorch runs an NCHW module built from the same lightcnn layers (bench/compare_runtimes.torch_module's
+translation). Before timing, the two losses must agree within 1e-4 relative. Timing is interleaved
+(lightcnn, torch, lightcnn, ...) after warm-up; the ratio lightcnn / torch is the figure to read (the
+machine is shared: absolute times move).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _lightcnn_case(case, batch, rng):
+    """(trainable lightcnn Sequential-like net with forward/backward, input batch, labels)."""
+    from lightcnn.layers.base import Sequential
+    from lightcnn.models import build
+    from lightcnn.models.base import randomise_batchnorm_statistics
+    from lightcnn.train.features import split_backbone
+
+    arch, unfreeze = {"mobilenet_v2_last7": ("mobilenet_v2", 7), "squeezenet1_1_last_fire": ("squeezenet1_1", 1),
+                      "covid_squeezenet_full": ("covid_squeezenet", "all")}[case]
+    model = build(arch, num_classes=2) if arch != "covid_squeezenet" else build(arch)
+    randomise_batchnorm_statistics(model, rng)
+    if unfreeze != "all":
+        model.reset_head(2, dropout=0.0)
+    prefix, suffix = split_backbone(model, unfreeze)
+    x = rng.standard_normal((batch,) + tuple(model.input_shape)).astype(np.float32)
+    x = prefix.forward(x, False) if len(prefix) else x
+    net = Sequential([("features", suffix), ("head", model.head_net)])
+    for _, layer in prefix.named_layers():
+        layer.frozen = True
+    for _, layer in net.named_layers():
+        if type(layer).__name__ == "BatchNorm":
+            layer.frozen = True  # inference statistics, trainable affine
+    return model, net, np.ascontiguousarray(x), rng.integers(0, 2, batch)
+
+
+def _torch_net(net, in_shape):
+    import torch
+    from torch import nn
+
+    import compare_runtimes
+
+    convert = compare_runtimes.torch_convert
+    body, _ = convert(net, in_shape)
+    for module in body.modules():
+        if isinstance(module, nn.BatchNorm2d):  # frozen as in lightcnn: inference statistics, affine not trained
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad_(False)
+    return body
+
+
+def lightcnn_step(net, x, y, lr=1e-3, momentum=0.9):
+    from lightcnn.kernels.linear import cross_entropy
+    from lightcnn.optim import SGD
+
+    opt = SGD(net, lr=lr, momentum=momentum)
+
+    def step():
+        logits = net.forward(x, training=True)
+        loss, dlogits = cross_entropy(logits, y)
+        net.backward(dlogits)
+        opt.step()
+        return loss
+    return step
+
+
+def torch_step(module, x, y, lr=1e-3, momentum=0.9):
+    import torch
+
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    yt = torch.from_numpy(np.asarray(y, np.int64))
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(module(xt), yt)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+    return step
+
+
+def compare(case, batch, threads, runs, warmup):
+    import torch
+
+    from lightcnn._jit import set_num_threads
+
+    set_num_threads(threads)
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    model, net, x, y = _lightcnn_case(case, batch, rng)
+    module = _torch_net(net, x.shape[1:])
+    module.train()
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    ours, theirs = lightcnn_step(net, x, y), torch_step(module, x, y)
+    first = (ours(), theirs())  # same weights, same batch: the first losses must agree
+    if not abs(first[0] - first[1]) <= 1e-4 * max(1.0, abs(first[1])):
+        raise SystemExit(f"{case}: first-step losses differ: lightcnn {first[0]:.6f}, torch {first[1]:.6f}")
+    for _ in range(warmup):
+        ours()
+        theirs()
+    times = {"lightcnn": [], "torch": []}
+    for _ in range(runs):
+        for name, fn in (("lightcnn", ours), ("torch", theirs)):
+            time.sleep(0.02)
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    return {"lightcnn_ms": med["lightcnn"], "torch_ms": med["torch"], "ratio_torch": med["lightcnn"] / med["torch"],
+            "first_loss": first[0], "loss_diff": abs(first[0] - first[1])}
+
+
+CASES = ("mobilenet_v2_last7", "squeezenet1_1_last_fire", "covid_squeezenet_full")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    out = {}
+    print(f"# batch {args.batch}, {args.threads} threads, {args.runs} interleaved runs, load {os.getloadavg()[0]:.2f}",
+          file=sys.stderr if args.json else sys.stdout)
+    for case in args.cases:
+        out[case] = r = compare(case, args.batch, args.threads, args.runs, args.warmup)
+        if not args.json:
+            print(f"{case:26s} lightcnn {r['lightcnn_ms']:9.1f} ms   torch {r['torch_ms']:9.1f} ms   "
+                  f"x torch {r['ratio_torch']:5.2f}   (first-step loss diff {r['loss_diff']:.1e})")
+    if args.json:
+        print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
