@@ -111,7 +111,8 @@ def _attr(obj, key, name):
     """An attribute's value after checking its stored size, or None when absent."""
     if key not in obj.attrs:
         return None
-    size = obj.attrs.get_id(key).get_storage_size()
+    aid = obj.attrs.get_id(key)  # attributes are stored uncompressed in the file, but say so before reading
+    size = int(np.prod(aid.shape or (), dtype=np.int64)) * aid.dtype.itemsize
     if size > MAX_ATTR_BYTES:
         raise CheckpointError(f"{name}: attribute '{printable(key)}' is {size} bytes, over the "
                               f"{MAX_ATTR_BYTES}-byte limit")
