@@ -85,10 +85,12 @@ def write_group(group, layers, prefix=""):
             g.create_dataset(wn.decode(), data=value)
 
 
-def model_config(layers, eps, input_size=224):
+def model_config(layers, eps, input_size=224, extra=()):
+    """Keras 2's Functional config: layers with class_name/config/name; `extra` = (class, config) after the input."""
     cfg = []
     for name, cls, _ in layers:
-        config = {"name": name, "trainable": True}
+        config = {"name": name, "trainable": True, "dtype": "float32",
+                  "kernel_initializer": {"class_name": "GlorotUniform", "config": {"seed": None}}}
         if cls == "BatchNormalization":
             config.update(epsilon=eps, momentum=0.999)
         if cls == "InputLayer":
@@ -96,6 +98,8 @@ def model_config(layers, eps, input_size=224):
         if cls == "Dense":
             config["activation"] = "softmax" if name == layers[-1][0] else "relu"
         cfg.append({"class_name": cls, "config": config, "name": name, "inbound_nodes": []})
+    cfg[1:1] = [{"class_name": cls, "config": dict(config, name=f"extra_{i}"), "name": f"extra_{i}"}
+                for i, (cls, config) in enumerate(extra)]
     return {"class_name": "Functional", "config": {"name": "mobilenetv2_1.00_224", "layers": cfg}}
 
 
@@ -104,9 +108,9 @@ def save_weights(path, layers):
         write_group(f, layers)
 
 
-def save_model(path, layers, eps, input_size=224):
+def save_model(path, layers, eps, input_size=224, extra=()):
     with h5py.File(path, "w") as f:
-        f.attrs["model_config"] = json.dumps(model_config(layers, eps, input_size)).encode()
+        f.attrs["model_config"] = json.dumps(model_config(layers, eps, input_size, extra)).encode()
         f.attrs["keras_version"] = b"2.9.0"
         f.attrs["backend"] = b"tensorflow"
         f.attrs["training_config"] = b"{}"
@@ -208,6 +212,38 @@ def test_seed_003_dense_head(arch, nested, x, tmp_path):
     ck, model = converted(path, arch)
     assert ck.config["num_classes"] == 3
     np.testing.assert_allclose(logits(model, x), logits(original, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra,mean,std", [
+    ((), 127.5, 127.5),                                                      # preprocess_input outside the graph
+    ((("Rescaling", {"scale": 1 / 127.5, "offset": -1.0}),), 127.5, 127.5),  # the same, in the graph
+    ((("Rescaling", {"scale": 1 / 255, "offset": 0.0}),), 0.0, 255.0),       # the trunk was trained on [0, 1]
+    ((("RandomFlip", {"mode": "horizontal"}),), 127.5, 127.5),               # an identity at inference
+    ((("TFOpLambda", {"function": "math.truediv"}),), None, None),           # in-graph arithmetic: cannot tell
+    ((("Normalization", {"axis": -1}),), None, None),
+])
+def test_preprocessing_follows_in_graph_rescaling(extra, mean, std, top_model, tmp_path):
+    path = tmp_path / "pre.h5"
+    save_model(path, keras_layers(top_model) + keras_head(top_model, ["predictions"]), 1e-3, extra=extra)
+    preprocessing, classes = recorded_metadata(path)
+    assert classes == "imagenet"
+    if mean is None:
+        assert preprocessing is None
+    else:
+        assert (preprocessing.mean, preprocessing.std, preprocessing.input_range) == ((mean,) * 3, (std,) * 3, 255.0)
+
+
+def test_chunked_layer_names_attribute(top_model, x, tmp_path):
+    """Keras splits an attribute over HDF5's 64 KiB header limit into layer_names0, layer_names1, ..."""
+    layers = keras_layers(top_model) + keras_head(top_model, ["predictions"])
+    path = tmp_path / "chunked.h5"
+    save_weights(path, layers)
+    with h5py.File(path, "a") as f:
+        names = f.attrs["layer_names"]
+        del f.attrs["layer_names"]
+        f.attrs["layer_names0"], f.attrs["layer_names1"] = names[:100], names[100:]
+    _, model = converted(path, "mobilenet_v2")
+    np.testing.assert_allclose(logits(model, x), logits(top_model, x), rtol=1e-4, atol=1e-4)
 
 
 def test_depthwise_kernel_is_squeezed_not_reshaped(top_model, tmp_path):

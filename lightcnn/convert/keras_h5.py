@@ -53,6 +53,11 @@ MAX_ATTR_BYTES = 16 << 20       # layer_names / weight_names / model_config
 MAX_LAYERS = 100_000
 
 _INDEX_SUFFIX = re.compile(r":\d+$")
+# layers that leave pixel values alone before the trunk (random augmentations are identities at inference)
+_INERT_LAYERS = frozenset(
+    "Functional Model Sequential InputLayer Conv2D DepthwiseConv2D BatchNormalization ReLU Activation ZeroPadding2D "
+    "Add GlobalAveragePooling2D Dropout Dense Flatten RandomFlip RandomRotation RandomZoom RandomTranslation "
+    "RandomContrast RandomBrightness".split())
 
 
 @dataclass
@@ -67,27 +72,30 @@ class KerasH5:
 
     def layer_configs(self):
         """{layer name: (class_name, config)} from model_config, nested models included ({} without one)."""
-        out = {}
-
-        def walk(node):
-            if isinstance(node, dict):
-                if isinstance(node.get("class_name"), str) and isinstance(node.get("config"), dict):
-                    name = node.get("name", node["config"].get("name"))
-                    if isinstance(name, str):
-                        out.setdefault(name, (node["class_name"], node["config"]))
-                for value in node.values():
-                    walk(value)
-            elif isinstance(node, list):
-                for value in node:
-                    walk(value)
-
-        walk(self.model_config)
-        return out
+        return _layer_configs(self.model_config)
 
     def bn_epsilons(self):
         """The distinct BatchNormalization epsilons model_config states (empty without a model_config)."""
         return sorted({float(cfg["epsilon"]) for kind, cfg in self.layer_configs().values()
                        if kind == "BatchNormalization" and isinstance(cfg.get("epsilon"), (int, float))})
+
+    def input_scaling(self):
+        """How the graph itself rescales its input: (scale, offset) of its one Rescaling layer, "none" when
+        model_config has no layer that could touch pixel values, None when it has one this cannot read
+        (Normalization, Lambda, TFOpLambda such as an in-graph preprocess_input, ...). Without a model_config:
+        "none" (save_weights files do not say).
+        """
+        kinds = [(kind, cfg) for kind, cfg in self.layer_configs().values()]
+        unknown = [kind for kind, _ in kinds if kind not in _INERT_LAYERS and kind != "Rescaling"]
+        rescaling = [cfg for kind, cfg in kinds if kind == "Rescaling"]
+        if unknown or len(rescaling) > 1:
+            return None
+        if not rescaling:
+            return "none"
+        scale, offset = rescaling[0].get("scale"), rescaling[0].get("offset", 0.0)
+        if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in (scale, offset)) or scale <= 0:
+            return None
+        return float(scale), float(offset)
 
     def input_size(self):
         """H of the first square (N, H, H, 3) InputLayer in model_config, or None."""
@@ -97,6 +105,27 @@ class KerasH5:
                     and shape[1] == shape[2]):
                 return shape[1]
         return None
+
+
+def _layer_configs(model_config, max_depth=16):
+    """{layer name: (class_name, config)} of every layer model_config lists, nested models' layers included."""
+    out = {}
+
+    def walk(config, depth):  # a model's config: {"layers": [...]} (a bare list in Keras 2.0's Sequential)
+        if depth > max_depth:
+            raise ValueError(f"model_config nests models more than {max_depth} deep")
+        layers = config.get("layers") if isinstance(config, dict) else config
+        for layer in layers if isinstance(layers, list) else ():
+            if isinstance(layer, dict) and isinstance(layer.get("class_name"), str) and \
+                    isinstance(layer.get("config"), dict):
+                name = layer.get("name", layer["config"].get("name"))
+                if isinstance(name, str):
+                    out.setdefault(name, (layer["class_name"], layer["config"]))
+                walk(layer["config"], depth + 1)  # a nested model lists its own layers
+
+    if isinstance(model_config, dict):
+        walk(model_config.get("config"), 0)
+    return out
 
 
 def _text(value):
@@ -229,6 +258,8 @@ def read_keras_h5(path):
 
 
 def _read(f, name, budget):
+    import h5py
+
     if _text(f.attrs.get("format", "")) == "lightcnn":
         raise CheckpointError(f"{name}: already a lightcnn weight file; nothing to convert")
     root = f
@@ -246,12 +277,13 @@ def _read(f, name, budget):
     if config is not None:
         try:
             model_config = json.loads(_text(config))
-        except ValueError as exc:
-            raise CheckpointError(f"{name}: attribute 'model_config' is not valid JSON ({exc})") from None
+            _layer_configs(model_config)  # fails here, not later, on a pathological one
+        except (ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{name}: attribute 'model_config' is not usable JSON ({_reason(exc)})") from None
     weights, names = {}, {}
     for layer in layer_names:
         group = _hard_child(root, layer, name, layer)
-        if group is None or not hasattr(group, "attrs"):
+        if not isinstance(group, h5py.Group):
             raise CheckpointError(f"{name}: layer '{printable(layer)}' is listed in layer_names but has no group")
         weight_names = _names_attr(group, "weight_names", name) or []
         parts = [_INDEX_SUFFIX.sub("", w).split("/") for w in weight_names]

@@ -213,12 +213,27 @@ def _keras_bn_eps(keras, src):
 
 
 def _keras_preprocessing(keras):
-    """keras.applications.mobilenet_v2.preprocess_input: RGB pixels scaled to [-1, 1] = (p - 127.5) / 127.5,
-    at the input size model_config states (224 without one), shorter side to size / 0.875 then centre crop."""
+    """What the trunk of a Keras MobileNetV2 file expects, or None where the file leaves it open.
+
+    Without an input layer that rescales: keras.applications.mobilenet_v2.preprocess_input, RGB pixels scaled to
+    [-1, 1] = (p - 127.5) / 127.5. With one Rescaling(scale, offset) in model_config the graph is fed 0..255
+    pixels and the trunk sees p * scale + offset: mean = -offset / scale, std = 1 / scale. Any other layer that
+    may touch pixels (an in-graph preprocess_input as TFOpLambda, Normalization, Lambda) gives None, so
+    `convert` asks for --preprocessing. Size: model_config's input (224 without one); shorter side to
+    size / 0.875, then centre crop.
+    """
     from lightcnn.preprocess import KERAS
 
+    scaling = keras.input_scaling()
+    if scaling is None:
+        return None
+    mean, std = KERAS.mean, KERAS.std
+    if scaling != "none":
+        scale, offset = scaling
+        mean, std = (float(f"{-offset / scale:.6g}"),) * 3, (float(f"{1.0 / scale:.6g}"),) * 3
     size = keras.input_size() or KERAS.size
-    return Preprocessing(**{**KERAS.to_dict(), "size": size, "resize_size": max(size, round(size / 0.875))})
+    return Preprocessing(**{**KERAS.to_dict(), "size": size, "resize_size": max(size, round(size / 0.875)),
+                            "mean": mean, "std": std})
 
 
 def _tflite_preprocessing(tensor):
