@@ -415,6 +415,12 @@ def test_lightcnn_and_other_hdf5_files_are_told_apart(keras_file, tmp_path):
         _one_line(e, str(path), words)
 
 
+def test_reader_imports_neither_tensorflow_nor_torch():
+    code = ("import sys, lightcnn.convert.keras_h5, lightcnn.weights.mapping; "
+            "sys.exit(any(m in sys.modules for m in ('tensorflow', 'keras', 'torch')))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 # -- the CLI ---------------------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,8 @@ Four sources, four rules:
   (and, when the file has a model_config, for its activation).
 
 Layout changes happen here, once: OIHW -> HWIO, (C,1,KH,KW) -> (KH,KW,C),
-(O,F) -> (F,O); Keras is already HWIO and (F,O), and its depthwise (KH,KW,C,1) loses the last axis. A 1001-class TF output drops its "background" row 0.
+(O,F) -> (F,O); Keras is already HWIO and (F,O), and its depthwise (KH,KW,C,1) loses
+the last axis. A 1001-class TF output drops its "background" row 0.
 """
 
 import numpy as np
