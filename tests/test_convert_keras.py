@@ -212,6 +212,13 @@ def test_seed_003_dense_head(arch, nested, x, tmp_path):
     ck, model = converted(path, arch)
     assert ck.config["num_classes"] == 3
     np.testing.assert_allclose(logits(model, x), logits(original, x), rtol=1e-4, atol=1e-4)
+    if not nested:  # the written file loads like any other lightcnn .h5
+        from lightcnn.api import load
+        from lightcnn.checkpoint import save_checkpoint
+
+        save_checkpoint(tmp_path / "out.h5", ck)
+        np.testing.assert_allclose(load(str(tmp_path / "out.h5")).model.forward(x), logits(original, x),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("extra,mean,std", [
