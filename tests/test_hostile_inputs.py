@@ -29,6 +29,7 @@ from PIL import Image
 from lightcnn import preprocess
 from lightcnn._files import printable
 from lightcnn.convert.deep_compression import read_deep_compression
+from lightcnn.convert.keras_h5 import read_keras_h5
 from lightcnn.convert.pth import read_pth
 from lightcnn.convert.tflite import read_tflite
 from lightcnn.errors import CheckpointError, ImageError, UnsafePickleError
@@ -259,7 +260,7 @@ def test_hostile_files_leave_no_state_behind(fresh_results, tmp_path):
 # --------------------------------------------------------------------------- special files and peak memory
 
 
-@pytest.mark.parametrize("reader", [read_pth, read_tflite, read_deep_compression])
+@pytest.mark.parametrize("reader", [read_pth, read_tflite, read_deep_compression, read_keras_h5])
 def test_readers_refuse_fifos_without_blocking(reader, tmp_path):
     fifo = tmp_path / "weights.pth"
     os.mkfifo(fifo)
@@ -269,7 +270,7 @@ def test_readers_refuse_fifos_without_blocking(reader, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero here")
-@pytest.mark.parametrize("reader", [read_pth, read_tflite, read_deep_compression])
+@pytest.mark.parametrize("reader", [read_pth, read_tflite, read_deep_compression, read_keras_h5])
 def test_readers_refuse_devices(reader):
     with pytest.raises(CheckpointError) as err:
         reader("/dev/zero")

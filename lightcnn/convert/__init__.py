@@ -9,6 +9,9 @@ done elsewhere, once, at conversion time.
                                               through an allow-list unpickler
   tflite.read_tflite(path)                    TFLite flatbuffer -> TFLiteModel (tensors with
                                               quantisation, operators with options, buffers)
+  keras_h5.read_keras_h5(path)                Keras 2 .h5 (model.save_weights / model.save) ->
+                                              KerasH5 ({layer: {variable: ndarray}}, model_config),
+                                              with h5py, without TensorFlow
   deep_compression.read_deep_compression(p)   Song Han's SqueezeNet v1.0 Deep-Compression
                                               .net -> {layer: (weight OIHW, bias)}
 

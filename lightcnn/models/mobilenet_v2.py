@@ -82,8 +82,13 @@ def mobilenet_v2(num_classes=1000, width_mult=1.0, activation="relu6", padding="
     return model
 
 
-def mobilenet_v2_dense(num_classes=2, dropout=0.2, **kwargs):
-    """Seed 003: MobileNetV2 features, GAP, dropout, dense 64-64-64-32-32 (ReLU), dropout, dense softmax."""
+def mobilenet_v2_dense(num_classes=2, dropout=0.2, head="dense", **kwargs):
+    """Seed 003: MobileNetV2 features, GAP, dropout, dense 64-64-64-32-32 (ReLU), dropout, dense softmax.
+
+    `head` is accepted only as "dense", the value its own config records, so build(arch, **config) rebuilds it.
+    """
+    if head != "dense":
+        raise ValueError(f"mobilenet_v2_dense: head is always 'dense', got {head!r}")
     model = mobilenet_v2(num_classes=num_classes, dropout=dropout, head="dense", **kwargs)
     model.arch = "mobilenet_v2_dense"
     return model

@@ -180,10 +180,60 @@ def _source_format(src, fmt=None):
     src = Path(src)
     if not src.exists():  # anything else that is not a regular file (FIFO, device) is refused by the reader
         raise CheckpointError(f"{printable(src)}: no such file")
+    if fmt is None and src.suffix.lower() in (".h5", ".hdf5"):  # Keras's or lightcnn's: the attributes say
+        from lightcnn.convert.keras_h5 import h5_kind
+
+        kind = h5_kind(src)
+        if kind == "lightcnn":
+            raise CheckpointError(f"{printable(src)}: already a lightcnn weight file, nothing to convert "
+                                  "('python -m lightcnn.weights info' shows it)")
+        if kind is None:
+            raise CheckpointError(f"{printable(src)}: an HDF5 file with neither Keras's 'layer_names' nor "
+                                  "lightcnn's 'format' attribute; not a weight file lightcnn can convert")
+        return src, "keras"
     fmt = fmt or _SUFFIX_FORMAT.get(src.suffix.lower())
     if fmt is None:
-        raise CheckpointError(f"{src}: cannot tell the format from the suffix; pass --format tflite|pth|deep_compression")
+        raise CheckpointError(f"{src}: cannot tell the format from the suffix; pass --format "
+                              "tflite|pth|keras|deep_compression")
     return src, fmt
+
+
+KERAS_DEFAULT_BN_EPS = 1e-3  # keras.applications.MobileNetV2's BatchNormalization(epsilon=1e-3, momentum=0.999)
+
+
+def _keras_bn_eps(keras, src):
+    """(epsilon, where it came from): the file's model_config when it has one, else Keras MobileNetV2's 1e-3."""
+    found = keras.bn_epsilons()
+    if len(found) > 1:
+        raise CheckpointError(f"{printable(src)}: model_config gives batch norms different epsilons {found}; "
+                              "lightcnn's MobileNetV2 uses one")
+    if found:
+        return found[0], "model_config"
+    return KERAS_DEFAULT_BN_EPS, "Keras MobileNetV2 default (the file has no model_config)"
+
+
+def _keras_preprocessing(keras):
+    """What the trunk of a Keras MobileNetV2 file expects, or None where the file leaves it open.
+
+    Without an input layer that rescales: keras.applications.mobilenet_v2.preprocess_input, RGB pixels scaled to
+    [-1, 1] = (p - 127.5) / 127.5. With one Rescaling(scale, offset) in model_config the graph is fed 0..255
+    pixels and the trunk sees p * scale + offset: mean = -offset / scale, std = 1 / scale. Any other layer that
+    may touch pixels (an in-graph preprocess_input as TFOpLambda, Normalization, Lambda) gives None, so
+    `convert` asks for --preprocessing. Size: model_config's input (224 without one); shorter side to
+    size / 0.875, then centre crop.
+    """
+    from lightcnn.preprocess import KERAS
+
+    scaling = keras.input_scaling()
+    if scaling is None:
+        return None
+    mean, std = KERAS.mean, KERAS.std
+    if scaling != "none":
+        scale, offset = scaling
+        mean, std = (float(f"{-offset / scale:.6g}"),) * 3, (float(f"{1.0 / scale:.6g}"),) * 3
+    size = keras.input_size() or KERAS.size
+    return Preprocessing(**{**KERAS.to_dict(), "size": size, "resize_size": max(size, round(size / 0.875)),
+                            "mean": mean, "std": std})
 
 
 def _tflite_preprocessing(tensor):
@@ -210,6 +260,9 @@ def recorded_metadata(src, fmt=None):
     tflite            a quantised input tensor gives the scaling (see _tflite_preprocessing); 1001 outputs are
                       ImageNet with TF's "background" class first (dropped by the converter, as the registry does)
     deep_compression  the format is Caffe's SqueezeNet: Caffe preprocessing and ImageNet classes, as registered
+    keras             the preprocessing keras.applications.mobilenet_v2.preprocess_input applies (pixels to
+                      [-1, 1], RGB) at the model_config's input size (else 224); ImageNet when the last dense
+                      layer has 1000 outputs (Keras's class order is ImageNet's sorted WordNet IDs)
     pth               nothing: a state dict has no record of either
     None where the file does not say; `python -m lightcnn.weights convert` then refuses instead of guessing.
     """
@@ -219,6 +272,15 @@ def recorded_metadata(src, fmt=None):
     if fmt == "deep_compression":
         spec = next(s for s in WEIGHTS if s.converter == "deep_compression")
         return spec.preprocessing, spec.classes
+    if fmt == "keras":
+        from lightcnn.convert.keras_h5 import read_keras_h5
+
+        keras = read_keras_h5(src)
+        from lightcnn.weights.mapping import keras_head_layers
+
+        head = keras_head_layers(keras)
+        classes = "imagenet" if head and head[-1][1][-1:] == (1000,) else None
+        return _keras_preprocessing(keras), classes
     if fmt != "tflite":
         return None, None
     from lightcnn.convert.tflite import read_tflite
@@ -250,7 +312,24 @@ def convert_file(src, arch, config=None, fmt=None, preprocessing=None, class_ids
         config.setdefault("bn", False)  # TFLite folds batch norm into the convs
     if fmt == "deep_compression":
         config.setdefault("variant", "caffe")
+    provenance = {}
+    if fmt == "keras":
+        from lightcnn.convert.keras_h5 import read_keras_h5
+
+        keras = read_keras_h5(src)
+        config.setdefault("padding", "tf")  # Keras SAME = ZeroPadding2D(correct_pad) + VALID for 3x3 stride 2
+        config.setdefault("bn", True)
+        eps, provenance["bn_eps_from"] = _keras_bn_eps(keras, src)
+        if "bn_eps" in config:
+            provenance["bn_eps_from"] = "--config"
+        config.setdefault("bn_eps", eps)
+        head = mapping.keras_head_layers(keras)
+        if head and len(head[-1][1]) == 2:
+            config.setdefault("num_classes", head[-1][1][1])
+        provenance.update(keras_version=keras.keras_version, keras_backend=keras.backend)
     model = build(arch, **config)
+    if fmt == "keras" and arch == "mobilenet_v2" and len(head) > 1 and all(len(s) == 2 for _, s in head):
+        model.reset_head(model.config["num_classes"], hidden=tuple(s[1] for _, s in head[:-1]))  # a dense stack
     extra = {}
     if fmt == "tflite":
         from lightcnn import quantsim
@@ -263,6 +342,8 @@ def convert_file(src, arch, config=None, fmt=None, preprocessing=None, class_ids
         tensors = mapping.map_torchvision(read_pth(src), model, str(src))
     elif fmt == "deep_compression":
         tensors = mapping.map_deep_compression(read_deep_compression(src))
+    elif fmt == "keras":
+        tensors = mapping.map_keras(keras, model, printable(src))
     else:
         raise CheckpointError(f"{src}: unknown format {fmt!r}")
     load_state(model, tensors, str(src))  # strict: every tensor present, named and shaped as the model wants
@@ -274,7 +355,7 @@ def convert_file(src, arch, config=None, fmt=None, preprocessing=None, class_ids
     return Checkpoint(arch=model.arch, config=model.config, tensors=model.state_dict(), class_names=list(class_names),
                       class_ids=class_ids, preprocessing=preprocessing.to_dict() if preprocessing else None,
                       provenance=dict(source_file=src.name, source_sha256=sha256_of(src), converter=fmt,
-                                      converter_version=CONVERTER_VERSION), extra=extra)
+                                      converter_version=CONVERTER_VERSION, **provenance), extra=extra)
 
 
 def build_one(spec: WeightSpec, fetch=False, out_dir=None):

@@ -4,9 +4,10 @@
   fetch NAME... | --all        download originals (SHA-256 checked) into the cache
   build [NAME...] [--fetch]    convert originals found in $LIGHTCNN_SOURCES (or the cache;
                                downloaded first with --fetch) into weights/NAME.h5
-  convert SRC --arch A -o OUT  convert any supported file (.pth, .tflite, .net); preprocessing and classes
-                               come from the file where it records them (a quantised TFLite input, 1001
-                               TFLite outputs = ImageNet + background, the Caffe .net format), else
+  convert SRC --arch A -o OUT  convert any supported file (.pth, .tflite, .net, a Keras 2 .h5); preprocessing
+                               and classes come from the file where it records them (a quantised TFLite
+                               input, 1001 TFLite outputs = ImageNet + background, the Caffe .net format,
+                               Keras MobileNetV2's [-1, 1] scaling and 1000 outputs = ImageNet), else
                                --preprocessing and --classes are required
   info FILE.h5                 print a converted file's metadata
 
@@ -172,11 +173,11 @@ def build_parser():
                    help="write the .h5 files here (default: the weights folder, see 'list')")
     add_common_options(p, subcommand=True)
     p = sub.add_parser("convert", help="convert one file")
-    p.add_argument("src", metavar="SRC", help="a .pth/.pt, .tflite or Deep-Compression .net checkpoint")
+    p.add_argument("src", metavar="SRC", help="a .pth/.pt, .tflite, Keras 2 .h5 or Deep-Compression .net checkpoint")
     p.add_argument("--arch", required=True, help="architecture it fills (python -m lightcnn.summary lists them)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.h5", help="the lightcnn .h5 file to write")
-    p.add_argument("--format", choices=["tflite", "pth", "deep_compression"],
-                   help="source format (default: from the file's suffix)")
+    p.add_argument("--format", choices=["tflite", "pth", "keras", "deep_compression"],
+                   help="source format (default: from the file's suffix; a .h5 by its attributes)")
     p.add_argument("--config", help='builder options as JSON, e.g. \'{"width_mult": 1.0}\'')
     p.add_argument("--preprocessing", choices=sorted(PRESETS),
                    help="input preprocessing preset (required when the file does not record it)")

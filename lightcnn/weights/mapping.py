@@ -1,6 +1,6 @@
 """Map foreign checkpoints onto lightcnn parameter names, as data.
 
-Three sources, three rules:
+Four sources, four rules:
 
 - torchvision ``.pth``: an explicit prefix map per architecture, generated from
   the same tables the models are built from (``features.3.conv.1.0`` ->
@@ -12,9 +12,16 @@ Three sources, three rules:
   paired in that order and every pair is checked for kind (conv / depthwise /
   dense), shape and stride, so a file of another architecture fails loudly.
 - Deep-Compression SqueezeNet: the Caffe layer names map one to one.
+- Keras 2 ``.h5``: keras.applications.MobileNetV2's layer names (``Conv1``, ``bn_Conv1``,
+  ``expanded_conv_depthwise``, ``block_{i}_expand_BN``, ``Conv_1_bn``), generated from the
+  same stage table, map one to one onto the trunk. The head's Dense layers have no fixed names
+  (``predictions``, or ``dense``, ``dense_1``... from a session-wide counter), so the layers
+  the trunk map does not claim are the head, in the file's layer order, each checked for shape
+  (and, when the file has a model_config, for its activation).
 
 Layout changes happen here, once: OIHW -> HWIO, (C,1,KH,KW) -> (KH,KW,C),
-(O,F) -> (F,O). A 1001-class TF output drops its "background" row 0.
+(O,F) -> (F,O); Keras is already HWIO and (F,O), and its depthwise (KH,KW,C,1) loses
+the last axis. A 1001-class TF output drops its "background" row 0.
 """
 
 import numpy as np
@@ -22,6 +29,7 @@ import numpy as np
 from lightcnn.errors import CheckpointError
 from lightcnn.layers.basic import ConvTranspose2d, Dense, DepthwiseConv2d
 from lightcnn.layers.blocks import ConvBNAct, SqueezeExcite
+from lightcnn.models.mobilenet_v2 import INVERTED_RESIDUAL
 from lightcnn.models.squeezenet import LAYOUT, POOL
 
 # -- layout transforms ---------------------------------------------------------------
@@ -227,4 +235,111 @@ def map_deep_compression(layers):
         ours = deep_compression_name(caffe_name)
         tensors[f"{ours}.weight"] = oihw_to_hwio(weight)
         tensors[f"{ours}.bias"] = np.asarray(bias, np.float32)
+    return tensors
+
+
+# -- Keras 2 .h5 (keras.applications names) ------------------------------------------
+
+_KERAS_KEYS = {CONV: {"kernel": "weight", "bias": "bias"},
+               DEPTHWISE: {"depthwise_kernel": "weight", "bias": "bias"},
+               BN: {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
+                    "moving_variance": "running_var"},
+               DENSE: {"kernel": "weight", "bias": "bias"}}
+_KERAS_ARCHS = ("mobilenet_v2", "mobilenet_v2_dense")
+
+
+def keras_mobilenet_v2_map():
+    """{Keras layer name: (lightcnn prefix, kind)} for keras.applications.MobileNetV2's trunk (Conv1 .. Conv_1_bn).
+
+    Keras numbers its blocks 0..16 like lightcnn's features.blocks, calls block 0 (no expansion) "expanded_conv"
+    and every other "block_<i>"; a conv is followed by its BatchNormalization "<conv>_BN" ("bn_Conv1" and
+    "Conv_1_bn" at the ends).
+    """
+    out = {"Conv1": ("features.stem.conv", CONV), "bn_Conv1": ("features.stem.bn", BN)}
+    i = 0
+    for stage in INVERTED_RESIDUAL:
+        for _ in range(stage.repeats):
+            keras, ours = ("expanded_conv_" if i == 0 else f"block_{i}_"), f"features.blocks.{i}"
+            units = ([("expand", "expand", CONV)] if stage.expand != 1 else []) + \
+                [("depthwise", "dw", DEPTHWISE), ("project", "project", CONV)]
+            for keras_unit, our_unit, kind in units:
+                out[f"{keras}{keras_unit}"] = (f"{ours}.{our_unit}.conv", kind)
+                out[f"{keras}{keras_unit}_BN"] = (f"{ours}.{our_unit}.bn", BN)
+            i += 1
+    out["Conv_1"] = ("features.last.conv", CONV)
+    out["Conv_1_bn"] = ("features.last.bn", BN)
+    return out
+
+
+def keras_head_layers(keras):
+    """[(Keras layer name, kernel shape)] of the layers the trunk map does not claim, in the file's order."""
+    trunk = keras_mobilenet_v2_map()
+    return [(name, tuple(np.shape(variables.get("kernel", ())))) for name, variables in keras.weights.items()
+            if name not in trunk]
+
+
+def _keras_activation_fits(keras_act, our_act, is_classifier):
+    if keras_act in (None, "linear"):
+        return our_act == "none"
+    if keras_act == "softmax":  # lightcnn's logits; postprocess applies the softmax
+        return is_classifier and our_act == "none"
+    return keras_act == our_act
+
+
+def map_keras(keras, model, source):
+    """Keras 2 .h5 weights (lightcnn.convert.keras_h5.KerasH5) -> lightcnn tensors (dotted names).
+
+    Strict: a trunk tensor missing, a variable or layer the model has no place for, a kernel of the wrong shape
+    (compared in Keras's layout, so the message shows the file's own shape) each stop with one line.
+    """
+    if model.arch not in _KERAS_ARCHS:
+        raise CheckpointError(f"{source}: no Keras name map for architecture {model.arch!r} "
+                              f"(Keras .h5 files convert to {' or '.join(_KERAS_ARCHS)})")
+    layers = dict(model.named_layers())
+    heads = [path for path, layer in model.named_layers() if path.startswith("head.") and isinstance(layer, Dense)]
+    head_names = [name for name, _ in keras_head_layers(keras)]
+    if len(head_names) > len(heads):
+        extra = head_names[len(heads)] if heads else head_names[0]
+        raise CheckpointError(f"{source}: unexpected layer '{extra}' with weights for {model.arch}, whose head has "
+                              f"{len(heads)} dense layer(s) after the trunk (wrong --arch for this file?)")
+    if len(head_names) < len(heads):
+        raise CheckpointError(f"{source}: {len(head_names)} dense layer(s) after the trunk, {model.arch} has "
+                              f"{len(heads)} ({', '.join(heads)}); tensor '{heads[len(head_names)]}.weight' missing")
+    table = dict(keras_mobilenet_v2_map())
+    table.update({name: (path, DENSE) for name, path in zip(head_names, heads)})
+    configs = keras.layer_configs()
+    tensors, missing = {}, []
+    for keras_layer, (ours, kind) in table.items():
+        variables = keras.weights.get(keras_layer, {})
+        layer = layers[ours]
+        for keras_key, our_key in _KERAS_KEYS[kind].items():
+            shown = keras.names.get((keras_layer, keras_key), f"{keras_layer}/{keras_key}")
+            if our_key not in layer.params and our_key not in layer.buffers:
+                if keras_key in variables:
+                    raise CheckpointError(f"{source}: unexpected tensor '{shown}': {model.arch} has no "
+                                          f"{ours}.{our_key}")
+                continue
+            if keras_key not in variables:
+                missing.append(f"{keras_layer}/{keras_key}")
+                continue
+            value = variables[keras_key]
+            expected = (layer.params.get(our_key) if our_key in layer.params else layer.buffers[our_key]).shape
+            keras_expected = expected + (1,) if kind == DEPTHWISE and our_key == "weight" else expected
+            if value.shape != keras_expected:
+                raise CheckpointError(f"{source}: tensor '{shown}' has shape {value.shape}, {model.arch} expects "
+                                      f"{keras_expected} for {ours}.{our_key}")
+            tensors[f"{ours}.{our_key}"] = value[..., 0] if value.shape != expected else value
+        unknown = sorted(set(variables) - set(_KERAS_KEYS[kind]))
+        if unknown:
+            shown = keras.names.get((keras_layer, unknown[0]), f"{keras_layer}/{unknown[0]}")
+            raise CheckpointError(f"{source}: unexpected tensor '{shown}' in a {kind} layer of {model.arch}")
+        if kind == DENSE and keras_layer in configs:
+            keras_act = configs[keras_layer][1].get("activation")
+            if not _keras_activation_fits(keras_act, layer.act_name, ours == heads[-1]):
+                raise CheckpointError(f"{source}: dense layer '{keras_layer}' has activation {keras_act!r} where "
+                                      f"{model.arch}'s {ours} applies {layer.act_name!r}")
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: tensor '{missing[0]}' missing{more}; does the file hold a "
+                              f"Keras MobileNetV2?")
     return tensors
