@@ -3,8 +3,9 @@
     python bench/compare_training.py                   # the three cases below, batch 32, 2 threads
     python bench/compare_training.py --batch 16 --threads 1 --json
 
-A step is forward + backward + SGD update (momentum 0.9) of the trainable part, batch norm frozen
-(inference statistics, as lightcnn's last-k fine-tuning and torch's eval-mode BN with trainable affine):
+A step is forward + backward + SGD update (momentum 0.9) of the trainable part; batch norm frozen when
+fine-tuning (inference statistics, affine fixed: lightcnn's last-k; torch's eval-mode BN without grads),
+in training mode (batch statistics) when training from scratch:
   mobilenet_v2 last-7   the input is the frozen prefix's output (the cached boundary activations,
                         (N, 14, 14, 64) at 224x224), the last 7 blocks + last conv + a 2-class head train;
   squeezenet1_1 last-Fire  likewise from the input of the last Fire module;
@@ -46,23 +47,23 @@ def _lightcnn_case(case, batch, rng):
     net = Sequential([("features", suffix), ("head", model.head_net)])
     for _, layer in prefix.named_layers():
         layer.frozen = True
-    for _, layer in net.named_layers():
-        if type(layer).__name__ == "BatchNorm":
-            layer.frozen = True  # inference statistics, trainable affine
-    return model, net, np.ascontiguousarray(x), rng.integers(0, 2, batch)
+    if unfreeze != "all":  # fine-tuning: batch norm keeps its ImageNet statistics (from scratch it trains)
+        for _, layer in net.named_layers():
+            if type(layer).__name__ == "BatchNorm":
+                layer.frozen = True
+    return model, net, np.ascontiguousarray(x), rng.integers(0, 2, batch), unfreeze == "all"
 
 
-def _torch_net(net, in_shape):
-    import torch
+def _torch_net(net, in_shape, train_bn):
     from torch import nn
 
     import compare_runtimes
 
-    convert = compare_runtimes.torch_convert
-    body, _ = convert(net, in_shape)
+    body, _ = compare_runtimes.torch_convert(net, in_shape)
+    body.train()
     for module in body.modules():
-        if isinstance(module, nn.BatchNorm2d):  # frozen as in lightcnn: inference statistics, affine not trained
-            module.eval()
+        if isinstance(module, nn.BatchNorm2d) and not train_bn:  # frozen as in lightcnn: inference statistics,
+            module.eval()                                          # affine not trained
             for param in module.parameters():
                 param.requires_grad_(False)
     return body
@@ -108,12 +109,8 @@ def compare(case, batch, threads, runs, warmup):
     set_num_threads(threads)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
-    model, net, x, y = _lightcnn_case(case, batch, rng)
-    module = _torch_net(net, x.shape[1:])
-    module.train()
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.eval()
+    model, net, x, y, train_bn = _lightcnn_case(case, batch, rng)
+    module = _torch_net(net, x.shape[1:], train_bn)
     ours, theirs = lightcnn_step(net, x, y), torch_step(module, x, y)
     first = (ours(), theirs())  # same weights, same batch: the first losses must agree
     if not abs(first[0] - first[1]) <= 1e-4 * max(1.0, abs(first[1])):
