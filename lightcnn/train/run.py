@@ -40,6 +40,7 @@ import numpy as np
 
 from lightcnn.checkpoint import Checkpoint, atomic_write_text, read_checkpoint, save_checkpoint
 from lightcnn.data import discover, group_stratified_split, kfold_dataset, split_dataset, stratified_split
+from lightcnn.dicom import parse_window
 from lightcnn.errors import LightCNNError
 from lightcnn.kernels.linear import softmax
 from lightcnn.layers.base import Sequential
@@ -69,6 +70,7 @@ class FinetuneConfig:
     mode        head | last-k | full; unfreeze = k for last-k
     augment     preset name or Augmenter config; views = augmented views cached per training image
     blur_sigma  3x3 Gaussian blur added to the weights' preprocessing (seed 000: 1.3)
+    window, hu_offset  CT window for DICOM / 16-bit CT images (lightcnn.dicom), stored in best.h5's preprocessing
     resize      None = the weights' resize mode; "stretch" keeps the whole slice (CT figures of any aspect
                 ratio), "square" / "shorter" / "central_fraction" as in lightcnn.preprocess
     split       auto | official | random | group; fractions for random/group; kfold K > 1 replaces the split by
@@ -88,6 +90,8 @@ class FinetuneConfig:
     augment: object = None
     views: int = 0
     blur_sigma: float | None = None
+    window: object = None
+    hu_offset: float | None = None
     resize: str | None = None
     split: str = "auto"
     fractions: list = field(default_factory=lambda: [0.8, 0.1, 0.1])
@@ -112,6 +116,11 @@ class FinetuneConfig:
             raise RunError("last-k needs --unfreeze K >= 1")
         if self.resize not in (None, "shorter", "square", "stretch", "central_fraction"):
             raise RunError(f"resize must be shorter, square, stretch or central_fraction, got {self.resize!r}")
+        try:
+            window = parse_window(self.window)
+        except ValueError as exc:
+            raise RunError(f"--{exc}") from None
+        self.window = list(window) if isinstance(window, tuple) else window
         if self.views < 0:
             raise RunError("--views must be >= 0")
         try:
@@ -177,6 +186,10 @@ def load_base(cfg):
         prep = replace(prep, blur_sigma=float(cfg.blur_sigma))
     if cfg.resize:
         prep = replace(prep, resize=cfg.resize)
+    if cfg.window is not None:
+        prep = replace(prep, window=cfg.window)
+    if cfg.hu_offset is not None:
+        prep = replace(prep, hu_offset=float(cfg.hu_offset))
     return model, prep, provenance
 
 
@@ -259,6 +272,9 @@ def _fingerprint(cfg):
     d = cfg.to_dict()
     for key in RESUME_MAY_DIFFER + ("out",):
         d.pop(key, None)
+    for key in ("window", "hu_offset"):  # added later: runs written before them resume unchanged
+        if d.get(key) is None:
+            d.pop(key, None)
     d["train"] = {k: v for k, v in d["train"].items() if k != "epochs"}
     return json.dumps(d, sort_keys=True)
 

@@ -127,6 +127,7 @@ def prepare_features(args, progress):
 
     cfg = FinetuneConfig(data=args.data, out=str(Path(args.out) / "best"), model=args.model, weights=args.weights,
                          split=args.split, positive=args.positive, blur_sigma=args.blur_sigma,
+                         window=args.window, hu_offset=args.hu_offset,
                          cache_dir=args.cache_dir or str(Path(args.out).resolve() / ".feature-cache"),
                          train=dict(epochs=args.epochs, optimizer=args.optimizer, seed=args.seed))
     ds = discover(cfg.data)
@@ -169,6 +170,9 @@ def main(argv=None):
     parser.add_argument("--split", default="auto", choices=["auto", "official", "random", "group"])
     parser.add_argument("--positive", help="positive class name for sensitivity/specificity (e.g. CT_COVID)")
     parser.add_argument("--blur-sigma", type=float, help="3x3 Gaussian blur added to preprocessing (seed 000: 1.3)")
+    parser.add_argument("--window", help="CT window for DICOM / 16-bit CT images: lung, mediastinum, bone, auto "
+                        "or CENTER,WIDTH")
+    parser.add_argument("--hu-offset", type=float, help="16-bit PNG/TIFF CT exports: HU = pixel + N (e.g. -1024)")
     parser.add_argument("--acquisition", choices=["ei", "pi", "lcb"], default="ei")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", help="feature cache (default RUN_DIR/.feature-cache)")
