@@ -45,7 +45,7 @@ from lightcnn.errors import LightCNNError
 from lightcnn.kernels.linear import softmax
 from lightcnn.layers.base import Sequential
 from lightcnn.layers.basic import BatchNorm
-from lightcnn.metrics import classification_report, kfold_summary, youden_threshold
+from lightcnn.metrics import classification_report, kfold_summary, report_curves, youden_threshold
 from lightcnn.preprocess import GRAYSCALE_227, TORCHVISION, Preprocessing
 from lightcnn.train.features import augment_config, extract_features, split_backbone
 from lightcnn.train.loop import TrainConfig, TrainState, fit, predict_logits
@@ -390,6 +390,9 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
     logits = {name: predict_logits(net, x[name][0] if name == "train" else x[name]) for name in shown}
     for name in shown:
         report[name] = _report(y[name], logits[name], class_names, positive, cfg.n_bootstrap, tcfg.seed)
+        # ROC and PR points, so any tool can redraw the curves (metrics.curve_points)
+        report[name]["curves"] = report_curves(y[name], softmax(logits[name].astype(np.float64)), class_names,
+                                               positive)
     operating_point = _operating_point(y, logits, positive, class_names)
     if operating_point is not None:
         # The same model at the validation-chosen threshold: argmax stays the headline decision rule.
@@ -421,7 +424,52 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
     save_checkpoint(best, ckpt)
     report["best_h5"] = str(best)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
+    _write_pictures(out, cfg, report, shown, parts, ds, result, best, prep, progress, model.arch, provenance)
     return RunResult(out, report, result.history, best, timings)
+
+
+def _write_pictures(out, cfg, report, shown, parts, ds, result, best, prep, progress, arch, provenance):
+    """roc/pr/confusion/curves.png, cam_grid.png (3 highest and 3 lowest scores of the shown split) and
+    report.html for the test split (validation when the test split is not reported)."""
+    from lightcnn.api import load
+    from lightcnn.plots import matplotlib_available
+    from lightcnn.run_report import cam_rows, caveats, class_counts, write_html, write_plots
+    from lightcnn.weights import sha256_of
+
+    split_name = "test" if "test" in shown else ("val" if "val" in shown else "train")
+    class_names = report["class_names"]
+    at = report.get("at_operating_point") or {}
+    cam = None
+    if matplotlib_available():
+        clf = load(str(best))
+        idx = parts[split_name]
+        paths = [ds.items[i].path for i in idx]
+        positive = class_names.index(cfg.positive) if cfg.positive else None
+        probs = clf.predict(clf.preprocess([str(p) for p in paths])) if len(paths) else None
+        if probs is not None:
+            scores = probs[:, positive] if positive is not None else probs.max(axis=1)
+            cam = cam_rows(clf, [str(p) for p in paths], scores, k=min(3, len(paths)))
+    plots = write_plots(out, report[split_name], class_names, split_name, at.get(split_name), result.history,
+                        report["best_epoch"], cam, warn=progress)
+    splits = {n: report[n] for n in shown}
+    split = report.get("split") or {}
+    notes = [f"split: {split.get('method', '?')} (seed {split.get('seed')})"] + list(split.get("warnings") or [])
+    model_rows = [["model", _esc(best)], ["SHA-256", sha256_of(best)], ["architecture", _esc(arch)],
+                  ["trained", _esc(f"{cfg.mode}" + (f", last {cfg.unfreeze} blocks" if cfg.mode == "last-k" else ""))],
+                  ["base weights", _esc(provenance.get("base_weights") or provenance.get("base"))],
+                  ["base SHA-256", _esc(provenance.get("base_sha256") or "-")],
+                  ["best epoch", f"{report['best_epoch']} of {report['epochs_run']}"],
+                  ["preprocessing", _esc(json.dumps(prep.to_dict()))]]
+    write_html(out / "report.html", title=f"Fine-tuning run {out.name}", data_rows=class_counts(splits, class_names),
+               data_notes=notes, model_rows=model_rows, config=cfg.to_dict(), splits=splits,
+               at_operating_point=at, operating_point=report.get("operating_point"), class_names=class_names,
+               plots=plots, caveat_lines=caveats(splits, split, prep.window))
+
+
+def _esc(value):
+    import html
+
+    return html.escape(str(value))
 
 
 def _json_default(x):
