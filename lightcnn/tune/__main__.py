@@ -15,7 +15,11 @@ configuration is finally trained once more by `lightcnn.train.finetune`, which w
 RUN_DIR/run<r>/trials.jsonl  every trial (append-only, fsync'd): --resume replays it without re-evaluating
 RUN_DIR/best.json            winning hyperparameters, observed and GP-estimated validation accuracy, the default
                              configuration's validation accuracy, test-split metrics of the final model
-RUN_DIR/best/                the final fine-tuning run (best.h5, report.json, metrics.csv, config.json)
+RUN_DIR/best/                the final fine-tuning run (best.h5, report.json, metrics.csv, config.json, the
+                             plots and report.html)
+RUN_DIR/convergence.png      best validation accuracy so far per trial, one line per run (matplotlib)
+RUN_DIR/objective.png        the best run's GP mean over its two most important dimensions (shortest ARD
+                             length-scales), the other dimensions at the best trial (matplotlib)
 
 Exit codes: 0 done; 1 an expected failure (one line on stderr); 2 usage error.
 """
@@ -219,7 +223,7 @@ def _run(args, options, dims):
                                    dict(base_train, monitor="accuracy"), num_classes=len(ds.class_names))
     _say(f"default configuration: val accuracy {default_val:.4f}")
 
-    runs = []
+    runs, results = [], []
     for run in range(args.runs):
         seed = args.seed + run
         _say(f"run {run + 1}/{args.runs} (seed {seed}): {args.trials} trials")
@@ -231,6 +235,7 @@ def _run(args, options, dims):
                           acquisition=args.acquisition, seed=seed, log_path=out / f"run{run}" / "trials.jsonl",
                           resume=args.resume)
         seconds = time.perf_counter() - t0
+        results.append(result)
         print(f"\nrun {run + 1} (seed {seed}), {seconds:.1f} s, {objective.trial} trials evaluated "
               f"({len(result.func_vals) - objective.trial} replayed from the log)")
         print(trials_table(options, result.x_iters, result.func_vals))
@@ -239,6 +244,7 @@ def _run(args, options, dims):
                          estimated_val_accuracy=-float(result.fun_estimated), evaluated=objective.trial))
 
     best = max(runs, key=lambda r: r["best_val_accuracy"])
+    _tuning_plots(out, results, runs.index(best))
     best_params = dict(zip(options, best["best_x"]))
     print(f"\nbest: val accuracy {best['best_val_accuracy']:.4f} (GP estimate at its own optimum "
           f"{best['estimated_val_accuracy']:.4f}); default configuration {default_val:.4f}")
@@ -271,6 +277,20 @@ def _run(args, options, dims):
               f"{_fmt(test.get('roc_auc'))}")
     _say(f"done in {summary['seconds']:.1f} s; {out / 'best.json'}")
     return 0
+
+
+def _tuning_plots(out, results, best_run):
+    """RUN_DIR/convergence.png (best-so-far per trial, every run) and objective.png (the best run's GP mean over
+    its two most important dimensions); one line instead without matplotlib."""
+    from lightcnn.plots import PLOT_HINT, convergence_plot, matplotlib_available, objective_plot
+
+    if not matplotlib_available():
+        _say(PLOT_HINT)
+        return
+    accuracy = [[-float(v) for v in r.func_vals] for r in results]  # the tuner minimised -accuracy
+    convergence_plot(out / "convergence.png", accuracy)
+    best = results[best_run]
+    objective_plot(out / "objective.png", best.space, best.x_iters, accuracy[best_run])
 
 
 def _json_default(value):
