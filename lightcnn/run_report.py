@@ -89,9 +89,9 @@ def _data_uri(path):
 
 
 def _table(header, rows):
-    head = "".join(f"<th>{h}</th>" for h in header)
+    head = f"<thead><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr></thead>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def caveats(splits, split_info, window=None):
@@ -129,7 +129,7 @@ def write_html(path, *, title, data_rows, data_notes, model_rows, config, splits
     if operating_point:
         op_text = (f"<p>Operating point: {_e(operating_point['class'])} when P &ge; "
                    f"{_num(operating_point['threshold'], 4)} ({_e(operating_point.get('rule', ''))}).</p>")
-    figures = "".join(f"<figure><img alt='{_e(k)}' src='{_data_uri(p)}'><figcaption>{_e(Path(p).name)}"
+    figures = "".join(f"<figure{' class=wide' if k == 'curves' else ''}><img alt='{_e(k)}' src='{_data_uri(p)}'><figcaption>{_e(Path(p).name)}"
                       f"</figcaption></figure>" for k, p in plots.items() if k != "cam_grid")
     if not plots:
         from lightcnn.plots import PLOT_HINT
@@ -141,7 +141,7 @@ def write_html(path, *, title, data_rows, data_notes, model_rows, config, splits
     sections = [
         ("Data", _table(data_rows[0], data_rows[1:])
          + "".join(f"<p class=note>{_e(n)}</p>" for n in data_notes)),
-        ("Model and weights", _table(["", ""], model_rows)),
+        ("Model and weights", _table(None, model_rows)),
         ("Metrics", _table(["split"] + list(METRICS), metric_rows) + op_text
          + "<p class=note>Values with bootstrap 95 % confidence intervals in brackets.</p>"),
         ("Plots", f"<div class=grid>{figures}</div>"),
@@ -160,7 +160,7 @@ h1 {{ font-size: 22px; margin-bottom: 2px; }} h2 {{ font-size: 17px; border-bott
 table {{ border-collapse: collapse; margin: 6px 0; }} td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: left; }}
 th {{ background: #f3f5f8; }} .ci {{ color: #777; font-size: 12px; }} .note {{ color: #555; font-size: 13px; }}
 .grid {{ display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 12px; }}
-figure {{ margin: 0; }} img {{ max-width: 100%; border: 1px solid #eee; }} figcaption {{ font-size: 12px; color: #777; }}
+figure {{ margin: 0; }} .grid .wide {{ grid-column: 1 / -1; }} img {{ max-width: 100%; border: 1px solid #eee; }} figcaption {{ font-size: 12px; color: #777; }}
 pre {{ background: #f7f7f7; padding: 8px; font-size: 12px; max-height: 420px; overflow: auto; }}
 li {{ margin: 3px 0; }}
 </style></head><body>

@@ -226,3 +226,17 @@ def test_report_html_renders_in_headless_chromium(run, tmp_path):
     # the plots are drawn: the ROC curve's blue and the CAM overlay's colours are on the page
     blue = (rgb[..., 2] > 150) & (rgb[..., 0] < 80)
     assert blue.mean() > 0.001
+
+
+def test_tune_writes_convergence_and_objective_for_its_runs(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason='pip install "lightcnn[plot]"')
+    from lightcnn.tune import Real, minimize
+    from lightcnn.tune.__main__ import _tuning_plots
+
+    space = [Real(1e-4, 1e-1, log=True, name="lr"), Real(0.5, 0.99, name="momentum")]
+    results = [minimize(lambda x: (np.log10(x[0]) + 2) ** 2 + x[1], space, n_calls=8, n_initial=5, seed=s)
+               for s in (0, 1)]
+    _tuning_plots(tmp_path, results, 0)
+    for name in ("convergence.png", "objective.png"):
+        w, h, std, ink = png_stats(tmp_path / name)
+        assert w > 300 and std > 10 and ink > 0.01, name
