@@ -424,11 +424,12 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
     save_checkpoint(best, ckpt)
     report["best_h5"] = str(best)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
-    _write_pictures(out, cfg, report, shown, parts, ds, result, best, prep, progress, model.arch, provenance)
+    _write_pictures(out, cfg, report, shown, parts, ds, result, best, prep, progress, model.arch, provenance,
+                    logits)
     return RunResult(out, report, result.history, best, timings)
 
 
-def _write_pictures(out, cfg, report, shown, parts, ds, result, best, prep, progress, arch, provenance):
+def _write_pictures(out, cfg, report, shown, parts, ds, result, best, prep, progress, arch, provenance, logits):
     """roc/pr/confusion/curves.png, cam_grid.png (3 highest and 3 lowest scores of the shown split) and
     report.html for the test split (validation when the test split is not reported)."""
     from lightcnn.api import load
@@ -445,8 +446,8 @@ def _write_pictures(out, cfg, report, shown, parts, ds, result, best, prep, prog
         idx = parts[split_name]
         paths = [ds.items[i].path for i in idx]
         positive = class_names.index(cfg.positive) if cfg.positive else None
-        probs = clf.predict(clf.preprocess([str(p) for p in paths])) if len(paths) else None
-        if probs is not None:
+        if len(paths):  # the scores the report was made from; only the 6 shown images run the network again
+            probs = softmax(logits[split_name].astype(np.float64))
             scores = probs[:, positive] if positive is not None else probs.max(axis=1)
             cam = cam_rows(clf, [str(p) for p in paths], scores, k=min(3, len(paths)))
     plots = write_plots(out, report[split_name], class_names, split_name, at.get(split_name), result.history,
