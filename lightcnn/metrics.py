@@ -115,7 +115,7 @@ def curve_points(y_true, y_score, positive=1) -> dict:
     The decision at threshold t is "positive iff score >= t", for every distinct score t from the highest down:
         thresholds (M,)  descending; the ROC lists start with the point (0, 0) for "nothing positive", whose
                          threshold is None (+inf), so fpr/tpr have M + 1 entries
-        fpr, tpr         FP / N_neg and TP / N_pos                        (sklearn.metrics.roc_curve, drop_intermediate=False)
+        fpr, tpr         FP / N_neg and TP / N_pos   (sklearn.metrics.roc_curve with drop_intermediate=False)
         precision, recall TP / (TP + FP) and TP / N_pos at each threshold (M entries each)
         auc              roc_auc (Mann-Whitney); average_precision = sum (R_i - R_{i-1}) P_i (sklearn's AP)
     None when either class is absent (no curve is defined).
@@ -410,5 +410,6 @@ def format_kfold(summary) -> str:
 
 
 __all__ = ["METRIC_NAMES", "binary_counts", "binary_metrics", "binary_metrics_from_cm", "bootstrap_ci",
-           "curve_points", "report_curves", "classification_report", "confusion_matrix", "decide", "format_kfold", "format_report", "kfold_summary",
+           "curve_points", "report_curves", "classification_report", "confusion_matrix", "decide", "format_kfold",
+           "format_report", "kfold_summary",
            "metric_vector", "per_class_report", "roc_auc", "roc_auc_ovr", "youden_threshold"]

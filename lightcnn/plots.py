@@ -24,7 +24,7 @@ PLOT_HINT = 'plots skipped: matplotlib is not installed; pip install "lightcnn[p
 
 def matplotlib_available():
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  (only whether it imports)
     except ImportError:
         return False
     return True

@@ -382,7 +382,8 @@ def load_image(source, *, max_pixels=DEFAULT_MAX_PIXELS, name=None, window=None,
 
     DICOM files (the DICM magic at byte 128, or a path ending in .dcm) are read with pydicom (the optional
     `dicom` extra): stored values -> Hounsfield units (RescaleSlope/Intercept) -> window -> "L",
-    MONOCHROME1 inverted; colour DICOM gives "RGB". The format is found from the content, never the extension (some .png files in the CT set are JPEG streams).
+    MONOCHROME1 inverted; colour DICOM gives "RGB". Every other format is found from the content, never the
+    extension (some .png files in the CT set are JPEG streams).
     EXIF orientation is applied, an animated file gives its first frame, and the mode is reduced to "RGB" or
     "L" as described in the module docstring (alpha on black, high-bit-depth min-max windowing).
     Every failure raises ImageError with one line "<name>: <problem>".

@@ -129,8 +129,9 @@ def write_html(path, *, title, data_rows, data_notes, model_rows, config, splits
     if operating_point:
         op_text = (f"<p>Operating point: {_e(operating_point['class'])} when P &ge; "
                    f"{_num(operating_point['threshold'], 4)} ({_e(operating_point.get('rule', ''))}).</p>")
-    figures = "".join(f"<figure{' class=wide' if k == 'curves' else ''}><img alt='{_e(k)}' src='{_data_uri(p)}'><figcaption>{_e(Path(p).name)}"
-                      f"</figcaption></figure>" for k, p in plots.items() if k != "cam_grid")
+    figures = "".join(f"<figure{' class=wide' if k == 'curves' else ''}><img alt='{_e(k)}' src='{_data_uri(p)}'>"
+                      f"<figcaption>{_e(Path(p).name)}</figcaption></figure>"
+                      for k, p in plots.items() if k != "cam_grid")
     if not plots:
         from lightcnn.plots import PLOT_HINT
 
@@ -156,11 +157,14 @@ def write_html(path, *, title, data_rows, data_notes, model_rows, config, splits
 <html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
 <style>
 body {{ font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1120px; color: #222; padding: 0 16px; }}
-h1 {{ font-size: 22px; margin-bottom: 2px; }} h2 {{ font-size: 17px; border-bottom: 1px solid #ccc; padding-bottom: 3px; }}
-table {{ border-collapse: collapse; margin: 6px 0; }} td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: left; }}
+h1 {{ font-size: 22px; margin-bottom: 2px; }}
+h2 {{ font-size: 17px; border-bottom: 1px solid #ccc; padding-bottom: 3px; }}
+table {{ border-collapse: collapse; margin: 6px 0; }}
+td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: left; }}
 th {{ background: #f3f5f8; }} .ci {{ color: #777; font-size: 12px; }} .note {{ color: #555; font-size: 13px; }}
 .grid {{ display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 12px; }}
-figure {{ margin: 0; }} .grid .wide {{ grid-column: 1 / -1; }} img {{ max-width: 100%; border: 1px solid #eee; }} figcaption {{ font-size: 12px; color: #777; }}
+figure {{ margin: 0; }} .grid .wide {{ grid-column: 1 / -1; }} img {{ max-width: 100%; border: 1px solid #eee; }}
+figcaption {{ font-size: 12px; color: #777; }}
 pre {{ background: #f7f7f7; padding: 8px; font-size: 12px; max-height: 420px; overflow: auto; }}
 li {{ margin: 3px 0; }}
 </style></head><body>
