@@ -123,7 +123,7 @@ class Classifier:
             if isinstance(image, np.ndarray) and not _is_pixels(image, 3):
                 raise self._refuse(image)
             if not isinstance(image, np.ndarray) and not hasattr(image, "mode"):
-                image = load_image(image)
+                image = load_image(image, **self.preprocessing.load_options())
             out.append(preprocess_image(image, self.preprocessing))
         return np.stack(out)
 

@@ -35,9 +35,10 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from lightcnn.dicom import looks_like_dicom
 from lightcnn.errors import LightCNNError
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm"})
 SPLIT_NAMES = ("train", "val", "test")
 # Spellings of the split values met in the wild, mapped onto SPLIT_NAMES.
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -158,7 +159,8 @@ def _from_folders(root: Path) -> Dataset:
     for class_dir in class_dirs:
         # Sorted relative POSIX paths: the same tree gives the same order on every OS and file system.
         files = sorted((p for p in class_dir.rglob("*")
-                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                        if p.is_file() and (p.suffix.lower() in IMAGE_EXTENSIONS
+                                            or (not p.suffix and looks_like_dicom(p)))  # DICOM series files
                         and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)),
                        key=lambda p: p.relative_to(class_dir).as_posix())
         if not files:

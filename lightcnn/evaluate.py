@@ -13,6 +13,11 @@ A two-class model trained with a positive class carries an operating point: the 
 maximised Youden's J on its validation split. The report then also gives the metrics at that threshold
 (`at_operating_point` in JSON); --threshold T evaluates at T instead.
 
+--out DIR writes DIR/report.json (the report with its ROC/PR points), roc.png, pr.png, confusion.png (with
+matplotlib, the `plot` extra) and DIR/report.html, one self-contained page; --cam adds cam_grid.png, the three
+highest- and lowest-scoring images with their class activation maps. --window / --hu-offset override the model's
+CT window for DICOM and 16-bit images (see lightcnn.dicom).
+
 Exit codes: 0 done; 1 expected failure (one line "error: ..."); 2 usage error.
 """
 
@@ -45,6 +50,11 @@ def build_parser():
                    help="also report decisions 'positive iff P(positive) >= T' (default: the model's stored "
                         "operating point, if any)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    p.add_argument("--out", metavar="DIR", help="write report.json, the plots and report.html into DIR")
+    p.add_argument("--cam", action="store_true", help="with --out: cam_grid.png of the highest/lowest scores")
+    p.add_argument("--window", metavar="W", help="CT window for DICOM / 16-bit CT images: lung, mediastinum, bone, "
+                   "auto or CENTER,WIDTH (default: the model's)")
+    p.add_argument("--hu-offset", type=float, metavar="N", help="16-bit PNG/TIFF CT exports: HU = pixel + N")
     p.add_argument("--bootstrap", type=_nonneg_int, default=1000, metavar="N", help="resamples for the CIs (1000)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (16)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
@@ -54,7 +64,8 @@ def build_parser():
 
 
 def evaluate(model_path, data, split="test", split_method=None, seed=None, fractions=None, csv=None,
-             positive=None, n_bootstrap=1000, batch_size=16, warn=None, threshold=None, engine=None):
+             positive=None, n_bootstrap=1000, batch_size=16, warn=None, threshold=None, engine=None, window=None,
+             hu_offset=None, out=None, cam=False):
     """Returns (report dict, info dict). `report` is metrics.classification_report on the chosen split (argmax
     decisions); with a threshold (given, or the model's stored operating point) report["at_operating_point"]
     is the same at that threshold."""
@@ -65,7 +76,18 @@ def evaluate(model_path, data, split="test", split_method=None, seed=None, fract
     from lightcnn.metrics import classification_report
     from lightcnn.train.features import load_view
 
+    from dataclasses import replace
+
+    from lightcnn.metrics import report_curves
+
     clf = load(model_path, engine=engine)
+    try:
+        if window is not None:
+            clf.preprocessing = replace(clf.preprocessing, window=window)
+        if hu_offset is not None:
+            clf.preprocessing = replace(clf.preprocessing, hu_offset=hu_offset)
+    except ValueError as exc:
+        raise LightCNNError(f"--{str(exc).removeprefix('Preprocessing.')}") from None
     training = (clf.checkpoint.extra or {}).get("training") or {}
     split_method = split_method or training.get("split", "auto")
     seed = seed if seed is not None else int((training.get("train") or {}).get("seed", 0))
@@ -100,6 +122,7 @@ def evaluate(model_path, data, split="test", split_method=None, seed=None, fract
         probs.append(clf.predict(batch, batch_size))
     probs = np.concatenate(probs)
     report = classification_report(y, probs, clf.class_names, positive=positive, n_bootstrap=n_bootstrap, seed=seed)
+    report["curves"] = report_curves(y, probs, clf.class_names, positive)
     if threshold is None and clf.operating_point is not None and clf.operating_point[0] == positive:
         threshold = clf.operating_point[1]
     if threshold is not None:
@@ -113,12 +136,56 @@ def evaluate(model_path, data, split="test", split_method=None, seed=None, fract
         from lightcnn.engine import compile_hint
 
         warn(compile_hint(clf.model.arch))
+    if out is not None:
+        _write_outputs(out, clf, report, info, ds, idx, probs, positive, cam, warn)
     return report, info
+
+
+def _write_outputs(out, clf, report, info, ds, idx, probs, positive, cam, warn):
+    """DIR/report.json, the plots, cam_grid.png (with cam) and report.html."""
+    import html
+    from pathlib import Path
+
+    from lightcnn.checkpoint import atomic_write_text
+    from lightcnn.plots import matplotlib_available
+    from lightcnn.run_report import cam_rows, caveats, class_counts, write_html, write_plots
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LightCNNError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+    atomic_write_text(out / "report.json", json.dumps({**info, **report}, indent=2) + "\n")
+    rows = None
+    if cam and matplotlib_available():
+        paths = [str(ds.items[i].path) for i in idx]
+        scores = probs[:, clf.class_names.index(positive)] if positive is not None else probs.max(axis=1)
+        rows = cam_rows(clf, paths, scores, k=min(3, len(paths)))
+    split = info["split"]
+    at = report.get("at_operating_point")
+    plots = write_plots(out, report, clf.class_names, split, at, cam=rows, warn=warn)
+    grouped = ds.has_groups and info["split_method"] not in ("random",)
+    split_info = {"method": info["split_method"], "seed": info["seed"],
+                  "ungrouped_items": 0 if grouped else len(idx), "warnings": []}
+    model_rows = [["model", html.escape(info["model"])], ["SHA-256", clf.weights_sha256 or "-"],
+                  ["architecture", html.escape(clf.model.arch)], ["engine", html.escape(str(info["engine"]))],
+                  ["preprocessing", html.escape(json.dumps(clf.preprocessing.to_dict()))]]
+    notes = [f"{info['images']} images of {info['data']}, {split} split ({info['split_method']}, seed "
+             f"{info['seed']}); " + ("patient/group IDs present" if ds.has_groups else "no patient/group IDs")]
+    write_html(out / "report.html", title=f"Evaluation of {Path(info['model']).name}",
+               data_rows=class_counts({split: report}, clf.class_names), data_notes=notes, model_rows=model_rows,
+               config=info, splits={split: report}, at_operating_point={split: at} if at else None,
+               operating_point=({"class": positive, "threshold": at["threshold"], "rule": "stored with the model"
+                                 " or --threshold"} if at else None), class_names=clf.class_names, plots=plots,
+               caveat_lines=caveats({split: report}, split_info, clf.preprocessing.window))
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     set_verbosity(args)
+    if args.cam and not args.out:
+        print("error: --cam needs --out DIR", file=sys.stderr)
+        return 2
     if args.threads:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(args.threads)
@@ -131,7 +198,8 @@ def main(argv=None):
         report, info = evaluate(args.model, args.data, args.split, args.split_method, args.seed, args.fractions,
                                 args.csv, args.positive, args.bootstrap, args.batch_size,
                                 warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True),
-                                threshold=args.threshold, engine=args.engine)
+                                threshold=args.threshold, engine=args.engine, window=args.window,
+                                hu_offset=args.hu_offset, out=args.out, cam=args.cam)
     except LightCNNError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 1

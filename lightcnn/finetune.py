@@ -105,6 +105,10 @@ def build_parser():
     g.add_argument("--views", type=_nonneg_int, default=0, metavar="N", help="augmented views cached per image")
     g.add_argument("--oversample", action="store_true", help="repeat minority-class images to balance classes")
     g.add_argument("--blur-sigma", type=_positive_float, metavar="S", help="3x3 Gaussian blur (seed 000: 1.3)")
+    g.add_argument("--window", metavar="W", help="CT window for DICOM / 16-bit CT images: lung, mediastinum, "
+                   "bone, auto or CENTER,WIDTH in HU (stored with best.h5; default: the file's own window)")
+    g.add_argument("--hu-offset", type=float, metavar="N",
+                   help="16-bit PNG/TIFF CT exports: HU = pixel + N (e.g. -1024); default: min-max stretch")
     g.add_argument("--resize", choices=("shorter", "square", "stretch", "central_fraction"),
                    help="override the weights' resize/crop; stretch keeps the whole image (default: the weights')")
     g.add_argument("--split", choices=("auto", "official", "random", "group"), default="auto",
@@ -139,7 +143,7 @@ def config_from_args(args):
                  dropout=args.dropout, hidden_dropout=args.hidden_dropout)
     return dict(data=args.data, out=args.out, model=args.model, weights=args.weights, arch=args.arch, csv=args.csv,
                 mode=args.mode, unfreeze=args.unfreeze, augment=args.augment, views=args.views,
-                blur_sigma=args.blur_sigma, resize=args.resize, split=args.split, fractions=args.fractions,
+                blur_sigma=args.blur_sigma, window=args.window, hu_offset=args.hu_offset, resize=args.resize, split=args.split, fractions=args.fractions,
                 kfold=args.kfold, positive=args.positive, cache_dir=args.cache_dir, n_bootstrap=args.bootstrap,
                 report_test=not args.no_test, train=train)
 

@@ -109,6 +109,51 @@ def roc_auc(y_true, y_score, positive=1) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def curve_points(y_true, y_score, positive=1) -> dict:
+    """ROC and precision-recall points of `y_score` for class `positive`, one per distinct score.
+
+    The decision at threshold t is "positive iff score >= t", for every distinct score t from the highest down:
+        thresholds (M,)  descending; the ROC lists start with the point (0, 0) for "nothing positive", whose
+                         threshold is None (+inf), so fpr/tpr have M + 1 entries
+        fpr, tpr         FP / N_neg and TP / N_pos   (sklearn.metrics.roc_curve with drop_intermediate=False)
+        precision, recall TP / (TP + FP) and TP / N_pos at each threshold (M entries each)
+        auc              roc_auc (Mann-Whitney); average_precision = sum (R_i - R_{i-1}) P_i (sklearn's AP)
+    None when either class is absent (no curve is defined).
+    """
+    y_true = np.asarray(y_true).ravel()
+    y_score = np.asarray(y_score, dtype=np.float64).ravel()
+    pos = y_true == positive
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(-y_score, kind="stable")
+    s, p = y_score[order], pos[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # the last index of each block of equal scores
+    tp = np.cumsum(p)[last].astype(np.float64)
+    fp = (last + 1) - tp
+    tpr, fpr = tp / n_pos, fp / n_neg
+    precision = tp / (tp + fp)
+    recall_steps = np.diff(np.r_[0.0, tpr])
+    return {"thresholds": [None] + s[last].tolist(), "fpr": [0.0] + fpr.tolist(), "tpr": [0.0] + tpr.tolist(),
+            "precision": precision.tolist(), "recall": tpr.tolist(), "auc": roc_auc(y_true, y_score, positive),
+            "average_precision": float(np.sum(recall_steps * precision))}
+
+
+def report_curves(y_true, probs, class_names, positive=None) -> dict:
+    """{class name: curve_points} for report.json: the positive class of a two-class report, else every class
+    one-vs-rest. Classes absent from y_true (or the only class present) are left out."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if isinstance(positive, str):
+        positive = list(class_names).index(positive)
+    ks = [positive] if positive is not None and len(class_names) == 2 else range(len(class_names))
+    out = {}
+    for k in ks:
+        points = curve_points(y_true, probs[:, k], k)
+        if points is not None:
+            out[class_names[k]] = points
+    return out
+
+
 def roc_auc_ovr(y_true, probs) -> float:
     """Macro one-vs-rest AUC: mean over classes k of roc_auc(y_true == k, probs[:, k]).
 
@@ -365,5 +410,6 @@ def format_kfold(summary) -> str:
 
 
 __all__ = ["METRIC_NAMES", "binary_counts", "binary_metrics", "binary_metrics_from_cm", "bootstrap_ci",
-           "classification_report", "confusion_matrix", "decide", "format_kfold", "format_report", "kfold_summary",
+           "curve_points", "report_curves", "classification_report", "confusion_matrix", "decide", "format_kfold",
+           "format_report", "kfold_summary",
            "metric_vector", "per_class_report", "roc_auc", "roc_auc_ovr", "youden_threshold"]

@@ -16,6 +16,12 @@ IMAGE    a file; a directory (walked recursively in sorted order, image files on
          JSON "cam" object gives it as "class" and "class_index"): CAM when the head is GAP + linear (or SqueezeNet's conv head), else Grad-CAM at the
          model's default layer; --cam-layer NAME asks for Grad-CAM at any layer of
          ``python -m lightcnn.summary NAME``
+--window W  how DICOM (and 16-bit images given --hu-offset) become grey: lung (W1500/L-600), mediastinum
+         (W350/L50), bone (W2000/L500), auto (the file's own WindowCenter/Width) or CENTER,WIDTH in HU;
+         default: the model's own (a fine-tuned model stores its window), else the file's window
+--hu-offset N  16-bit PNG/TIFF CT exports: HU = pixel + N (e.g. -1024); without it they are stretched min-max
+--frame N  the N-th frame (1-based) of multi-frame DICOM files; default: every frame, each predicted and named
+         ``file.dcm[frame N]`` (JSON: "file" and "frame")
 --threads N  threads for Numba kernels and for BLAS. BLAS (OpenBLAS/MKL) reads its thread count only when numpy
          is first imported, so the environment variables are set before that import; when ``main`` is called
          from a program that already imported numpy, only Numba's count changes.
@@ -45,7 +51,7 @@ from lightcnn._files import printable
 from lightcnn.errors import LightCNNError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff",
-                              ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k"})
+                              ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k", ".dcm"})
 BATCH_SIZE = 16
 GRADCAM_BATCH = 4
 PROGRESS_MIN_IMAGES = 20
@@ -72,10 +78,37 @@ def build_parser():
     parser.add_argument("--cam-layer", metavar="LAYER", help="with --cam: Grad-CAM at this layer (names as in "
                         "python -m lightcnn.summary); default: CAM for GAP+linear heads, else Grad-CAM at the "
                         "model's default layer")
+    parser.add_argument("--window", type=_window, metavar="W", help="CT window for DICOM / 16-bit CT images: lung, "
+                        "mediastinum, bone, auto or CENTER,WIDTH (default: the model's, else the file's own)")
+    parser.add_argument("--hu-offset", type=_finite_float, metavar="N",
+                        help="16-bit PNG/TIFF CT exports: HU = pixel + N (e.g. -1024); default: min-max stretch")
+    parser.add_argument("--frame", type=_positive_int, metavar="N",
+                        help="only frame N (1-based) of multi-frame DICOM files (default: every frame)")
     parser.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
     add_engine_argument(parser)
     add_common_options(parser)
     return parser
+
+
+def _window(text):
+    from lightcnn.dicom import parse_window
+
+    try:
+        return parse_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("window: ")) from None
+
+
+def _finite_float(text):
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _set_blas_threads(n):
@@ -87,8 +120,16 @@ def _set_blas_threads(n):
 # -- argument expansion ------------------------------------------------------------------------------------------
 
 
-def _is_image_name(name):
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+def _is_image_name(name, path=None):
+    """An image extension, or (when `path` is given) no extension and the DICOM magic (DICOM series files)."""
+    ext = os.path.splitext(name)[1].lower()
+    if ext in IMAGE_EXTENSIONS:
+        return True
+    if path is not None and not ext:
+        from lightcnn.dicom import looks_like_dicom
+
+        return looks_like_dicom(path)
+    return False
 
 
 def _walk_images(root):
@@ -97,7 +138,7 @@ def _walk_images(root):
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                     if not f.startswith(".") and _is_image_name(f))
+                     if not f.startswith(".") and _is_image_name(f, os.path.join(dirpath, f)))
     return found
 
 
@@ -121,7 +162,7 @@ def expand_images(args):
             for match in sorted(glob.glob(arg, recursive=True)):
                 if os.path.isdir(match):
                     found.extend(_walk_images(match))
-                elif _is_image_name(match):
+                elif _is_image_name(match, match):
                     found.append(match)
             if found:
                 paths.extend(found)
@@ -183,9 +224,52 @@ class _Progress:
                 self.next_pct += 10
 
 
-def _cam_stem(cam_dir, path, used):
-    """A unique file stem in cam_dir for this image: its file name without extension, -2, -3, ... on clashes."""
+class Source(tuple):
+    """(path, frame, label): one thing to predict. frame is None, or the 0-based frame of a DICOM file, and
+    label names it in the output: the path, or ``path[frame N]`` (1-based, as DICOM numbers frames)."""
+
+    path = property(lambda self: self[0])
+    frame = property(lambda self: self[1])
+    label = property(lambda self: self[2])
+
+
+def expand_frames(paths, frame=None):
+    """Paths -> (list of Source, list of one-line errors): a multi-frame DICOM file becomes one Source per
+    frame (or only `frame`, 1-based); every other path one Source. Only DICOM headers are read here."""
+    from lightcnn.dicom import looks_like_dicom
+
+    sources, errors = [], []
+    for path in paths:
+        if path == STDIN or not looks_like_dicom(path):
+            sources.append(Source((path, None if frame is None else frame - 1, path)))
+            continue
+        from lightcnn._files import read_regular_file
+        from lightcnn.dicom import dicom_frame_count
+        from lightcnn.errors import ImageError
+        from lightcnn.preprocess import MAX_IMAGE_BYTES
+
+        try:
+            data = read_regular_file(path, MAX_IMAGE_BYTES, ImageError, "an image file", printable(path))
+            n = dicom_frame_count(data, printable(path), ImageError)
+        except ImageError as exc:
+            errors.append(str(exc))
+            continue
+        if frame is not None:
+            sources.append(Source((path, frame - 1, path if n == 1 and frame == 1 else f"{path}[frame {frame}]")))
+        elif n == 1:
+            sources.append(Source((path, None, path)))
+        else:
+            sources.extend(Source((path, i, f"{path}[frame {i + 1}]")) for i in range(n))
+    return sources, errors
+
+
+def _cam_stem(cam_dir, source, used):
+    """A unique file stem in cam_dir for this image: its file name without extension (and -frameN for a DICOM
+    frame), -2, -3, ... on clashes."""
+    path = source.path
     base = "stdin" if path == STDIN else os.path.splitext(os.path.basename(path))[0] or "image"
+    if source.frame is not None:
+        base += f"-frame{source.frame + 1}"
     stem, n = base, 1
     while stem in used:
         n += 1
@@ -222,15 +306,16 @@ def _load_classifier(args):
     return None, 1
 
 
-def _prepare(path, spec, stdin_bytes):
+def _prepare(source, spec, stdin_bytes):
     """Decode + preprocess one image; returns (pixels uint8, x float32, decode_ms, preprocess_ms)."""
     from lightcnn.preprocess import load_image, normalise_pixels, preprocess_uint8
 
     t0 = time.perf_counter()
-    if path == STDIN:
-        img = load_image(stdin_bytes, name="<stdin>")
+    options = dict(spec.load_options(), frame=source.frame or 0)
+    if source.path == STDIN:
+        img = load_image(stdin_bytes, name="<stdin>", **options)
     else:
-        img = load_image(path)
+        img = load_image(source.path, **options)
     t1 = time.perf_counter()
     pixels = preprocess_uint8(img, spec)
     x = normalise_pixels(pixels, spec)
@@ -243,11 +328,11 @@ def _prepare_chunk(chunk, spec, stdin_bytes):
     good, xs, pixels, times, failed = [], [], [], [], 0
     for path in chunk:
         try:
-            pix, x, dec_ms, pre_ms = _prepare(path, spec, stdin_bytes)
+            pix, x, dec_ms, pre_ms = _prepare(path, spec, stdin_bytes)  # path: a Source
         except (LightCNNError, OSError, ValueError, MemoryError) as exc:
             failed += 1  # one line for this image; the rest of the chunk is still predicted
             msg = " ".join(str(exc).split()) or type(exc).__name__
-            where = "<stdin>" if path == STDIN else printable(path)
+            where = "<stdin>" if path.path == STDIN else printable(path.path)
             _err(msg if msg.startswith(where) else f"{where}: {msg}")
             continue
         good.append(path)
@@ -282,10 +367,15 @@ def _run(args, paths, clf):
     from lightcnn.postprocess import softmax, topk
     from lightcnn.preprocess import MAX_IMAGE_BYTES
 
+    from dataclasses import replace
+
     failures = 0
     spec = clf.preprocessing
+    if args.window is not None or args.hu_offset is not None:
+        spec = replace(spec, **{k: v for k, v in (("window", args.window), ("hu_offset", args.hu_offset))
+                                if v is not None})
     # At most one byte over the cap: load_image then refuses it with one line instead of reading without end.
-    stdin_bytes = sys.stdin.buffer.read(MAX_IMAGE_BYTES + 1) if STDIN in paths else None
+    stdin_bytes = sys.stdin.buffer.read(MAX_IMAGE_BYTES + 1) if any(p.path == STDIN for p in paths) else None
     cam_method = None
     if args.cam:
         try:
@@ -338,7 +428,8 @@ def _run(args, paths, clf):
                                "ms": round(cam_ms, 3)}
             for i, path in enumerate(good):
                 if args.json:
-                    record = {"file": path, "model": clf.name, "arch": clf.model.arch,
+                    record = {"file": path.path, **({"frame": path.frame + 1} if path.frame is not None else {}),
+                              "model": clf.name, "arch": clf.model.arch,
                               "weights": str(clf.weights_path), "weights_sha256": sha,
                               "topk": [p.to_dict() for p in preds[i]],
                               "decode_ms": round(times[i][0], 3), "preprocess_ms": round(times[i][1], 3),
@@ -350,7 +441,7 @@ def _run(args, paths, clf):
                         record["decision"] = decisions[i]
                     print(json.dumps(record))
                 else:
-                    print(("\n" if printed else "") + _format_text(path, preds[i], cams[i], decisions[i]))
+                    print(("\n" if printed else "") + _format_text(path.label, preds[i], cams[i], decisions[i]))
                 printed += 1
             sys.stdout.flush()
         progress.update(start + len(chunk))
@@ -379,6 +470,8 @@ def main(argv=None):
         _set_blas_threads(args.threads)  # before the first numpy import below (see the module docstring)
 
     paths, errors = expand_images(args.images)
+    paths, frame_errors = expand_frames(paths, args.frame)
+    errors += frame_errors
     for message in errors:
         _err(message)
     clf, status = _load_classifier(args)

@@ -61,6 +61,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lightcnn._files import printable, read_regular_file
+from lightcnn.dicom import has_dicom_magic, hu_to_uint8, parse_window, read_dicom
 from lightcnn.errors import ImageError
 
 __all__ = [
@@ -145,6 +146,12 @@ class Preprocessing:
     input_range    pixels are scaled to [0, input_range] before normalisation (1.0 torchvision, 255.0 raw)
     mean, std      per output channel, in [0, input_range] units; length 3 (RGB/BGR) or 1 (L)
     blur_sigma     None, or sigma of a 3x3 Gaussian blur applied after resize/crop (seed 000 uses 1.3)
+    window         None, "lung", "mediastinum", "bone", "auto" or (center, width) in HU: how a DICOM file (and a
+                   16-bit image with hu_offset) becomes 8-bit grey, see lightcnn.dicom; None = the DICOM file's
+                   own window, and today's min-max stretch for 16-bit PNG/TIFF
+    hu_offset      None, or the scaling of 16-bit PNG/TIFF CT exports: HU = pixel + hu_offset (e.g. -1024)
+    window and hu_offset are left out of `to_dict` while None, so records written before they existed (and
+    the feature-cache keys made from them) stay the same.
     """
 
     size: int = 224
@@ -157,6 +164,10 @@ class Preprocessing:
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
     blur_sigma: float | None = None
+    window: object = None
+    hu_offset: float | None = None
+
+    _OPTIONAL = ("window", "hu_offset")  # keys that may be absent from a stored record (None then)
 
     def __post_init__(self):
         # Validate every field here so that a bad record fails where it is built (or read from a weight file),
@@ -200,6 +211,14 @@ class Preprocessing:
             raise ValueError(f"Preprocessing.std: every value must be > 0, got {self.std!r}")
         if self.blur_sigma is not None and (not _is_real(self.blur_sigma) or self.blur_sigma <= 0):
             raise ValueError(f"Preprocessing.blur_sigma: expected None or a positive number, got {self.blur_sigma!r}")
+        try:
+            object.__setattr__(self, "window", parse_window(self.window))
+        except ValueError as exc:
+            raise ValueError(f"Preprocessing.{exc}") from None
+        if self.hu_offset is not None and not _is_real(self.hu_offset):
+            raise ValueError(f"Preprocessing.hu_offset: expected None or a finite number, got {self.hu_offset!r}")
+        if self.hu_offset is not None:
+            object.__setattr__(self, "hu_offset", float(self.hu_offset))
         object.__setattr__(self, "crop_fraction", float(self.crop_fraction))
         object.__setattr__(self, "input_range", float(self.input_range))
         if self.blur_sigma is not None:
@@ -217,7 +236,16 @@ class Preprocessing:
         out = asdict(self)
         out["mean"] = list(self.mean)
         out["std"] = list(self.std)
+        for key in self._OPTIONAL:
+            if out[key] is None:
+                del out[key]
+        if isinstance(self.window, tuple):
+            out["window"] = list(self.window)
         return out
+
+    def load_options(self):
+        """The keyword arguments of `load_image` this record decides (window, hu_offset)."""
+        return {"window": self.window, "hu_offset": self.hu_offset}
 
     @classmethod
     def from_dict(cls, data):
@@ -232,10 +260,10 @@ class Preprocessing:
         unknown = sorted(set(data) - set(names), key=str)
         if unknown:
             raise ValueError(f"Preprocessing.from_dict: unknown key(s) {unknown}; known keys are {names}")
-        missing = [n for n in names if n not in data]
+        missing = [n for n in names if n not in data and n not in cls._OPTIONAL]
         if missing:
             raise ValueError(f"Preprocessing.from_dict: missing key(s) {missing}")
-        return cls(**{n: data[n] for n in names})
+        return cls(**{n: data[n] for n in names if n in data})
 
 
 TORCHVISION = Preprocessing()
@@ -339,7 +367,7 @@ def _check_extent(width, height, name):
                          "(resizing its shorter side would need a huge image)")
 
 
-def load_image(source, *, max_pixels=DEFAULT_MAX_PIXELS, name=None):
+def load_image(source, *, max_pixels=DEFAULT_MAX_PIXELS, name=None, window=None, hu_offset=None, frame=0):
     """Decode one image file into a fully loaded PIL image in mode "RGB" or "L".
 
     source      a path (str / os.PathLike) to a regular file, bytes, or a binary file object (read to its end);
@@ -349,8 +377,13 @@ def load_image(source, *, max_pixels=DEFAULT_MAX_PIXELS, name=None):
                 MAX_ASPECT apply either way, also before decoding.
     name        what error messages call the source (default: the path, the stream's .name, or "<bytes>"),
                 control characters escaped
+    window, hu_offset  CT display (see `Preprocessing`, lightcnn.dicom); usually `**spec.load_options()`
+    frame       0-based frame of a multi-frame DICOM file (other formats: always their first frame)
 
-    The format is found from the content, never the extension (some .png files in the CT set are JPEG streams).
+    DICOM files (the DICM magic at byte 128, or a path ending in .dcm) are read with pydicom (the optional
+    `dicom` extra): stored values -> Hounsfield units (RescaleSlope/Intercept) -> window -> "L",
+    MONOCHROME1 inverted; colour DICOM gives "RGB". Every other format is found from the content, never the
+    extension (some .png files in the CT set are JPEG streams).
     EXIF orientation is applied, an animated file gives its first frame, and the mode is reduced to "RGB" or
     "L" as described in the module docstring (alpha on black, high-bit-depth min-max windowing).
     Every failure raises ImageError with one line "<name>: <problem>".
@@ -358,6 +391,11 @@ def load_image(source, *, max_pixels=DEFAULT_MAX_PIXELS, name=None):
     data, name = _read_source(source, name)
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes)")
+    if has_dicom_magic(data) or (isinstance(source, (str, os.PathLike))
+                                 and os.fspath(source).lower().endswith(".dcm")):
+        pixels, mode = read_dicom(data, name, ImageError, frame=frame, window=window, check_extent=_check_extent,
+                                  max_pixels=max_pixels)
+        return Image.fromarray(pixels, mode)
     try:
         # Pillow warns (DecompressionBombWarning) above MAX_IMAGE_PIXELS and raises above twice that. The warning is
         # silenced only inside this block (catch_warnings restores the filters; note it is not thread-safe before
@@ -389,7 +427,7 @@ def load_image(source, *, max_pixels=DEFAULT_MAX_PIXELS, name=None):
         img = ImageOps.exif_transpose(img)
     except Exception as exc:  # a malformed EXIF block; Pillow raises various types here
         raise ImageError(f"{name}: cannot apply EXIF orientation ({_one_line(exc)})") from exc
-    return _to_rgb_or_l(img, name)
+    return _to_rgb_or_l(img, name, window, hu_offset)
 
 
 def _composite_on_black(img):
@@ -415,7 +453,7 @@ def _window_to_l(img):
     return Image.fromarray(np.rint(out).astype(np.uint8), "L")
 
 
-def _to_rgb_or_l(img, name):
+def _to_rgb_or_l(img, name, window=None, hu_offset=None):
     """Reduce any supported Pillow mode to "RGB" (colour) or "L" (grey); unknown modes raise ImageError."""
     mode = img.mode
     if mode in ("RGB", "L"):
@@ -423,6 +461,9 @@ def _to_rgb_or_l(img, name):
     if mode == "1":
         return img.convert("L")
     if mode in _HIGH_DEPTH_MODES:
+        if hu_offset is not None and window is not None:  # a CT export with known scaling: HU, then the window
+            hu = np.asarray(img).astype(np.float64) + hu_offset
+            return Image.fromarray(hu_to_uint8(hu, window), "L")
         return _window_to_l(img)
     if mode in ("P", "PA"):
         # A palette entry may be marked transparent (info["transparency"]); those pixels go black like alpha.
@@ -492,7 +533,7 @@ def _geometry(img, spec):
     return img.resize((size, size), resample)  # "stretch"
 
 
-def _as_pil(image, name):
+def _as_pil(image, name, spec=None):
     """Accept a PIL image or an array (H,W) / (H,W,1) / (H,W,3) / (H,W,4) and reduce it to "RGB" or "L"."""
     if isinstance(image, np.ndarray):
         arr = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
@@ -501,7 +542,7 @@ def _as_pil(image, name):
         except (TypeError, ValueError) as exc:
             raise ImageError(f"{name}: cannot make an image from an array {image.shape} {image.dtype}") from exc
     elif not isinstance(image, Image.Image):
-        return load_image(image)
+        return load_image(image, **(spec.load_options() if spec is not None else {}))
     _check_extent(image.width, image.height, name)
     return _to_rgb_or_l(image, name)
 
@@ -516,7 +557,7 @@ def preprocess_uint8(image, spec):
     (they need float arithmetic; see `normalise_pixels`).
     """
     name = printable(getattr(image, "filename", None) or "<image>")
-    img = _as_pil(image, name)
+    img = _as_pil(image, name, spec)
     img = img.convert("L" if spec.channel_order == "L" else "RGB")
     img = _geometry(img, spec)
     arr = np.asarray(img, dtype=np.uint8)
@@ -572,7 +613,7 @@ def preprocess_batch(sources, spec, *, max_pixels=DEFAULT_MAX_PIXELS):
     out = np.empty((len(sources), spec.size, spec.size, spec.channels), dtype=np.float32)
     for i, source in enumerate(sources):
         if not isinstance(source, (Image.Image, np.ndarray)):
-            source = load_image(source, max_pixels=max_pixels)
+            source = load_image(source, max_pixels=max_pixels, **spec.load_options())
         out[i] = preprocess_image(source, spec)
     return out
 

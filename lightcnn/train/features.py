@@ -111,7 +111,7 @@ def load_view(path, preprocessing, augmenter=None, rng=None):
     blur and mean/std of `preprocessing` are applied last.
     """
     spec = preprocessing
-    img = load_image(path)
+    img = load_image(path, **spec.load_options())
     work = "L" if spec.channel_order == "L" else "RGB"
     img = img.convert(work)
     if augmenter is None:

@@ -40,11 +40,12 @@ import numpy as np
 
 from lightcnn.checkpoint import Checkpoint, atomic_write_text, read_checkpoint, save_checkpoint
 from lightcnn.data import discover, group_stratified_split, kfold_dataset, split_dataset, stratified_split
+from lightcnn.dicom import parse_window
 from lightcnn.errors import LightCNNError
 from lightcnn.kernels.linear import softmax
 from lightcnn.layers.base import Sequential
 from lightcnn.layers.basic import BatchNorm
-from lightcnn.metrics import classification_report, kfold_summary, youden_threshold
+from lightcnn.metrics import classification_report, kfold_summary, report_curves, youden_threshold
 from lightcnn.preprocess import GRAYSCALE_227, TORCHVISION, Preprocessing
 from lightcnn.train.features import augment_config, extract_features, split_backbone
 from lightcnn.train.loop import TrainConfig, TrainState, fit, predict_logits
@@ -69,6 +70,7 @@ class FinetuneConfig:
     mode        head | last-k | full; unfreeze = k for last-k
     augment     preset name or Augmenter config; views = augmented views cached per training image
     blur_sigma  3x3 Gaussian blur added to the weights' preprocessing (seed 000: 1.3)
+    window, hu_offset  CT window for DICOM / 16-bit CT images (lightcnn.dicom), stored in best.h5's preprocessing
     resize      None = the weights' resize mode; "stretch" keeps the whole slice (CT figures of any aspect
                 ratio), "square" / "shorter" / "central_fraction" as in lightcnn.preprocess
     split       auto | official | random | group; fractions for random/group; kfold K > 1 replaces the split by
@@ -88,6 +90,8 @@ class FinetuneConfig:
     augment: object = None
     views: int = 0
     blur_sigma: float | None = None
+    window: object = None
+    hu_offset: float | None = None
     resize: str | None = None
     split: str = "auto"
     fractions: list = field(default_factory=lambda: [0.8, 0.1, 0.1])
@@ -112,6 +116,11 @@ class FinetuneConfig:
             raise RunError("last-k needs --unfreeze K >= 1")
         if self.resize not in (None, "shorter", "square", "stretch", "central_fraction"):
             raise RunError(f"resize must be shorter, square, stretch or central_fraction, got {self.resize!r}")
+        try:
+            window = parse_window(self.window)
+        except ValueError as exc:
+            raise RunError(f"--{exc}") from None
+        self.window = list(window) if isinstance(window, tuple) else window
         if self.views < 0:
             raise RunError("--views must be >= 0")
         try:
@@ -177,6 +186,10 @@ def load_base(cfg):
         prep = replace(prep, blur_sigma=float(cfg.blur_sigma))
     if cfg.resize:
         prep = replace(prep, resize=cfg.resize)
+    if cfg.window is not None:
+        prep = replace(prep, window=cfg.window)
+    if cfg.hu_offset is not None:
+        prep = replace(prep, hu_offset=float(cfg.hu_offset))
     return model, prep, provenance
 
 
@@ -259,6 +272,9 @@ def _fingerprint(cfg):
     d = cfg.to_dict()
     for key in RESUME_MAY_DIFFER + ("out",):
         d.pop(key, None)
+    for key in ("window", "hu_offset"):  # added later: runs written before them resume unchanged
+        if d.get(key) is None:
+            d.pop(key, None)
     d["train"] = {k: v for k, v in d["train"].items() if k != "epochs"}
     return json.dumps(d, sort_keys=True)
 
@@ -374,6 +390,9 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
     logits = {name: predict_logits(net, x[name][0] if name == "train" else x[name]) for name in shown}
     for name in shown:
         report[name] = _report(y[name], logits[name], class_names, positive, cfg.n_bootstrap, tcfg.seed)
+        # ROC and PR points, so any tool can redraw the curves (metrics.curve_points)
+        report[name]["curves"] = report_curves(y[name], softmax(logits[name].astype(np.float64)), class_names,
+                                               positive)
     operating_point = _operating_point(y, logits, positive, class_names)
     if operating_point is not None:
         # The same model at the validation-chosen threshold: argmax stays the headline decision rule.
@@ -405,7 +424,53 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
     save_checkpoint(best, ckpt)
     report["best_h5"] = str(best)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
+    _write_pictures(out, cfg, report, shown, parts, ds, result, best, prep, progress, model.arch, provenance,
+                    logits)
     return RunResult(out, report, result.history, best, timings)
+
+
+def _write_pictures(out, cfg, report, shown, parts, ds, result, best, prep, progress, arch, provenance, logits):
+    """roc/pr/confusion/curves.png, cam_grid.png (3 highest and 3 lowest scores of the shown split) and
+    report.html for the test split (validation when the test split is not reported)."""
+    from lightcnn.api import load
+    from lightcnn.plots import matplotlib_available
+    from lightcnn.run_report import cam_rows, caveats, class_counts, write_html, write_plots
+    from lightcnn.weights import sha256_of
+
+    split_name = "test" if "test" in shown else ("val" if "val" in shown else "train")
+    class_names = report["class_names"]
+    at = report.get("at_operating_point") or {}
+    cam = None
+    if matplotlib_available():
+        clf = load(str(best))
+        idx = parts[split_name]
+        paths = [ds.items[i].path for i in idx]
+        positive = class_names.index(cfg.positive) if cfg.positive else None
+        if len(paths):  # the scores the report was made from; only the 6 shown images run the network again
+            probs = softmax(logits[split_name].astype(np.float64))
+            scores = probs[:, positive] if positive is not None else probs.max(axis=1)
+            cam = cam_rows(clf, [str(p) for p in paths], scores, k=min(3, len(paths)))
+    plots = write_plots(out, report[split_name], class_names, split_name, at.get(split_name), result.history,
+                        report["best_epoch"], cam, warn=progress)
+    splits = {n: report[n] for n in shown}
+    split = report.get("split") or {}
+    notes = [f"split: {split.get('method', '?')} (seed {split.get('seed')})"] + list(split.get("warnings") or [])
+    model_rows = [["model", _esc(best)], ["SHA-256", sha256_of(best)], ["architecture", _esc(arch)],
+                  ["trained", _esc(f"{cfg.mode}" + (f", last {cfg.unfreeze} blocks" if cfg.mode == "last-k" else ""))],
+                  ["base weights", _esc(provenance.get("base_weights") or provenance.get("base"))],
+                  ["base SHA-256", _esc(provenance.get("base_sha256") or "-")],
+                  ["best epoch", f"{report['best_epoch']} of {report['epochs_run']}"],
+                  ["preprocessing", _esc(json.dumps(prep.to_dict()))]]
+    write_html(out / "report.html", title=f"Fine-tuning run {out.name}", data_rows=class_counts(splits, class_names),
+               data_notes=notes, model_rows=model_rows, config=cfg.to_dict(), splits=splits,
+               at_operating_point=at, operating_point=report.get("operating_point"), class_names=class_names,
+               plots=plots, caveat_lines=caveats(splits, split, prep.window))
+
+
+def _esc(value):
+    import html
+
+    return html.escape(str(value))
 
 
 def _json_default(x):

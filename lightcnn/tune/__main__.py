@@ -17,7 +17,11 @@ RUN_DIR/config.json          this command's settings: --config RUN_DIR/config.js
                              given with it override the file's)
 RUN_DIR/best.json            winning hyperparameters, observed and GP-estimated validation accuracy, the default
                              configuration's validation accuracy, test-split metrics of the final model
-RUN_DIR/best/                the final fine-tuning run (best.h5, report.json, metrics.csv, config.json)
+RUN_DIR/best/                the final fine-tuning run (best.h5, report.json, metrics.csv, config.json, the
+                             plots and report.html)
+RUN_DIR/convergence.png      best validation accuracy so far per trial, one line per run (matplotlib)
+RUN_DIR/objective.png        the best run's GP mean over its two most important dimensions (shortest ARD
+                             length-scales), the other dimensions at the best trial (matplotlib)
 
 Exit codes: 0 done; 1 an expected failure (one line on stderr); 2 usage error.
 """
@@ -131,6 +135,7 @@ def prepare_features(args, progress):
 
     cfg = FinetuneConfig(data=args.data, out=str(Path(args.out) / "best"), model=args.model, weights=args.weights,
                          split=args.split, positive=args.positive, blur_sigma=args.blur_sigma,
+                         window=args.window, hu_offset=args.hu_offset,
                          cache_dir=args.cache_dir or str(Path(args.out).resolve() / ".feature-cache"),
                          train=dict(epochs=args.epochs, optimizer=args.optimizer, seed=args.seed))
     ds = discover(cfg.data)
@@ -175,6 +180,9 @@ def build_parser():
                         help="auto = the dataset's own split if it has one, else group-aware random (default auto)")
     parser.add_argument("--positive", help="positive class name for sensitivity/specificity (e.g. CT_COVID)")
     parser.add_argument("--blur-sigma", type=float, help="3x3 Gaussian blur added to preprocessing (seed 000: 1.3)")
+    parser.add_argument("--window", help="CT window for DICOM / 16-bit CT images: lung, mediastinum, bone, auto "
+                        "or CENTER,WIDTH")
+    parser.add_argument("--hu-offset", type=float, help="16-bit PNG/TIFF CT exports: HU = pixel + N (e.g. -1024)")
     parser.add_argument("--acquisition", choices=["ei", "pi", "lcb"], default="ei",
                         help="acquisition function: expected improvement (default), probability of improvement, "
                              "lower confidence bound")
@@ -249,7 +257,7 @@ def _run(args, options, dims):
                                    dict(base_train, monitor="accuracy"), num_classes=len(ds.class_names))
     _say(f"default configuration: val accuracy {default_val:.4f}")
 
-    runs = []
+    runs, results = [], []
     for run in range(args.runs):
         seed = args.seed + run
         _say(f"run {run + 1}/{args.runs} (seed {seed}): {args.trials} trials")
@@ -261,6 +269,7 @@ def _run(args, options, dims):
                           acquisition=args.acquisition, seed=seed, log_path=out / f"run{run}" / "trials.jsonl",
                           resume=args.resume)
         seconds = time.perf_counter() - t0
+        results.append(result)
         print(f"\nrun {run + 1} (seed {seed}), {seconds:.1f} s, {objective.trial} trials evaluated "
               f"({len(result.func_vals) - objective.trial} replayed from the log)")
         print(trials_table(options, result.x_iters, result.func_vals))
@@ -269,6 +278,7 @@ def _run(args, options, dims):
                          estimated_val_accuracy=-float(result.fun_estimated), evaluated=objective.trial))
 
     best = max(runs, key=lambda r: r["best_val_accuracy"])
+    _tuning_plots(out, results, runs.index(best))
     best_params = dict(zip(options, best["best_x"]))
     print(f"\nbest: val accuracy {best['best_val_accuracy']:.4f} (GP estimate at its own optimum "
           f"{best['estimated_val_accuracy']:.4f}); default configuration {default_val:.4f}")
@@ -301,6 +311,20 @@ def _run(args, options, dims):
               f"{_fmt(test.get('roc_auc'))}")
     _say(f"done in {summary['seconds']:.1f} s; {out / 'best.json'}")
     return 0
+
+
+def _tuning_plots(out, results, best_run):
+    """RUN_DIR/convergence.png (best-so-far per trial, every run) and objective.png (the best run's GP mean over
+    its two most important dimensions); one line instead without matplotlib."""
+    from lightcnn.plots import PLOT_HINT, convergence_plot, matplotlib_available, objective_plot
+
+    if not matplotlib_available():
+        _say(PLOT_HINT)
+        return
+    accuracy = [[-float(v) for v in r.func_vals] for r in results]  # the tuner minimised -accuracy
+    convergence_plot(out / "convergence.png", accuracy)
+    best = results[best_run]
+    objective_plot(out / "objective.png", best.space, best.x_iters, accuracy[best_run])
 
 
 def _json_default(value):
