@@ -27,9 +27,10 @@ modes:
            (and per augmented view) and its outputs are cached on disk (--cache-dir), keyed by the weights,
            the preprocessing and the file, so later epochs and runs cost only the head
   last-k   also train the last K blocks (--unfreeze K: the last K inverted-residual blocks plus the final 1x1
-           conv of MobileNets, or the last K Fire modules of SqueezeNet). EVERY batch norm stays frozen in
-           inference mode (running statistics), also inside the unfrozen blocks; the frozen prefix runs once per
-           image/view and is cached too
+           conv of MobileNets, or the last K Fire modules of SqueezeNet; --unfreeze 40%: the top 40 % of the
+           weight layers; --freeze-first K: all but the first K blocks). Batch norm per --bn (default frozen:
+           inference mode, also inside the unfrozen blocks); the frozen prefix runs once per image/view and is
+           cached too
   full     train every layer, batch norm in training mode (e.g. --arch covid_squeezenet from scratch)
 
 augmentation presets (--augment NAME, or a JSON object of lightcnn.augment ops):
@@ -49,6 +50,15 @@ def _fractions(text):
     if len(values) not in (2, 3) or abs(sum(values) - 1) > 1e-6 or min(values) < 0:
         raise argparse.ArgumentTypeError(f"fractions must be 2 or 3 numbers >= 0 summing to 1, got {text!r}")
     return values
+
+
+def _unfreeze(text):
+    from lightcnn.train.run import RunError, parse_unfreeze
+
+    try:
+        return parse_unfreeze(text)
+    except RunError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _hidden(text):
@@ -72,8 +82,20 @@ def build_parser():
 
     g = p.add_argument_group("what trains")
     g.add_argument("--mode", choices=("head", "last-k", "full"), default="head", help="default: head")
-    g.add_argument("--unfreeze", type=_positive_int, default=2, metavar="K",
-                   help="with --mode last-k: the number of final blocks that train (default 2); batch norm frozen")
+    g.add_argument("--unfreeze", type=_unfreeze, default=2, metavar="K|P%",
+                   help="with --mode last-k: the number of final blocks that train (default 2), or the share of "
+                        "the trunk's weight layers from the top, e.g. 40%% (seed 003), rounded to whole blocks")
+    g.add_argument("--freeze-first", type=_nonneg_int, metavar="K",
+                   help="with --mode last-k: the first K blocks (Fire modules) and the stem stay frozen, "
+                        "everything after trains (seed 000: 6); replaces --unfreeze")
+    g.add_argument("--bn", choices=("frozen", "train", "recalibrate"),
+                   help="batch norm of the trained part: frozen (inference mode), train (batch statistics, "
+                        "PyTorch's model.train()) or recalibrate (running statistics re-estimated on the training "
+                        "images, then frozen). Default: recalibrate with --activation, train with --mode full, "
+                        "else frozen")
+    g.add_argument("--activation", choices=("relu", "relu6", "elu"),
+                   help="build the pretrained network with this activation (seed 000's ELU MobileNetV2); the "
+                        "ImageNet weights are kept, their function changes")
     g.add_argument("--head", choices=("linear", "dense"), default="linear",
                    help="linear: GAP-dropout-softmax; dense: seed 003's 64-64-64-32-32 ReLU stack (default linear)")
     g.add_argument("--hidden", type=_hidden, metavar="W1,W2,...", help="widths of the dense head's hidden layers")
@@ -104,6 +126,9 @@ def build_parser():
     g.add_argument("--augment", metavar="PRESET|JSON", help="training augmentation (see below)")
     g.add_argument("--views", type=_nonneg_int, default=0, metavar="N", help="augmented views cached per image")
     g.add_argument("--oversample", action="store_true", help="repeat minority-class images to balance classes")
+    g.add_argument("--input-size", type=_positive_int, metavar="N",
+                   help="network input side in pixels (fully convolutional trunks; seed 002: 446); best.h5 "
+                        "records the preprocessing at this size")
     g.add_argument("--blur-sigma", type=_positive_float, metavar="S", help="3x3 Gaussian blur (seed 000: 1.3)")
     g.add_argument("--resize", choices=("shorter", "square", "stretch", "central_fraction"),
                    help="override the weights' resize/crop; stretch keeps the whole image (default: the weights')")
@@ -138,7 +163,8 @@ def config_from_args(args):
                  oversample=args.oversample, seed=args.seed, head=args.head, hidden=args.hidden or [],
                  dropout=args.dropout, hidden_dropout=args.hidden_dropout)
     return dict(data=args.data, out=args.out, model=args.model, weights=args.weights, arch=args.arch, csv=args.csv,
-                mode=args.mode, unfreeze=args.unfreeze, augment=args.augment, views=args.views,
+                mode=args.mode, unfreeze=args.unfreeze, freeze_first=args.freeze_first, bn=args.bn,
+                activation=args.activation, input_size=args.input_size, augment=args.augment, views=args.views,
                 blur_sigma=args.blur_sigma, resize=args.resize, split=args.split, fractions=args.fractions,
                 kfold=args.kfold, positive=args.positive, cache_dir=args.cache_dir, n_bootstrap=args.bootstrap,
                 report_test=not args.no_test, train=train)
@@ -149,7 +175,7 @@ SOURCES = ("model", "weights", "arch")
 
 def args_from_config(config):
     """A config.json (FinetuneConfig.to_dict()) -> {argparse dest: value}: the inverse of config_from_args."""
-    values = {k: v for k, v in config.items() if k not in ("train", "n_bootstrap", "report_test")}
+    values = {k: v for k, v in config.items() if k not in ("train", "n_bootstrap", "report_test", "resolved")}
     if "n_bootstrap" in config:
         values["bootstrap"] = config["n_bootstrap"]
     if "report_test" in config:

@@ -185,6 +185,58 @@ def split_backbone(model, unfreeze):
     return Sequential(children[:cut]), Sequential(children[cut:])
 
 
+def trunk_blocks(model):
+    """The number of blocks `split_backbone` counts: MobileNet blocks, or SqueezeNet Fire modules."""
+    features = model.features_net
+    if _is_mobilenet_trunk(features):
+        return len(features["blocks"])
+    children = features.children() if isinstance(features, Sequential) else []
+    return sum(isinstance(layer, Fire) for _, layer in children)
+
+
+def _weight_layers(net):
+    from lightcnn.layers.basic import Conv2d, ConvTranspose2d, Dense, DepthwiseConv2d
+
+    kinds = (Conv2d, ConvTranspose2d, Dense, DepthwiseConv2d)
+    return sum(isinstance(layer, kinds) for _, layer in net.named_layers())
+
+
+def resolve_unfreeze(model, unfreeze, freeze_first=None):
+    """(k, info) for split_backbone from --unfreeze K | "P%" or --freeze-first K.
+
+    freeze_first K    the first K blocks (and the stem) stay frozen: k = blocks - K
+    "P%"              the k whose trained part holds the share of the trunk's weight layers (convolutions,
+                      depthwise, dense) nearest to P % (ties: the larger k)
+    info: {"unfreeze": k, "blocks": [trained children of features], "weight_layers": [trained, total],
+           "share": trained / total} (the stderr line and config.json say which blocks that is).
+    """
+    n = trunk_blocks(model)
+    if freeze_first is not None:
+        if not 0 <= int(freeze_first) < n:
+            raise ValueError(f"{model.arch} has {n} blocks; --freeze-first must be 0..{n - 1}, got {freeze_first}")
+        k = n - int(freeze_first)
+    elif isinstance(unfreeze, str) and unfreeze.endswith("%"):
+        target = float(unfreeze[:-1]) / 100.0
+        total = _weight_layers(model.features_net)
+        shares = [(_weight_layers(split_backbone(model, j)[1]) / total, j) for j in range(1, n + 1)]
+        k = min(shares, key=lambda t: (abs(t[0] - target), -t[1]))[1]
+    else:
+        k = int(unfreeze)
+    _, suffix = split_backbone(model, k)
+    trained, total = _weight_layers(suffix), _weight_layers(model.features_net)
+    return k, {"unfreeze": k, "blocks": [f"features.{name}" for name, _ in suffix.children()],
+               "weight_layers": [trained, total], "share": round(trained / total, 4)}
+
+
+def describe_unfreeze(info, asked):
+    """One line: which blocks train for --unfreeze / --freeze-first `asked`."""
+    blocks = info["blocks"]
+    shown = ", ".join(blocks) if len(blocks) <= 4 else f"{blocks[0]} ... {blocks[-1]}"
+    trained, total = info["weight_layers"]
+    return (f"{asked}: {len(blocks)} trunk children train ({shown}): {trained} of {total} weight layers "
+            f"({100 * info['share']:.1f} %), the first {total - trained} frozen")
+
+
 def frozen_output(model, prefix, unfreeze, x):
     """What the cache holds for a batch x (N,S,S,C): see the module docstring.
 
@@ -348,5 +400,6 @@ def extract_features(model, dataset_items, preprocessing, cache_dir, augment_vie
     return np.ascontiguousarray(np.stack([np.stack(r) for r in results]), dtype=np.float32)
 
 
-__all__ = ["AUGMENT_PRESETS", "augment_config", "default_cache_dir", "extract_features", "frozen_output",
-           "item_key", "load_view", "make_augmenter", "model_key", "split_backbone", "view_rng"]
+__all__ = ["AUGMENT_PRESETS", "augment_config", "default_cache_dir", "describe_unfreeze", "extract_features",
+           "frozen_output", "item_key", "load_view", "make_augmenter", "model_key", "resolve_unfreeze",
+           "split_backbone", "trunk_blocks", "view_rng"]

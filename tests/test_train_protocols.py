@@ -1,0 +1,206 @@
+"""The papers' training protocols (issue 12): batch-norm modes against PyTorch, architecture variants of
+pretrained weights, which layers train, fresh augmentation, schedules, clipping and the divergence guard."""
+
+import numpy as np
+import pytest
+
+from lightcnn.kernels.linear import cross_entropy
+from lightcnn.layers import Dense, GlobalAvgPool, Sequential, conv_bn_act
+from lightcnn.layers.basic import BatchNorm
+from lightcnn.models import Model, mobilenet_v2
+from lightcnn.models.base import randomise_batchnorm_statistics
+from lightcnn.optim import SGD
+from lightcnn.train import trainable_net
+from lightcnn.train.bn import batchnorm_layers, rebuild, recalibrate, unfold_batchnorm
+
+PARITY_TOL = 1e-4  # float32 on both sides, 5 SGD steps
+
+
+def _bn_net(seed=0):
+    """stem conv-BN-ReLU, depthwise conv-BN-ReLU6 (stride 2), pointwise conv-BN, GAP, dense: (N,12,12,3) -> (N,3)."""
+    rng = np.random.default_rng(seed)
+    features = Sequential([("stem", conv_bn_act(3, 8, 3, act="relu", rng=rng)),
+                           ("dw", conv_bn_act(8, 8, 3, 2, act="relu6", depthwise=True, rng=rng)),
+                           ("pw", conv_bn_act(8, 16, 1, rng=rng))])
+    features.out_ch = 16
+    head = Sequential([("pool", GlobalAvgPool()), ("classifier", Dense(16, 3, rng=rng, init="glorot"))])
+    model = Model("bn_net", {}, features, head, (12, 12, 3))
+    return randomise_batchnorm_statistics(model, rng)
+
+
+def _torch_twin(model):
+    """The same network in PyTorch (NCHW, OIHW) holding the same numbers."""
+    torch = pytest.importorskip("torch", reason="PyTorch parity needs torch (pip install torch==2.13.0)")
+    nn = torch.nn
+    f = model.features_net
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+                        nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+    t = torch.from_numpy
+    with torch.no_grad():
+        net[0].weight.copy_(t(f["stem"].conv.params["weight"].transpose(3, 2, 0, 1).copy()))
+        net[3].weight.copy_(t(f["dw"].conv.params["weight"].transpose(2, 0, 1)[:, None].copy()))
+        net[6].weight.copy_(t(f["pw"].conv.params["weight"].transpose(3, 2, 0, 1).copy()))
+        for i, name in ((1, "stem"), (4, "dw"), (7, "pw")):
+            bn = f[name].bn
+            net[i].weight.copy_(t(bn.params["weight"]))
+            net[i].bias.copy_(t(bn.params["bias"]))
+            net[i].running_mean.copy_(t(bn.buffers["running_mean"]))
+            net[i].running_var.copy_(t(bn.buffers["running_var"]))
+        net[10].weight.copy_(t(model.head_net["classifier"].params["weight"].T.copy()))
+        net[10].bias.copy_(t(model.head_net["classifier"].params["bias"]))
+    return net
+
+
+def _torch_weights(net):
+    """lightcnn names -> arrays in lightcnn layouts, from the torch twin."""
+    out = {}
+    conv = {0: "stem", 3: "dw", 6: "pw"}
+    for i, name in conv.items():
+        w = net[i].weight.detach().numpy()
+        out[f"features.{name}.conv.weight"] = w[:, 0].transpose(1, 2, 0) if name == "dw" else w.transpose(2, 3, 1, 0)
+    for i, name in ((1, "stem"), (4, "dw"), (7, "pw")):
+        bn = net[i]
+        out[f"features.{name}.bn.weight"] = bn.weight.detach().numpy()
+        out[f"features.{name}.bn.bias"] = bn.bias.detach().numpy()
+        out[f"features.{name}.bn.running_mean"] = bn.running_mean.numpy()
+        out[f"features.{name}.bn.running_var"] = bn.running_var.numpy()
+    out["head.classifier.weight"] = net[10].weight.detach().numpy().T
+    out["head.classifier.bias"] = net[10].bias.detach().numpy()
+    return out
+
+
+def test_bn_train_matches_pytorch_over_five_sgd_steps():
+    """--bn train is PyTorch's model.train(): batch statistics, running stats with momentum 0.1 and the unbiased
+    variance, gamma/beta trained. Five SGD steps (momentum 0.9) on the same batches give the same losses,
+    weights and running statistics within 1e-4."""
+    torch = pytest.importorskip("torch", reason="PyTorch parity needs torch (pip install torch==2.13.0)")
+    model = _bn_net()
+    twin = _torch_twin(model)
+    net = trainable_net(model, "all", train_bn=True)
+    assert all(not bn.frozen for _, bn in batchnorm_layers(net))
+    opt = SGD(net, lr=0.05, momentum=0.9)
+    topt = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    twin.train()
+    rng = np.random.default_rng(1)
+    loss_diff = []
+    for _ in range(5):
+        x = rng.normal(0, 1, (6, 12, 12, 3)).astype(np.float32)
+        y = rng.integers(0, 3, 6)
+        loss, dlogits = cross_entropy(net.forward(x, True), y)
+        net.backward(dlogits)
+        opt.step()
+        topt.zero_grad()
+        tloss = torch.nn.functional.cross_entropy(twin(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())),
+                                                  torch.from_numpy(y))
+        tloss.backward()
+        topt.step()
+        loss_diff.append(abs(float(loss) - tloss.item()))
+    ours = net.state_dict()
+    theirs = _torch_weights(twin)
+    weight_diff = {name: float(np.max(np.abs(ours[name] - theirs[name]))) for name in theirs}
+    print(f"\nPyTorch parity after 5 steps: max loss diff {max(loss_diff):.2e}, "
+          f"max weight/stat diff {max(weight_diff.values()):.2e}")
+    assert max(loss_diff) < PARITY_TOL, loss_diff
+    assert max(weight_diff.values()) < PARITY_TOL, weight_diff
+    # and the training moved them: the comparison is not of two untouched copies
+    assert np.max(np.abs(ours["features.stem.bn.running_mean"] - _bn_net().state_dict()[
+        "features.stem.bn.running_mean"])) > 1e-2
+
+
+def test_recalibrate_matches_pytorch_momentum_none():
+    """--bn recalibrate: running statistics = equal-weight average of the batch statistics (batch-normalised
+    forward), as torch with momentum=None after reset_running_stats(); the weights do not change."""
+    torch = pytest.importorskip("torch", reason="PyTorch parity needs torch (pip install torch==2.13.0)")
+    model = _bn_net(seed=3)
+    twin = _torch_twin(model)
+    rng = np.random.default_rng(2)
+    batches = [rng.normal(0.5, 2.0, (5, 12, 12, 3)).astype(np.float32) for _ in range(3)]
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    layers = [bn for _, bn in batchnorm_layers(model.features_net)]
+    for bn in layers:
+        bn.frozen = True  # recalibration ignores the frozen flag: it is what runs before frozen training
+    assert recalibrate(model, iter(batches), layers) == 3
+    for m in twin.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    twin.train()
+    with torch.no_grad():
+        for x in batches:
+            twin(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    ours, theirs = model.state_dict(), _torch_weights(twin)
+    for name, value in theirs.items():
+        np.testing.assert_allclose(ours[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+        if "running" not in name:
+            np.testing.assert_array_equal(ours[name], before[name], err_msg=name)
+    assert np.max(np.abs(ours["features.dw.bn.running_var"] - before["features.dw.bn.running_var"])) > 0.1
+
+
+def _folded_mobilenet(seed=0):
+    """A tiny MobileNetV2 as TFLite files come: no batch norm, every conv with a bias (random, non-zero)."""
+    rng = np.random.default_rng(seed)
+    model = mobilenet_v2(width_mult=0.35, num_classes=4, bn=False, padding="tf", seed=seed)
+    for _, layer, key, value in model.named_parameters():
+        if key == "bias":
+            layer.params[key] = rng.normal(0, 0.2, value.shape).astype(np.float32)
+    model.params_changed()
+    return model
+
+
+def test_unfolded_batchnorm_computes_the_same_function_and_recalibration_tames_elu():
+    """unfold_batchnorm puts a BN behind every conv of a folded file without changing the outputs; an ELU
+    rebuild of the same weights drifts (pooled features far from the ReLU6 network's), and recalibrating every
+    BN on the same images brings the pooled features back near the original ones."""
+    model = _folded_mobilenet()
+    rng = np.random.default_rng(5)
+    images = [rng.normal(0, 1, (6, 32, 32, 3)).astype(np.float32) for _ in range(3)]
+    unfolded = unfold_batchnorm(model, lambda: iter(images))
+    assert unfolded.config["bn"] is True and len(batchnorm_layers(unfolded.features_net)) == 52
+    x = images[0]
+    np.testing.assert_allclose(unfolded.forward(x), model.forward(x), atol=1e-4)
+
+    pooled = lambda m: np.mean(m.features(np.concatenate(images)), axis=(1, 2))  # noqa: E731
+    reference = pooled(model)
+    elu = rebuild(unfolded, activation="elu")
+    assert elu.config["activation"] == "elu"
+    drift = np.abs(pooled(elu) - reference).mean()
+    recalibrate(elu, iter(images), [bn for _, bn in batchnorm_layers(elu.features_net)])
+    after = np.abs(pooled(elu) - reference).mean()
+    assert after < 0.3 * drift, (drift, after)
+
+
+# --------------------------------------------------------------------------------------------- through the CLI
+
+from lightcnn.checkpoint import read_checkpoint  # noqa: E402
+from tests.test_finetune_cli import _run, workspace  # noqa: E402,F401  (the tiny image folder and weights)
+
+
+def _tensors(path):
+    return read_checkpoint(path).tensors
+
+
+@pytest.mark.parametrize("mode", ["frozen", "train", "recalibrate"])
+def test_bn_modes_in_last_k(workspace, mode):
+    """frozen: every BN tensor of best.h5 equals the base's. train: the unfrozen block's running statistics
+    and gamma/beta move, the frozen prefix's stay bit-identical. recalibrate: the unfrozen block's running
+    statistics are re-estimated, its gamma/beta (trained frozen) and the prefix stay bit-identical."""
+    out = workspace / f"run_bn_{mode}"
+    assert _run(workspace, out, "--mode", "last-k", "--unfreeze", "1", "--bn", mode, "--epochs", "2",
+                "--optimizer", "sgd", "--lr", "0.01") == 0
+    base, best = _tensors(workspace / "tiny.h5"), _tensors(out / "best.h5")
+    import json
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["bn"] == mode and config["resolved"]["bn"] == mode
+    trained = "features.blocks.16.project.bn"
+    frozen = "features.blocks.3.project.bn"
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        np.testing.assert_array_equal(best[f"{frozen}.{key}"], base[f"{frozen}.{key}"])
+    moved = {key: not np.array_equal(best[f"{trained}.{key}"], base[f"{trained}.{key}"])
+             for key in ("running_mean", "running_var", "weight", "bias")}
+    expected = {"frozen": dict.fromkeys(moved, False),
+                "train": dict.fromkeys(moved, True),
+                "recalibrate": {"running_mean": True, "running_var": True, "weight": False, "bias": False}}[mode]
+    assert moved == expected
