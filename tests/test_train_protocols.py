@@ -174,6 +174,7 @@ def test_unfolded_batchnorm_computes_the_same_function_and_recalibration_tames_e
 # --------------------------------------------------------------------------------------------- through the CLI
 
 from lightcnn.checkpoint import read_checkpoint  # noqa: E402
+from lightcnn.finetune import main as finetune_cli_main  # noqa: E402
 from tests.test_finetune_cli import _run, workspace  # noqa: E402,F401  (the tiny image folder and weights)
 
 
@@ -204,3 +205,82 @@ def test_bn_modes_in_last_k(workspace, mode):
                 "train": dict.fromkeys(moved, True),
                 "recalibrate": {"running_mean": True, "running_var": True, "weight": False, "bias": False}}[mode]
     assert moved == expected
+
+
+def test_activation_variant_keeps_the_weights_and_recalibrates_by_default(workspace, capsys):
+    """--activation elu on MobileNetV2 weights: bn defaults to recalibrate, every BN of the trunk (the frozen
+    part computes anew too) gets new running statistics, the conv weights of the frozen part stay the file's
+    bit for bit, best.h5 is an ELU network, and one note says the function changed."""
+    import json
+
+    out = workspace / "run_elu"
+    assert _run(workspace, out, "--mode", "last-k", "--freeze-first", "15", "--activation", "elu", "--epochs", "1",
+                "--quiet") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["activation"] == "elu" and config["bn"] == "recalibrate"
+    assert config["resolved"]["recalibrated_batchnorms"] == 52
+    base, best = _tensors(workspace / "tiny.h5"), _tensors(out / "best.h5")
+    np.testing.assert_array_equal(best["features.blocks.3.dw.conv.weight"], base["features.blocks.3.dw.conv.weight"])
+    assert not np.array_equal(best["features.blocks.3.dw.bn.running_var"], base["features.blocks.3.dw.bn.running_var"])
+    assert read_checkpoint(out / "best.h5").config["activation"] == "elu"
+    capsys.readouterr()
+    again = workspace / "run_elu_loud"
+    assert finetune_cli_main([str(workspace / "data"), "--weights", str(workspace / "tiny.h5"), "--out", str(again),
+                              "--cache-dir", str(workspace / "cache"), "--bootstrap", "0", "--activation", "elu",
+                              "--epochs", "1"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "changes the function" in line]
+    assert len(notes) == 1 and "relu6" in notes[0] and "recalibrated" in notes[0]
+
+
+def test_folded_weights_with_elu_get_batchnorm_back(workspace, tmp_path):
+    """A folded (TFLite-style, bn=False) file fine-tuned with --activation elu: best.h5 is a bn=True ELU network
+    whose prefix convs are the file's weights, and it classifies through lightcnn.load."""
+    import lightcnn
+    from lightcnn.checkpoint import Checkpoint, save_checkpoint
+    from lightcnn.preprocess import Preprocessing
+
+    model = _folded_mobilenet()
+    path = workspace / "folded.h5"
+    save_checkpoint(path, Checkpoint(arch=model.arch, config=model.config, tensors=model.state_dict(),
+                                     class_names=[f"c{i}" for i in range(4)],
+                                     preprocessing=Preprocessing(size=32, resize="shorter",
+                                                                 resize_size=36).to_dict()))
+    from lightcnn.finetune import main as finetune_main
+
+    out = tmp_path / "run"
+    assert finetune_main([str(workspace / "data"), "--weights", str(path), "--out", str(out), "--quiet",
+                          "--cache-dir", str(tmp_path / "cache"), "--activation", "elu", "--mode", "last-k",
+                          "--unfreeze", "2", "--epochs", "1", "--bootstrap", "0"]) == 0
+    ckpt = read_checkpoint(out / "best.h5")
+    assert ckpt.config["bn"] is True and ckpt.config["activation"] == "elu"
+    np.testing.assert_array_equal(ckpt.tensors["features.blocks.2.expand.conv.weight"],
+                                  model.state_dict()["features.blocks.2.expand.conv.weight"])
+    probs = lightcnn.load(str(out / "best.h5")).predict([str(workspace / "data" / "blobs" / "00.png")])
+    assert probs.shape == (1, 2) and np.all(np.isfinite(probs))
+
+
+def test_convert_accepts_an_activation_variant(tmp_path, sources_dir):
+    """weights convert --config '{"activation": "elu"}' on the quantised TFLite MobileNetV2 used to stop with
+    "no rule for activation 'elu'" (the 8-bit grids belong to ReLU6); now it writes the same tensors as an ELU
+    network, without the grids, and says the function changed."""
+    import os
+    import subprocess
+    import sys
+
+    src = next(sources_dir.rglob("mobilenet_v2_quant_tflite/mobilenet_v2_1.0_224_quant.tflite"))
+    env = dict(os.environ, LIGHTCNN_SOURCES=str(sources_dir))
+    outs = {}
+    for label, extra in (("elu", ["--config", '{"activation": "elu"}']), ("plain", [])):
+        outs[label] = tmp_path / f"{label}.h5"
+        result = subprocess.run([sys.executable, "-m", "lightcnn.weights", "convert", str(src), "--arch",
+                                 "mobilenet_v2", "-o", str(outs[label]), *extra], capture_output=True, text=True,
+                                env=env, timeout=600)
+        assert result.returncode == 0, result.stderr
+        if label == "elu":
+            assert "changes the function" in result.stderr
+    elu, plain = read_checkpoint(outs["elu"]), read_checkpoint(outs["plain"])
+    assert elu.config["activation"] == "elu" and plain.config["activation"] == "relu6"
+    assert "activation_quantization" not in elu.extra and elu.extra["architecture_variant"] == {"activation": "elu"}
+    assert elu.tensors.keys() == plain.tensors.keys()
+    for name, value in plain.tensors.items():
+        np.testing.assert_array_equal(elu.tensors[name], value, err_msg=name)
