@@ -284,3 +284,57 @@ def test_convert_accepts_an_activation_variant(tmp_path, sources_dir):
     assert elu.tensors.keys() == plain.tensors.keys()
     for name, value in plain.tensors.items():
         np.testing.assert_array_equal(elu.tensors[name], value, err_msg=name)
+
+
+def test_freeze_first_trains_only_the_blocks_after_k(workspace):
+    """--freeze-first 14 on the 17-block MobileNetV2: blocks 0-13 (and the stem) bit-identical after training,
+    blocks 14-16 and the last conv changed."""
+    import json
+
+    out = workspace / "run_freeze_first"
+    assert _run(workspace, out, "--mode", "last-k", "--freeze-first", "14", "--epochs", "2", "--optimizer", "sgd",
+                "--lr", "0.05") == 0
+    base, best = _tensors(workspace / "tiny.h5"), _tensors(out / "best.h5")
+    for i in range(17):
+        name = f"features.blocks.{i}.project.conv.weight"
+        assert np.array_equal(best[name], base[name]) == (i < 14), name
+    np.testing.assert_array_equal(best["features.stem.conv.weight"], base["features.stem.conv.weight"])
+    assert not np.array_equal(best["features.last.conv.weight"], base["features.last.conv.weight"])
+    resolved = json.loads((out / "config.json").read_text())["resolved"]["unfreeze"]
+    assert resolved["unfreeze"] == 3 and resolved["blocks"] == [
+        "features.blocks.14", "features.blocks.15", "features.blocks.16", "features.last"]
+
+
+def test_unfreeze_share_picks_the_nearest_block_boundary(workspace, capsys):
+    """--unfreeze 40%: MobileNetV2 has 52 weight layers (stem 1, block 0 two, blocks 1-16 three each, last 1);
+    the last k blocks + last hold 3k + 1, nearest to 20.8 at k = 7 (22 layers, 42.3 %). The stderr line and
+    config.json say so."""
+    import json
+
+    from lightcnn.train.features import resolve_unfreeze
+
+    model = mobilenet_v2()
+    k, info = resolve_unfreeze(model, "40%")
+    assert k == 7 and info["weight_layers"] == [22, 52] and info["share"] == round(22 / 52, 4)
+    assert resolve_unfreeze(model, "100%")[0] == 17 and resolve_unfreeze(model, "1%")[0] == 1
+    assert resolve_unfreeze(model, 4)[0] == 4 and resolve_unfreeze(model, 2, freeze_first=6)[0] == 11
+
+    out = workspace / "run_unfreeze_share"
+    assert finetune_cli_main([str(workspace / "data"), "--weights", str(workspace / "tiny.h5"), "--out", str(out),
+                              "--cache-dir", str(workspace / "cache"), "--bootstrap", "0", "--mode", "last-k",
+                              "--unfreeze", "40%", "--epochs", "1"]) == 0
+    lines = [t for t in capsys.readouterr().err.splitlines() if t.startswith("--unfreeze 40%")]
+    assert len(lines) == 1 and "features.blocks.10 ... features.last" in lines[0] and "22 of 52" in lines[0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["unfreeze"] == "40%" and config["resolved"]["unfreeze"]["unfreeze"] == 7
+
+
+def test_freeze_first_counts_fire_modules_on_squeezenet():
+    """SqueezeNet 1.0 has 8 Fire modules: --freeze-first 3 trains fire5..fire9 (with the pool between them)."""
+    from lightcnn.models import squeezenet1_0
+    from lightcnn.train.features import resolve_unfreeze
+
+    k, info = resolve_unfreeze(squeezenet1_0(), None, freeze_first=3)
+    assert k == 5
+    assert info["blocks"] == ["features.fire5", "features.fire6", "features.fire7", "features.fire8",
+                              "features.pool3", "features.fire9"]
