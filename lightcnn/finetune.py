@@ -37,7 +37,9 @@ augmentation presets (--augment NAME, or a JSON object of lightcnn.augment ops):
   seed000  random resized crop, scale 0.08-1.0      seed001  rotation <= 90, zoom 1.1-1.3, Gaussian noise
   seed002  horizontal flip + colour jitter          seed003  rotation <= 40, zoom 1.0-1.2, flip (+ --oversample)
   light    crop scale 0.5-1, rotation <= 15, flip, brightness/contrast 0.2
-  Augmented views are computed once (--views N per training image); each epoch uses one view per image.
+  --views N: N augmented views per training image are computed once and cached; each epoch uses one view per
+  image (the fast option, and the only one in head mode). Without --views, --mode last-k and full draw a fresh
+  augmentation of every image every epoch (seeded by --seed, the epoch and the file), as the papers train.
 """
 
 
@@ -59,6 +61,13 @@ def _unfreeze(text):
         return parse_unfreeze(text)
     except RunError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _epochs(text):
+    try:
+        return sorted(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 10,20, got {text!r}") from None
 
 
 def _hidden(text):
@@ -113,6 +122,17 @@ def build_parser():
     g.add_argument("--lr-decay", type=_positive_float, default=1.0, metavar="FACTOR",
                    help="multiply the rate by FACTOR every --lr-decay-every epochs (seed 001: 0.8 every 5)")
     g.add_argument("--lr-decay-every", type=_positive_int, default=5, metavar="N", help="default 5")
+    g.add_argument("--lr-schedule", choices=("step", "multistep", "cosine"),
+                   help="step: --lr-decay every --lr-decay-every epochs (default); multistep: x --lr-gamma at each "
+                        "of --lr-milestones (the default when they are given); cosine: annealed to 0 at the last "
+                        "epoch")
+    g.add_argument("--lr-milestones", type=_epochs, metavar="E1,E2,...",
+                   help="0-based epochs from which the rate is multiplied by --lr-gamma (seed 002's step LR)")
+    g.add_argument("--lr-gamma", type=_positive_float, default=0.1, help="multistep factor (default 0.1)")
+    g.add_argument("--warmup-epochs", type=_nonneg_int, default=0, metavar="N",
+                   help="ramp the rate up linearly over the first N epochs (lr * (e+1)/N), then the schedule")
+    g.add_argument("--clip-grad-norm", type=_nonneg_float, default=0.0, metavar="X",
+                   help="rescale a step's gradients when their global L2 norm exceeds X (0 = off)")
     g.add_argument("--patience", type=_nonneg_int, default=0,
                    help="early stopping after N epochs without validation improvement (0 = off)")
     g.add_argument("--monitor", choices=("loss", "accuracy", "roc_auc"), default="loss",
@@ -158,7 +178,10 @@ def build_parser():
 def config_from_args(args):
     train = dict(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                  momentum=args.momentum, l2=args.l2, weight_decay=args.weight_decay, lr_decay=args.lr_decay,
-                 lr_decay_every=args.lr_decay_every, patience=args.patience, loss=args.loss,
+                 lr_decay_every=args.lr_decay_every, lr_schedule=args.lr_schedule or (
+                     "multistep" if args.lr_milestones else "step"), lr_milestones=args.lr_milestones or [],
+                 lr_gamma=args.lr_gamma, warmup_epochs=args.warmup_epochs, clip_grad_norm=args.clip_grad_norm,
+                 patience=args.patience, loss=args.loss,
                  focal_gamma=args.focal_gamma, label_smoothing=args.label_smoothing, monitor=args.monitor,
                  oversample=args.oversample, seed=args.seed, head=args.head, hidden=args.hidden or [],
                  dropout=args.dropout, hidden_dropout=args.hidden_dropout)

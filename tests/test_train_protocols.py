@@ -338,3 +338,146 @@ def test_freeze_first_counts_fire_modules_on_squeezenet():
     assert k == 5
     assert info["blocks"] == ["features.fire5", "features.fire6", "features.fire7", "features.fire8",
                               "features.pool3", "features.fire9"]
+
+
+# --------------------------------------------------------------------------------------------- item 4
+
+
+def test_schedules_give_the_closed_form_rates_per_epoch():
+    """lr_at against the numbers written out: multi-step (torch MultiStepLR stepped per epoch), cosine
+    (CosineAnnealingLR, eta_min 0), linear warm-up followed by cosine, and the old step decay unchanged."""
+    import math
+
+    from lightcnn.train.loop import lr_at
+
+    def rates(epochs=6, **kw):
+        cfg = TrainConfig(lr=1.0, epochs=epochs, **kw)
+        return [lr_at(cfg, e) for e in range(epochs)]
+
+    from lightcnn.train import TrainConfig
+
+    assert rates(lr_schedule="multistep", lr_milestones=[2, 4]) == pytest.approx([1, 1, .1, .1, .01, .01])
+    assert rates(lr_schedule="multistep", lr_milestones=[3], lr_gamma=0.5) == pytest.approx([1, 1, 1, .5, .5, .5])
+    assert rates(4, lr_schedule="cosine") == pytest.approx([1, (1 + math.cos(math.pi / 4)) / 2, 0.5,
+                                                             (1 + math.cos(3 * math.pi / 4)) / 2])
+    assert rates(6, lr_schedule="cosine", warmup_epochs=2) == pytest.approx(
+        [0.5, 1.0, 1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2])
+    assert rates(4, warmup_epochs=4) == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert rates(11, lr_decay=0.8, lr_decay_every=5) == pytest.approx([1] * 5 + [0.8] * 5 + [0.64])
+    with pytest.raises(ValueError, match="milestones"):
+        TrainConfig(lr_schedule="multistep")
+
+
+def test_fit_uses_the_schedule_and_the_cli_records_it(workspace):
+    """metrics.csv's lr column is the multi-step schedule after a warm-up epoch, and config.json replays it."""
+    import csv
+    import json
+
+    out = workspace / "run_sched"
+    assert _run(workspace, out, "--epochs", "4", "--lr", "0.01", "--lr-milestones", "2,3", "--lr-gamma", "0.5",
+                "--warmup-epochs", "1", "--clip-grad-norm", "5") == 0
+    with open(out / "metrics.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs == pytest.approx([0.01, 0.01, 0.005, 0.0025])
+    train = json.loads((out / "config.json").read_text())["train"]
+    assert (train["lr_schedule"], train["lr_milestones"], train["lr_gamma"], train["warmup_epochs"],
+            train["clip_grad_norm"]) == ("multistep", [2, 3], 0.5, 1, 5.0)
+
+
+def test_clip_grad_norm_bounds_the_global_norm():
+    """Above the bound the gradients are scaled to global norm X (directions kept, as
+    torch.nn.utils.clip_grad_norm_); below it they are left alone; frozen layers are not counted."""
+    from lightcnn.optim import clip_grad_norm
+
+    model = _bn_net()
+    net = trainable_net(model, "all")
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (4, 12, 12, 3)).astype(np.float32)
+    _, dlogits = cross_entropy(net.forward(x, True), np.array([0, 1, 2, 0]))
+    net.backward(dlogits * 1000)
+    grads = {n: layer.grads[k].copy() for n, layer, k, _ in net.named_parameters() if k in layer.grads}
+    norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values()))
+    assert clip_grad_norm(net, 0.5) == pytest.approx(norm, rel=1e-6) and norm > 0.5
+    after = {n: layer.grads[k] for n, layer, k, _ in net.named_parameters() if k in layer.grads}
+    assert np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in after.values())) == pytest.approx(0.5, rel=1e-5)
+    for name, g in grads.items():
+        np.testing.assert_allclose(after[name], g * (0.5 / (norm + 1e-6)), rtol=1e-5, atol=1e-12)
+    kept = {n: g.copy() for n, g in after.items()}
+    assert clip_grad_norm(net, 10.0) == pytest.approx(0.5, rel=1e-5)
+    for name, g in kept.items():
+        np.testing.assert_array_equal(after[name], g)
+
+    # in fit: one SGD step without momentum moves the weights by at most lr * X
+    from lightcnn.train import TrainConfig, fit
+
+    model = _bn_net(seed=1)
+    net = trainable_net(model, "all")
+    before = {n: v.copy() for n, _, _, v in net.named_parameters()}
+    xs = rng.normal(0, 1, (1, 8, 12, 12, 3)).astype(np.float32)
+    fit(net, xs, np.arange(8) % 3, None, None, TrainConfig(epochs=1, batch_size=8, optimizer="sgd", momentum=0.0,
+                                                           lr=1.0, clip_grad_norm=1e-3, dropout=0.0),
+        num_classes=3)
+    step = np.sqrt(sum(np.sum((v.astype(np.float64) - before[n]) ** 2) for n, _, _, v in net.named_parameters()))
+    assert 0 < step <= 1e-3 * (1 + 1e-5)
+
+
+def test_divergence_guard_names_the_layer_and_the_remedy():
+    """A batch norm whose scale overflows makes the first loss nan: the error names the step after which the
+    activations leave range (features.pw) and, as nothing was updated yet, suggests --bn recalibrate; the
+    state it carries is the last good one (epoch 0)."""
+    from lightcnn.errors import TrainingError
+    from lightcnn.train import TrainConfig, fit
+    from lightcnn.train.loop import diagnose
+
+    model = _bn_net()
+    model.features_net["pw"].bn.params["weight"] = np.full(16, 1e38, np.float32)
+    model.params_changed()
+    net = trainable_net(model, "all")
+    x = np.random.default_rng(0).normal(0, 1, (1, 6, 12, 12, 3)).astype(np.float32)
+    path, peak = diagnose(net, x[0])
+    assert path == "features.pw" and peak > 1e4
+    with pytest.raises(TrainingError) as exc:
+        fit(net, x, np.arange(6) % 3, None, None, TrainConfig(epochs=2, batch_size=6, dropout=0.0), num_classes=3)
+    message = str(exc.value)
+    assert "loss became nan at epoch 1 step 1 after lr 0.001" in message
+    assert "activations exceed 1e+04 after features.pw" in message and "try --bn recalibrate" in message
+    assert exc.value.state.epoch == 0
+
+
+def test_fresh_augmentation_differs_per_epoch_and_repeats_per_seed(workspace):
+    """fresh_views: the same epoch and seed give the same inputs, another epoch or seed other ones, and none of
+    them is the plain image; a last-k run with --augment and no --views trains on them."""
+    import json
+
+    import lightcnn
+    from lightcnn.train.features import fresh_views, split_backbone  # noqa: F401
+
+    clf = lightcnn.load(str(workspace / "tiny.h5"))
+    items = sorted((workspace / "data" / "stripes").glob("*.png"))[:4]
+    prep = clf.preprocessing
+    make = lambda seed: fresh_views(clf.model, items, prep, "light", seed, 1)  # noqa: E731
+    a, b = make(0), make(0)
+    e0, e0_again, e1, other = a(0), b(0), a(1), make(1)(0)
+    np.testing.assert_array_equal(e0, e0_again)
+    assert e0.shape[0] == 4 and not np.allclose(e0, e1) and not np.allclose(e0, other)
+    plain = fresh_views(clf.model, items, prep, None, 0, 1)(0)
+    assert not np.allclose(e0, plain)
+
+    out = workspace / "run_fresh"
+    assert _run(workspace, out, "--mode", "last-k", "--unfreeze", "1", "--augment", "light", "--epochs", "2") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["views"] == 0 and config["augment"]["hflip"] == {"p": 0.5}
+
+
+def test_input_size_travels_to_best_h5(workspace):
+    """--input-size 48 on 32-pixel weights: best.h5 preprocesses to 48 (resize side scaled 36 -> 54) and
+    predicts at that size."""
+    import lightcnn
+
+    out = workspace / "run_size"
+    assert _run(workspace, out, "--input-size", "48", "--epochs", "1") == 0
+    clf = lightcnn.load(str(out / "best.h5"))
+    assert clf.preprocessing.size == 48 and clf.preprocessing.resize_size == 54 and clf.input_shape == (48, 48, 3)
+    x = clf.preprocess([str(workspace / "data" / "blobs" / "00.png")])
+    assert x.shape == (1, 48, 48, 3)
+    assert clf.model.features(x).shape[1:3] == (2, 2)  # 48 / 32 = stride 32 of the trunk: 2 x 2 maps

@@ -134,6 +134,32 @@ def view_rng(path, view, seed):
     return np.random.default_rng([int(seed), int(view), h])
 
 
+def epoch_view_rng(path, epoch, seed):
+    """The generator of `path`'s augmentation in `epoch` when views are drawn fresh every epoch: depends on the
+    seed, the epoch and the file only (a stream apart from view_rng's cached views)."""
+    h = int.from_bytes(hashlib.sha256(os.fspath(Path(path).resolve()).encode()).digest()[:8], "little")
+    return np.random.default_rng([int(seed), int(epoch), h, 1])
+
+
+def fresh_views(model, dataset_items, preprocessing, augment, seed, unfreeze, batch_size=16):
+    """A callable epoch -> (N, ...) float32: every item augmented anew for that epoch (epoch_view_rng) and run
+    through the frozen part (unfreeze as in split_backbone; "all": the images themselves). Nothing is cached:
+    this is the papers' on-the-fly augmentation, at the price of the frozen part once per image per epoch."""
+    paths = [Path(getattr(it, "path", it)) for it in dataset_items]
+    augmenter = make_augmenter(augment_config(augment), preprocessing)
+    prefix, _ = split_backbone(model, unfreeze)
+
+    def inputs(epoch):
+        out = []
+        for start in range(0, len(paths), batch_size):
+            batch = np.stack([load_view(p, preprocessing, augmenter, epoch_view_rng(p, epoch, seed))
+                              for p in paths[start:start + batch_size]])
+            out.append(np.ascontiguousarray(frozen_output(model, prefix, unfreeze, batch), dtype=np.float32))
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    return inputs
+
+
 # --------------------------------------------------------------------------------------------- the split point
 
 
@@ -400,6 +426,6 @@ def extract_features(model, dataset_items, preprocessing, cache_dir, augment_vie
     return np.ascontiguousarray(np.stack([np.stack(r) for r in results]), dtype=np.float32)
 
 
-__all__ = ["AUGMENT_PRESETS", "augment_config", "default_cache_dir", "describe_unfreeze", "extract_features",
-           "frozen_output", "item_key", "load_view", "make_augmenter", "model_key", "resolve_unfreeze",
+__all__ = ["AUGMENT_PRESETS", "augment_config", "default_cache_dir", "describe_unfreeze", "epoch_view_rng",
+           "extract_features", "fresh_views", "frozen_output", "item_key", "load_view", "make_augmenter", "model_key", "resolve_unfreeze",
            "split_backbone", "trunk_blocks", "view_rng"]

@@ -40,7 +40,7 @@ import numpy as np
 
 from lightcnn.checkpoint import Checkpoint, atomic_write_text, read_checkpoint, save_checkpoint
 from lightcnn.data import discover, group_stratified_split, kfold_dataset, split_dataset, stratified_split
-from lightcnn.errors import LightCNNError
+from lightcnn.errors import LightCNNError, TrainingError
 from lightcnn.kernels.activation import ACTIVATIONS
 from lightcnn.kernels.linear import softmax
 from lightcnn.layers.base import Sequential
@@ -49,9 +49,9 @@ from lightcnn.metrics import classification_report, kfold_summary, youden_thresh
 from lightcnn.preprocess import GRAYSCALE_227, TORCHVISION, Preprocessing
 from lightcnn.train.bn import (BN_MODES, batchnorm_layers, can_unfold, has_batchnorm, rebuild, recalibrate,
                                unfold_batchnorm)
-from lightcnn.train.features import (augment_config, describe_unfreeze, extract_features, load_view,
-                                     resolve_unfreeze, split_backbone)
-from lightcnn.train.loop import TrainConfig, TrainState, fit, predict_logits
+from lightcnn.train.features import (augment_config, describe_unfreeze, extract_features, fresh_views,
+                                     load_view, resolve_unfreeze, split_backbone)
+from lightcnn.train.loop import TrainConfig, TrainState, fit, predict_logits, restore
 
 MODES = ("head", "last-k", "full")
 SPLITS = ("auto", "official", "random", "group")
@@ -149,8 +149,9 @@ class FinetuneConfig:
             raise RunError(str(exc)) from None
         if self.views and not self.augment:
             raise RunError("--views N needs an augmentation (--augment PRESET or JSON)")
-        if self.augment and not self.views:
-            raise RunError("--augment needs --views N (augmented views are computed once and cached)")
+        if self.augment and not self.views and self.mode == "head":
+            raise RunError("--augment in --mode head needs --views N (augmented views are computed once and cached); "
+                           "--mode last-k and full draw fresh views every epoch without it")
         if self.kfold == 1 or self.kfold < 0:
             raise RunError("--kfold needs K >= 2")
 
@@ -456,6 +457,7 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
     labels = ds.labels
     y = {name: labels[idx] for name, idx in parts.items()}
 
+    fresh = bool(cfg.augment) and not cfg.views  # backprop modes: views drawn fresh every epoch
     t0 = time.perf_counter()
     stats, x = {}, {}
     for name, idx in parts.items():
@@ -465,7 +467,7 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
         views = cfg.views if name == "train" else 0
         s = {}
         arr = extract_features(model, [ds.items[i] for i in idx], prep, cache_dir, augment_views=views,
-                               seed=tcfg.seed, augment=cfg.augment, unfreeze=unfreeze,
+                               seed=tcfg.seed, augment=cfg.augment if views else None, unfreeze=unfreeze,
                                progress=_throttled(progress, f"features {name}"), stats=s)
         x[name] = arr if name == "train" else arr[0]
         stats[name] = s
@@ -489,8 +491,32 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
         if on_epoch_end:
             on_epoch_end(st, row)
 
-    result = fit(net, x["train"], y["train"], x["val"], y.get("val"), tcfg, num_classes=len(class_names),
-                 state=state, on_epoch_end=epoch_end, progress=progress, one_thread=unfreeze == 0)
+    def save_best(extra):
+        ckpt = Checkpoint(arch=model.arch, config=model.config, tensors=model.state_dict(), class_names=class_names,
+                          preprocessing=prep.to_dict(),
+                          provenance={**provenance, "converter": "lightcnn.finetune", "source_file":
+                                      provenance.get("base_weights"), "source_sha256": provenance.get("base_sha256")},
+                          extra={"training": cfg.to_dict(), "mode": cfg.mode, "unfreeze": unfreeze,
+                                 "resolved": resolved, **extra_meta, **extra})
+        save_checkpoint(out / "best.h5", ckpt)
+
+    x_train = x["train"]
+    if fresh:
+        x_train = fresh_views(model, [ds.items[i] for i in parts["train"]], prep, cfg.augment, tcfg.seed, unfreeze)
+        if progress:
+            progress(f"augmentation: drawn fresh every epoch ({len(parts['train'])} images through "
+                     + ("the frozen part" if unfreeze != "all" else "the loader") + " per epoch, not cached)")
+    try:
+        result = fit(net, x_train, y["train"], x["val"], y.get("val"), tcfg, num_classes=len(class_names),
+                     state=state, on_epoch_end=epoch_end, progress=progress, one_thread=unfreeze == 0)
+    except TrainingError as exc:
+        good = getattr(exc, "state", None)
+        if good is None or good.best_weights is None:
+            raise
+        restore(net, good.best_weights)  # the best model so far is still worth having
+        save_best({"best_epoch": good.best_epoch + 1, "stopped": str(exc)})
+        raise TrainingError(f"{exc}; the best model so far (epoch {good.best_epoch + 1}) is in "
+                            f"{out / 'best.h5'}") from None
     _write_metrics_csv(out / "metrics.csv", result.history)
 
     report = {"class_names": class_names, "positive": cfg.positive, "resolved": resolved, **extra_meta}
@@ -519,14 +545,8 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
 
     best = out / "best.h5"
     metrics = {n: {k: report[n][k] for k in METRIC_KEYS} for n in shown}
-    ckpt = Checkpoint(arch=model.arch, config=model.config, tensors=model.state_dict(), class_names=class_names,
-                      preprocessing=prep.to_dict(),
-                      provenance={**provenance, "converter": "lightcnn.finetune", "source_file":
-                                  provenance.get("base_weights"), "source_sha256": provenance.get("base_sha256")},
-                      extra={"training": cfg.to_dict(), "metrics": metrics, "best_epoch": result.best_epoch + 1,
-                             "mode": cfg.mode, "unfreeze": unfreeze, "resolved": resolved, **extra_meta,
-                             **({"operating_point": operating_point} if operating_point else {})})
-    save_checkpoint(best, ckpt)
+    save_best({"metrics": metrics, "best_epoch": result.best_epoch + 1,
+               **({"operating_point": operating_point} if operating_point else {})})
     report["best_h5"] = str(best)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
     return RunResult(out, report, result.history, best, timings)
