@@ -481,3 +481,18 @@ def test_input_size_travels_to_best_h5(workspace):
     x = clf.preprocess([str(workspace / "data" / "blobs" / "00.png")])
     assert x.shape == (1, 48, 48, 3)
     assert clf.model.features(x).shape[1:3] == (2, 2)  # 48 / 32 = stride 32 of the trunk: 2 x 2 maps
+
+
+def test_config_replays_the_protocol_options(workspace):
+    """Every new option is in config.json and `--config` runs it again unchanged."""
+    import json
+
+    first = workspace / "replay_protocol"
+    assert _run(workspace, first, "--mode", "last-k", "--unfreeze", "40%", "--bn", "train", "--activation", "elu",
+                "--input-size", "40", "--augment", "seed002", "--lr-schedule", "cosine", "--warmup-epochs", "1",
+                "--clip-grad-norm", "2", "--epochs", "2") == 0
+    saved = json.loads((first / "config.json").read_text())
+    assert (saved["unfreeze"], saved["bn"], saved["activation"], saved["input_size"]) == ("40%", "train", "elu", 40)
+    again = workspace / "replay_protocol_b"
+    assert finetune_cli_main(["--config", str(first / "config.json"), "--out", str(again), "--quiet"]) == 0
+    assert json.loads((again / "config.json").read_text()) == {**saved, "out": str(again)}

@@ -16,8 +16,9 @@ bias b) over the training images,
     running_mean = m,  running_var = v,  gamma = sqrt(v + eps),  beta = m + b   =>  BN(Wx) = Wx + b
 
 so recalibrating such a BN after a change of activation (ELU for ReLU6, seed 000) gives each channel back the
-mean and spread it had in the original network on these images, and the network starts sane instead of its
-pooled features growing to ~1e2 (measured on MobileNetV2 + ELU without recalibration).
+mean and spread it had in the original network on these images, and the network starts sane: on 32 COVID-CT
+slices the largest pooled feature of the TFLite MobileNetV2 is 5.5 with ReLU6, 244 with ELU as is and 7.9 with
+ELU after unfolding and recalibrating (the unfolded ReLU6 network's pooled features differ by 1.4e-5).
 
 Not here: BN of the frozen prefix in --bn train (the prefix runs once per image as a cached inference plan).
 """

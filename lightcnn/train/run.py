@@ -8,10 +8,11 @@
 
 Modes
     head     only the new head trains, on cached pooled features
-    last-k   the last k blocks (+ the final 1x1 conv of MobileNets) and the head train; every batch norm is
-             frozen (inference mode, running statistics), also inside the unfrozen blocks; the frozen prefix
-             ran once per image and view, its outputs are cached
-    full     every layer trains, batch norm in training mode (seed 001's network from scratch, --arch)
+    last-k   the last k blocks (+ the final 1x1 conv of MobileNets) and the head train (k from --unfreeze K or
+             P%, or --freeze-first); batch norm per --bn (lightcnn.train.bn; default frozen: inference mode,
+             also inside the unfrozen blocks); the frozen prefix ran once per image and view, its outputs are
+             cached (or, with --augment and no --views, runs on a fresh augmentation every epoch)
+    full     every layer trains, batch norm in training mode by default (seed 001's network from scratch, --arch)
 
 Files in RUN_DIR (all written atomically: temp file + rename)
     config.json   the FinetuneConfig; --resume refuses to continue a different configuration
