@@ -6,7 +6,6 @@ import pytest
 
 from lightcnn.kernels.linear import cross_entropy
 from lightcnn.layers import Dense, GlobalAvgPool, Sequential, conv_bn_act
-from lightcnn.layers.basic import BatchNorm
 from lightcnn.models import Model, mobilenet_v2
 from lightcnn.models.base import randomise_batchnorm_statistics
 from lightcnn.optim import SGD
@@ -450,7 +449,7 @@ def test_fresh_augmentation_differs_per_epoch_and_repeats_per_seed(workspace):
     import json
 
     import lightcnn
-    from lightcnn.train.features import fresh_views, split_backbone  # noqa: F401
+    from lightcnn.train.features import fresh_views
 
     clf = lightcnn.load(str(workspace / "tiny.h5"))
     items = sorted((workspace / "data" / "stripes").glob("*.png"))[:4]

@@ -427,5 +427,5 @@ def extract_features(model, dataset_items, preprocessing, cache_dir, augment_vie
 
 
 __all__ = ["AUGMENT_PRESETS", "augment_config", "default_cache_dir", "describe_unfreeze", "epoch_view_rng",
-           "extract_features", "fresh_views", "frozen_output", "item_key", "load_view", "make_augmenter", "model_key", "resolve_unfreeze",
-           "split_backbone", "trunk_blocks", "view_rng"]
+           "extract_features", "fresh_views", "frozen_output", "item_key", "load_view", "make_augmenter",
+           "model_key", "resolve_unfreeze", "split_backbone", "trunk_blocks", "view_rng"]

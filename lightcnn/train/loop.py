@@ -485,5 +485,6 @@ def _fit(net, x_train, y_train, x_val, y_val, config, num_classes, state, on_epo
                      time.perf_counter() - t_start, state)
 
 
-__all__ = ["LOSSES", "MONITORS", "OPTIMIZERS", "SCHEDULES", "FitResult", "diagnose", "divergence_message", "TrainConfig", "TrainState", "class_weights_for",
-           "evaluate_logits", "fit", "lr_at", "make_loss", "make_optimizer", "predict_logits", "restore", "snapshot"]
+__all__ = ["LOSSES", "MONITORS", "OPTIMIZERS", "SCHEDULES", "FitResult", "TrainConfig", "TrainState",
+           "class_weights_for", "diagnose", "divergence_message", "evaluate_logits", "fit", "lr_at", "make_loss",
+           "make_optimizer", "predict_logits", "restore", "snapshot"]

@@ -284,7 +284,8 @@ def _image_batches(items, prep, batch_size):
 def adapt_base(model, cfg, batches, progress):
     """The pretrained model with the run's architecture changes: batch norm put back for --bn train/recalibrate
     on a folded file, then --activation. Returns (model, changed activation: bool)."""
-    if cfg.bn in ("train", "recalibrate") and not has_batchnorm(model):
+    uses_bn = cfg.mode != "head" or bool(cfg.activation)  # head-only training on a fixed trunk needs none
+    if cfg.bn in ("train", "recalibrate") and uses_bn and not has_batchnorm(model):
         if can_unfold(model):
             model = unfold_batchnorm(model, batches)
             if progress:
