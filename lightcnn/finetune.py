@@ -27,16 +27,19 @@ modes:
            (and per augmented view) and its outputs are cached on disk (--cache-dir), keyed by the weights,
            the preprocessing and the file, so later epochs and runs cost only the head
   last-k   also train the last K blocks (--unfreeze K: the last K inverted-residual blocks plus the final 1x1
-           conv of MobileNets, or the last K Fire modules of SqueezeNet). EVERY batch norm stays frozen in
-           inference mode (running statistics), also inside the unfrozen blocks; the frozen prefix runs once per
-           image/view and is cached too
+           conv of MobileNets, or the last K Fire modules of SqueezeNet; --unfreeze 40%: the top 40 % of the
+           weight layers; --freeze-first K: all but the first K blocks). Batch norm per --bn (default frozen:
+           inference mode, also inside the unfrozen blocks); the frozen prefix runs once per image/view and is
+           cached too
   full     train every layer, batch norm in training mode (e.g. --arch covid_squeezenet from scratch)
 
 augmentation presets (--augment NAME, or a JSON object of lightcnn.augment ops):
   seed000  random resized crop, scale 0.08-1.0      seed001  rotation <= 90, zoom 1.1-1.3, Gaussian noise
   seed002  horizontal flip + colour jitter          seed003  rotation <= 40, zoom 1.0-1.2, flip (+ --oversample)
   light    crop scale 0.5-1, rotation <= 15, flip, brightness/contrast 0.2
-  Augmented views are computed once (--views N per training image); each epoch uses one view per image.
+  --views N: N augmented views per training image are computed once and cached; each epoch uses one view per
+  image (the fast option, and the only one in head mode). Without --views, --mode last-k and full draw a fresh
+  augmentation of every image every epoch (seeded by --seed, the epoch and the file), as the papers train.
 """
 
 
@@ -49,6 +52,22 @@ def _fractions(text):
     if len(values) not in (2, 3) or abs(sum(values) - 1) > 1e-6 or min(values) < 0:
         raise argparse.ArgumentTypeError(f"fractions must be 2 or 3 numbers >= 0 summing to 1, got {text!r}")
     return values
+
+
+def _unfreeze(text):
+    from lightcnn.train.run import RunError, parse_unfreeze
+
+    try:
+        return parse_unfreeze(text)
+    except RunError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _epochs(text):
+    try:
+        return sorted(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 10,20, got {text!r}") from None
 
 
 def _hidden(text):
@@ -72,8 +91,20 @@ def build_parser():
 
     g = p.add_argument_group("what trains")
     g.add_argument("--mode", choices=("head", "last-k", "full"), default="head", help="default: head")
-    g.add_argument("--unfreeze", type=_positive_int, default=2, metavar="K",
-                   help="with --mode last-k: the number of final blocks that train (default 2); batch norm frozen")
+    g.add_argument("--unfreeze", type=_unfreeze, default=2, metavar="K|P%",
+                   help="with --mode last-k: the number of final blocks that train (default 2), or the share of "
+                        "the trunk's weight layers from the top, e.g. 40%% (seed 003), rounded to whole blocks")
+    g.add_argument("--freeze-first", type=_nonneg_int, metavar="K",
+                   help="with --mode last-k: the first K blocks (Fire modules) and the stem stay frozen, "
+                        "everything after trains (seed 000: 6); replaces --unfreeze")
+    g.add_argument("--bn", choices=("frozen", "train", "recalibrate"),
+                   help="batch norm of the trained part: frozen (inference mode), train (batch statistics, "
+                        "PyTorch's model.train()) or recalibrate (running statistics re-estimated on the training "
+                        "images, then frozen). Default: recalibrate with --activation, train with --mode full, "
+                        "else frozen")
+    g.add_argument("--activation", choices=("relu", "relu6", "elu"),
+                   help="build the pretrained network with this activation (seed 000's ELU MobileNetV2); the "
+                        "ImageNet weights are kept, their function changes")
     g.add_argument("--head", choices=("linear", "dense"), default="linear",
                    help="linear: GAP-dropout-softmax; dense: seed 003's 64-64-64-32-32 ReLU stack (default linear)")
     g.add_argument("--hidden", type=_hidden, metavar="W1,W2,...", help="widths of the dense head's hidden layers")
@@ -91,6 +122,17 @@ def build_parser():
     g.add_argument("--lr-decay", type=_positive_float, default=1.0, metavar="FACTOR",
                    help="multiply the rate by FACTOR every --lr-decay-every epochs (seed 001: 0.8 every 5)")
     g.add_argument("--lr-decay-every", type=_positive_int, default=5, metavar="N", help="default 5")
+    g.add_argument("--lr-schedule", choices=("step", "multistep", "cosine"),
+                   help="step: --lr-decay every --lr-decay-every epochs (default); multistep: x --lr-gamma at each "
+                        "of --lr-milestones (the default when they are given); cosine: annealed to 0 at the last "
+                        "epoch")
+    g.add_argument("--lr-milestones", type=_epochs, metavar="E1,E2,...",
+                   help="0-based epochs from which the rate is multiplied by --lr-gamma (seed 002's step LR)")
+    g.add_argument("--lr-gamma", type=_positive_float, default=0.1, help="multistep factor (default 0.1)")
+    g.add_argument("--warmup-epochs", type=_nonneg_int, default=0, metavar="N",
+                   help="ramp the rate up linearly over the first N epochs (lr * (e+1)/N), then the schedule")
+    g.add_argument("--clip-grad-norm", type=_nonneg_float, default=0.0, metavar="X",
+                   help="rescale a step's gradients when their global L2 norm exceeds X (0 = off)")
     g.add_argument("--patience", type=_nonneg_int, default=0,
                    help="early stopping after N epochs without validation improvement (0 = off)")
     g.add_argument("--monitor", choices=("loss", "accuracy", "roc_auc"), default="loss",
@@ -104,6 +146,9 @@ def build_parser():
     g.add_argument("--augment", metavar="PRESET|JSON", help="training augmentation (see below)")
     g.add_argument("--views", type=_nonneg_int, default=0, metavar="N", help="augmented views cached per image")
     g.add_argument("--oversample", action="store_true", help="repeat minority-class images to balance classes")
+    g.add_argument("--input-size", type=_positive_int, metavar="N",
+                   help="network input side in pixels (fully convolutional trunks; seed 002: 446); best.h5 "
+                        "records the preprocessing at this size")
     g.add_argument("--blur-sigma", type=_positive_float, metavar="S", help="3x3 Gaussian blur (seed 000: 1.3)")
     g.add_argument("--window", metavar="W", help="CT window for DICOM / 16-bit CT images: lung, mediastinum, "
                    "bone, auto or CENTER,WIDTH in HU (stored with best.h5; default: the file's own window)")
@@ -137,13 +182,18 @@ def build_parser():
 def config_from_args(args):
     train = dict(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                  momentum=args.momentum, l2=args.l2, weight_decay=args.weight_decay, lr_decay=args.lr_decay,
-                 lr_decay_every=args.lr_decay_every, patience=args.patience, loss=args.loss,
+                 lr_decay_every=args.lr_decay_every, lr_schedule=args.lr_schedule or (
+                     "multistep" if args.lr_milestones else "step"), lr_milestones=args.lr_milestones or [],
+                 lr_gamma=args.lr_gamma, warmup_epochs=args.warmup_epochs, clip_grad_norm=args.clip_grad_norm,
+                 patience=args.patience, loss=args.loss,
                  focal_gamma=args.focal_gamma, label_smoothing=args.label_smoothing, monitor=args.monitor,
                  oversample=args.oversample, seed=args.seed, head=args.head, hidden=args.hidden or [],
                  dropout=args.dropout, hidden_dropout=args.hidden_dropout)
     return dict(data=args.data, out=args.out, model=args.model, weights=args.weights, arch=args.arch, csv=args.csv,
-                mode=args.mode, unfreeze=args.unfreeze, augment=args.augment, views=args.views,
-                blur_sigma=args.blur_sigma, window=args.window, hu_offset=args.hu_offset, resize=args.resize, split=args.split, fractions=args.fractions,
+                mode=args.mode, unfreeze=args.unfreeze, freeze_first=args.freeze_first, bn=args.bn,
+                activation=args.activation, input_size=args.input_size, augment=args.augment, views=args.views,
+                blur_sigma=args.blur_sigma, window=args.window, hu_offset=args.hu_offset,
+                resize=args.resize, split=args.split, fractions=args.fractions,
                 kfold=args.kfold, positive=args.positive, cache_dir=args.cache_dir, n_bootstrap=args.bootstrap,
                 report_test=not args.no_test, train=train)
 
@@ -153,7 +203,7 @@ SOURCES = ("model", "weights", "arch")
 
 def args_from_config(config):
     """A config.json (FinetuneConfig.to_dict()) -> {argparse dest: value}: the inverse of config_from_args."""
-    values = {k: v for k, v in config.items() if k not in ("train", "n_bootstrap", "report_test")}
+    values = {k: v for k, v in config.items() if k not in ("train", "n_bootstrap", "report_test", "resolved")}
     if "n_bootstrap" in config:
         values["bootstrap"] = config["n_bootstrap"]
     if "report_test" in config:

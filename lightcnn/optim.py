@@ -99,6 +99,26 @@ class Adam(Optimizer):
         value -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
 
 
+def clip_grad_norm(model, max_norm):
+    """Rescale the gradients of `model` so that their global L2 norm is at most `max_norm`
+    (torch.nn.utils.clip_grad_norm_: factor max_norm / (norm + 1e-6) when norm exceeds max_norm).
+
+    The norm runs over every gradient an optimiser step would use (frozen layers have none). The scaled
+    gradients are new arrays (the layers' own ones are replaced, not written into). Returns the norm
+    before clipping.
+    """
+    grads = [(layer, key) for _, layer, key, _ in model.named_parameters()
+             if not layer.frozen and layer.grads.get(key) is not None]
+    total = float(np.sqrt(sum(float(np.sum(np.square(layer.grads[key], dtype=np.float64)))
+                              for layer, key in grads)))
+    if total > max_norm:
+        factor = max_norm / (total + 1e-6)
+        for layer, key in grads:
+            g = layer.grads[key]
+            layer.grads[key] = (g * factor).astype(g.dtype, copy=False)
+    return total
+
+
 def step_decay(base_lr, epoch, factor=0.8, every=5):
     """Seed 001's schedule: multiply the rate by `factor` every `every` epochs."""
     return base_lr * factor ** (epoch // every)

@@ -117,7 +117,11 @@ def test_nan_loss_exits_1_with_one_line_and_keeps_last_good_checkpoint(workspace
     state = read_checkpoint(out / "last.h5")
     assert state.extra["state"]["epoch"] == failed_epoch - 1
     assert all(np.all(np.isfinite(v)) for v in state.tensors.values())
-    assert not (out / "best.h5").exists()
+    # the guard names what to try, and the best model of the sane epochs is kept as best.h5
+    assert "try a lower --lr or --clip-grad-norm" in err and "best model so far" in err
+    best = read_checkpoint(out / "best.h5")
+    assert best.extra["best_epoch"] < failed_epoch and "became" in best.extra["stopped"]
+    assert all(np.all(np.isfinite(v)) for v in best.tensors.values())
 
 
 def test_usage_and_option_errors(workspace, capsys):

@@ -258,6 +258,13 @@ class BatchNorm(Layer):
     Training uses batch statistics and updates the running ones (PyTorch momentum
     convention); frozen or inference uses the running statistics as a folded
     scale/shift.
+
+    ``track`` (never saved) is for re-estimating the running statistics in a
+    training-mode pass (lightcnn.train.bn), whatever ``frozen`` says:
+      "cumulative"  normalise with batch statistics; the running ones become the
+                    equal-weight average over the batches seen (PyTorch's momentum=None)
+      "measure"     normalise with the running statistics (the output does not
+                    change); the batch statistics are averaged into ``measured``
     """
 
     def __init__(self, channels: int, eps: float = 1e-05, momentum: float = 0.1) -> None:
@@ -267,6 +274,28 @@ class BatchNorm(Layer):
         self.params["bias"] = np.zeros(channels, np.float32)
         self.buffers["running_mean"] = np.zeros(channels, np.float32)
         self.buffers["running_var"] = np.ones(channels, np.float32)
+        self.track = None
+        self.tracked_batches = 0
+        self.measured = None  # (mean (C,), unbiased var (C,)) averaged over batches by track="measure"
+
+    def _track(self, x):
+        """One batch of a statistics pass (see `track`); returns the output."""
+        count = x.size // x.shape[-1]
+        self.tracked_batches += 1
+        factor = 1.0 / self.tracked_batches
+        if self.track == "cumulative":
+            y, _, mean, var = norm_k.batchnorm_train_forward(x, self.params["weight"], self.params["bias"], self.eps)
+            self.buffers["running_mean"], self.buffers["running_var"] = norm_k.update_running_stats(
+                self.buffers["running_mean"], self.buffers["running_var"], mean, var, count, factor)
+            return y
+        if self.track != "measure":
+            raise ValueError(f"{self.name}: track must be None, 'cumulative' or 'measure', got {self.track!r}")
+        rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        mean, var = rows.mean(0), rows.var(0)
+        previous = self.measured or (np.zeros_like(mean), np.ones_like(var))
+        self.measured = norm_k.update_running_stats(previous[0], previous[1], mean, var, count, factor)
+        scale, shift = self.folded()
+        return norm_k.batchnorm_inference_forward(x, scale.astype(x.dtype), shift.astype(x.dtype))
 
     def folded(self):
         """(scale, shift) with y = x * scale + shift, from the running statistics."""
@@ -275,6 +304,8 @@ class BatchNorm(Layer):
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         check_nhwc(x, self.name, self.channels)
+        if training and self.track is not None:
+            return self._track(x)
         if training and not self.frozen:
             y, cache, mean, var = norm_k.batchnorm_train_forward(x, self.params["weight"], self.params["bias"],
                                                                   self.eps)

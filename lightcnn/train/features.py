@@ -134,6 +134,32 @@ def view_rng(path, view, seed):
     return np.random.default_rng([int(seed), int(view), h])
 
 
+def epoch_view_rng(path, epoch, seed):
+    """The generator of `path`'s augmentation in `epoch` when views are drawn fresh every epoch: depends on the
+    seed, the epoch and the file only (a stream apart from view_rng's cached views)."""
+    h = int.from_bytes(hashlib.sha256(os.fspath(Path(path).resolve()).encode()).digest()[:8], "little")
+    return np.random.default_rng([int(seed), int(epoch), h, 1])
+
+
+def fresh_views(model, dataset_items, preprocessing, augment, seed, unfreeze, batch_size=16):
+    """A callable epoch -> (N, ...) float32: every item augmented anew for that epoch (epoch_view_rng) and run
+    through the frozen part (unfreeze as in split_backbone; "all": the images themselves). Nothing is cached:
+    this is the papers' on-the-fly augmentation, at the price of the frozen part once per image per epoch."""
+    paths = [Path(getattr(it, "path", it)) for it in dataset_items]
+    augmenter = make_augmenter(augment_config(augment), preprocessing)
+    prefix, _ = split_backbone(model, unfreeze)
+
+    def inputs(epoch):
+        out = []
+        for start in range(0, len(paths), batch_size):
+            batch = np.stack([load_view(p, preprocessing, augmenter, epoch_view_rng(p, epoch, seed))
+                              for p in paths[start:start + batch_size]])
+            out.append(np.ascontiguousarray(frozen_output(model, prefix, unfreeze, batch), dtype=np.float32))
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    return inputs
+
+
 # --------------------------------------------------------------------------------------------- the split point
 
 
@@ -183,6 +209,58 @@ def split_backbone(model, unfreeze):
         raise ValueError(f"{model.arch} has {len(fires)} Fire modules; cannot unfreeze the last {k}")
     cut = fires[-k]
     return Sequential(children[:cut]), Sequential(children[cut:])
+
+
+def trunk_blocks(model):
+    """The number of blocks `split_backbone` counts: MobileNet blocks, or SqueezeNet Fire modules."""
+    features = model.features_net
+    if _is_mobilenet_trunk(features):
+        return len(features["blocks"])
+    children = features.children() if isinstance(features, Sequential) else []
+    return sum(isinstance(layer, Fire) for _, layer in children)
+
+
+def _weight_layers(net):
+    from lightcnn.layers.basic import Conv2d, ConvTranspose2d, Dense, DepthwiseConv2d
+
+    kinds = (Conv2d, ConvTranspose2d, Dense, DepthwiseConv2d)
+    return sum(isinstance(layer, kinds) for _, layer in net.named_layers())
+
+
+def resolve_unfreeze(model, unfreeze, freeze_first=None):
+    """(k, info) for split_backbone from --unfreeze K | "P%" or --freeze-first K.
+
+    freeze_first K    the first K blocks (and the stem) stay frozen: k = blocks - K
+    "P%"              the k whose trained part holds the share of the trunk's weight layers (convolutions,
+                      depthwise, dense) nearest to P % (ties: the larger k)
+    info: {"unfreeze": k, "blocks": [trained children of features], "weight_layers": [trained, total],
+           "share": trained / total} (the stderr line and config.json say which blocks that is).
+    """
+    n = trunk_blocks(model)
+    if freeze_first is not None:
+        if not 0 <= int(freeze_first) < n:
+            raise ValueError(f"{model.arch} has {n} blocks; --freeze-first must be 0..{n - 1}, got {freeze_first}")
+        k = n - int(freeze_first)
+    elif isinstance(unfreeze, str) and unfreeze.endswith("%"):
+        target = float(unfreeze[:-1]) / 100.0
+        total = _weight_layers(model.features_net)
+        shares = [(_weight_layers(split_backbone(model, j)[1]) / total, j) for j in range(1, n + 1)]
+        k = min(shares, key=lambda t: (abs(t[0] - target), -t[1]))[1]
+    else:
+        k = int(unfreeze)
+    _, suffix = split_backbone(model, k)
+    trained, total = _weight_layers(suffix), _weight_layers(model.features_net)
+    return k, {"unfreeze": k, "blocks": [f"features.{name}" for name, _ in suffix.children()],
+               "weight_layers": [trained, total], "share": round(trained / total, 4)}
+
+
+def describe_unfreeze(info, asked):
+    """One line: which blocks train for --unfreeze / --freeze-first `asked`."""
+    blocks = info["blocks"]
+    shown = ", ".join(blocks) if len(blocks) <= 4 else f"{blocks[0]} ... {blocks[-1]}"
+    trained, total = info["weight_layers"]
+    return (f"{asked}: {len(blocks)} trunk children train ({shown}): {trained} of {total} weight layers "
+            f"({100 * info['share']:.1f} %), the first {total - trained} frozen")
 
 
 def frozen_output(model, prefix, unfreeze, x):
@@ -348,5 +426,6 @@ def extract_features(model, dataset_items, preprocessing, cache_dir, augment_vie
     return np.ascontiguousarray(np.stack([np.stack(r) for r in results]), dtype=np.float32)
 
 
-__all__ = ["AUGMENT_PRESETS", "augment_config", "default_cache_dir", "extract_features", "frozen_output",
-           "item_key", "load_view", "make_augmenter", "model_key", "split_backbone", "view_rng"]
+__all__ = ["AUGMENT_PRESETS", "augment_config", "default_cache_dir", "describe_unfreeze", "epoch_view_rng",
+           "extract_features", "fresh_views", "frozen_output", "item_key", "load_view", "make_augmenter",
+           "model_key", "resolve_unfreeze", "split_backbone", "trunk_blocks", "view_rng"]

@@ -1,10 +1,12 @@
 """The training loop: minibatch SGD/Adam over any Layer, validation every epoch, early stopping, exact resume.
 
-    for epoch e:   lr_e = lr * lr_decay ** (e // lr_decay_every)                     (step decay, seed 001)
+    for epoch e:   lr_e = lr_at(config, e)            (warm-up, then step decay | multi-step | cosine; see lr_at)
         order = rng.permutation(train indices, oversampled if asked); view_i ~ U{0..V}   (one view per image)
+                   (or x_train(e): views drawn fresh for this epoch, see fit)
         for each batch:  logits = net.forward(x, training=True)
                          loss, dlogits = CE | class-weighted CE | focal (+ label smoothing)
-                         net.backward(dlogits);  optimizer.step()    (L2 = lambda * sum w^2 or decoupled decay)
+                         net.backward(dlogits);  [clip the global gradient norm];  optimizer.step()
+                         (L2 = lambda * sum w^2 or decoupled decay)
         validation: plain cross-entropy, accuracy, ROC-AUC; keep a copy of the weights when `monitor` improves;
         stop after `patience` epochs without improvement.
 
@@ -16,7 +18,8 @@ Resume. Everything that decides the next epoch is in `TrainState`: the epoch cou
 bit_generator state, every Dropout generator's state, the optimiser's steps and moments, the best weights and
 the early-stopping counter. `fit(..., state=...)` continues from it, and a run stopped after epoch k and resumed
 ends bit-identical to one that never stopped. A non-finite loss raises TrainingError before any update is made
-from it, so the last state handed to `on_epoch_end` (the last good checkpoint) stays valid.
+from it, so the last state handed to `on_epoch_end` (the last good checkpoint) stays valid; the error carries
+that state (`exc.state`, with the best weights so far) and names the likely cause (`diagnose`).
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ import numpy as np
 from lightcnn.augment import oversample_indices
 from lightcnn.errors import TrainingError
 from lightcnn.kernels.linear import cross_entropy, focal_loss, softmax
+from lightcnn.layers.base import Sequential
 from lightcnn.layers.basic import Dropout
 from lightcnn.metrics import roc_auc, roc_auc_ovr
-from lightcnn.optim import SGD, Adam
+from lightcnn.optim import SGD, Adam, clip_grad_norm
 
 LOSSES = ("ce", "weighted-ce", "focal")
+SCHEDULES = ("step", "multistep", "cosine")
+BLOW_UP = 1e4  # |activation| beyond which the divergence guard names the layer
 OPTIMIZERS = ("sgd", "adam")
 MONITORS = ("loss", "accuracy", "roc_auc")
 
@@ -47,6 +53,9 @@ class TrainConfig:
     head / hidden / dropout / hidden_dropout describe the new head (Model.reset_head): "linear" is
     GAP -> dropout -> Dense(K); "dense" is seed 003's stack (64, 64, 64, 32, 32) unless `hidden` is given.
     l2 is lambda in lambda * sum(w^2) added to the loss (seed 000's eq. 3); weight_decay is decoupled (AdamW).
+    lr_schedule: step (lr_decay every lr_decay_every epochs), multistep (x lr_gamma at each of lr_milestones,
+    seed 002's step LR) or cosine; warmup_epochs ramp the rate up linearly first (see lr_at).
+    clip_grad_norm > 0 rescales the gradients of a step whose global L2 norm exceeds it (0 = off).
     patience = 0 disables early stopping. monitor picks the validation number that decides the best epoch
     (loss: lower is better; accuracy, roc_auc: higher is better). positive = class index for the AUC
     (None: macro one-vs-rest AUC).
@@ -61,6 +70,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_decay: float = 1.0
     lr_decay_every: int = 5
+    lr_schedule: str = "step"
+    lr_milestones: list = field(default_factory=list)
+    lr_gamma: float = 0.1
+    warmup_epochs: int = 0
+    clip_grad_norm: float = 0.0
     patience: int = 0
     loss: str = "ce"
     focal_gamma: float = 2.0
@@ -87,6 +101,13 @@ class TrainConfig:
             raise ValueError("epochs >= 0, batch_size >= 1, lr_decay_every >= 1 and patience >= 0 are required")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        self.lr_milestones = sorted(int(m) for m in self.lr_milestones)
+        if self.lr_schedule == "multistep" and not self.lr_milestones:
+            raise ValueError("the multistep schedule needs milestones (--lr-milestones 10,20)")
+        if self.warmup_epochs < 0 or self.clip_grad_norm < 0 or self.lr_gamma <= 0:
+            raise ValueError("warmup_epochs >= 0, clip_grad_norm >= 0 and lr_gamma > 0 are required")
         self.hidden = [int(h) for h in self.hidden]
 
     @property
@@ -134,8 +155,65 @@ def make_optimizer(net, config):
 
 
 def lr_at(config, epoch):
-    """Step decay: lr * lr_decay ** (epoch // lr_decay_every) (seed 001: 0.8 every 5 epochs)."""
+    """The learning rate of 0-based `epoch` (metrics.csv's epoch e + 1), closed forms:
+
+        warm-up     e < W:  lr * (e + 1) / W                              (W = warmup_epochs)
+        step        lr * lr_decay ** (e // lr_decay_every)                (seed 001: 0.8 every 5 epochs)
+        multistep   lr * lr_gamma ** #{m in lr_milestones: e >= m}        (torch MultiStepLR stepped per epoch)
+        cosine      lr * (1 + cos(pi * (e - W) / (epochs - W))) / 2       (CosineAnnealingLR, eta_min 0)
+    """
+    w = config.warmup_epochs
+    if epoch < w:
+        return config.lr * (epoch + 1) / w
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - w) / max(config.epochs - w, 1)))
+    if config.lr_schedule == "multistep":
+        return config.lr * config.lr_gamma ** sum(epoch >= m for m in config.lr_milestones)
     return config.lr * config.lr_decay ** (epoch // config.lr_decay_every)
+
+
+def _units(net, prefix=""):
+    """(dotted path, layer) of the smallest reportable steps of `net` in forward order: Sequentials opened up,
+    anything else (a block, a conv unit, a dense layer) one step."""
+    for name, child in net.children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, Sequential) and child.children():
+            yield from _units(child, path)
+        else:
+            yield path, child
+
+
+def diagnose(net, x, limit=BLOW_UP):
+    """(path, max |activation|) of the first step of `net` whose output on batch x exceeds `limit` or is not
+    finite (path "input" when x itself does); None when every step stays in range. Inference mode: nothing
+    is cached and no statistic moves."""
+    def peak(a):
+        a = np.asarray(a)
+        return float("inf") if not np.all(np.isfinite(a)) else float(np.max(np.abs(a), initial=0.0))
+
+    with np.errstate(all="ignore"):
+        if peak(x) > limit:
+            return "input", peak(x)
+        for path, layer in _units(net):
+            x = layer.forward(x, False)
+            if peak(x) > limit:
+                return path, peak(x)
+    return None
+
+
+def divergence_message(what, net, xb, steps, lr):
+    """`what` ("loss became nan at epoch 2 step 5") + the lr + the likely cause and what to try."""
+    found = diagnose(net, xb)
+    text = f"{what} after lr {lr:g}"
+    if found is None:
+        return f"{text}: activations stay below {BLOW_UP:.0e} up to the logits; try a lower --lr or --clip-grad-norm"
+    path, value = found
+    where = "in the cached input of the trained part (the frozen part's output)" if path == "input" else \
+        f"after {path}"
+    cause = f"activations exceed {BLOW_UP:.0e} {where} (max |x| {value:.3g})"
+    if steps == 0:
+        return f"{text}: {cause} before any update; try --bn recalibrate"
+    return f"{text}: {cause}; try a lower --lr or --clip-grad-norm"
 
 
 def dropout_layers(net):
@@ -262,6 +340,14 @@ class TrainState:
         return state
 
 
+def _diverged(message, state, net):
+    """The TrainingError of a diverged run: the message, and the last good state (best weights included)."""
+    net.clear_cache()
+    exc = TrainingError(f"{message}; training stopped, last good checkpoint kept")
+    exc.state = state
+    return exc
+
+
 @dataclass
 class FitResult:
     history: list            # one dict per epoch: epoch, lr, loss, train_accuracy, val_loss, val_accuracy, ...
@@ -276,7 +362,8 @@ def fit(net, x_train, y_train, x_val, y_val, config, *, num_classes, state=None,
         progress=None, eval_batch=256, one_thread=False):
     """Train `net` in place and leave the best-on-validation weights in it.
 
-    x_train   (V, N, ...) float32: V views of N samples; y_train (N,) ints
+    x_train   (V, N, ...) float32: V views of N samples; or a callable epoch -> (N, ...) giving that epoch's
+              inputs (augmentation drawn fresh every epoch, deterministic given the epoch); y_train (N,) ints
     x_val     (M, ...) float32 or None; y_val (M,) — validation runs once per epoch, training=False
     config    TrainConfig
     state     a TrainState from an earlier call's on_epoch_end to resume from (None: fresh start)
@@ -298,10 +385,11 @@ def fit(net, x_train, y_train, x_val, y_val, config, *, num_classes, state=None,
 def _fit(net, x_train, y_train, x_val, y_val, config, num_classes, state, on_epoch_end, progress, eval_batch):
     t_start = time.perf_counter()
     y_train = np.asarray(y_train, np.int64)
-    if x_train.ndim < 2 or x_train.shape[1] != len(y_train):
+    fresh = callable(x_train)
+    if not fresh and (x_train.ndim < 2 or x_train.shape[1] != len(y_train)):
         raise ValueError(f"x_train must be (V, N, ...) with N = {len(y_train)}, got {x_train.shape}")
     has_val = x_val is not None and len(x_val) > 0
-    views = x_train.shape[0]
+    views = 1 if fresh else x_train.shape[0]
     loss_fn = make_loss(config, y_train, num_classes)
     opt = make_optimizer(net, config)
     drops = dropout_layers(net)
@@ -317,24 +405,36 @@ def _fit(net, x_train, y_train, x_val, y_val, config, num_classes, state, on_epo
         if state.optimizer is not None:
             opt.load_state_dict(state.optimizer)
     monitor = config.monitor if has_val else "loss"
+    if progress and state.epoch == 0 and len(indices) and not fresh:
+        found = diagnose(net, x_train[0][indices[:config.batch_size]])
+        if found is not None:
+            progress(f"warning: before training, activations exceed {BLOW_UP:.0e} after {found[0]} "
+                     f"(max |x| {found[1]:.3g}); try --bn recalibrate")
 
     for epoch in range(state.epoch, config.epochs if not state.stopped else state.epoch):
         t0 = time.perf_counter()
         opt.lr = lr_at(config, epoch)
+        xs = x_train
+        if fresh:
+            xs = np.asarray(x_train(epoch))[None]
+            if xs.shape[1] != len(y_train):
+                raise ValueError(f"x_train({epoch}) must give N = {len(y_train)} inputs, got {xs.shape[1]}")
         order = rng.permutation(indices)
         picks = rng.integers(0, views, size=len(order)) if views > 1 else np.zeros(len(order), np.int64)
         total, correct = 0.0, 0
         for b in range(0, len(order), config.batch_size):
             idx = order[b:b + config.batch_size]
-            xb = x_train[picks[b:b + config.batch_size], idx]
+            xb = xs[picks[b:b + config.batch_size], idx]
             yb = y_train[idx]
             logits = net.forward(xb, True)
             loss, dlogits = loss_fn(logits, yb)
             if not math.isfinite(loss):
                 net.clear_cache()
-                raise TrainingError(f"loss became {loss} at epoch {epoch + 1}, batch {b // config.batch_size + 1} "
-                                    f"(lr {opt.lr:g}); training stopped, last good checkpoint kept")
+                what = f"loss became {loss} at epoch {epoch + 1} step {b // config.batch_size + 1}"
+                raise _diverged(divergence_message(what, net, xb, opt.steps, opt.lr), state, net)
             net.backward(dlogits)
+            if config.clip_grad_norm:
+                clip_grad_norm(net, config.clip_grad_norm)
             opt.step()
             total += loss * len(idx)
             correct += int(np.sum(np.argmax(logits, 1) == yb))
@@ -344,15 +444,15 @@ def _fit(net, x_train, y_train, x_val, y_val, config, num_classes, state, on_epo
             val = evaluate_logits(predict_logits(net, x_val, eval_batch), y_val, config.positive)
             row.update({f"val_{k}": v for k, v in val.items()})
             if not math.isfinite(val["loss"]):
-                raise TrainingError(f"validation loss became {val['loss']} at epoch {epoch + 1} (lr {opt.lr:g}); "
-                                    "training stopped, last good checkpoint kept")
+                what = f"validation loss became {val['loss']} at epoch {epoch + 1}"
+                raise _diverged(divergence_message(what, net, x_val[:eval_batch], opt.steps, opt.lr), state, net)
             value = row[f"val_{monitor}"]
         else:
             value = row["loss"]
         bad = next((name for name, _, _, v in net.named_parameters() if not np.all(np.isfinite(v))), None)
         if bad is not None:
-            raise TrainingError(f"weight {bad} became non-finite at epoch {epoch + 1} (lr {opt.lr:g}); "
-                                "training stopped, last good checkpoint kept")
+            raise _diverged(f"weight {bad} became non-finite at epoch {epoch + 1} after lr {opt.lr:g}; try a lower "
+                            "--lr or --clip-grad-norm", state, net)
         row["seconds"] = time.perf_counter() - t0
         state.history.append(row)
         if _better(monitor, value, state.best_value):
@@ -385,5 +485,6 @@ def _fit(net, x_train, y_train, x_val, y_val, config, num_classes, state, on_epo
                      time.perf_counter() - t_start, state)
 
 
-__all__ = ["LOSSES", "MONITORS", "OPTIMIZERS", "FitResult", "TrainConfig", "TrainState", "class_weights_for",
-           "evaluate_logits", "fit", "lr_at", "make_loss", "make_optimizer", "predict_logits", "restore", "snapshot"]
+__all__ = ["LOSSES", "MONITORS", "OPTIMIZERS", "SCHEDULES", "FitResult", "TrainConfig", "TrainState",
+           "class_weights_for", "diagnose", "divergence_message", "evaluate_logits", "fit", "lr_at", "make_loss",
+           "make_optimizer", "predict_logits", "restore", "snapshot"]

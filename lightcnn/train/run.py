@@ -8,10 +8,11 @@
 
 Modes
     head     only the new head trains, on cached pooled features
-    last-k   the last k blocks (+ the final 1x1 conv of MobileNets) and the head train; every batch norm is
-             frozen (inference mode, running statistics), also inside the unfrozen blocks; the frozen prefix
-             ran once per image and view, its outputs are cached
-    full     every layer trains, batch norm in training mode (seed 001's network from scratch, --arch)
+    last-k   the last k blocks (+ the final 1x1 conv of MobileNets) and the head train (k from --unfreeze K or
+             P%, or --freeze-first); batch norm per --bn (lightcnn.train.bn; default frozen: inference mode,
+             also inside the unfrozen blocks); the frozen prefix ran once per image and view, its outputs are
+             cached (or, with --augment and no --views, runs on a fresh augmentation every epoch)
+    full     every layer trains, batch norm in training mode by default (seed 001's network from scratch, --arch)
 
 Files in RUN_DIR (all written atomically: temp file + rename)
     config.json   the FinetuneConfig; --resume refuses to continue a different configuration
@@ -41,14 +42,18 @@ import numpy as np
 from lightcnn.checkpoint import Checkpoint, atomic_write_text, read_checkpoint, save_checkpoint
 from lightcnn.data import discover, group_stratified_split, kfold_dataset, split_dataset, stratified_split
 from lightcnn.dicom import parse_window
-from lightcnn.errors import LightCNNError
+from lightcnn.errors import LightCNNError, TrainingError
+from lightcnn.kernels.activation import ACTIVATIONS
 from lightcnn.kernels.linear import softmax
 from lightcnn.layers.base import Sequential
 from lightcnn.layers.basic import BatchNorm
 from lightcnn.metrics import classification_report, kfold_summary, report_curves, youden_threshold
 from lightcnn.preprocess import GRAYSCALE_227, TORCHVISION, Preprocessing
-from lightcnn.train.features import augment_config, extract_features, split_backbone
-from lightcnn.train.loop import TrainConfig, TrainState, fit, predict_logits
+from lightcnn.train.bn import (BN_MODES, batchnorm_layers, can_unfold, has_batchnorm, rebuild, recalibrate,
+                               unfold_batchnorm)
+from lightcnn.train.features import (augment_config, describe_unfreeze, extract_features, fresh_views,
+                                     load_view, resolve_unfreeze, split_backbone)
+from lightcnn.train.loop import TrainConfig, TrainState, fit, predict_logits, restore
 
 MODES = ("head", "last-k", "full")
 SPLITS = ("auto", "official", "random", "group")
@@ -67,7 +72,12 @@ class FinetuneConfig:
 
     data        image folder (class folders or a bundled manifest.csv); csv: optional explicit CSV
     model       registered weight name, or weights: a .h5 path, or arch: build from scratch (mode full only)
-    mode        head | last-k | full; unfreeze = k for last-k
+    mode        head | last-k | full; unfreeze = k (the last k blocks) or "P%" (the top P % of the trunk's
+                conv layers, rounded to blocks) for last-k; freeze_first = K freezes the first K blocks instead
+    bn          frozen | train | recalibrate (lightcnn.train.bn); None = recalibrate with `activation`, train
+                for full, frozen otherwise
+    activation  build the pretrained trunk with this activation instead (e.g. "elu", seed 000)
+    input_size  network input side in pixels (fully convolutional trunks); the preprocessing follows
     augment     preset name or Augmenter config; views = augmented views cached per training image
     blur_sigma  3x3 Gaussian blur added to the weights' preprocessing (seed 000: 1.3)
     window, hu_offset  CT window for DICOM / 16-bit CT images (lightcnn.dicom), stored in best.h5's preprocessing
@@ -86,7 +96,11 @@ class FinetuneConfig:
     arch: str | None = None
     csv: str | None = None
     mode: str = "head"
-    unfreeze: int = 2
+    unfreeze: int | str = 2
+    freeze_first: int | None = None
+    bn: str | None = None
+    activation: str | None = None
+    input_size: int | None = None
     augment: object = None
     views: int = 0
     blur_sigma: float | None = None
@@ -112,8 +126,23 @@ class FinetuneConfig:
             raise RunError(f"arch {self.arch!r} has no pretrained weights: use mode 'full'")
         if self.split not in SPLITS:
             raise RunError(f"split must be one of {SPLITS}, got {self.split!r}")
-        if self.mode == "last-k" and int(self.unfreeze) < 1:
-            raise RunError("last-k needs --unfreeze K >= 1")
+        self.unfreeze = parse_unfreeze(self.unfreeze)
+        if self.freeze_first is not None:
+            if self.mode != "last-k":
+                raise RunError("--freeze-first K needs --mode last-k")
+            if int(self.freeze_first) < 0:
+                raise RunError("--freeze-first needs K >= 0")
+            self.freeze_first = int(self.freeze_first)
+        if self.bn is None:
+            self.bn = "recalibrate" if self.activation else ("train" if self.mode == "full" else "frozen")
+        if self.bn not in BN_MODES:
+            raise RunError(f"bn must be one of {BN_MODES}, got {self.bn!r}")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise RunError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.activation and self.arch:
+            raise RunError("--activation changes pretrained weights' network; with --arch use the builder's own")
+        if self.input_size is not None and int(self.input_size) < 8:
+            raise RunError(f"--input-size must be >= 8 pixels, got {self.input_size}")
         if self.resize not in (None, "shorter", "square", "stretch", "central_fraction"):
             raise RunError(f"resize must be shorter, square, stretch or central_fraction, got {self.resize!r}")
         try:
@@ -130,13 +159,15 @@ class FinetuneConfig:
             raise RunError(str(exc)) from None
         if self.views and not self.augment:
             raise RunError("--views N needs an augmentation (--augment PRESET or JSON)")
-        if self.augment and not self.views:
-            raise RunError("--augment needs --views N (augmented views are computed once and cached)")
+        if self.augment and not self.views and self.mode == "head":
+            raise RunError("--augment in --mode head needs --views N (augmented views are computed once and cached); "
+                           "--mode last-k and full draw fresh views every epoch without it")
         if self.kfold == 1 or self.kfold < 0:
             raise RunError("--kfold needs K >= 2")
 
     @classmethod
     def from_dict(cls, data):
+        data = {k: v for k, v in data.items() if k != "resolved"}  # what a run derived, written beside it
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -182,6 +213,10 @@ def load_base(cfg):
         provenance = {"base_weights": Path(path).name, "base_sha256": sha256_of(path),
                       "base_source": ckpt.provenance.get("source_file"),
                       "base_source_sha256": ckpt.provenance.get("source_sha256")}
+    if cfg.input_size:
+        size = int(cfg.input_size)  # resize_size keeps its ratio to the crop (torchvision 256/224)
+        prep = replace(prep, size=size, resize_size=max(size, round(prep.resize_size * size / prep.size)))
+        model.input_shape = (size, size, model.input_shape[2])
     if cfg.blur_sigma:
         prep = replace(prep, blur_sigma=float(cfg.blur_sigma))
     if cfg.resize:
@@ -214,12 +249,75 @@ def trainable_net(model, unfreeze, train_bn=False):
     return Sequential([("features", suffix), ("head", model.head_net)])
 
 
+def parse_unfreeze(value):
+    """--unfreeze K (an int >= 1) or "P%" (0 < P <= 100) -> int or the normalised "P%" string."""
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 < share <= 100:
+                raise ValueError
+            return f"{share:g}%"
+        k = int(text)
+    except ValueError:
+        raise RunError(f"--unfreeze expects K blocks (an integer >= 1) or a share like 40%, got {value!r}") from None
+    if k < 1:
+        raise RunError(f"--unfreeze expects K >= 1 blocks, got {k}")
+    return k
+
+
+def resolved_unfreeze(model, cfg):
+    """(unfreeze for split_backbone, info dict or None) of a config: 0 (head), "all" (full) or k blocks."""
+    if cfg.mode == "head":
+        return 0, None
+    if cfg.mode == "full":
+        return "all", None
+    try:
+        return resolve_unfreeze(model, cfg.unfreeze, cfg.freeze_first)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+
 def prepare_model(model, cfg, tcfg, num_classes):
     """New head, frozen flags, and the trainable network; returns (net, unfreeze)."""
     model.reset_head(num_classes, hidden=tuple(tcfg.hidden_layers), dropout=tcfg.dropout,
                      hidden_dropout=tcfg.hidden_dropout, seed=tcfg.seed)
-    unfreeze = {"head": 0, "last-k": int(cfg.unfreeze), "full": "all"}[cfg.mode]
-    return trainable_net(model, unfreeze, train_bn=cfg.mode == "full"), unfreeze
+    unfreeze, _ = resolved_unfreeze(model, cfg)
+    return trainable_net(model, unfreeze, train_bn=cfg.bn == "train"), unfreeze
+
+
+def _image_batches(items, prep, batch_size):
+    """A callable giving a fresh iterator over the plain (view 0) network inputs of `items` in batches."""
+    def batches():
+        for start in range(0, len(items), batch_size):
+            yield np.stack([load_view(getattr(it, "path", it), prep) for it in items[start:start + batch_size]])
+    return batches
+
+
+def adapt_base(model, cfg, batches, progress):
+    """The pretrained model with the run's architecture changes: batch norm put back for --bn train/recalibrate
+    on a folded file, then --activation. Returns (model, changed activation: bool)."""
+    uses_bn = cfg.mode != "head" or bool(cfg.activation)  # head-only training on a fixed trunk needs none
+    if cfg.bn in ("train", "recalibrate") and uses_bn and not has_batchnorm(model):
+        if can_unfold(model):
+            model = unfold_batchnorm(model, batches)
+            if progress:
+                progress(f"note: {model.arch} came with batch norm folded into its convs; put it back behind every "
+                         "conv with statistics measured on the training images (the same function before training)")
+        elif cfg.bn == "train":
+            raise RunError(f"--bn train: {model.arch} has no batch norm (use --bn frozen)")
+    changed = bool(cfg.activation) and cfg.activation != model.config.get("activation")
+    if changed:
+        if "activation" not in model.config:
+            raise RunError(f"--activation: {model.arch}'s builder has no activation option")
+        before = model.config["activation"]
+        model = rebuild(model, activation=cfg.activation)
+        if progress:
+            progress(f"note: --activation {cfg.activation} changes the function the weights were trained for "
+                     f"(with {before}); " + ("batch norm recalibrated on the training images"
+                                             if cfg.bn == "recalibrate" and has_batchnorm(model)
+                                             else "without --bn recalibrate its activations may grow out of range"))
+    return model, changed
 
 
 def _split(ds, cfg, seed):
@@ -277,6 +375,15 @@ def _fingerprint(cfg):
             d.pop(key, None)
     d["train"] = {k: v for k, v in d["train"].items() if k != "epochs"}
     return json.dumps(d, sort_keys=True)
+
+
+def _write_resolved(out, resolved):
+    """Add what the run derived from its options (which blocks train, BN handling) to config.json as "resolved"
+    (FinetuneConfig.from_dict ignores it, so --config and --resume replay the options, not the derivation)."""
+    path = out / "config.json"
+    data = json.loads(path.read_text())
+    data["resolved"] = json.loads(json.dumps(resolved, default=_json_default))
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _check_out_dir(out, cfg, resume):
@@ -343,11 +450,32 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
     positive = class_names.index(cfg.positive) if cfg.positive is not None else None
     tcfg.positive = positive
     model, prep, provenance = load_base(cfg)
+    train_batches = _image_batches([ds.items[i] for i in parts["train"]], prep, tcfg.batch_size)
+    folded = can_unfold(model)
+    model, activation_changed = adapt_base(model, cfg, train_batches, progress)
     net, unfreeze = prepare_model(model, cfg, tcfg, len(class_names))
+    _, unfreeze_info = resolved_unfreeze(model, cfg)
+    recalibrated = []
+    if cfg.bn == "recalibrate":
+        # the trained part's BN; all of them when the activation changed (the frozen part computes anew too)
+        scope = model.features_net if activation_changed else split_backbone(model, unfreeze)[1]
+        recalibrated = [path for path, _ in batchnorm_layers(scope)]
+        batches = recalibrate(model, train_batches(), [layer for _, layer in batchnorm_layers(scope)])
+        if progress:
+            progress(f"bn: recalibrated {len(recalibrated)} batch norms on {len(parts['train'])} training images "
+                     f"({batches} batches)" if recalibrated else "bn: nothing to recalibrate (no batch norm trains)")
+    resolved = {"bn": cfg.bn, "recalibrated_batchnorms": len(recalibrated), "unfreeze": unfreeze_info,
+                "batchnorm_unfolded": folded and has_batchnorm(model),
+                "activation": model.config.get("activation")}
+    if unfreeze_info is not None and progress:
+        asked = f"--freeze-first {cfg.freeze_first}" if cfg.freeze_first is not None else f"--unfreeze {cfg.unfreeze}"
+        progress(describe_unfreeze(unfreeze_info, asked))
+    _write_resolved(Path(cfg.out), resolved)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out).resolve().parent / ".feature-cache"
     labels = ds.labels
     y = {name: labels[idx] for name, idx in parts.items()}
 
+    fresh = bool(cfg.augment) and not cfg.views  # backprop modes: views drawn fresh every epoch
     t0 = time.perf_counter()
     stats, x = {}, {}
     for name, idx in parts.items():
@@ -357,7 +485,7 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
         views = cfg.views if name == "train" else 0
         s = {}
         arr = extract_features(model, [ds.items[i] for i in idx], prep, cache_dir, augment_views=views,
-                               seed=tcfg.seed, augment=cfg.augment, unfreeze=unfreeze,
+                               seed=tcfg.seed, augment=cfg.augment if views else None, unfreeze=unfreeze,
                                progress=_throttled(progress, f"features {name}"), stats=s)
         x[name] = arr if name == "train" else arr[0]
         stats[name] = s
@@ -381,11 +509,35 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
         if on_epoch_end:
             on_epoch_end(st, row)
 
-    result = fit(net, x["train"], y["train"], x["val"], y.get("val"), tcfg, num_classes=len(class_names),
-                 state=state, on_epoch_end=epoch_end, progress=progress, one_thread=unfreeze == 0)
+    def save_best(extra):
+        ckpt = Checkpoint(arch=model.arch, config=model.config, tensors=model.state_dict(), class_names=class_names,
+                          preprocessing=prep.to_dict(),
+                          provenance={**provenance, "converter": "lightcnn.finetune", "source_file":
+                                      provenance.get("base_weights"), "source_sha256": provenance.get("base_sha256")},
+                          extra={"training": cfg.to_dict(), "mode": cfg.mode, "unfreeze": unfreeze,
+                                 "resolved": resolved, **extra_meta, **extra})
+        save_checkpoint(out / "best.h5", ckpt)
+
+    x_train = x["train"]
+    if fresh:
+        x_train = fresh_views(model, [ds.items[i] for i in parts["train"]], prep, cfg.augment, tcfg.seed, unfreeze)
+        if progress:
+            progress(f"augmentation: drawn fresh every epoch ({len(parts['train'])} images through "
+                     + ("the frozen part" if unfreeze != "all" else "the loader") + " per epoch, not cached)")
+    try:
+        result = fit(net, x_train, y["train"], x["val"], y.get("val"), tcfg, num_classes=len(class_names),
+                     state=state, on_epoch_end=epoch_end, progress=progress, one_thread=unfreeze == 0)
+    except TrainingError as exc:
+        good = getattr(exc, "state", None)
+        if good is None or good.best_weights is None:
+            raise
+        restore(net, good.best_weights)  # the best model so far is still worth having
+        save_best({"best_epoch": good.best_epoch + 1, "stopped": str(exc)})
+        raise TrainingError(f"{exc}; the best model so far (epoch {good.best_epoch + 1}) is in "
+                            f"{out / 'best.h5'}") from None
     _write_metrics_csv(out / "metrics.csv", result.history)
 
-    report = {"class_names": class_names, "positive": cfg.positive, **extra_meta}
+    report = {"class_names": class_names, "positive": cfg.positive, "resolved": resolved, **extra_meta}
     shown = [n for n in ("train", "val", "test") if x.get(n) is not None and (n != "test" or cfg.report_test)]
     logits = {name: predict_logits(net, x[name][0] if name == "train" else x[name]) for name in shown}
     for name in shown:
@@ -414,14 +566,8 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
 
     best = out / "best.h5"
     metrics = {n: {k: report[n][k] for k in METRIC_KEYS} for n in shown}
-    ckpt = Checkpoint(arch=model.arch, config=model.config, tensors=model.state_dict(), class_names=class_names,
-                      preprocessing=prep.to_dict(),
-                      provenance={**provenance, "converter": "lightcnn.finetune", "source_file":
-                                  provenance.get("base_weights"), "source_sha256": provenance.get("base_sha256")},
-                      extra={"training": cfg.to_dict(), "metrics": metrics, "best_epoch": result.best_epoch + 1,
-                             "mode": cfg.mode, "unfreeze": unfreeze, **extra_meta,
-                             **({"operating_point": operating_point} if operating_point else {})})
-    save_checkpoint(best, ckpt)
+    save_best({"metrics": metrics, "best_epoch": result.best_epoch + 1,
+               **({"operating_point": operating_point} if operating_point else {})})
     report["best_h5"] = str(best)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
     _write_pictures(out, cfg, report, shown, parts, ds, result, best, prep, progress, model.arch, provenance,

@@ -336,7 +336,9 @@ def convert_file(src, arch, config=None, fmt=None, preprocessing=None, class_ids
 
         tfl = read_tflite(src)
         tensors = mapping.map_tflite(tfl, model, str(src))
-        if quantsim.has_quantized_activations(tfl):  # the 8-bit grids, for lightcnn.quantsim (opt-in)
+        if "activation" in config:  # the file's 8-bit grids belong to its own activations, not the variant's
+            extra["architecture_variant"] = {"activation": config["activation"]}
+        elif quantsim.has_quantized_activations(tfl):  # the 8-bit grids, for lightcnn.quantsim (opt-in)
             extra["activation_quantization"] = quantsim.activation_table(tfl, model, str(src))
     elif fmt == "pth":
         tensors = mapping.map_torchvision(read_pth(src), model, str(src))

@@ -135,6 +135,10 @@ def cmd_convert(args):
         _err(f"{args.src}: the file does not record its {what}; pass {' and '.join(missing)}")
         return 2
     save_checkpoint(args.output, ckpt)
+    if "activation" in config:
+        note(f"note: activation {config['activation']!r} changes the function the weights were trained for; "
+             "to fine-tune, convert without it and pass --activation to python -m lightcnn.finetune, which "
+             "re-estimates batch norm for the change")
     note(f"wrote {args.output}: {ckpt.arch} {ckpt.config}")
     return 0
 
