@@ -89,10 +89,12 @@ class Kernel:
                 if self._dispatcher is None:
                     numba = _numba()
                     _bind_prange(self.py_func, numba)
-                    self._dispatcher = numba.njit(
-                        cache=_state["cache_dir"] is not None, nogil=True, error_model="numpy",
-                        parallel=self.parallel, fastmath=set(FASTMATH_FLAGS) if self.fastmath else False,
-                    )(self.py_func)
+                    options = dict(nogil=True, error_model="numpy", parallel=self.parallel,
+                                   fastmath=set(FASTMATH_FLAGS) if self.fastmath else False)
+                    try:
+                        self._dispatcher = numba.njit(cache=_state["cache_dir"] is not None, **options)(self.py_func)
+                    except RuntimeError:  # defined where numba cannot cache (stdin, exec): compile, keep nothing
+                        self._dispatcher = numba.njit(cache=False, **options)(self.py_func)
                 d = self._dispatcher
         return d
 

@@ -79,3 +79,15 @@ def test_openmp_wait_policy_never_leaks_into_the_environment():
 
 def test_user_openmp_wait_policy_is_kept():
     assert _env_after_jit_import({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+
+
+def test_a_kernel_defined_where_numba_cannot_cache_still_compiles():
+    """A student's kernel typed at the interpreter (no source file to cache beside) runs uncached, not an error."""
+    code = ("import numpy as np\n"
+            "from lightcnn._jit import kernel\n"
+            "@kernel\n"
+            "def twice(x):\n"
+            "    return 2 * x\n"
+            "print(twice(np.float32(3.5)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "7.0"
