@@ -57,6 +57,15 @@ def add_common_options(parser, subcommand=False):
     return parser
 
 
+def parse_args(parser, argv):
+    """parser.parse_args(argv), or the exit code argparse chose: 0 after --help/--version, 2 for a usage error
+    (it has printed why). Lets a CLI's main() return its code instead of raising SystemExit."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
 def set_verbosity(args):
     """Set the level `note`/`detail` obey from parsed -q/-v; returns it (QUIET, NORMAL or VERBOSE)."""
     global _level

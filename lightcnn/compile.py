@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from lightcnn._cli import QUIET, add_common_options, did_you_mean, positive_int, set_verbosity
+from lightcnn._cli import QUIET, add_common_options, did_you_mean, parse_args, positive_int, set_verbosity
 
 
 def build_parser():
@@ -182,10 +182,9 @@ def _lock(quiet):
 
 def main(argv=None):
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
     args.quiet = set_verbosity(args) == QUIET
     from lightcnn._jit import cache_dir, cache_unavailable_reason
     from lightcnn.models import BUILDERS

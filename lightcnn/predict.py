@@ -44,7 +44,7 @@ import os
 import sys
 import time
 
-from lightcnn._cli import (NORMAL, add_common_options, add_engine_argument, detail, engine_note, set_verbosity,
+from lightcnn._cli import (NORMAL, add_common_options, add_engine_argument, detail, engine_note, parse_args, set_verbosity,
                            verbosity)
 from lightcnn._cli import positive_int as _positive_int
 from lightcnn._files import printable
@@ -453,10 +453,9 @@ def _run(args, paths, clf):
 def main(argv=None):
     """The CLI; returns the exit code (0 ok, 1 some failure, 2 usage error)."""
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
-        return int(exc.code or 0)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
     set_verbosity(args)
     if args.images.count(STDIN) > 1:
         parser.print_usage(sys.stderr)

@@ -23,7 +23,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from lightcnn._cli import add_engine_argument, positive_float
+from lightcnn._cli import add_engine_argument, parse_args, positive_float
 from lightcnn.errors import LightCNNError
 
 EXTRA_HINT = 'pip install "lightcnn[web]"'
@@ -93,10 +93,9 @@ def resolve_models(names, models_dir):
 
 def main(argv=None):
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
     try:
         import multipart  # noqa: F401  (python-multipart; Starlette needs it to parse uploads)
         import starlette  # noqa: F401

@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from lightcnn._cli import add_common_options, add_engine_argument, did_you_mean, note, set_verbosity
+from lightcnn._cli import add_common_options, add_engine_argument, did_you_mean, note, parse_args, set_verbosity
 from lightcnn._cli import positive_int as _positive_int
 from lightcnn.errors import LightCNNError
 
@@ -64,10 +64,9 @@ def resolve_model(name):
 
 def main(argv=None):
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
     set_verbosity(args)
     try:
         model, what = resolve_model(args.name)
