@@ -328,7 +328,7 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
     tcfg.positive = positive
     model, prep, provenance = load_base(cfg)
     net, unfreeze = prepare_model(model, cfg, tcfg, len(class_names))
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out).resolve().parent / ".feature-cache"
+    cache_dir = _cache_dir(cfg)
     labels = ds.labels
     y = {name: labels[idx] for name, idx in parts.items()}
 
@@ -406,6 +406,26 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
     report["best_h5"] = str(best)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
     return RunResult(out, report, result.history, best, timings)
+
+
+def _cache_dir(cfg):
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out).resolve().parent / ".feature-cache"
+
+
+def warm_feature_cache(cfg, ds, views, progress=None):
+    """Compute the frozen backbone's output for every image of `ds` (and `views` augmented views with the run's
+    seed) once, in dataset order, before several runs that share the cache start (k folds, several seeds).
+
+    Why: an output's last bits depend on the batch it was computed in. Without this, each cached image holds
+    what the first run to reach it computed, so folds run in parallel would read other bits than folds run one
+    after another; with it, every run reads the same cache whether runs are sequential or Dask tasks, and
+    parallel runs do not compute the same images twice.
+    """
+    model, prep, _ = load_base(cfg)
+    tcfg = TrainConfig.from_dict(cfg.train)
+    _, unfreeze = prepare_model(model, cfg, tcfg, len(ds.class_names))
+    extract_features(model, ds.items, prep, _cache_dir(cfg), augment_views=views, seed=tcfg.seed,
+                     augment=cfg.augment, unfreeze=unfreeze, progress=_throttled(progress, "features"))
 
 
 def _json_default(x):
@@ -490,6 +510,8 @@ def finetune(config, resume=False, progress=_stderr, on_epoch_end=None, run_map=
         tr, va = _carve_val(ds, train_idx, 1.0 / (cfg.kfold - 1), seed + i)
         meta = {"fold": i + 1, "split": {"method": f"{cfg.kfold}-fold", "seed": seed, "warnings": notes}}
         jobs.append((i, {"train": tr, "val": va, "test": test_idx}, meta))
+    if jobs:
+        warm_feature_cache(cfg, ds, cfg.views, progress)
     if run_map is None:
         for i, parts, meta in jobs:
             fold_out = out / f"fold{i + 1}"
@@ -548,6 +570,8 @@ def finetune_seeds(config, seeds, resume=False, progress=_stderr, run_map=None, 
             reports[k] = json.loads((Path(seed_cfg["out"]) / "report.json").read_text())
         else:
             jobs.append((k, seed_cfg))
+    if jobs:  # the unaugmented outputs all seeds share (each seed's augmented views are its own)
+        warm_feature_cache(FinetuneConfig.from_dict(jobs[0][1]), discover(cfg.data, cfg.csv), 0, progress)
     for j, report in (run_map or sequential_map)(run_seed, [(c, resume, threads) for _, c in jobs]):
         k = jobs[j][0]
         reports[k] = report

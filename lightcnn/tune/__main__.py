@@ -277,7 +277,7 @@ def _search(args, run, seed, objective, dims, client, data, num_classes):
                              pure=False)
 
     return minimize_parallel(submit, dims, n_parallel=args.parallel or max(1, worker_count(client)),
-                             wait=distributed.wait, on_trial=lambda i, x, result: objective.record(x, *result[2:]),
+                             wait=distributed.wait, on_trial=lambda i, x, r: objective.record(x, r[2], r[1], r[3]),
                              **common)
 
 
