@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 
 from lightcnn.errors import LightCNNError
@@ -65,7 +66,10 @@ def parse_spec(text):
         if n < 1:
             raise ValueError(f"--dask {text!r}: expected local:N with N >= 1 worker processes")
         return "local", n
-    return "address", text
+    # scheme://host:port or host:port; anything else (an image path swallowed by a bare --dask) is refused
+    if re.fullmatch(r"([a-z]+://)?[^\s/:]+(:\d+)?", text) and ("://" in text or ":" in text):
+        return "address", text
+    raise ValueError(f"--dask {text!r}: expected local, local:N or a scheduler address such as tcp://host:8786")
 
 
 def add_dask_arguments(parser, what):

@@ -443,7 +443,16 @@ def main(argv=None):
             return 2
     chunked = args.dask is not None or args.out is not None
     problem = None
-    if not args.images:
+    if args.dask is not None:
+        from lightcnn.cluster import parse_spec
+
+        try:
+            parse_spec(args.dask)
+        except ValueError as exc:
+            problem = str(exc)
+    if problem:
+        pass
+    elif not args.images:
         problem = "give at least one IMAGE (or --manifest FILE)"
     elif args.resume and not args.out:
         problem = "--resume needs --out DIR"
@@ -462,15 +471,10 @@ def main(argv=None):
         print("error: --cam-layer needs --cam DIR", file=sys.stderr)
         return 2
     if args.dask is not None:
-        from lightcnn.cluster import DaskError, parse_spec, require_dask
+        from lightcnn.cluster import DaskError, require_dask
 
         try:
-            parse_spec(args.dask)
             require_dask()
-        except ValueError as exc:
-            parser.print_usage(sys.stderr)
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
         except DaskError as exc:
             _err(str(exc))
             return 1

@@ -161,6 +161,15 @@ def test_missing_dask_extra_is_one_line(workspace):
                                         'pip install "lightcnn[dask]" (or pip install "dask[distributed]")']
 
 
+def test_dask_options_that_cannot_work_are_usage_errors(workspace, capsys):
+    weights, imgs = str(workspace / "tiny.h5"), str(workspace / "imgs")
+    assert predict_main(["--weights", weights, "--dask", imgs]) == 2  # a bare --dask swallowed the folder
+    assert "expected local, local:N or a scheduler address" in capsys.readouterr().err
+    assert predict_main(["--weights", weights, imgs, "--resume"]) == 2
+    assert "--resume needs --out DIR" in capsys.readouterr().err
+    assert predict_main(["--weights", weights, imgs, "--dask", "local:0"]) == 2
+
+
 def _finetune(workspace, out, *extra):
     from lightcnn.finetune import main as finetune_main
 
