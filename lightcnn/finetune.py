@@ -6,6 +6,9 @@ fine-tuned model: class names + preprocessing inside, usable with `python -m lig
 report.json (per split: accuracy, sensitivity, specificity, precision, f1, roc_auc, confusion matrix, bootstrap
 95 % confidence intervals, per-class table). Progress goes to stderr.
 
+--kfold K and --seeds S1,S2,... run several fine-tunings (RUN_DIR/fold<i>, RUN_DIR/seed<S>); with --dask they run
+as Dask tasks in parallel and give the same results (lightcnn.cluster).
+
 Exit codes: 0 done; 1 expected failure (one line "error: ..."; e.g. the loss became NaN - the last good
 checkpoint RUN_DIR/last.h5 is kept); 2 usage error.
 """

@@ -16,7 +16,11 @@ IMAGE    a file; a directory (walked recursively in sorted order, image files on
          JSON "cam" object gives it as "class" and "class_index"): CAM when the head is GAP + linear (or SqueezeNet's conv head), else Grad-CAM at the
          model's default layer; --cam-layer NAME asks for Grad-CAM at any layer of
          ``python -m lightcnn.summary NAME``
---threads N  threads for Numba kernels and for BLAS. BLAS (OpenBLAS/MKL) reads its thread count only when numpy
+--manifest FILE  more IMAGE arguments, one per line (lists too long for a shell)
+--dask [ADDRESS|local[:N]]  predict in chunks of --chunk-size images on Dask workers (lightcnn.predict_chunks):
+         the same output in the same order; --out DIR writes one part-<chunk>.jsonl per chunk instead, and
+         --resume skips the chunks already written
+--threads N  threads for Numba kernels and for BLAS (with --dask: per worker, default 1). BLAS (OpenBLAS/MKL) reads its thread count only when numpy
          is first imported, so the environment variables are set before that import; when ``main`` is called
          from a program that already imported numpy, only Numba's count changes.
 

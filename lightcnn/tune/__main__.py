@@ -12,6 +12,10 @@ configuration is finally trained once more by `lightcnn.train.finetune`, which w
 --runs R repeats the whole search with seeds seed, seed+1, ... (seed 000: 3 runs x 30 trials); the best trial over
          all runs wins.
 
+--dask ADDRESS|local[:N] --parallel P  keeps P trials in flight on Dask workers (constant liar for the running
+         ones, lightcnn.tune.minimize_parallel); each result is logged as it arrives. After the initial design the
+         suggestions differ from a sequential run's, and depend on the order results arrive.
+
 RUN_DIR/run<r>/trials.jsonl  every trial (append-only, fsync'd): --resume replays it without re-evaluating
 RUN_DIR/config.json          this command's settings: --config RUN_DIR/config.json runs them again (options
                              given with it override the file's)
