@@ -118,8 +118,20 @@ def run_map(client, fn, jobs, key_prefix):
     distributed = require_dask()
     futures = {client.submit(fn, *args, key=f"{key_prefix}-{i}", pure=False): i for i, args in enumerate(jobs)}
     for future in distributed.as_completed(list(futures)):
-        yield futures[future], future.result()
+        try:
+            result = future.result()
+        except distributed.KilledWorker as exc:  # the task took down every worker Dask let it try
+            raise DaskError(f"task {future.key} was running on each worker that died "
+                            f"({dask_config('distributed.scheduler.allowed-failures')} times allowed); "
+                            f"is it out of memory? ({exc})") from None
+        yield futures[future], result
         future.release()
+
+
+def dask_config(key):
+    import dask
+
+    return dask.config.get(key, default="?")
 
 
 def mapper(client, key_prefix):
