@@ -117,6 +117,12 @@ def test_predict_out_writes_parts_and_resume_runs_only_missing_chunks(cluster, w
     assert "resume: 2 of 3 chunks" in err and err.count("error:") == 1  # the broken image is reported again
     assert kept.stat().st_mtime_ns == before
     assert _untimed(_parts(tmp_path / "parts")) == _untimed(records)
+    # --out without --dask: the same chunk tasks one after another in this process, the same part files
+    args[args.index(str(tmp_path / "parts"))] = str(tmp_path / "inline")
+    assert predict_main(["--weights", str(workspace / "tiny.h5"), "--engine", "numpy", "--topk", "3", "-q",
+                         *args]) == 1
+    capsys.readouterr()
+    assert _untimed(_parts(tmp_path / "inline")) == _untimed(records)
 
 
 def test_killed_worker_loses_no_image_and_duplicates_none(cluster, workspace, capsys, tmp_path):
