@@ -89,7 +89,8 @@ def _open_out(args, paths, sha):
             return f"{job_path}: cannot read it ({exc})"
         diff = sorted(k for k in job if saved.get(k) != job[k])
         if diff:
-            return f"{args.out}: --resume with a different image list or options than the earlier run ({', '.join(diff)})"
+            return (f"{args.out}: --resume with a different image list or options than the earlier run "
+                    f"({', '.join(diff)})")
         return None
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -123,8 +124,8 @@ def run_chunked(args, paths, clf):
             note(f"resume: {len(done_parts)} of {len(chunks)} chunks already in {args.out}")
     todo = [i for i in range(len(chunks)) if i not in done_parts]
     threads = args.threads or 1
-    progress = _Progress(len(paths))
-    state = {"failures": 0, "printed": 0, "done": sum(len(chunks[i]) for i in done_parts)}
+    progress = _Progress(sum(len(chunks[i]) for i in todo))  # images/s of what runs now, not of resumed parts
+    state = {"failures": 0, "printed": 0, "done": 0}
 
     def emit(i, results):
         """Report chunk i: error lines on stderr, results on stdout (or already in the part file)."""
@@ -165,7 +166,8 @@ def run_chunked(args, paths, clf):
             with session(args.dask, threads) as client:
                 note(f"dask: {worker_count(client)} workers at {client.scheduler.address}, {len(todo)} chunks of "
                      f"up to {size} images, engine {engine}, {threads} thread(s) per worker")
-                run(mapper(client, f"lightcnn-predict-{uuid.uuid4().hex[:12]}"), weights_ref(clf.weights_path, client), engine)
+                ref = weights_ref(clf.weights_path, client)  # the bytes go to every worker once
+                run(mapper(client, f"lightcnn-predict-{uuid.uuid4().hex[:12]}"), ref, engine)
         except DaskError as exc:
             _err(str(exc))
             return len(paths)

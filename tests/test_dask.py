@@ -245,3 +245,33 @@ def test_tune_keeps_trials_in_flight_logs_each_and_resumes(cluster, workspace, t
     assert [json.loads(line)["x"] for line in lines[1:5]] == [r["x"] for r in logs["par"]]  # replayed, kept
     assert len(lines) == 1 + 6
     assert "2 trials evaluated (4 replayed from the log)" in capsys.readouterr().out
+
+
+def test_minimize_parallel_hands_out_the_design_once_and_resumes(tmp_path):
+    """The asynchronous loop itself, on threads (no Dask needed): P in flight, every point once, resume."""
+    import concurrent.futures
+
+    from lightcnn.tune import Optimizer, Real, minimize, minimize_parallel, timed
+
+    def branin(x):
+        a, b = x
+        return (b - 5.1 / (4 * np.pi ** 2) * a * a + 5 / np.pi * a - 6) ** 2 + 10 * (1 - 0.125 / np.pi) * np.cos(a) + 10
+
+    space = [Real(-5, 10), Real(0, 15)]
+    opt = Optimizer(space, n_initial=4, seed=0)
+    design = opt.ask(n_points=4)
+    assert opt.ask(pending=design[:2]) == design[2]  # pending design points are not handed out again
+    assert opt.ask(pending=None) == opt.ask() == design[0]  # without pending: by position, as before
+    seq = minimize(branin, space, n_calls=10, n_initial=4, seed=0)
+    log = tmp_path / "trials.jsonl"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        def submit(x):
+            return pool.submit(timed, branin, x)
+
+        par = minimize_parallel(submit, space, n_calls=7, n_parallel=2, n_initial=4, seed=0, log_path=log)
+        assert len(par.x_iters) == 7
+        par = minimize_parallel(submit, space, n_calls=10, n_parallel=2, n_initial=4, seed=0, log_path=log,
+                                resume=True)
+    assert len(par.x_iters) == 10 and len({tuple(x) for x in par.x_iters}) == 10
+    assert set(map(tuple, seq.x_iters[:4])) <= set(map(tuple, par.x_iters))  # the whole design, each point once
+    assert all(branin(x) == y for x, y in zip(par.x_iters, par.func_vals))
