@@ -6,19 +6,25 @@ fine-tuned model: class names + preprocessing inside, usable with `python -m lig
 report.json (per split: accuracy, sensitivity, specificity, precision, f1, roc_auc, confusion matrix, bootstrap
 95 % confidence intervals, per-class table). Progress goes to stderr.
 
+--kfold K and --seeds S1,S2,... run several fine-tunings (RUN_DIR/fold<i>, RUN_DIR/seed<S>); with --dask they run
+as Dask tasks in parallel and give the same results (lightcnn.cluster).
+
 Exit codes: 0 done; 1 expected failure (one line "error: ..."; e.g. the loss became NaN - the last good
 checkpoint RUN_DIR/last.h5 is kept); 2 usage error.
 """
 
 import argparse
+import contextlib
 import os
 import sys
+import uuid
 
 from lightcnn._cli import add_common_options, progress_printer, set_verbosity
 from lightcnn._cli import nonneg_float as _nonneg_float
 from lightcnn._cli import nonneg_int as _nonneg_int
 from lightcnn._cli import positive_float as _positive_float
 from lightcnn._cli import positive_int as _positive_int
+from lightcnn.cluster import add_dask_arguments
 from lightcnn.errors import LightCNNError
 
 EPILOG = """\
@@ -75,6 +81,16 @@ def _hidden(text):
         return [int(v) for v in text.split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated widths like 64,64,32, got {text!r}") from None
+
+
+def _seeds(text):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds like 1,2,3, got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated seeds like 1,2,3, got {text!r}")
+    return values
 
 
 def build_parser():
@@ -174,7 +190,12 @@ def build_parser():
                    help="run the configuration an earlier run wrote again; options given here override the file's "
                         "(e.g. --out NEW_DIR, --epochs 50)")
     g.add_argument("--cache-dir", metavar="DIR", help="feature cache (default RUN_DIR/../.feature-cache)")
-    g.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
+    g.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="threads for Numba kernels and BLAS (with --dask: per worker, default 1)")
+    g.add_argument("--seeds", type=_seeds, metavar="S1,S2,...",
+                   help="run the experiment once per seed into RUN_DIR/seed<S>; RUN_DIR/report.json gets mean ± std "
+                        "over the seeds")
+    add_dask_arguments(g, "the folds of --kfold, or the runs of --seeds,")
     add_common_options(p)
     return p
 
@@ -216,6 +237,12 @@ def args_from_config(config):
 
 def _summary(report):
     lines = []
+    if "seed_summary" in report:
+        from lightcnn.metrics import format_kfold
+
+        lines.append(f"{len(report['seeds'])} seeds {report['seed_split']} (mean ± std):")
+        lines.append(format_kfold(report["seed_summary"]))
+        return "\n".join(lines)
     if "kfold" in report:
         from lightcnn.metrics import format_kfold
 
@@ -236,6 +263,20 @@ def _summary(report):
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _runner(args, progress):
+    """None (run here, one after another) or a Dask mapper for the folds / seeds (lightcnn.cluster)."""
+    if args.dask is None:
+        yield None
+        return
+    from lightcnn.cluster import mapper, session, worker_count
+
+    with session(args.dask, args.threads or 1) as client:
+        if progress:
+            progress(f"dask: {worker_count(client)} workers at {client.scheduler.address}")
+        yield mapper(client, f"lightcnn-finetune-{uuid.uuid4().hex[:12]}")
+
+
 def main(argv=None):
     from lightcnn._cli import given_on_line, read_config_option, replay_defaults
 
@@ -254,17 +295,32 @@ def main(argv=None):
                     config[key] = None
         # the file's training values the command line has no option for (train.positive, ...) are kept
         config["train"] = {**(saved.get("train") or {}), **config["train"]}
-    if args.threads:
+    if args.dask is not None and not (args.kfold or args.seeds):
+        parser.error("--dask runs the folds of --kfold K or the runs of --seeds in parallel: give one of them")
+    if args.dask is not None:
+        from lightcnn.cluster import parse_spec
+
+        try:
+            parse_spec(args.dask)
+        except ValueError as exc:
+            parser.error(str(exc))
+    elif args.threads:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(args.threads)  # effective only when numpy is not imported yet
         from lightcnn._jit import set_num_threads
 
         set_num_threads(args.threads)
-    from lightcnn.train.run import finetune
+    from lightcnn.train.run import finetune, finetune_seeds
 
     progress = progress_printer()
     try:
-        result = finetune(config, resume=args.resume, progress=progress)
+        with _runner(args, progress) as run_map:
+            if args.seeds:
+                result = finetune_seeds(config, args.seeds, resume=args.resume, progress=progress, run_map=run_map,
+                                        threads=args.threads or 1)
+            else:
+                result = finetune(config, resume=args.resume, progress=progress, run_map=run_map,
+                                  threads=args.threads or 1)
     except LightCNNError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 1

@@ -22,7 +22,11 @@ IMAGE    a file; a directory (walked recursively in sorted order, image files on
 --hu-offset N  16-bit PNG/TIFF CT exports: HU = pixel + N (e.g. -1024); without it they are stretched min-max
 --frame N  the N-th frame (1-based) of multi-frame DICOM files; default: every frame, each predicted and named
          ``file.dcm[frame N]`` (JSON: "file" and "frame")
---threads N  threads for Numba kernels and for BLAS. BLAS (OpenBLAS/MKL) reads its thread count only when numpy
+--manifest FILE  more IMAGE arguments, one per line (lists too long for a shell)
+--dask [ADDRESS|local[:N]]  predict in chunks of --chunk-size images on Dask workers (lightcnn.predict_chunks):
+         the same output in the same order; --out DIR writes one part-<chunk>.jsonl per chunk instead, and
+         --resume skips the chunks already written
+--threads N  threads for Numba kernels and for BLAS (with --dask: per worker, default 1). BLAS (OpenBLAS/MKL) reads its thread count only when numpy
          is first imported, so the environment variables are set before that import; when ``main`` is called
          from a program that already imported numpy, only Numba's count changes.
 
@@ -48,6 +52,7 @@ from lightcnn._cli import (NORMAL, add_common_options, add_engine_argument, deta
                            verbosity)
 from lightcnn._cli import positive_int as _positive_int
 from lightcnn._files import printable
+from lightcnn.cluster import add_dask_arguments
 from lightcnn.errors import LightCNNError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff",
@@ -67,8 +72,10 @@ def build_parser():
         prog="python -m lightcnn.predict",
         description="Classify images with a lightcnn model (top-k classes per image).",
         epilog="Exit codes: 0 all images predicted, 1 some image or the weights failed, 2 usage error.")
-    parser.add_argument("images", nargs="+", metavar="IMAGE",
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
                         help="image files, directories (recursive), glob patterns, or - for stdin")
+    parser.add_argument("--manifest", metavar="FILE", help="more IMAGE arguments, one per line (for lists too "
+                        "long for a shell); blank lines are skipped")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="NAME", help="registered model name (default: mobilenet_v2)")
     source.add_argument("--weights", metavar="FILE.h5", help="a lightcnn .h5 weight file")
@@ -86,6 +93,13 @@ def build_parser():
                         help="only frame N (1-based) of multi-frame DICOM files (default: every frame)")
     parser.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
     add_engine_argument(parser)
+    g = parser.add_argument_group("chunked and distributed runs (lightcnn.predict_chunks)")
+    add_dask_arguments(g, "chunks of images")
+    g.add_argument("--chunk-size", type=_positive_int, default=64, metavar="N",
+                   help="images per chunk (one task, one part file) with --dask or --out (default 64)")
+    g.add_argument("--out", metavar="DIR", help="write DIR/part-00000.jsonl, ... (one JSON Lines file per chunk, "
+                   "each written atomically) instead of printing")
+    g.add_argument("--resume", action="store_true", help="with --out: skip the chunks whose part file exists")
     add_common_options(parser)
     return parser
 
@@ -233,6 +247,11 @@ class Source(tuple):
     label = property(lambda self: self[2])
 
 
+def _as_source(item):
+    """A Source for a plain path too (Dask chunks and predict_batch pass paths; a DICOM then gives frame 1)."""
+    return item if isinstance(item, Source) else Source((item, None, item))
+
+
 def expand_frames(paths, frame=None):
     """Paths -> (list of Source, list of one-line errors): a multi-frame DICOM file becomes one Source per
     frame (or only `frame`, 1-based); every other path one Source. Only DICOM headers are read here."""
@@ -278,6 +297,68 @@ def _cam_stem(cam_dir, source, used):
     return os.path.join(cam_dir, stem)
 
 
+def run_meta(clf, sha):
+    """The fields every JSON record of a run shares (what the client knows about the weights)."""
+    return {"model": clf.name, "arch": clf.model.arch, "weights": str(clf.weights_path), "weights_sha256": sha}
+
+
+def json_record(meta, result, cam=None):
+    """One image's --json object from a prediction result (see predict_batch)."""
+    source = _as_source(result["file"])
+    record = {"file": source.path, **({"frame": source.frame + 1} if source.frame is not None else {}), **meta,
+              "topk": [p.to_dict() for p in result["preds"]],
+              "decode_ms": round(result["times"][0], 3), "preprocess_ms": round(result["times"][1], 3),
+              "inference_ms": round(result["inference_ms"], 3), "batch_size": result["batch_size"],
+              "engine": result["engine"]}
+    if cam:
+        record["cam"] = cam
+    if result["decision"]:
+        record["decision"] = result["decision"]
+    return record
+
+
+def print_result(args, meta, result, printed, cam=None):
+    """Print one image's result on stdout: a JSON line, or the text block (blank line between blocks)."""
+    import json
+
+    if args.json:
+        print(json.dumps(json_record(meta, result, cam)))
+    else:
+        label = _as_source(result["file"]).label
+        print(("\n" if printed else "") + _format_text(label, result["preds"], cam, result["decision"]))
+
+
+def predict_batch(clf, paths, topk_k, on_error):
+    """Predict up to BATCH_SIZE images; returns per image, in order, a result dict or {"file", "error"}."""
+    import numpy as np
+
+    from lightcnn.postprocess import softmax, topk
+
+    errors = {}
+    good, xs, _, times, _ = _prepare_chunk(paths, clf.preprocessing, None,
+                                           on_error=lambda p, m: errors.setdefault(p, []).append(m))
+    out = {}
+    if good:
+        t0 = time.perf_counter()
+        logits = clf.model.forward(np.stack(xs))
+        infer_ms = (time.perf_counter() - t0) * 1e3 / len(good)
+        probs = softmax(logits)
+        preds = topk(probs, topk_k, clf.class_names, clf.class_ids)
+        decisions = _decisions(probs, clf)
+        for i, path in enumerate(good):
+            out.setdefault(path, []).append(
+                {"file": path, "preds": preds[i], "decision": decisions[i], "times": times[i],
+                 "inference_ms": infer_ms, "batch_size": len(good), "engine": clf.model.last_engine})
+    # a path given twice is predicted twice: take its results (and errors) in order
+    results = []
+    for path in paths:
+        if errors.get(path):
+            results.append({"file": path, "error": errors[path].pop(0)})
+        else:
+            results.append(out[path].pop(0))
+    return results
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
 
 
@@ -310,6 +391,7 @@ def _prepare(source, spec, stdin_bytes):
     """Decode + preprocess one image; returns (pixels uint8, x float32, decode_ms, preprocess_ms)."""
     from lightcnn.preprocess import load_image, normalise_pixels, preprocess_uint8
 
+    source = _as_source(source)
     t0 = time.perf_counter()
     options = dict(spec.load_options(), frame=source.frame or 0)
     if source.path == STDIN:
@@ -323,17 +405,27 @@ def _prepare(source, spec, stdin_bytes):
     return pixels, x, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
 
-def _prepare_chunk(chunk, spec, stdin_bytes):
-    """Decode + preprocess a chunk; failures print one line each. Returns (good paths, xs, pixels, times, failed)."""
+def error_line(path, exc):
+    """The one-line message (without "error: ") for an image that could not be read."""
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    path = _as_source(path).path
+    where = "<stdin>" if path == STDIN else printable(path)
+    return msg if msg.startswith(where) else f"{where}: {msg}"
+
+
+def _prepare_chunk(chunk, spec, stdin_bytes, on_error=None):
+    """Decode + preprocess a chunk; failures print one line each (or go to on_error(path, message)).
+    Returns (good paths, xs, pixels, times, failed)."""
     good, xs, pixels, times, failed = [], [], [], [], 0
     for path in chunk:
         try:
             pix, x, dec_ms, pre_ms = _prepare(path, spec, stdin_bytes)  # path: a Source
         except (LightCNNError, OSError, ValueError, MemoryError) as exc:
             failed += 1  # one line for this image; the rest of the chunk is still predicted
-            msg = " ".join(str(exc).split()) or type(exc).__name__
-            where = "<stdin>" if path.path == STDIN else printable(path.path)
-            _err(msg if msg.startswith(where) else f"{where}: {msg}")
+            if on_error is None:
+                _err(error_line(path, exc))
+            else:
+                on_error(path, error_line(path, exc))
             continue
         good.append(path)
         xs.append(x)
@@ -359,8 +451,6 @@ def _explain_chunk(clf, method, layer, batch, feats, classes):
 
 def _run(args, paths, clf):
     """Predict every path in chunks of BATCH_SIZE, printing as it goes; returns the number of failures."""
-    import json
-
     import numpy as np
 
     from lightcnn import explain as explain_mod
@@ -426,22 +516,11 @@ def _run(args, paths, clf):
                     cams[i] = {"png": str(png), "npy": str(npy), "method": cam_method, "layer": layer,
                                "class_index": int(explained[i]), "class": clf.class_names[int(explained[i])],
                                "ms": round(cam_ms, 3)}
+            meta = run_meta(clf, sha)
             for i, path in enumerate(good):
-                if args.json:
-                    record = {"file": path.path, **({"frame": path.frame + 1} if path.frame is not None else {}),
-                              "model": clf.name, "arch": clf.model.arch,
-                              "weights": str(clf.weights_path), "weights_sha256": sha,
-                              "topk": [p.to_dict() for p in preds[i]],
-                              "decode_ms": round(times[i][0], 3), "preprocess_ms": round(times[i][1], 3),
-                              "inference_ms": round(infer_ms, 3), "batch_size": len(good),
-                              "engine": clf.model.last_engine}
-                    if cams[i]:
-                        record["cam"] = cams[i]
-                    if decisions[i]:
-                        record["decision"] = decisions[i]
-                    print(json.dumps(record))
-                else:
-                    print(("\n" if printed else "") + _format_text(path.label, preds[i], cams[i], decisions[i]))
+                result = {"file": path, "preds": preds[i], "decision": decisions[i], "times": times[i],
+                          "inference_ms": infer_ms, "batch_size": len(good), "engine": clf.model.last_engine}
+                print_result(args, meta, result, printed, cams[i])
                 printed += 1
             sys.stdout.flush()
         progress.update(start + len(chunk))
@@ -457,6 +536,35 @@ def main(argv=None):
     if isinstance(args, int):
         return args
     set_verbosity(args)
+    if args.manifest:
+        try:
+            with open(args.manifest, encoding="utf-8") as f:
+                args.images += [line.rstrip("\r\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"error: --manifest {printable(args.manifest)}: {getattr(exc, 'strerror', None) or exc}",
+                  file=sys.stderr)
+            return 2
+    chunked = args.dask is not None or args.out is not None
+    problem = None
+    if args.dask is not None:
+        from lightcnn.cluster import parse_spec
+
+        try:
+            parse_spec(args.dask)
+        except ValueError as exc:
+            problem = str(exc)
+    if problem:
+        pass
+    elif not args.images:
+        problem = "give at least one IMAGE (or --manifest FILE)"
+    elif args.resume and not args.out:
+        problem = "--resume needs --out DIR"
+    elif chunked and (STDIN in args.images or args.cam):
+        problem = "--dask and --out take image files, not - (stdin) or --cam"
+    if problem:
+        parser.print_usage(sys.stderr)
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.images.count(STDIN) > 1:
         parser.print_usage(sys.stderr)
         print("error: '-' (stdin) can be given only once", file=sys.stderr)
@@ -465,7 +573,15 @@ def main(argv=None):
         parser.print_usage(sys.stderr)
         print("error: --cam-layer needs --cam DIR", file=sys.stderr)
         return 2
-    if args.threads:
+    if args.dask is not None:
+        from lightcnn.cluster import DaskError, require_dask
+
+        try:
+            require_dask()
+        except DaskError as exc:
+            _err(str(exc))
+            return 1
+    elif args.threads:
         _set_blas_threads(args.threads)  # before the first numpy import below (see the module docstring)
 
     paths, errors = expand_images(args.images)
@@ -488,7 +604,12 @@ def main(argv=None):
         from lightcnn._jit import set_num_threads
 
         set_num_threads(args.threads)
-    failures = _run(args, paths, clf) if paths else 0
+    if chunked:
+        from lightcnn.predict_chunks import run_chunked
+
+        failures = run_chunked(args, paths, clf) if paths else 0
+    else:
+        failures = _run(args, paths, clf) if paths else 0
     return 1 if failures or errors else 0
 
 

@@ -9,6 +9,8 @@ the same seed), so the trained parameters drop into the full model with `apply_h
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from lightcnn.layers.base import Layer, Sequential
@@ -98,4 +100,33 @@ def head_evaluate(head_params, features, labels, config, num_classes):
     return evaluate_logits(head_predict(head_params, features, cfg, num_classes), labels, cfg.positive)
 
 
-__all__ = ["apply_head_params", "build_head", "head_evaluate", "head_from_config", "head_predict", "train_head"]
+# -- tuning trials (lightcnn.tune's objective; module-level so that Dask workers can run them) -------------
+
+
+def head_trial(features, labels, config, num_classes, threads=None):
+    """Train one head on the cached features: (best val accuracy or nan, seconds, failure message or None).
+    A plain function of its arguments, so a Dask worker can run it (threads: pin Numba/BLAS threads first)."""
+    from lightcnn.errors import LightCNNError
+
+    if threads:
+        from lightcnn.cluster import pin_threads
+
+        with pin_threads(threads):
+            return head_trial(features, labels, config, num_classes)
+    start, failure = time.perf_counter(), None
+    try:
+        _, _, best = train_head(features["train"], labels["train"], features["val"], labels["val"], config,
+                                num_classes=num_classes)
+    except (LightCNNError, FloatingPointError) as exc:  # a diverging trial is a bad value, not a crash
+        best, failure = float("nan"), str(exc)
+    return best, time.perf_counter() - start, failure
+
+
+def trial_task(data, config, num_classes, threads):
+    """A Dask task: (value to minimise, seconds, best val accuracy, failure or None) of one trial."""
+    best, seconds, failure = head_trial(data["features"], data["labels"], config, num_classes, threads)
+    return (-best if best == best else float("nan")), seconds, best, failure
+
+
+__all__ = ["apply_head_params", "build_head", "head_evaluate", "head_from_config", "head_predict", "head_trial",
+           "train_head", "trial_task"]

@@ -471,7 +471,7 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
         asked = f"--freeze-first {cfg.freeze_first}" if cfg.freeze_first is not None else f"--unfreeze {cfg.unfreeze}"
         progress(describe_unfreeze(unfreeze_info, asked))
     _write_resolved(Path(cfg.out), resolved)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out).resolve().parent / ".feature-cache"
+    cache_dir = _cache_dir(cfg)
     labels = ds.labels
     y = {name: labels[idx] for name, idx in parts.items()}
 
@@ -619,6 +619,26 @@ def _esc(value):
     return html.escape(str(value))
 
 
+def _cache_dir(cfg):
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out).resolve().parent / ".feature-cache"
+
+
+def warm_feature_cache(cfg, ds, views, progress=None):
+    """Compute the frozen backbone's output for every image of `ds` (and `views` augmented views with the run's
+    seed) once, in dataset order, before several runs that share the cache start (k folds, several seeds).
+
+    Why: an output's last bits depend on the batch it was computed in. Without this, each cached image holds
+    what the first run to reach it computed, so folds run in parallel would read other bits than folds run one
+    after another; with it, every run reads the same cache whether runs are sequential or Dask tasks, and
+    parallel runs do not compute the same images twice.
+    """
+    model, prep, _ = load_base(cfg)
+    tcfg = TrainConfig.from_dict(cfg.train)
+    _, unfreeze = prepare_model(model, cfg, tcfg, len(ds.class_names))
+    extract_features(model, ds.items, prep, _cache_dir(cfg), augment_views=views, seed=tcfg.seed,
+                     augment=cfg.augment, unfreeze=unfreeze, progress=_throttled(progress, "features"))
+
+
 def _json_default(x):
     if isinstance(x, (np.integer,)):
         return int(x)
@@ -632,13 +652,34 @@ def _json_default(x):
 # --------------------------------------------------------------------------------------------- entry point
 
 
-def finetune(config, resume=False, progress=_stderr, on_epoch_end=None):
+def run_fold(cfg, i, parts, ds, resume, meta, threads=1):
+    """Fold i of a k-fold run as one task (cfg.out/fold<i+1>, written atomically); returns its report."""
+    from lightcnn.cluster import pin_threads
+
+    fold_out = Path(cfg.out) / f"fold{i + 1}"
+    fold_out.mkdir(parents=True, exist_ok=True)
+    with pin_threads(threads):
+        return _run_one(cfg, fold_out, parts, ds, resume, None, None, meta).report
+
+
+def _headline(report):
+    """'val accuracy 0.8214, test accuracy 0.7500' (the splits the report has)."""
+    if "kfold" in report:
+        acc = report["kfold"].get("accuracy", {})
+        return f"{report['kfold_split']} accuracy {acc.get('mean', math.nan):.4f} ± {acc.get('std', math.nan):.4f}"
+    return ", ".join(f"{n} accuracy {report[n]['accuracy']:.4f}" for n in ("val", "test") if report.get(n))
+
+
+def finetune(config, resume=False, progress=_stderr, on_epoch_end=None, run_map=None, threads=1):
     """Run one fine-tuning experiment described by `config` (FinetuneConfig or its dict); see module docstring.
 
     resume        continue an interrupted run in config.out (same options; epochs may grow)
     progress      callable(str) for progress lines (default: stderr), or None for silence
     on_epoch_end  callable(TrainState, row) after each epoch's checkpoint is written (tests use it to
                   interrupt a run)
+    run_map       None: folds run one after another here; else a callable (fn, list of argument tuples) ->
+                  iterator of (index, result) that runs each fold as a task (lightcnn.cluster.mapper: Dask);
+                  threads = Numba/BLAS threads per task. Each fold gives the same numbers either way.
     Returns RunResult(out, report, history, best_path, timings). For kfold runs `report` holds "kfold"
     (mean ± std per metric over the test folds) and "folds"; each fold lives in out/fold<i>.
     Raises LightCNNError subclasses (RunError, TrainingError, DatasetError, CheckpointError) for expected failures.
@@ -669,20 +710,33 @@ def finetune(config, resume=False, progress=_stderr, on_epoch_end=None):
     for note in notes:
         if progress:
             progress(f"warning: {note}")
-    results, t0 = [], time.perf_counter()
+    results, jobs, t0 = [None] * len(folds), [], time.perf_counter()
     for i, (train_idx, test_idx) in enumerate(folds):
         fold_out = out / f"fold{i + 1}"
-        fold_out.mkdir(parents=True, exist_ok=True)
-        if progress:
-            progress(f"fold {i + 1}/{cfg.kfold}")
         if resume and (fold_out / "report.json").exists():
-            results.append(json.loads((fold_out / "report.json").read_text()))
+            results[i] = json.loads((fold_out / "report.json").read_text())
+            if progress:
+                progress(f"fold {i + 1}/{cfg.kfold}: done earlier")
             continue
         tr, va = _carve_val(ds, train_idx, 1.0 / (cfg.kfold - 1), seed + i)
         meta = {"fold": i + 1, "split": {"method": f"{cfg.kfold}-fold", "seed": seed, "warnings": notes}}
-        res = _run_one(cfg, fold_out, {"train": tr, "val": va, "test": test_idx}, ds, resume, progress,
-                       on_epoch_end, meta)
-        results.append(res.report)
+        jobs.append((i, {"train": tr, "val": va, "test": test_idx}, meta))
+    if jobs:
+        warm_feature_cache(cfg, ds, cfg.views, progress)
+    if run_map is None:
+        for i, parts, meta in jobs:
+            fold_out = out / f"fold{i + 1}"
+            fold_out.mkdir(parents=True, exist_ok=True)
+            if progress:
+                progress(f"fold {i + 1}/{cfg.kfold}")
+            results[i] = _run_one(cfg, fold_out, parts, ds, resume, progress, on_epoch_end, meta).report
+    else:  # every fold a task (lightcnn.cluster): the same _run_one, in parallel, progress only per fold
+        tasks = [(cfg, i, parts, ds, resume, meta, threads) for i, parts, meta in jobs]
+        for j, report in run_map(run_fold, tasks):
+            i = jobs[j][0]
+            results[i] = report
+            if progress:
+                progress(f"fold {i + 1}/{cfg.kfold} done: " + _headline(report))
     key = "test" if cfg.report_test else "val"
     summary = kfold_summary([{k: r[key][k] for k in METRIC_KEYS} | {"confusion_matrix": r[key]["confusion_matrix"]}
                              for r in results])
@@ -694,5 +748,56 @@ def finetune(config, resume=False, progress=_stderr, on_epoch_end=None):
     return RunResult(out, report, [r.get("best_epoch") for r in results], None, report["timings"])
 
 
-__all__ = ["FinetuneConfig", "MODES", "RunError", "RunResult", "finetune", "load_base", "prepare_model",
-           "trainable_net"]
+def seed_config(config, seed):
+    """The config of one run of a multi-seed experiment: train.seed = seed, out = <out>/seed<seed>."""
+    d = (config if isinstance(config, FinetuneConfig) else FinetuneConfig.from_dict(dict(config))).to_dict()
+    d["train"] = dict(d["train"], seed=int(seed))
+    d["out"] = str(Path(d["out"]) / f"seed{seed}")
+    return d
+
+
+def run_seed(config, resume=False, threads=1):
+    """One seed's whole run (split or k-fold) as a task; returns its report."""
+    from lightcnn.cluster import pin_threads
+
+    resume = resume and (Path(config["out"]) / "config.json").exists()  # a seed that never started runs anew
+    with pin_threads(threads):
+        return finetune(config, resume=resume, progress=None).report
+
+
+def finetune_seeds(config, seeds, resume=False, progress=_stderr, run_map=None, threads=1):
+    """The same experiment once per seed, each in <out>/seed<s> (tasks when run_map is given, see finetune);
+    <out>/report.json holds mean ± std over the seeds of each run's test metrics (val with report_test False;
+    a k-fold run contributes its mean over folds). Returns RunResult."""
+    from lightcnn.cluster import sequential_map
+
+    cfg = config if isinstance(config, FinetuneConfig) else FinetuneConfig.from_dict(dict(config))
+    out, t0 = Path(cfg.out), time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    reports, jobs = [None] * len(seeds), []
+    for k, s in enumerate(seeds):
+        seed_cfg = seed_config(cfg, s)
+        if resume and (Path(seed_cfg["out"]) / "report.json").exists():
+            reports[k] = json.loads((Path(seed_cfg["out"]) / "report.json").read_text())
+        else:
+            jobs.append((k, seed_cfg))
+    if jobs:  # the unaugmented outputs all seeds share (each seed's augmented views are its own)
+        warm_feature_cache(FinetuneConfig.from_dict(jobs[0][1]), discover(cfg.data, cfg.csv), 0, progress)
+    for j, report in (run_map or sequential_map)(run_seed, [(c, resume, threads) for _, c in jobs]):
+        k = jobs[j][0]
+        reports[k] = report
+        if progress:
+            progress(f"seed {seeds[k]} done: " + _headline(report))
+    key = "test" if cfg.report_test else "val"
+    per_seed = [({m: r["kfold"][m]["mean"] for m in METRIC_KEYS if m in r["kfold"]} if "kfold" in r else
+                 {m: r[key][m] for m in METRIC_KEYS}) for r in reports]
+    report = {"seeds": [int(s) for s in seeds], "seed_summary": kfold_summary(per_seed), "seed_split": key,
+              "runs": [{"seed": int(s), "out": str(out / f"seed{s}"), **m} for s, m in zip(seeds, per_seed)],
+              "class_names": reports[0].get("class_names"), "positive": cfg.positive,
+              "timings": {"total_seconds": time.perf_counter() - t0}}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
+    return RunResult(out, report, [], None, report["timings"])
+
+
+__all__ = ["FinetuneConfig", "MODES", "RunError", "RunResult", "finetune", "finetune_seeds", "load_base",
+           "prepare_model", "run_fold", "run_seed", "seed_config", "trainable_net"]

@@ -12,6 +12,10 @@ configuration is finally trained once more by `lightcnn.train.finetune`, which w
 --runs R repeats the whole search with seeds seed, seed+1, ... (seed 000: 3 runs x 30 trials); the best trial over
          all runs wins.
 
+--dask ADDRESS|local[:N] --parallel P  keeps P trials in flight on Dask workers (constant liar for the running
+         ones, lightcnn.tune.minimize_parallel); each result is logged as it arrives. After the initial design the
+         suggestions differ from a sequential run's, and depend on the order results arrive.
+
 RUN_DIR/run<r>/trials.jsonl  every trial (append-only, fsync'd): --resume replays it without re-evaluating
 RUN_DIR/config.json          this command's settings: --config RUN_DIR/config.json runs them again (options
                              given with it override the file's)
@@ -27,6 +31,7 @@ Exit codes: 0 done; 1 an expected failure (one line on stderr); 2 usage error.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -90,18 +95,16 @@ class HeadObjective:
         return cfg
 
     def __call__(self, x):
-        from lightcnn.errors import LightCNNError
-        from lightcnn.train.heads import train_head
+        from lightcnn.train.heads import head_trial
 
+        best, seconds, failure = head_trial(self.features, self.labels, self.config_for(x), self.num_classes)
+        return self.record(x, best, seconds, failure)
+
+    def record(self, x, best, seconds, failure=None):
+        """Count and print one finished trial (here or on a Dask worker); returns the value to minimise."""
         self.trial += 1
-        start = time.perf_counter()
-        try:
-            _, _, best = train_head(self.features["train"], self.labels["train"], self.features["val"],
-                                    self.labels["val"], self.config_for(x), num_classes=self.num_classes)
-        except (LightCNNError, FloatingPointError) as exc:  # a diverging trial is a bad value, not a crash
-            self.progress(f"  trial {self.trial}: failed ({exc})")
-            best = float("nan")
-        seconds = time.perf_counter() - start
+        if failure and self.progress:
+            self.progress(f"  trial {self.trial}: failed ({failure})")
         self.rows.append((self.trial, best, [_plain(v) for v in x], seconds))
         if self.progress:
             shown = ", ".join(f"{o}={_fmt(v)}" for o, v in zip(self.options, x))
@@ -193,12 +196,20 @@ def build_parser():
     parser.add_argument("--resume", action="store_true", help="continue the trial logs in RUN_DIR")
     parser.add_argument("--config", metavar="RUN/config.json",
                         help="run the settings an earlier tuning run wrote again; options given here override them")
+    from lightcnn.cluster import add_dask_arguments
+
+    add_dask_arguments(parser, "trials")
+    parser.add_argument("--parallel", type=positive_int, metavar="P",
+                        help="with --dask: trials in flight at once, each new one asked with the running ones as "
+                             "constant-liar points (default: the number of workers)")
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="with --dask: Numba/BLAS threads per worker (default 1)")
     add_common_options(parser)
     return parser
 
 
 #: settings of a run that RUN_DIR/config.json does not keep (they say how to run, not what)
-NOT_SAVED = ("config", "resume", "quiet", "verbose")
+NOT_SAVED = ("config", "resume", "quiet", "verbose", "dask", "parallel", "threads")
 
 
 def main(argv=None):
@@ -219,12 +230,22 @@ def main(argv=None):
         options, dims = parse_space(args.space)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.parallel and args.dask is None:
+        parser.error("--parallel P needs --dask (the workers that run the trials)")
+    if args.dask is not None:
+        from lightcnn.cluster import parse_spec
+
+        try:
+            parse_spec(args.dask)
+        except ValueError as exc:
+            parser.error(str(exc))
 
     from lightcnn.errors import LightCNNError
     from lightcnn.tune import TuneLogError
 
     try:
-        return _run(args, options, dims)
+        with _trial_runner(args) as client:
+            return _run(args, options, dims, client)
     except BrokenPipeError:  # stdout closed by its reader: lightcnn._cli.run_main ends quietly
         raise
     except (LightCNNError, TuneLogError, ValueError, OSError) as exc:
@@ -235,11 +256,47 @@ def main(argv=None):
         return 130
 
 
-def _run(args, options, dims):
+@contextlib.contextmanager
+def _trial_runner(args):
+    """None (trials run here) or a connected Dask client (lightcnn.cluster)."""
+    if args.dask is None:
+        yield None
+        return
+    from lightcnn.cluster import session, worker_count
+
+    with session(args.dask, args.threads or 1) as client:
+        _say(f"dask: {worker_count(client)} workers at {client.scheduler.address}")
+        yield client
+
+
+def _search(args, run, seed, objective, dims, client, data, num_classes):
+    """One run's search: sequential minimize, or with a client P trials in flight on the workers."""
+    from lightcnn.tune import minimize, minimize_parallel
+
+    common = dict(n_calls=args.trials, n_initial=min(args.initial, args.trials), acquisition=args.acquisition,
+                  seed=seed, log_path=Path(args.out) / f"run{run}" / "trials.jsonl", resume=args.resume)
+    if client is None:
+        return minimize(objective, dims, **common)
+    from lightcnn.cluster import require_dask, worker_count
+    from lightcnn.train.heads import trial_task
+
+    distributed = require_dask()
+    # the features go to every worker once; each trial ships only its settings
+    shipped = client.scatter({"features": data["features"], "labels": data["labels"]}, broadcast=True)
+
+    def submit(x):
+        return client.submit(trial_task, shipped, objective.config_for(x), num_classes, args.threads or 1,
+                             pure=False)
+
+    return minimize_parallel(submit, dims, n_parallel=args.parallel or max(1, worker_count(client)),
+                             wait=distributed.wait, on_trial=lambda i, x, r: objective.record(x, r[2], r[1], r[3]),
+                             **common)
+
+
+def _run(args, options, dims, client=None):
     from lightcnn.checkpoint import atomic_write_text
     from lightcnn.train.heads import train_head
     from lightcnn.train.run import finetune
-    from lightcnn.tune import minimize
 
     out = Path(args.out)
     if out.exists() and any(out.glob("run*/trials.jsonl")) and not args.resume:
@@ -265,9 +322,8 @@ def _run(args, options, dims):
                                   len(ds.class_names), _say)
         (out / f"run{run}").mkdir(exist_ok=True)
         t0 = time.perf_counter()
-        result = minimize(objective, dims, n_calls=args.trials, n_initial=min(args.initial, args.trials),
-                          acquisition=args.acquisition, seed=seed, log_path=out / f"run{run}" / "trials.jsonl",
-                          resume=args.resume)
+        result = _search(args, run, seed, objective, dims, client, {"features": features, "labels": labels},
+                         len(ds.class_names))
         seconds = time.perf_counter() - t0
         results.append(result)
         print(f"\nrun {run + 1} (seed {seed}), {seconds:.1f} s, {objective.trial} trials evaluated "

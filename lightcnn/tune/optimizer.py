@@ -17,7 +17,8 @@ worst finite value observed so far: the region looks bad, the model stays well-d
 
 Parallel trials (constant liar, Ginsbourger et al. 2010). ``ask(n_points=k)`` picks point
 j, pretends it has been evaluated with a *lie* L (default: the best value so far, which
-pushes the next points elsewhere), refits, and picks point j + 1.
+pushes the next points elsewhere), refits, and picks point j + 1. ``ask(pending=[...])`` does the same
+for points still running when one result comes back (keeping P trials in flight, runner.minimize_parallel).
 """
 
 import math
@@ -138,18 +139,30 @@ class Optimizer:
         self.func_vals.append(float(y))
 
     # -- ask ----------------------------------------------------------------------------------
-    def ask(self, n_points=None):
-        """Next point to evaluate (a list), or a list of ``n_points`` points for parallel trials."""
+    def ask(self, n_points=None, pending=None):
+        """Next point to evaluate (a list), or a list of ``n_points`` points for parallel trials.
+
+        pending  points handed out earlier whose results are not back yet (asynchronous parallel trials):
+                 each gets the liar's value before anything is chosen, and the initial design hands out its
+                 first points that are neither told nor pending. With pending=None (the sequential and batch
+                 case) the design goes by position, so replaying a log gives the same suggestions.
+        """
         k = 1 if n_points is None else int(n_points)
         xs, ys = list(self.x_iters), list(self.func_vals)
         n_told = len(xs)
+        for point in pending or ():
+            xs.append(list(point))
+            ys.append(self._lie(ys))
+        offset = len(xs) - n_told
         out = []
         for j in range(k):
-            i = n_told + j
-            if i < self.n_initial:
-                point = list(self._design[i])  # a copy: callers may mutate what they get
+            if pending is None:
+                i = n_told + j
+                point = list(self._design[i]) if i < self.n_initial else None  # a copy: callers may mutate it
             else:
-                point = self._suggest(xs, ys, n_told, j)
+                point = next((list(p) for p in self._design if list(p) not in xs), None)
+            if point is None:
+                point = self._suggest(xs, ys, n_told, offset + j)
             out.append(point)
             xs.append(point)
             ys.append(self._lie(ys))

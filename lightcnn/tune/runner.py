@@ -27,7 +27,7 @@ from .optimizer import OptimizeResult, Optimizer
 from .space import Dimension, Space
 from .trial_log import TrialLog, TuneLogError
 
-__all__ = ["minimize", "NoImprovement", "TimeBudget"]
+__all__ = ["minimize", "minimize_parallel", "timed", "NoImprovement", "TimeBudget"]
 
 
 class NoImprovement:
@@ -81,6 +81,25 @@ def minimize(objective: Callable[[list], float], space: Sequence[Dimension] | Sp
 
     Returns an OptimizeResult: x, fun, x_iters, func_vals, x_estimated, fun_estimated, ...
     """
+    opt, log, callbacks = _start(space, n_initial, initial_design, acquisition, seed, callback, log_path, resume,
+                                 xi, kappa)
+    while len(opt.x_iters) < n_calls:
+        x = opt.ask()
+        t0 = time.perf_counter()
+        y = float(objective(list(x)))
+        seconds = time.perf_counter() - t0
+        opt.tell(x, y)
+        if log is not None:
+            log.append(len(opt.x_iters) - 1, x, y, seconds)
+        if callbacks:
+            res = opt.result(estimate=False)
+            if any([bool(cb(res)) for cb in callbacks]):  # a list: every callback sees every trial
+                break
+    return opt.result()
+
+
+def _start(space, n_initial, initial_design, acquisition, seed, callback, log_path, resume, xi, kappa):
+    """(Optimizer with the logged trials told, TrialLog or None, list of callbacks) for minimize*."""
     space = Space(space)
     callbacks: list[Callable[[OptimizeResult], Any]]
     if callback is None:
@@ -114,16 +133,66 @@ def minimize(objective: Callable[[list], float], space: Sequence[Dimension] | Sp
                     raise TuneLogError(f"{log.path}:{lineno}: {e}") from None
         else:
             log.create(settings)
-    while len(opt.x_iters) < n_calls:
-        x = opt.ask()
-        t0 = time.perf_counter()
-        y = float(objective(list(x)))
-        seconds = time.perf_counter() - t0
-        opt.tell(x, y)
-        if log is not None:
-            log.append(len(opt.x_iters) - 1, x, y, seconds)
-        if callbacks:
-            res = opt.result(estimate=False)
-            if any([bool(cb(res)) for cb in callbacks]):  # a list: every callback sees every trial
-                break
+    return opt, log, callbacks
+
+
+def timed(objective, x):
+    """(objective(x), seconds): what a parallel trial returns (run wherever the executor runs it)."""
+    t0 = time.perf_counter()
+    return float(objective(list(x))), time.perf_counter() - t0
+
+
+def minimize_parallel(submit: Callable[[list], Any], space: Sequence[Dimension] | Space, n_calls: int = 30,
+                      n_parallel: int = 2, wait: Callable | None = None, n_initial: int = 10,
+                      initial_design: str = "sobol", acquisition: str = "ei", seed: int | None = None,
+                      callback: Callable[[OptimizeResult], Any] | Sequence[Callable[[OptimizeResult], Any]] | None
+                      = None, log_path: str | os.PathLike | None = None, resume: bool = False, xi: float = 0.001,
+                      kappa: float = 1.96, on_trial: Callable[[int, list, tuple], Any] | None = None
+                      ) -> OptimizeResult:
+    """``minimize`` with up to ``n_parallel`` trials in flight (asynchronous constant liar).
+
+    submit     x -> a future whose result() is (y, seconds, ...), e.g.
+               ``lambda x: pool.submit(timed, objective, x)`` (concurrent.futures) or a Dask client.submit
+    wait       wait(futures, return_when="FIRST_COMPLETED") -> (done, not_done): concurrent.futures.wait
+               (default) or distributed.wait
+    on_trial   called as on_trial(index, x, result) for each result, in the order results arrive
+
+    Each time a result comes back it is told and logged at once (the log's trial numbers follow arrival), and
+    the next point is asked with the points still running as ``pending``: they count at the liar's value (the
+    best so far), which pushes the new point away from them. The first n_initial points are the same design
+    points as in a sequential run; after that the suggestions differ from a sequential run's (the GP has seen
+    fewer real results at each step, and arrival order depends on timing, so a run is not bit-reproducible).
+    Resuming replays the logged trials; trials that were running when the run stopped are asked again.
+    Other arguments as for ``minimize``.
+    """
+    import concurrent.futures
+
+    wait = wait or concurrent.futures.wait
+    opt, log, callbacks = _start(space, n_initial, initial_design, acquisition, seed, callback, log_path, resume,
+                                 xi, kappa)
+    running: dict[Any, list] = {}
+    stop = False
+    while running or (not stop and len(opt.x_iters) < n_calls):
+        while not stop and len(running) < n_parallel and len(opt.x_iters) + len(running) < n_calls:
+            x = opt.ask(pending=list(running.values()))
+            running[submit(list(x))] = x
+        done, _ = wait(list(running), return_when="FIRST_COMPLETED")
+        # several at once: tell them in the order they were asked (dict order), not in set order
+        for future in [f for f in list(running) if f in done]:
+            x = running.pop(future)
+            result = future.result()
+            y, seconds = result[0], result[1]
+            opt.tell(x, float(y))
+            index = len(opt.x_iters) - 1
+            if log is not None:
+                log.append(index, x, y, seconds)
+            if on_trial is not None:
+                on_trial(index, x, result)
+            if callbacks and not stop:
+                res = opt.result(estimate=False)
+                stop = any([bool(cb(res)) for cb in callbacks])
+        if stop:
+            for future in running:
+                future.cancel()
+            running.clear()
     return opt.result()
