@@ -585,8 +585,9 @@ def main(argv=None):
         _set_blas_threads(args.threads)  # before the first numpy import below (see the module docstring)
 
     paths, errors = expand_images(args.images)
-    paths, frame_errors = expand_frames(paths, args.frame)
-    errors += frame_errors
+    if not chunked:  # Dask chunks carry plain paths: there a multi-frame DICOM gives its first frame
+        paths, frame_errors = expand_frames(paths, args.frame)
+        errors += frame_errors
     for message in errors:
         _err(message)
     clf, status = _load_classifier(args)
