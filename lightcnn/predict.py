@@ -309,7 +309,8 @@ def _run(args, paths, clf):
             logits = clf.model.head(feats) if feats is not None else clf.model.forward(batch)
             infer_ms = (time.perf_counter() - t0) * 1e3 / len(good)
             probs = softmax(logits)
-            preds = topk(probs, args.topk, clf.class_names, clf.class_ids)
+            finite = np.isfinite(probs).all(axis=1)  # weights that overflow float32: an error, never a NaN score
+            preds = topk(np.where(finite[:, None], probs, 0.0), args.topk, clf.class_names, clf.class_ids)
             decisions = _decisions(probs, clf)
             cams = [None] * len(good)
             if cam_method:
@@ -337,6 +338,11 @@ def _run(args, paths, clf):
                                "class_index": int(explained[i]), "class": clf.class_names[int(explained[i])],
                                "ms": round(cam_ms, 3)}
             for i, path in enumerate(good):
+                if not finite[i]:
+                    failures += 1
+                    _err(f"{'<stdin>' if path == STDIN else printable(path)}: {clf.weights_path}: the network "
+                         "produced non-finite scores (weights out of range for float32?)")
+                    continue
                 if args.json:
                     record = {"file": path, "model": clf.name, "arch": clf.model.arch,
                               "weights": str(clf.weights_path), "weights_sha256": sha,
@@ -348,7 +354,7 @@ def _run(args, paths, clf):
                         record["cam"] = cams[i]
                     if decisions[i]:
                         record["decision"] = decisions[i]
-                    print(json.dumps(record))
+                    print(json.dumps(record, allow_nan=False))
                 else:
                     print(("\n" if printed else "") + _format_text(path, preds[i], cams[i], decisions[i]))
                 printed += 1
