@@ -209,8 +209,14 @@ def main(argv=None):
     from lightcnn.train.run import finetune
 
     progress = progress_printer()
+    from lightcnn.data import DataCheckError
+
     try:
         result = finetune(config, resume=args.resume, progress=progress)
+    except DataCheckError as exc:  # the images cannot make a meaningful run: one line per problem, usage-like
+        for problem in exc.problems:
+            print(f"error: {' '.join(problem.split())}", file=sys.stderr, flush=True)
+        return 2
     except LightCNNError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 1

@@ -103,7 +103,7 @@ def check_config(arch, config):
     """Refuse (ValueError, one line naming the key) a config no builder of `arch` should be given.
 
     The architecture must be known, `config` a dict whose keys are keywords of BUILDERS[arch] (see
-    builder_keywords) and whose values pass CONFIG_RULES: types, choices and bounds (num_classes and layer
+    builder_keywords), or "head" holding a fine-tuned head (Model.reset_head), and whose values pass CONFIG_RULES: types, choices and bounds (num_classes and layer
     widths <= 100000, width_mult in (0, 10], dropout in [0, 1), ...). A fine-tuned `head` dict needs
     num_classes.
     """
@@ -116,7 +116,9 @@ def check_config(arch, config):
         raise ValueError(f"config must be a JSON object, got {type(config).__name__}")
     allowed = builder_keywords(arch)
     for key, value in config.items():
-        if key not in allowed:
+        if key == "head" and key not in allowed and not isinstance(value, dict):
+            raise ValueError(f"config 'head' of {arch} must be a fine-tuned head (an object), got {value!r}"[:200])
+        if key not in allowed and key != "head":  # every model may carry a fine-tuned head (Model.reset_head)
             raise ValueError(f"config key {key!r} is not an option of {arch} (options: {', '.join(allowed)})")
         ok, what = CONFIG_RULES[key]
         if not ok(value):

@@ -39,8 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from lightcnn.checkpoint import Checkpoint, atomic_write_text, read_checkpoint, save_checkpoint
-from lightcnn.data import discover, group_stratified_split, kfold_dataset, split_dataset, stratified_split
-from lightcnn.errors import LightCNNError
+from lightcnn.data import (check_training_data, discover, group_stratified_split, kfold_dataset, split_dataset,
+                           stratified_split)
+from lightcnn.errors import LightCNNError, TrainingError
 from lightcnn.kernels.linear import softmax
 from lightcnn.layers.base import Sequential
 from lightcnn.layers.basic import BatchNorm
@@ -283,6 +284,19 @@ def _check_out_dir(out, cfg, resume):
     atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
+def _remove_stale_temporaries(out, progress):
+    """Delete the temporary files (NAME.<random>.tmp, lightcnn.checkpoint's atomic writer) a killed run left in
+    RUN_DIR and its fold folders; only the names this module writes."""
+    import re
+
+    pattern = re.compile(r"(config\.json|metrics\.csv|last\.h5|best\.h5|report\.json)\.[A-Za-z0-9_]+\.tmp")
+    stale = [p for p in [*out.glob("*.tmp"), *out.glob("fold*/*.tmp")] if pattern.fullmatch(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale and progress:
+        progress(f"removed {len(stale)} temporary file{'s' if len(stale) > 1 else ''} of an interrupted run")
+
+
 # --------------------------------------------------------------------------------------------- one run
 
 
@@ -359,14 +373,32 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
     if state is not None and progress:
         progress(f"resuming after epoch {state.epoch}")
 
+    latest = [state]  # the newest TrainState: its best weights become best.h5 if training diverges
+
     def epoch_end(st, row):
+        latest[0] = st
         save_resume(last, st, class_names, prep, fingerprint)
         _write_metrics_csv(out / "metrics.csv", st.history)
         if on_epoch_end:
             on_epoch_end(st, row)
 
-    result = fit(net, x["train"], y["train"], x["val"], y.get("val"), tcfg, num_classes=len(class_names),
-                 state=state, on_epoch_end=epoch_end, progress=progress, one_thread=unfreeze == 0)
+    try:
+        result = fit(net, x["train"], y["train"], x["val"], y.get("val"), tcfg, num_classes=len(class_names),
+                     state=state, on_epoch_end=epoch_end, progress=progress, one_thread=unfreeze == 0)
+    except TrainingError as exc:  # keep the best model so far as best.h5 (without a report: nothing was evaluated)
+        st = latest[0]
+        if st is None or not st.best_weights:
+            raise
+        from lightcnn.train.loop import restore
+
+        restore(net, st.best_weights)
+        save_checkpoint(out / "best.h5", Checkpoint(
+            arch=model.arch, config=model.config, tensors=model.state_dict(), class_names=class_names,
+            preprocessing=prep.to_dict(), provenance={**provenance, "converter": "lightcnn.finetune"},
+            extra={"training": cfg.to_dict(), "best_epoch": st.best_epoch + 1, "mode": cfg.mode,
+                   "unfreeze": unfreeze, "stopped": str(exc), **extra_meta}))
+        raise TrainingError(f"{exc}; the best model so far (epoch {st.best_epoch + 1}) is in {out / 'best.h5'}") \
+            from None
     _write_metrics_csv(out / "metrics.csv", result.history)
 
     report = {"class_names": class_names, "positive": cfg.positive, **extra_meta}
@@ -435,6 +467,7 @@ def finetune(config, resume=False, progress=_stderr, on_epoch_end=None):
     cfg = config if isinstance(config, FinetuneConfig) else FinetuneConfig.from_dict(dict(config))
     out = Path(cfg.out)
     _check_out_dir(out, cfg, resume)
+    _remove_stale_temporaries(out, progress)
     ds = discover(cfg.data, cfg.csv)
     if cfg.positive is not None and cfg.positive not in ds.class_names:
         raise RunError(f"--positive {cfg.positive!r} is not a class of {cfg.data} ({', '.join(ds.class_names)})")
@@ -443,6 +476,8 @@ def finetune(config, resume=False, progress=_stderr, on_epoch_end=None):
         progress(f"{cfg.data}: {len(ds)} images, classes {ds.class_counts()}")
     if not cfg.kfold:
         split, notes = _split(ds, cfg, seed)
+        need = 1 if split.method == "official" else sum(1 for f in cfg.fractions if f > 0)
+        notes += check_training_data(ds, [(split.train, split.val, split.test)], need)  # before any feature
         for note in notes + list(ds.notes):
             if progress:
                 progress(f"warning: {note}")
@@ -458,6 +493,8 @@ def finetune(config, resume=False, progress=_stderr, on_epoch_end=None):
     for note in notes:
         if progress:
             progress(f"warning: {note}")
+    carved = [_carve_val(ds, train_idx, 1.0 / (cfg.kfold - 1), seed + i) for i, (train_idx, _) in enumerate(folds)]
+    check_training_data(ds, [(tr, va, test) for (tr, va), (_, test) in zip(carved, folds)], cfg.kfold)
     results, t0 = [], time.perf_counter()
     for i, (train_idx, test_idx) in enumerate(folds):
         fold_out = out / f"fold{i + 1}"
@@ -467,7 +504,7 @@ def finetune(config, resume=False, progress=_stderr, on_epoch_end=None):
         if resume and (fold_out / "report.json").exists():
             results.append(json.loads((fold_out / "report.json").read_text()))
             continue
-        tr, va = _carve_val(ds, train_idx, 1.0 / (cfg.kfold - 1), seed + i)
+        tr, va = carved[i]
         meta = {"fold": i + 1, "split": {"method": f"{cfg.kfold}-fold", "seed": seed, "warnings": notes}}
         res = _run_one(cfg, fold_out, {"train": tr, "val": va, "test": test_idx}, ds, resume, progress,
                        on_epoch_end, meta)
