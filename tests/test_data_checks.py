@@ -163,3 +163,13 @@ def test_finetune_cli_prints_one_line_per_problem_and_exits_2(tmp_path, weights)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert any("class 'b' has 2 images" in e for e in errors) and any("class 'c' has 1 image;" in e for e in errors)
     assert not (tmp_path / "run" / "best.h5").exists()
+
+
+def test_tune_refuses_the_same_data_with_exit_2(tmp_path, weights, capsys):
+    from lightcnn.tune.__main__ import main
+
+    _images(tmp_path / "data", {"only": 12})
+    status = main([str(tmp_path / "data"), "--weights", str(weights), "--out", str(tmp_path / "tune"),
+                   "--space", "lr=1e-3:1e-1:log", "--trials", "2"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert status == 2 and len(errors) == 1 and "fine-tuning needs at least two" in errors[0]
