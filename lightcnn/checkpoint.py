@@ -216,7 +216,11 @@ def _attr(f, path, key, kinds=("str",), required=True):
     return raw
 
 
+_JSON_TYPE_NAMES = {dict: "an object", list: "a list", type(None): "null"}
+
+
 def _json_attr(f, path, key, required=True, types=(dict,)):
+    """(parsed value, the stored text) of a JSON attribute whose value must be one of `types`."""
     raw = _attr(f, path, key, required=required)
     if raw is None:
         return None, None
@@ -225,8 +229,7 @@ def _json_attr(f, path, key, required=True, types=(dict,)):
     except (TypeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: attribute '{key}' is not valid JSON ({exc})") from None
     if not isinstance(value, types):
-        names = " or ".join("null" if t is type(None) else {"dict": "an object", "list": "a list"}.get(t.__name__, t.__name__)
-                            for t in types)
+        names = " or ".join(_JSON_TYPE_NAMES[t] for t in types)
         raise CheckpointError(f"{path}: attribute '{key}' must be {names}, found {type(value).__name__}")
     return value, raw
 
