@@ -117,7 +117,9 @@ def test_nan_loss_exits_1_with_one_line_and_keeps_last_good_checkpoint(workspace
     state = read_checkpoint(out / "last.h5")
     assert state.extra["state"]["epoch"] == failed_epoch - 1
     assert all(np.all(np.isfinite(v)) for v in state.tensors.values())
-    assert not (out / "best.h5").exists()
+    best = read_checkpoint(out / "best.h5")  # the best model so far is kept (issue 13)
+    assert "became" in best.extra["stopped"] and best.extra["best_epoch"] <= failed_epoch - 1
+    assert "best model so far" in err
 
 
 def test_usage_and_option_errors(workspace, capsys):
