@@ -443,6 +443,8 @@ def load_state(model, tensors, source="<tensors>"):
                                   f"{current.shape}")
         if not np.all(np.isfinite(value)):
             raise CheckpointError(f"{source}: tensor '{name}' contains NaN or Inf")
+        if key == "running_var" and np.any(value < 0):  # batch norm would take the square root of it
+            raise CheckpointError(f"{source}: tensor '{name}' holds negative variances")
         store[key] = np.ascontiguousarray(value, dtype=np.float32)
     model.params_changed()
     return model

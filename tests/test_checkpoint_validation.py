@@ -173,6 +173,15 @@ def test_bad_structure_is_refused_before_reading(good, edit, fragment):
     refused(_edit(path, edit, sign=edit not in (_tensors_as_dataset, _external, _big_dataset)), fragment)
 
 
+def test_negative_batch_norm_variances_are_refused(tmp_path):
+    model = build("mobilenet_v3_small", num_classes=2)
+    tensors = model.state_dict()
+    tensors["features.stem.bn.running_var"] = -np.ones_like(tensors["features.stem.bn.running_var"])
+    path = save_checkpoint(tmp_path / "v3.h5", Checkpoint(arch=model.arch, config=model.config, tensors=tensors,
+                                                          class_names=["a", "b"], preprocessing=dict(SMALL)))
+    refused(path, "tensor 'features.stem.bn.running_var' holds negative variances")
+
+
 def test_a_flipped_byte_in_a_tensor_is_caught_by_its_digest(good):
     path, ckpt = good
     with h5py.File(path) as f:
