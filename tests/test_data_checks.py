@@ -104,6 +104,16 @@ def test_the_same_file_across_splits_is_a_leak_warning(tmp_path):
     assert len(notes) == 1 and notes[0].startswith("data leak: 1 image appear in more than one split")
 
 
+def test_each_fold_is_checked(tmp_path):
+    _images(tmp_path / "data", {"a": 4, "b": 4})
+    ds = discover(tmp_path / "data")
+    good = (np.array([0, 1, 4, 5]), np.array([2, 6]), np.array([3, 7]))
+    bad = (np.array([0, 1, 2, 3, 4]), np.array([5, 6]), np.array([7]))  # no 'a' in validation
+    with pytest.raises(DataCheckError) as info:
+        check_training_data(ds, [good, bad], need=2)
+    assert info.value.problems == [f"{tmp_path / 'data'}: the validation split of fold 2 has no image of class 'a'"]
+
+
 def test_bootstrap_on_one_sample_is_null_not_a_crash():
     assert all(np.isnan(v) for v in bootstrap_ci(lambda y, p: float(np.mean(y == p)), [1], [1]))
     report = classification_report(np.array([0]), np.array([[0.9, 0.1]]), ["a", "b"], positive="b")

@@ -20,6 +20,7 @@ Files in RUN_DIR (all written atomically: temp file + rename)
                   optimiser moments (optim.*), and in `extra` the epoch, generator states and history
     best.h5       the full model with the best-on-validation weights, class names, preprocessing, provenance;
                   `lightcnn.load(path)`, `python -m lightcnn.predict --weights`, `python -m lightcnn.evaluate`
+                  (when training diverges: the best epoch before it, with extra["stopped"], and no report)
     report.json   per split (train = unaugmented view, val, test): accuracy, sensitivity, specificity,
                   precision, f1, roc_auc, confusion_matrix, confidence_intervals (bootstrap 95 %), per_class
 """
