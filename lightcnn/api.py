@@ -147,8 +147,10 @@ class Classifier:
         return np.concatenate(outs) if outs else np.zeros((0, len(self.class_names)), np.float32)
 
     def predict(self, images: Images, batch_size: int = 32) -> np.ndarray:
-        """Images or a preprocessed batch (see `batch` for what is accepted) -> (N,K) probabilities."""
-        return softmax(self.logits(self.batch(images), batch_size))
+        """Images or a preprocessed batch (see `batch` for what is accepted) -> (N,K) probabilities.
+
+        Raises CheckpointError when the network produces a non-finite score (weights that overflow)."""
+        return finite_scores(softmax(self.logits(self.batch(images), batch_size)), self.weights_path)
 
     def topk(self, images: Images, k: int = 5, batch_size: int = 32) -> list[list[Prediction]]:
         """Images or a preprocessed batch (see `batch`) -> per image, the k most probable classes."""
@@ -242,6 +244,17 @@ class Classifier:
         return f"Classifier({self.model.arch!r}, {len(self.class_names)} classes, weights={self.weights_path})"
 
 
+def finite_scores(probs: np.ndarray, weights: str | os.PathLike | None) -> np.ndarray:
+    """`probs` unchanged when every value is finite; else CheckpointError naming the weights (a network whose
+    weights overflow float32 gives NaN or Inf scores, which must never be reported as probabilities)."""
+    bad = ~np.isfinite(probs)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise CheckpointError(f"{weights or '<model>'}: the network produced non-finite scores for {len(rows)} of "
+                              f"{len(probs)} images (weights out of range for float32?)")
+    return probs
+
+
 def model_from_checkpoint(ckpt: Checkpoint, simulate_quantization: bool | None = False) -> Model:
     """The model a checkpoint describes, with its weights loaded.
 
@@ -249,31 +262,83 @@ def model_from_checkpoint(ckpt: Checkpoint, simulate_quantization: bool | None =
     summaries want; True rounds activations to the 8-bit grids recorded from a quantised TFLite
     file (lightcnn.quantsim; error if the file has none); None follows the file's default
     (extra["simulate_activation_quantization"], set from the registry when the file was built).
+
+    Nothing is built before the checkpoint passes: a known architecture, a config that
+    lightcnn.models.check_config accepts (keys of the builder's signature, types, bounds), preprocessing
+    within check_preprocessing's bounds and with the model's channel count, one class name per output.
+    Every refusal is a CheckpointError naming the file and the attribute.
     """
     from lightcnn.layers.basic import skip_initialisation
-    from lightcnn.models import build
+    from lightcnn.models import BUILDERS, build, builder_keywords, check_config
 
-    with skip_initialisation():  # load_state replaces every tensor (and fails if one is missing)
-        model = build(ckpt.arch, **{k: v for k, v in ckpt.config.items() if k != "head"})
-        head = ckpt.config.get("head")
-        if isinstance(head, dict):  # a fine-tuned head replaced the original one
-            model.reset_head(ckpt.config["num_classes"], hidden=tuple(head.get("hidden", ())),
-                             dropout=head.get("dropout", 0.0), hidden_dropout=head.get("hidden_dropout", 0.0))
-        elif head is not None:
-            model = build(ckpt.arch, **ckpt.config)
-    model = load_state(model, ckpt.tensors, ckpt.path or "<checkpoint>")
+    where = ckpt.path or "<checkpoint>"
+    config = ckpt.config
+    try:
+        check_config(ckpt.arch, config)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: attribute {'arch' if ckpt.arch not in BUILDERS else 'config'}: "
+                              f"{exc}") from None
+    check_preprocessing(ckpt)
+    try:
+        with skip_initialisation():  # load_state replaces every tensor (and fails if one is missing)
+            model = build(ckpt.arch, **{k: v for k, v in config.items() if k != "head"})
+            head = config.get("head")
+            if isinstance(head, dict):  # a fine-tuned head replaced the original one
+                model.reset_head(config["num_classes"], hidden=tuple(head.get("hidden", ())),
+                                 dropout=head.get("dropout", 0.0), hidden_dropout=head.get("hidden_dropout", 0.0))
+            elif head is not None and head != model.config.get("head") and "head" in builder_keywords(ckpt.arch):
+                model = build(ckpt.arch, **config)
+    except MemoryError:
+        raise CheckpointError(f"{where}: the model its config describes does not fit in memory") from None
+    except ValueError as exc:  # a builder's own check (the config passed check_config)
+        raise CheckpointError(f"{where}: attribute config: {' '.join(str(exc).split())}") from None
+    spec = Preprocessing.from_dict(ckpt.preprocessing) if ckpt.preprocessing else Preprocessing()
+    if spec.channels != model.input_shape[2]:
+        raise CheckpointError(f"{where}: attribute preprocessing: channel_order {spec.channel_order!r} gives "
+                              f"{spec.channels} channels, the {ckpt.arch} takes {model.input_shape[2]}")
+    if model.num_classes != len(ckpt.class_names):
+        raise CheckpointError(f"{where}: attribute class_names: {len(ckpt.class_names)} names for a model with "
+                              f"{model.num_classes} outputs")
+    model = load_state(model, ckpt.tensors, where)
     extra = ckpt.extra or {}
     table = extra.get("activation_quantization")
     if simulate_quantization is None:
         simulate_quantization = bool(table) and bool(extra.get("simulate_activation_quantization"))
     if simulate_quantization:
         from lightcnn import quantsim
+        from lightcnn.checkpoint import check_quantization_table
 
         if not table:
-            raise CheckpointError(f"{ckpt.path or '<checkpoint>'}: no activation quantisation table to simulate "
+            raise CheckpointError(f"{where}: no activation quantisation table to simulate "
                                   "(only files converted from quantised TFLite models carry one)")
-        quantsim.simulate_activation_quantization(model, table)
+        check_quantization_table(table, where)
+        try:
+            quantsim.simulate_activation_quantization(model, table)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
     return model
+
+
+#: the input sizes a weight file may ask for: every architecture works from 32 pixels (1x1 final maps), and
+#: 4096 is far beyond any model here (the resize step may go up to MAX_RESIZE)
+MIN_INPUT_SIZE, MAX_INPUT_SIZE, MAX_RESIZE = 32, 4096, 8192
+
+
+def check_preprocessing(ckpt: Checkpoint) -> None:
+    """Refuse (CheckpointError naming the file) a preprocessing record Preprocessing would not accept, or one
+    whose sizes are outside [MIN_INPUT_SIZE, MAX_INPUT_SIZE] (resize_size at most MAX_RESIZE)."""
+    where = ckpt.path or "<checkpoint>"
+    if not ckpt.preprocessing:
+        return
+    try:
+        spec = Preprocessing.from_dict(ckpt.preprocessing)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{where}: attribute preprocessing: {' '.join(str(exc).split())}"[:300]) from None
+    if not MIN_INPUT_SIZE <= spec.size <= MAX_INPUT_SIZE:
+        raise CheckpointError(f"{where}: attribute preprocessing: size {spec.size} is outside "
+                              f"[{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}]")
+    if spec.resize_size > MAX_RESIZE:
+        raise CheckpointError(f"{where}: attribute preprocessing: resize_size {spec.resize_size} is over {MAX_RESIZE}")
 
 
 def load(name_or_path: str | os.PathLike = "mobilenet_v2", simulate_quantization: bool | None = None,

@@ -53,6 +53,14 @@ class DatasetError(LightCNNError, ValueError):
     """A dataset folder or CSV is malformed (missing file, unknown column, bad split value...)."""
 
 
+class DataCheckError(DatasetError):
+    """The images cannot make a meaningful run (check_training_data); `problems` holds one line per problem."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
 class UngroupedSplitWarning(UserWarning):
     """Items without a group/patient id were split at random: near-duplicates may straddle train and test."""
 
@@ -451,6 +459,69 @@ def _check_official_disjoint(ds, parts):
                       f"e.g. {straddling[:3]}", UngroupedSplitWarning, stacklevel=3)
 
 
+def file_sha256(path, chunk=1 << 20) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_training_data(ds: Dataset, partitions, need=2) -> list[str]:
+    """Refuse, before anything is computed, images that cannot make a meaningful run; return leak warnings.
+
+    partitions  [(train idx, val idx, test idx), ...]: the one split, or every fold of a K-fold run
+    need        images every class needs for the split (one per part: 3 for 8:1:1, K for K-fold)
+    Raises DataCheckError with one line per problem: fewer than two classes, a class with fewer than `need`
+    images, a class absent from the training or (non-empty) validation part of a partition, the same file
+    content (SHA-256) under two class labels. Returns warnings (one line each): the same file content in more
+    than one split, which leaks test images into training.
+    """
+    problems, where = [], ds.root or "the dataset"
+    counts = ds.class_counts()
+    if len(ds.class_names) < 2:
+        problems.append(f"{where}: {len(ds.class_names)} class{'' if len(ds.class_names) == 1 else 'es'} "
+                        f"({', '.join(ds.class_names) or 'none'}); fine-tuning needs at least two")
+    for name, n in counts.items():
+        if n < need:
+            problems.append(f"{where}: class {name!r} has {n} image{'' if n == 1 else 's'}; the split needs at "
+                            f"least {need} per class")
+    labels = ds.labels
+    for f, (train, val, _test) in enumerate(partitions):
+        fold = f" of fold {f + 1}" if len(partitions) > 1 else ""
+        for part, idx in (("training", train), ("validation", val)):
+            if part == "validation" and len(idx) == 0:
+                continue
+            absent = [ds.class_names[c] for c in range(len(ds.class_names)) if not np.any(labels[idx] == c)]
+            if absent:
+                problems.append(f"{where}: the {part} split{fold} has no image of class "
+                                f"{', '.join(repr(a) for a in absent)}")
+    by_digest = {}
+    for i, item in enumerate(ds.items):
+        by_digest.setdefault(file_sha256(item.path), []).append(i)
+    clashes = [idx for idx in by_digest.values() if len({ds.items[i].label for i in idx}) > 1]
+    if clashes:
+        first = clashes[0]
+        shown = " = ".join(f"{ds.items[i].path} ({ds.class_names[ds.items[i].label]})" for i in first[:2])
+        problems.append(f"{where}: {len(clashes)} image{'s' if len(clashes) > 1 else ''} appear under two class "
+                        f"labels (same SHA-256), e.g. {shown}")
+    if problems:
+        raise DataCheckError(problems)
+    warnings_out = []
+    if len(partitions) == 1:
+        part_of = np.full(len(ds), -1)
+        for p, idx in enumerate(partitions[0]):
+            part_of[np.asarray(idx, dtype=np.int64)] = p
+        leaks = [idx for idx in by_digest.values() if len({int(part_of[i]) for i in idx} - {-1}) > 1]
+        if leaks:
+            shown = " = ".join(str(ds.items[i].path) for i in leaks[0][:2])
+            warnings_out.append(f"data leak: {len(leaks)} image{'s' if len(leaks) > 1 else ''} appear in more than "
+                                f"one split (same SHA-256), e.g. {shown}; test metrics will be optimistic")
+    return warnings_out
+
+
 def kfold_dataset(ds: Dataset, k=10, seed=0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """`stratified_group_kfold` over a Dataset, warning (UngroupedSplitWarning) when items lack group ids."""
     groups = ds.groups
@@ -461,6 +532,7 @@ def kfold_dataset(ds: Dataset, k=10, seed=0) -> Iterator[tuple[np.ndarray, np.nd
     return stratified_group_kfold(ds.labels, groups if ds.has_groups else None, k, seed)
 
 
-__all__ = ["IMAGE_EXTENSIONS", "Dataset", "DatasetError", "Item", "Split", "UngroupedSplitWarning", "discover",
+__all__ = ["IMAGE_EXTENSIONS", "DataCheckError", "Dataset", "DatasetError", "Item", "check_training_data",
+           "file_sha256", "Split", "UngroupedSplitWarning", "discover",
            "group_stratified_split", "kfold_dataset", "split_dataset", "stratified_group_kfold",
            "stratified_split", "xray_group"]

@@ -313,6 +313,8 @@ def main(argv=None):
     from lightcnn.train.run import finetune, finetune_seeds
 
     progress = progress_printer()
+    from lightcnn.data import DataCheckError
+
     try:
         with _runner(args, progress) as run_map:
             if args.seeds:
@@ -321,6 +323,10 @@ def main(argv=None):
             else:
                 result = finetune(config, resume=args.resume, progress=progress, run_map=run_map,
                                   threads=args.threads or 1)
+    except DataCheckError as exc:  # the images cannot make a meaningful run: one line per problem, usage-like
+        for problem in exc.problems:
+            print(f"error: {' '.join(problem.split())}", file=sys.stderr, flush=True)
+        return 2
     except LightCNNError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 1

@@ -262,6 +262,7 @@ def bootstrap_ci(metric_fn, y_true, y_other, n_resamples=1000, seed=0, confidenc
                unstratified (plain paired) resample.
     Returns (lo, hi): floats, or (M,) arrays when metric_fn returns a vector.
 
+    Fewer than two samples: every interval is (nan, nan) (reported as null), never an error.
     Degenerate resamples: where a resample makes the metric undefined (nan, e.g. precision with no positive
     prediction) or BCa cannot be computed (all resamples equal), that metric falls back to the percentile
     interval of its finite resamples; if fewer than half are finite, its interval is (nan, nan).
@@ -275,6 +276,12 @@ def bootstrap_ci(metric_fn, y_true, y_other, n_resamples=1000, seed=0, confidenc
     def statistic(*index_samples):
         idx = np.concatenate(index_samples)
         return np.asarray(metric_fn(y_true[idx], y_other[idx]), dtype=np.float64)
+
+    if n < 2:  # nothing to resample (scipy needs two observations): the interval is unavailable, not an error
+        point = statistic(np.arange(n)) if n else np.asarray(metric_fn(y_true, y_other), dtype=np.float64)
+        if point.ndim == 0:
+            return math.nan, math.nan
+        return np.full(point.shape, math.nan), np.full(point.shape, math.nan)
 
     # Resample indices, not values: scipy treats each index array as one sample, and with one array per class
     # its multi-sample bootstrap resamples each class separately, i.e. a stratified bootstrap.

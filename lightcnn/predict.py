@@ -322,7 +322,7 @@ def print_result(args, meta, result, printed, cam=None):
     import json
 
     if args.json:
-        print(json.dumps(json_record(meta, result, cam)))
+        print(json.dumps(json_record(meta, result, cam), allow_nan=False))
     else:
         label = _as_source(result["file"]).label
         print(("\n" if printed else "") + _format_text(label, result["preds"], cam, result["decision"]))
@@ -345,7 +345,11 @@ def predict_batch(clf, paths, topk_k, on_error):
         probs = softmax(logits)
         preds = topk(probs, topk_k, clf.class_names, clf.class_ids)
         decisions = _decisions(probs, clf)
+        finite = np.isfinite(probs).all(axis=1)  # an error for that image, never a NaN score
         for i, path in enumerate(good):
+            if not finite[i]:
+                errors.setdefault(path, []).append(non_finite_line(path, clf))
+                continue
             out.setdefault(path, []).append(
                 {"file": path, "preds": preds[i], "decision": decisions[i], "times": times[i],
                  "inference_ms": infer_ms, "batch_size": len(good), "engine": clf.model.last_engine})
@@ -405,12 +409,22 @@ def _prepare(source, spec, stdin_bytes):
     return pixels, x, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
 
+def _where(path):
+    """How an image is named in a one-line error: its escaped path, or <stdin>."""
+    path = _as_source(path).path
+    return "<stdin>" if path == STDIN else printable(path)
+
+
 def error_line(path, exc):
     """The one-line message (without "error: ") for an image that could not be read."""
     msg = " ".join(str(exc).split()) or type(exc).__name__
-    path = _as_source(path).path
-    where = "<stdin>" if path == STDIN else printable(path)
+    where = _where(path)
     return msg if msg.startswith(where) else f"{where}: {msg}"
+
+
+def non_finite_line(path, clf):
+    return (f"{_where(path)}: {clf.weights_path}: the network produced non-finite scores (weights out of range "
+            "for float32?)")
 
 
 def _prepare_chunk(chunk, spec, stdin_bytes, on_error=None):
@@ -489,7 +503,8 @@ def _run(args, paths, clf):
             logits = clf.model.head(feats) if feats is not None else clf.model.forward(batch)
             infer_ms = (time.perf_counter() - t0) * 1e3 / len(good)
             probs = softmax(logits)
-            preds = topk(probs, args.topk, clf.class_names, clf.class_ids)
+            finite = np.isfinite(probs).all(axis=1)  # weights that overflow float32: an error, never a NaN score
+            preds = topk(np.where(finite[:, None], probs, 0.0), args.topk, clf.class_names, clf.class_ids)
             decisions = _decisions(probs, clf)
             cams = [None] * len(good)
             if cam_method:
@@ -518,6 +533,10 @@ def _run(args, paths, clf):
                                "ms": round(cam_ms, 3)}
             meta = run_meta(clf, sha)
             for i, path in enumerate(good):
+                if not finite[i]:
+                    failures += 1
+                    _err(non_finite_line(path, clf))
+                    continue
                 result = {"file": path, "preds": preds[i], "decision": decisions[i], "times": times[i],
                           "inference_ms": infer_ms, "batch_size": len(good), "engine": clf.model.last_engine}
                 print_result(args, meta, result, printed, cams[i])

@@ -52,7 +52,7 @@ def predict_chunk(index, paths, weights, engine, topk, meta, threads=1, out_dir=
     if out_dir is not None:
         from lightcnn.checkpoint import atomic_write_text
 
-        lines = [json.dumps(r if "error" in r else json_record(meta, r)) for r in results]
+        lines = [json.dumps(r if "error" in r else json_record(meta, r), allow_nan=False) for r in results]
         atomic_write_text(os.path.join(out_dir, part_name(index)), "".join(line + "\n" for line in lines))
     return results
 

@@ -23,7 +23,10 @@ Cache keys (sha256, so a stale entry can never be read):
     item key   absolute path + mtime (ns) + size of the image file + view index, and for views > 0 the
                augmentation config and seed
 Entries are .npz files written atomically (temp file + rename), so concurrent runs and interrupted runs never
-leave a torn entry; two processes computing the same entry both write identical bytes.
+leave a torn entry; two processes computing the same entry both write identical bytes. Each entry also holds
+the full key it was computed for (model key / item key) and a SHA-256 of its array: an entry that is
+truncated, corrupt, of another shape, non-finite, computed for another key or whose values do not match its
+checksum is never used; it is recomputed and overwritten, and the run prints one warning line.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import json
 import os
 import sys
 import time
+import zipfile
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,7 +50,7 @@ from lightcnn.layers.base import Sequential
 from lightcnn.layers.blocks import Fire
 from lightcnn.preprocess import Preprocessing, load_image, normalise_pixels, preprocess_uint8
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: entries hold their key and a checksum
 
 # Named augmentation settings for --augment; values are Augmenter configs (see lightcnn.augment).
 # random_resized_crop's output size is always set to the model's input size.
@@ -326,18 +331,38 @@ def default_cache_dir():
     return Path(root) / "features"
 
 
-def _save_npz(path, array):
+def _array_sha256(array):
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{array.dtype.str}|{array.shape}|".encode())
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def _save_npz(path, array, key):
+    """One cache entry: the array, the key it was computed for and the array's SHA-256."""
     buffer = io.BytesIO()
-    np.savez(buffer, x=array)
+    np.savez(buffer, x=array, key=np.array(key), sha256=np.array(_array_sha256(array)))
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _load_npz(path):
+def _load_npz(path, key, shape):
+    """(array, None) for a sound entry of `key` with `shape` (None: any), else (None, why it cannot be used)."""
     try:
-        with np.load(path) as f:
-            return f["x"]
-    except (OSError, ValueError, KeyError, EOFError):
-        return None  # unreadable entry: recompute it (and overwrite it atomically)
+        with np.load(path, allow_pickle=False) as f:
+            if set(f.files) != {"x", "key", "sha256"}:
+                return None, f"holds {sorted(f.files)}, not x, key, sha256"
+            x, stored_key, digest = f["x"], str(f["key"]), str(f["sha256"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        return None, f"unreadable ({type(exc).__name__})"
+    if stored_key != key:
+        return None, "computed for another image, view or model"
+    if x.dtype != np.float32 or (shape is not None and x.shape != tuple(shape)):
+        return None, f"{x.dtype} {x.shape}, expected float32 {tuple(shape) if shape else ''}".rstrip()
+    if _array_sha256(x) != digest:
+        return None, "values do not match the entry's checksum"
+    if not np.all(np.isfinite(x)):
+        return None, "non-finite values"
+    return x, None
 
 
 # --------------------------------------------------------------------------------------------- extraction
@@ -364,7 +389,8 @@ def extract_features(model, dataset_items, preprocessing, cache_dir, augment_vie
     seed            seed of the augmented views (see `view_rng`)
     unfreeze        0 (pooled features), k (input of the last k blocks) or "all" (the images); see module doc
     progress        None, True (a line on stderr per batch) or callable(done, total)
-    stats           optional dict, filled with {"computed": n, "cached": m, "seconds": s}
+    stats           optional dict, filled with {"computed": n, "cached": m, "unusable": u, "seconds": s}
+                    (u of the n computed replaced cache entries that could not be used; one warning line)
     Returns float32 (V+1, N, ...) C-contiguous: out[v, i] is view v of item i.
     """
     t0 = time.perf_counter()
@@ -389,38 +415,49 @@ def extract_features(model, dataset_items, preprocessing, cache_dir, augment_vie
             atomic_write_text(info, json.dumps({"arch": model.arch, "unfreeze": str(unfreeze), "sha256": key,
                                                 "preprocessing": preprocessing.to_dict()}, indent=1))
     results = [[None] * len(paths) for _ in range(views)]
-    todo = []  # (view, index, entry path or None)
+    todo = []  # (view, index, entry path or None, entry key)
+    shape, bad = None, []  # what every entry must be; (entry, reason) of unusable ones
     for v in range(views):
         for i, path in enumerate(paths):
-            entry = None
+            entry = entry_key = None
             if folder is not None:
-                entry = folder / f"{item_key(path, v, aug_config if v else None, seed)[:40]}.npz"
+                ikey = item_key(path, v, aug_config if v else None, seed)
+                entry, entry_key = folder / f"{ikey[:40]}.npz", f"{key}/{ikey}"
                 if entry.exists():
-                    results[v][i] = _load_npz(entry)
+                    if shape is None:  # one image through the prefix gives the shape every entry must have
+                        probe = np.zeros((1, preprocessing.size, preprocessing.size, preprocessing.channels),
+                                         np.float32)
+                        shape = frozen_output(model, prefix, unfreeze, probe).shape[1:]
+                    results[v][i], why = _load_npz(entry, entry_key, shape)
                     if results[v][i] is not None:
                         continue
-            todo.append((v, i, entry))
+                    bad.append((entry, why))
+            todo.append((v, i, entry, entry_key))
+    if bad:
+        print(f"warning: feature cache: {len(bad)} unusable entr{'y' if len(bad) == 1 else 'ies'} recomputed "
+              f"(first: {bad[0][0]}: {bad[0][1]})", file=sys.stderr, flush=True)
     if progress is True:
         progress = _progress_printer("features")
     noted = False
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         batch = np.stack([load_view(paths[i], preprocessing, augmenter if v else None,
-                                    view_rng(paths[i], v, seed) if v else None) for v, i, _ in chunk])
+                                    view_rng(paths[i], v, seed) if v else None) for v, i, _, _ in chunk])
         out = np.ascontiguousarray(frozen_output(model, prefix, unfreeze, batch), dtype=np.float32)
         if not noted and progress and unfreeze != "all":
             from lightcnn._cli import engine_note
 
             engine_note(model, len(todo), model.arch)
             noted = True
-        for row, (v, i, entry) in zip(out, chunk):
+        for row, (v, i, entry, entry_key) in zip(out, chunk):
             results[v][i] = row.copy()
             if entry is not None:
-                _save_npz(entry, results[v][i])
+                _save_npz(entry, results[v][i], entry_key)
         if progress:
             progress(start + len(chunk), len(todo))
     if stats is not None:
-        stats.update(computed=len(todo), cached=views * len(paths) - len(todo), seconds=time.perf_counter() - t0)
+        stats.update(computed=len(todo), cached=views * len(paths) - len(todo), unusable=len(bad),
+                     seconds=time.perf_counter() - t0)
     if not paths:
         return np.zeros((views, 0), np.float32)
     return np.ascontiguousarray(np.stack([np.stack(r) for r in results]), dtype=np.float32)

@@ -21,6 +21,7 @@ Files in RUN_DIR (all written atomically: temp file + rename)
                   optimiser moments (optim.*), and in `extra` the epoch, generator states and history
     best.h5       the full model with the best-on-validation weights, class names, preprocessing, provenance;
                   `lightcnn.load(path)`, `python -m lightcnn.predict --weights`, `python -m lightcnn.evaluate`
+                  (when training diverges: the best epoch before it, with extra["stopped"], and no report)
     report.json   per split (train = unaugmented view, val, test): accuracy, sensitivity, specificity,
                   precision, f1, roc_auc, confusion_matrix, confidence_intervals (bootstrap 95 %), per_class
 """
@@ -40,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from lightcnn.checkpoint import Checkpoint, atomic_write_text, read_checkpoint, save_checkpoint
-from lightcnn.data import discover, group_stratified_split, kfold_dataset, split_dataset, stratified_split
+from lightcnn.data import (check_training_data, discover, group_stratified_split, kfold_dataset, split_dataset,
+                           stratified_split)
 from lightcnn.dicom import parse_window
 from lightcnn.errors import LightCNNError, TrainingError
 from lightcnn.kernels.activation import ACTIVATIONS
@@ -406,6 +408,19 @@ def _check_out_dir(out, cfg, resume):
     atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
+def _remove_stale_temporaries(out, progress):
+    """Delete the temporary files (NAME.<random>.tmp, lightcnn.checkpoint's atomic writer) a killed run left in
+    RUN_DIR and its fold folders; only the names this module writes."""
+    import re
+
+    pattern = re.compile(r"(config\.json|metrics\.csv|last\.h5|best\.h5|report\.json)\.[A-Za-z0-9_]+\.tmp")
+    stale = [p for p in [*out.glob("*.tmp"), *out.glob("fold*/*.tmp")] if pattern.fullmatch(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale and progress:
+        progress(f"removed {len(stale)} temporary file{'s' if len(stale) > 1 else ''} of an interrupted run")
+
+
 # --------------------------------------------------------------------------------------------- one run
 
 
@@ -503,7 +518,10 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
     if state is not None and progress:
         progress(f"resuming after epoch {state.epoch}")
 
+    latest = [state]  # the newest TrainState: its best weights become best.h5 if training diverges
+
     def epoch_end(st, row):
+        latest[0] = st
         save_resume(last, st, class_names, prep, fingerprint)
         _write_metrics_csv(out / "metrics.csv", st.history)
         if on_epoch_end:
@@ -687,6 +705,7 @@ def finetune(config, resume=False, progress=_stderr, on_epoch_end=None, run_map=
     cfg = config if isinstance(config, FinetuneConfig) else FinetuneConfig.from_dict(dict(config))
     out = Path(cfg.out)
     _check_out_dir(out, cfg, resume)
+    _remove_stale_temporaries(out, progress)
     ds = discover(cfg.data, cfg.csv)
     if cfg.positive is not None and cfg.positive not in ds.class_names:
         raise RunError(f"--positive {cfg.positive!r} is not a class of {cfg.data} ({', '.join(ds.class_names)})")
@@ -695,6 +714,8 @@ def finetune(config, resume=False, progress=_stderr, on_epoch_end=None, run_map=
         progress(f"{cfg.data}: {len(ds)} images, classes {ds.class_counts()}")
     if not cfg.kfold:
         split, notes = _split(ds, cfg, seed)
+        need = 1 if split.method == "official" else sum(1 for f in cfg.fractions if f > 0)
+        notes += check_training_data(ds, [(split.train, split.val, split.test)], need)  # before any feature
         for note in notes + list(ds.notes):
             if progress:
                 progress(f"warning: {note}")
@@ -710,6 +731,8 @@ def finetune(config, resume=False, progress=_stderr, on_epoch_end=None, run_map=
     for note in notes:
         if progress:
             progress(f"warning: {note}")
+    carved = [_carve_val(ds, train_idx, 1.0 / (cfg.kfold - 1), seed + i) for i, (train_idx, _) in enumerate(folds)]
+    check_training_data(ds, [(tr, va, test) for (tr, va), (_, test) in zip(carved, folds)], cfg.kfold)
     results, jobs, t0 = [None] * len(folds), [], time.perf_counter()
     for i, (train_idx, test_idx) in enumerate(folds):
         fold_out = out / f"fold{i + 1}"
@@ -718,7 +741,7 @@ def finetune(config, resume=False, progress=_stderr, on_epoch_end=None, run_map=
             if progress:
                 progress(f"fold {i + 1}/{cfg.kfold}: done earlier")
             continue
-        tr, va = _carve_val(ds, train_idx, 1.0 / (cfg.kfold - 1), seed + i)
+        tr, va = carved[i]
         meta = {"fold": i + 1, "split": {"method": f"{cfg.kfold}-fold", "seed": seed, "warnings": notes}}
         jobs.append((i, {"train": tr, "val": va, "test": test_idx}, meta))
     if jobs:

@@ -132,7 +132,7 @@ def trials_table(options, x_iters, func_vals):
 
 def prepare_features(args, progress):
     """Dataset, split and cached pooled features for train/val/test, via the fine-tuning code."""
-    from lightcnn.data import discover, split_dataset
+    from lightcnn.data import check_training_data, discover, split_dataset
     from lightcnn.train.features import extract_features
     from lightcnn.train.run import FinetuneConfig, load_base
 
@@ -145,8 +145,10 @@ def prepare_features(args, progress):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         split = split_dataset(ds, cfg.split, tuple(cfg.fractions), args.seed)
-    for w in caught:
-        progress(f"warning: {w.message}")
+    need = 1 if split.method == "official" else sum(1 for f in cfg.fractions if f > 0)
+    leaks = check_training_data(ds, [(split.train, split.val, split.test)], need)  # before any feature
+    for message in [str(w.message) for w in caught] + leaks:
+        progress(f"warning: {message}")
     model, prep, _ = load_base(cfg)
     if not model.head_is_pooled:
         model.reset_head(len(ds.class_names))
@@ -243,11 +245,17 @@ def main(argv=None):
     from lightcnn.errors import LightCNNError
     from lightcnn.tune import TuneLogError
 
+    from lightcnn.data import DataCheckError
+
     try:
         with _trial_runner(args) as client:
             return _run(args, options, dims, client)
     except BrokenPipeError:  # stdout closed by its reader: lightcnn._cli.run_main ends quietly
         raise
+    except DataCheckError as exc:  # the images cannot make a meaningful run: one line per problem
+        for problem in exc.problems:
+            _err(problem)
+        return 2
     except (LightCNNError, TuneLogError, ValueError, OSError) as exc:
         _err(str(exc))
         return 1

@@ -164,7 +164,9 @@ class ServedModel:
         feats = model.features(x) if method == "cam" else None       # CAM reuses the forward's features
         logits = model.head(feats) if feats is not None else model.forward(x)
         t2 = time.perf_counter()
-        probs = softmax(logits)
+        from lightcnn.api import finite_scores
+
+        probs = finite_scores(softmax(logits), self.path.name)  # overflowing weights: an error, never NaN in JSON
         decided = int(clf.decide(probs)[0])
         record = {"file": filename, "model": self.name, "arch": model.arch, "weights": self.path.name,
                   "weights_sha256": clf.weights_sha256,
