@@ -11,8 +11,8 @@ How each op runs (x NHWC float32; the (N*H*W, C) view of x is free):
               order of HWIO weights -- then one matmul;
   depthwise   KH*KW multiply-adds of strided views of a zero-padded copy, each a NumPy pass
               vectorised over channels, band by band of output rows that stay in L2;
-  inverted_residual  expand, depthwise, project as above (no band fusion: NumPy passes are
-              whole tensors anyway);
+  inverted_residual  expand, depthwise, project band by band of output rows, so the expanded
+              tensor is never written whole (as the numba engine's fused kernel);
   se_gate, gap, dense, max_pool, scale, add, fake_quant, copy: a few NumPy calls each.
 Work buffers (padded copies, im2col columns, expanded tensors) are shared by all steps of a plan
 (`Scratch`), since steps run one after another: a few MB instead of one set per layer.
@@ -207,6 +207,11 @@ def _conv(step, plan):
 _BAND_BYTES = 1 << 17
 
 
+# A bottleneck's band holds the expanded rows its output rows read: larger than a depthwise band, so that each
+# band's matmuls have a few hundred rows (MobileNetV2's 112x112x96 block: 12 bands of 5 output rows).
+_FUSED_BAND_BYTES = 1 << 19
+
+
 def depthwise_runner(scratch, x_shape, y_shape, kernel, stride, top, left):
     """fn(x, w, b, act, alpha, y): y = act(depthwise(x, w) + b), work buffers from `scratch`."""
     kh, kw = kernel
@@ -245,37 +250,63 @@ def _depthwise(step, plan):
 
 
 def _inverted_residual(step, plan):
+    """A whole bottleneck band by band of output rows, as the numba engine's fused kernel does: each band
+    expands only the input rows its depthwise windows read (plus their halo, recomputed by the next band),
+    so the expanded tensor, E/C times larger than x, is never written whole and every pass stays in L2."""
     p, v = step.params, step.vals
     xa, ya = plan.arg(v["x"])[0], plan.arg(v["y"])[0]
     n, h, w, c = v["x"].shape
     _, ho, wo, c_out = v["y"].shape
     w_expand, w_dw, w_project = p["expand"], p["depthwise"], p["project"]
-    e = w_dw.shape[2]
+    (kh, kw), e = w_dw.shape[:2], w_dw.shape[2]
+    (sh, sw), top, left = p["stride"], p["top"], p["left"]
     act1, act2, act3 = p["acts"]
     alpha, use_res = p["alpha"], p["use_res"]
     scratch = _scratch(plan)
-    dw = depthwise_runner(scratch, (n, h, w, e), (n, ho, wo, e), w_dw.shape[:2], p["stride"], p["top"], p["left"])
-    x2d, y2d = xa.reshape(-1, c), ya.reshape(-1, c_out)
+    wp = max(w + left, (wo - 1) * sw + kw)  # padded width
+    rows_out = max(1, min(ho, (_FUSED_BAND_BYTES // (n * wp * e * 4) - kh) // sh + 1))
 
     def run(vals):
-        src = xa
-        if w_expand is not None:
-            w1, b1 = w_expand()
-            expanded = scratch.take("expanded", (n, h, w, e))
-            flat = expanded.reshape(-1, e)
-            np.matmul(x2d, w1, out=flat)
-            flat += b1
-            activate(flat, act1, alpha)
-            src = expanded
+        w1, b1 = w_expand() if w_expand is not None else (None, None)
         wd, bd = w_dw()
-        depthwise_out = scratch.take("depthwise", (n, ho, wo, e))
-        dw(src, wd, bd, act2, alpha, depthwise_out)
         w3, b3 = w_project()
-        out = np.matmul(depthwise_out.reshape(-1, e), w3, out=y2d)
-        out += b3
-        activate(out, act3, alpha)
-        if use_res:
-            out += x2d
+        for r0 in range(0, ho, rows_out):
+            r1 = min(ho, r0 + rows_out)
+            lo, hi = r0 * sh - top, (r1 - 1) * sh - top + kh  # the padded input rows this band reads
+            a, b = max(lo, 0), min(hi, h)                      # ... and the real ones among them
+            band = scratch.take("band", (n, hi - lo, wp, e))
+            band[:, :a - lo] = 0
+            band[:, b - lo:] = 0
+            band[:, :, :left] = 0
+            band[:, :, left + w:] = 0
+            if w_expand is not None:
+                expanded = scratch.take("expanded", (n, b - a, w, e))
+                flat = expanded.reshape(-1, e)
+                np.matmul(xa[:, a:b].reshape(-1, c), w1, out=flat)
+                flat += b1
+                activate(flat, act1, alpha)
+                band[:, a - lo:b - lo, left:left + w] = expanded
+            else:
+                band[:, a - lo:b - lo, left:left + w] = xa[:, a:b]
+            rows = r1 - r0
+            out = scratch.take("dw_out", (n, rows, wo, e))
+            prod = scratch.take("product", (n, rows, wo, e))
+            for i in range(kh):
+                for j in range(kw):
+                    tap = band[:, i:i + (rows - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw]
+                    if i == 0 and j == 0:
+                        np.multiply(tap, wd[0, 0], out=out)
+                    else:
+                        np.multiply(tap, wd[i, j], out=prod)
+                        out += prod
+            out += bd
+            activate(out, act2, alpha)
+            projected = np.matmul(out.reshape(-1, e), w3).reshape(n, rows, wo, c_out)
+            projected += b3
+            activate(projected, act3, alpha)
+            if use_res:
+                projected += xa[:, r0:r1]
+            ya[:, r0:r1] = projected
     return run
 
 
