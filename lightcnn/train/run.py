@@ -529,19 +529,23 @@ def training_inputs(cfg, start, parts, ds, progress):
     return net, x, stats, x_train
 
 
-def fit_trial(cfg, start, parts, ds, on_epoch_end=None):
+def fit_trial(cfg, start, parts, ds, on_epoch_end=None, info=None):
     """One tuning trial: train as `finetune` would from a copy of `start` (nothing written), validation every
-    epoch. on_epoch_end(TrainState, row) may raise to stop the trial. Returns (FitResult, feature stats)."""
+    epoch; on_epoch_end(TrainState, row) may raise to stop the trial. Before training, `info` (a dict) gets
+    "features": {"computed": n, "cached": m} (frozen-part outputs this trial computed / read from the cache)
+    and "trained_parameters" (how many parameters train). Returns the FitResult."""
     import copy
 
     tcfg = TrainConfig.from_dict(cfg.train)
     tcfg.positive = ds.class_names.index(cfg.positive) if cfg.positive is not None else None
     start = copy.deepcopy(start)
     net, x, stats, x_train = training_inputs(cfg, start, parts, ds, None)
+    if info is not None:
+        info["features"] = {k: sum(s[k] for s in stats.values()) for k in ("computed", "cached")}
+        info["trained_parameters"] = sum(int(v.size) for _, layer, _, v in net.named_parameters() if not layer.frozen)
     y = {name: ds.labels[idx] for name, idx in parts.items()}
-    result = fit(net, x_train, y["train"], x["val"], y.get("val"), tcfg, num_classes=len(ds.class_names),
-                 on_epoch_end=on_epoch_end, one_thread=start.unfreeze == 0)
-    return result, stats
+    return fit(net, x_train, y["train"], x["val"], y.get("val"), tcfg, num_classes=len(ds.class_names),
+               on_epoch_end=on_epoch_end, one_thread=start.unfreeze == 0)
 
 
 def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
