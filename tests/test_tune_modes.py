@@ -140,6 +140,24 @@ def test_resume_with_stopped_trials_replays_exactly(tmp_path):
     assert any("stopped" in t for t in whole) and any("stopped" not in t for t in whole[4:])
 
 
+def test_last_k_resume_replays_the_trials_and_the_stop_decisions(workspace, tmp_path, capsys):  # noqa: F811
+    """Real last-k trials with the median rule on: 6 trials in one go, and 3 then --resume to 6, log the same
+    points, values, curves and stops (only the cache counts differ: the second search found the cache warm)."""
+    common = ["--mode", "last-k", "--unfreeze", "1", "--space", "lr=1e-4:3e-1:log, batch=4|8", "--initial", "3",
+              "--epochs", "3", "--no-refit", "--cache-dir", str(tmp_path / "cache")]
+    assert _tune(workspace, tmp_path / "whole", *common, "--trials", "6") == 0
+    assert _tune(workspace, tmp_path / "part", *common, "--trials", "3") == 0
+    assert _tune(workspace, tmp_path / "part", *common, "--trials", "6", "--resume") == 0
+    assert "3 trials evaluated (3 replayed from the log)" in capsys.readouterr().out
+
+    def kept(out):
+        return [(x, y, {k: v for k, v in extra.items() if k != "features"}) for x, y, extra in _log(out)]
+
+    assert kept(tmp_path / "part") == kept(tmp_path / "whole")
+    assert all(len(extra["curve"]) == extra.get("stopped", 3) for _, _, extra in kept(tmp_path / "whole"))
+    assert any("stopped" in extra for _, _, extra in kept(tmp_path / "whole"))  # the rule did act
+
+
 def test_budget_starts_no_trial_after_it(workspace, tmp_path, monkeypatch, capsys):  # noqa: F811
     """--budget 0.01 (0.6 s) with head trials that take 0.25 s each, 20 trials x 2 runs asked: every logged trial
     started before the budget ran out, the search stopped after the first that ended beyond it, the second run
