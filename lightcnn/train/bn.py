@@ -83,8 +83,9 @@ def rebuild(model, **changes):
     from lightcnn.checkpoint import Checkpoint
 
     config = {**model.config, **changes}
-    ckpt = Checkpoint(arch=model.arch, config=config, tensors=model.state_dict(), class_names=[],
-                      path=f"{model.arch} with {changes}")
+    # placeholder names: the loader checks there is one per output (the caller keeps the real ones)
+    ckpt = Checkpoint(arch=model.arch, config=config, tensors=model.state_dict(),
+                      class_names=[str(i) for i in range(model.num_classes)], path=f"{model.arch} with {changes}")
     new = model_from_checkpoint(ckpt)
     new.engine = model.engine
     return new

@@ -457,18 +457,28 @@ def _operating_point(y, logits, positive, class_names):
             "rule": "maximum Youden's J (sensitivity + specificity - 1) on the validation split"}
 
 
-def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
-    """Train on parts = {"train": idx, "val": idx, "test": idx}; write everything into `out`."""
-    t_run = time.perf_counter()
+@dataclass
+class Start:
+    """A run's base network before training: the weights loaded, batch norm put back / --activation applied
+    (adapt_base), the head reset and the frozen flags set (prepare_model), --bn recalibrate done. Tuning trials
+    that share the split point start from copies of one Start, so the frozen prefix is the same bytes in every
+    trial and its cached outputs are found again (extract_features keys them by those bytes)."""
+
+    model: object
+    prep: Preprocessing
+    provenance: dict
+    unfreeze: object
+    resolved: dict
+
+
+def start_model(cfg, ds, train_idx, progress):
+    """The Start of a run described by `cfg` whose training split is `train_idx` (see Start)."""
     tcfg = TrainConfig.from_dict(cfg.train)
-    class_names = list(ds.class_names)
-    positive = class_names.index(cfg.positive) if cfg.positive is not None else None
-    tcfg.positive = positive
     model, prep, provenance = load_base(cfg)
-    train_batches = _image_batches([ds.items[i] for i in parts["train"]], prep, tcfg.batch_size)
+    train_batches = _image_batches([ds.items[i] for i in train_idx], prep, tcfg.batch_size)
     folded = can_unfold(model)
     model, activation_changed = adapt_base(model, cfg, train_batches, progress)
-    net, unfreeze = prepare_model(model, cfg, tcfg, len(class_names))
+    _, unfreeze = prepare_model(model, cfg, tcfg, len(ds.class_names))
     _, unfreeze_info = resolved_unfreeze(model, cfg)
     recalibrated = []
     if cfg.bn == "recalibrate":
@@ -477,7 +487,7 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
         recalibrated = [path for path, _ in batchnorm_layers(scope)]
         batches = recalibrate(model, train_batches(), [layer for _, layer in batchnorm_layers(scope)])
         if progress:
-            progress(f"bn: recalibrated {len(recalibrated)} batch norms on {len(parts['train'])} training images "
+            progress(f"bn: recalibrated {len(recalibrated)} batch norms on {len(train_idx)} training images "
                      f"({batches} batches)" if recalibrated else "bn: nothing to recalibrate (no batch norm trains)")
     resolved = {"bn": cfg.bn, "recalibrated_batchnorms": len(recalibrated), "unfreeze": unfreeze_info,
                 "batchnorm_unfolded": folded and has_batchnorm(model),
@@ -485,13 +495,17 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
     if unfreeze_info is not None and progress:
         asked = f"--freeze-first {cfg.freeze_first}" if cfg.freeze_first is not None else f"--unfreeze {cfg.unfreeze}"
         progress(describe_unfreeze(unfreeze_info, asked))
-    _write_resolved(Path(cfg.out), resolved)
-    cache_dir = _cache_dir(cfg)
-    labels = ds.labels
-    y = {name: labels[idx] for name, idx in parts.items()}
+    return Start(model, prep, provenance, unfreeze, resolved)
 
-    fresh = bool(cfg.augment) and not cfg.views  # backprop modes: views drawn fresh every epoch
-    t0 = time.perf_counter()
+
+def training_inputs(cfg, start, parts, ds, progress):
+    """(net, x, stats, x_train) of a run from its Start: a new head and the frozen flags for cfg.train, the
+    frozen part's outputs of every split (train: all views) from the feature cache, and what fit trains on (the
+    cached views, or a callable drawing fresh augmentations every epoch)."""
+    tcfg = TrainConfig.from_dict(cfg.train)
+    model, prep, unfreeze = start.model, start.prep, start.unfreeze
+    net, _ = prepare_model(model, cfg, tcfg, len(ds.class_names))
+    cache_dir = _cache_dir(cfg)
     stats, x = {}, {}
     for name, idx in parts.items():
         if len(idx) == 0:
@@ -504,13 +518,57 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
                                progress=_throttled(progress, f"features {name}"), stats=s)
         x[name] = arr if name == "train" else arr[0]
         stats[name] = s
+    if x["train"] is None:
+        raise RunError(f"{cfg.data}: the training split is empty")
+    x_train = x["train"]
+    if cfg.augment and not cfg.views:  # backprop modes: views drawn fresh every epoch
+        x_train = fresh_views(model, [ds.items[i] for i in parts["train"]], prep, cfg.augment, tcfg.seed, unfreeze)
+        if progress:
+            progress(f"augmentation: drawn fresh every epoch ({len(parts['train'])} images through "
+                     + ("the frozen part" if unfreeze != "all" else "the loader") + " per epoch, not cached)")
+    return net, x, stats, x_train
+
+
+def fit_trial(cfg, start, parts, ds, on_epoch_end=None, info=None):
+    """One tuning trial: train as `finetune` would from a copy of `start` (nothing written), validation every
+    epoch; on_epoch_end(TrainState, row) may raise to stop the trial. Before training, `info` (a dict) gets
+    "features": {"computed": n, "cached": m} (frozen-part outputs this trial computed / read from the cache)
+    and "trained_parameters" (how many parameters train). Returns the FitResult."""
+    import copy
+
+    tcfg = TrainConfig.from_dict(cfg.train)
+    tcfg.positive = ds.class_names.index(cfg.positive) if cfg.positive is not None else None
+    start = copy.deepcopy(start)
+    net, x, stats, x_train = training_inputs(cfg, start, parts, ds, None)
+    if info is not None:
+        info["features"] = {k: sum(s[k] for s in stats.values()) for k in ("computed", "cached")}
+        info["trained_parameters"] = sum(int(v.size) for _, layer, _, v in net.named_parameters() if not layer.frozen)
+    y = {name: ds.labels[idx] for name, idx in parts.items()}
+    return fit(net, x_train, y["train"], x["val"], y.get("val"), tcfg, num_classes=len(ds.class_names),
+               on_epoch_end=on_epoch_end, one_thread=start.unfreeze == 0)
+
+
+def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
+    """Train on parts = {"train": idx, "val": idx, "test": idx}; write everything into `out`."""
+    t_run = time.perf_counter()
+    tcfg = TrainConfig.from_dict(cfg.train)
+    class_names = list(ds.class_names)
+    positive = class_names.index(cfg.positive) if cfg.positive is not None else None
+    tcfg.positive = positive
+    start = start_model(cfg, ds, parts["train"], progress)
+    model, prep, provenance, unfreeze, resolved = (start.model, start.prep, start.provenance, start.unfreeze,
+                                                   start.resolved)
+    _write_resolved(Path(cfg.out), resolved)
+    labels = ds.labels
+    y = {name: labels[idx] for name, idx in parts.items()}
+
+    t0 = time.perf_counter()
+    net, x, stats, x_train = training_inputs(cfg, start, parts, ds, progress)
     feature_seconds = time.perf_counter() - t0
     if progress:
         computed = sum(s["computed"] for s in stats.values())
         cached = sum(s["cached"] for s in stats.values())
         progress(f"features: {computed} computed, {cached} from cache, {feature_seconds:.1f} s")
-    if x["train"] is None:
-        raise RunError(f"{cfg.data}: the training split is empty")
 
     fingerprint = _fingerprint(cfg) + json.dumps(extra_meta.get("fold"))
     last = out / "last.h5"
@@ -536,12 +594,6 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
                                  "resolved": resolved, **extra_meta, **extra})
         save_checkpoint(out / "best.h5", ckpt)
 
-    x_train = x["train"]
-    if fresh:
-        x_train = fresh_views(model, [ds.items[i] for i in parts["train"]], prep, cfg.augment, tcfg.seed, unfreeze)
-        if progress:
-            progress(f"augmentation: drawn fresh every epoch ({len(parts['train'])} images through "
-                     + ("the frozen part" if unfreeze != "all" else "the loader") + " per epoch, not cached)")
     try:
         result = fit(net, x_train, y["train"], x["val"], y.get("val"), tcfg, num_classes=len(class_names),
                      state=state, on_epoch_end=epoch_end, progress=progress, one_thread=unfreeze == 0)

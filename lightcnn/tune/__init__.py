@@ -18,14 +18,16 @@ How it works, one module each:
 - acquisition.py  EI (in log space), PI, LCB; candidates + L-BFGS-B maximisation
 - optimizer.py    ``Optimizer.ask()/tell()``: initial design (Sobol/LHS), constant-liar batches
 - trial_log.py    append-only JSON Lines log, crash-tolerant
-- runner.py       ``minimize`` loop, ``minimize_parallel`` (P trials in flight), resume, callbacks ``NoImprovement`` and ``TimeBudget``
+- runner.py       ``minimize`` loop, ``minimize_parallel`` (P trials in flight), resume, callbacks ``NoImprovement`` and ``TimeBudget``,
+                  the median stopping rule ``MedianStopping`` for trials with learning curves
 - lightcnn/_threads.py: single-threaded BLAS around L-BFGS-B (SciPy ≥ 1.15 slowdown, see there)
 """
 
 from .optimizer import OptimizeResult, Optimizer
-from .runner import NoImprovement, TimeBudget, minimize, minimize_parallel, timed
+from .runner import MedianStopping, NoImprovement, StopTrial, TimeBudget, minimize, minimize_parallel, timed
 from .space import Categorical, Integer, Real, Space, describe_space
 from .trial_log import TuneLogError
 
 __all__ = ["Real", "Integer", "Categorical", "Space", "describe_space", "Optimizer", "OptimizeResult",
-           "minimize", "minimize_parallel", "timed", "NoImprovement", "TimeBudget", "TuneLogError"]
+           "minimize", "minimize_parallel", "timed", "NoImprovement", "TimeBudget", "MedianStopping", "StopTrial",
+           "TuneLogError"]

@@ -27,7 +27,7 @@ from .optimizer import OptimizeResult, Optimizer
 from .space import Dimension, Space
 from .trial_log import TrialLog, TuneLogError
 
-__all__ = ["minimize", "minimize_parallel", "timed", "NoImprovement", "TimeBudget"]
+__all__ = ["minimize", "minimize_parallel", "timed", "NoImprovement", "TimeBudget", "MedianStopping", "StopTrial"]
 
 
 class NoImprovement:
@@ -61,11 +61,64 @@ class TimeBudget:
         return time.monotonic() - self.start >= self.seconds
 
 
+class StopTrial(Exception):
+    """Raised from inside a trial (e.g. its epoch callback) to end it early; the trial keeps its best so far."""
+
+
+class MedianStopping:
+    """The median stopping rule (Golovin et al. 2017, "Google Vizier", section 3.2.2) on learning curves.
+
+    A running trial whose best value up to epoch e is worse than the median of the earlier trials' best values
+    up to epoch e stops there, once it has run ``min_epochs`` epochs and at least ``min_trials`` earlier trials
+    reached epoch e (a stopped trial counts for the epochs it ran). ``higher_is_better`` for accuracies.
+
+    The decision depends only on the running trial's curve and the earlier curves, in trial order; a tuning run
+    that logs each trial's curve (``add``) and replays the log before continuing makes the same decisions as one
+    that never stopped.
+    """
+
+    def __init__(self, min_epochs=1, min_trials=3, higher_is_better=True):
+        if min_epochs < 1 or min_trials < 1:
+            raise ValueError(f"MedianStopping: min_epochs and min_trials must be >= 1, got {min_epochs}, {min_trials}")
+        self.min_epochs, self.min_trials, self.higher = int(min_epochs), int(min_trials), bool(higher_is_better)
+        self.curves: list[list[float]] = []
+
+    def add(self, curve):
+        """Record a finished (or stopped, or failed) trial's per-epoch values."""
+        self.curves.append([float(v) for v in curve])
+
+    def _best_to(self, curve, e):
+        finite = [v for v in curve[:e + 1] if math.isfinite(v)]
+        if not finite:
+            return -math.inf if self.higher else math.inf
+        return max(finite) if self.higher else min(finite)
+
+    def median_at(self, e):
+        """Median of the earlier trials' best values up to 0-based epoch e (None: fewer than min_trials)."""
+        values = sorted(self._best_to(c, e) for c in self.curves if len(c) > e)
+        if len(values) < self.min_trials:
+            return None
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+    def should_stop(self, curve):
+        """True when the running trial with per-epoch values `curve` (so far) should stop now."""
+        e = len(curve) - 1
+        if e + 1 < self.min_epochs:
+            return False
+        median = self.median_at(e)
+        if median is None:
+            return False
+        best = self._best_to(curve, e)
+        return best < median if self.higher else best > median
+
+
 def minimize(objective: Callable[[list], float], space: Sequence[Dimension] | Space, n_calls: int = 30,
              n_initial: int = 10, initial_design: str = "sobol", acquisition: str = "ei", seed: int | None = None,
              callback: Callable[[OptimizeResult], Any] | Sequence[Callable[[OptimizeResult], Any]] | None = None,
              log_path: str | os.PathLike | None = None, resume: bool = False, xi: float = 0.001,
-             kappa: float = 1.96) -> OptimizeResult:
+             kappa: float = 1.96, log_extra: Callable[[int, list, float], dict | None] | None = None
+             ) -> OptimizeResult:
     """Minimise ``objective(x) -> float`` over ``space`` with GP Bayesian optimisation.
 
     objective  called with a list of values, one per dimension; may return NaN/inf for a
@@ -77,6 +130,8 @@ def minimize(objective: Callable[[list], float], space: Sequence[Dimension] | Sp
     callback   callable or list of callables ``f(result) -> bool``; True stops the run
     log_path   JSON Lines trial log (see trial_log.py); resume=True continues it, otherwise
                an existing file is an error (it is never overwritten)
+    log_extra  log_extra(index, x, y) -> dict of more fields for that trial's log line (a learning curve,
+               why it stopped), or None
     initial_design, acquisition, xi, kappa   as for Optimizer
 
     Returns an OptimizeResult: x, fun, x_iters, func_vals, x_estimated, fun_estimated, ...
@@ -90,7 +145,8 @@ def minimize(objective: Callable[[list], float], space: Sequence[Dimension] | Sp
         seconds = time.perf_counter() - t0
         opt.tell(x, y)
         if log is not None:
-            log.append(len(opt.x_iters) - 1, x, y, seconds)
+            index = len(opt.x_iters) - 1
+            log.append(index, x, y, seconds, log_extra(index, x, y) if log_extra else None)
         if callbacks:
             res = opt.result(estimate=False)
             if any([bool(cb(res)) for cb in callbacks]):  # a list: every callback sees every trial

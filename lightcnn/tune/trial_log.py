@@ -5,6 +5,10 @@
     {"format": "lightcnn.tune.log/1", "settings": {"seed": 0, "space": [...], "n_initial": 10, ...}}
     {"trial": 0, "x": [0.0031, 0.93, 32], "y": 0.4132, "seconds": 12.3}
     {"trial": 1, "x": [0.0802, 0.61, 64], "y": "nan", "seconds": 0.4}      <- a failed trial
+    {"trial": 2, "x": [...], "y": -0.71, "seconds": 9.1, "curve": [0.62, 0.71], "stopped": 2}   <- more fields
+
+Fields beyond trial/x/y/seconds are the caller's (lightcnn.tune's CLI logs each trial's validation curve and
+where the median rule stopped it); ``extras`` reads them back.
 
 Non-finite values are written as the strings "nan", "inf", "-inf" (JSON has no NaN).
 Floats are written with ``repr`` precision, so x and y read back bit-identical, and the
@@ -91,14 +95,26 @@ class TrialLog:
             trials.append((rec["x"], _decode_y(rec["y"], where), float(rec.get("seconds", 0.0))))
         return header["settings"], trials
 
+    def extras(self):
+        """Per logged trial, the dict of its fields beyond trial/x/y/seconds (same damage rules as read)."""
+        self.read()
+        out = []
+        with open(self.path, "rb") as f:
+            lines = f.read()[:self._valid_bytes].split(b"\n")[1:]
+        for raw in lines:
+            if raw.strip():
+                rec = json.loads(raw.decode("utf-8"))
+                out.append({k: v for k, v in rec.items() if k not in ("trial", "x", "y", "seconds")})
+        return out
+
     def create(self, settings):
         """Start a new log with its header; refuses to overwrite an existing file."""
         with open(self.path, "x", encoding="utf-8") as f:
             self._write(f, {"format": FORMAT, "settings": settings})
         self._valid_bytes = None
 
-    def append(self, index, x, y, seconds):
-        """Add one finished trial: one line, flushed and fsynced before returning."""
+    def append(self, index, x, y, seconds, extra=None):
+        """Add one finished trial: one line, flushed and fsynced before returning; `extra` adds fields."""
         if self._valid_bytes is not None and os.path.getsize(self.path) > self._valid_bytes:
             with open(self.path, "r+b") as f:  # drop the incomplete record a crash left behind
                 f.truncate(self._valid_bytes)
@@ -111,7 +127,8 @@ class TrialLog:
         with open(self.path, "a", encoding="utf-8") as f:
             if not complete:  # last record was whole but its newline was lost: finish the line
                 f.write("\n")
-            self._write(f, {"trial": index, "x": list(x), "y": _encode_y(y), "seconds": round(seconds, 6)})
+            record = {"trial": index, "x": list(x), "y": _encode_y(y), "seconds": round(seconds, 6)}
+            self._write(f, {**record, **{k: v for k, v in (extra or {}).items() if k not in record}})
 
     @staticmethod
     def _write(f, record):
