@@ -80,6 +80,7 @@ def test_a_config_that_is_a_list_or_null_class_names_are_refused(good):
     ({"num_classes": 3, "fire": "bn_elu!"}, "'fire' must be one of"),
     ({"num_classes": 3, "dropout": float("nan")}, "'dropout'"),
     ({"num_classes": 3, "in_channels": 1}, "channel_order 'RGB' gives 3 channels"),
+    ({"num_classes": 3, "in_channels": True}, "'in_channels' must be one of 1, 3"),  # True == 1 (found by Hypothesis)
     ({"num_classes": 4}, "3 names for a model with 4 outputs"),
 ])
 def test_bad_configs_are_refused_before_building(good, config, fragment):

@@ -44,7 +44,9 @@ def _is_real(v):
 
 
 def _choice(*choices):
-    return (lambda v: v in choices), f"one of {', '.join(repr(c) for c in choices)}"
+    # type and value: True == 1 in Python, but in_channels=True must not pass for 1
+    return (lambda v: any(type(v) is type(c) and v == c for c in choices)), \
+        f"one of {', '.join(repr(c) for c in choices)}"
 
 
 def _int_in(lo, hi):

@@ -598,8 +598,8 @@ def _run_one(cfg, out, parts, ds, resume, progress, on_epoch_end, extra_meta):
         result = fit(net, x_train, y["train"], x["val"], y.get("val"), tcfg, num_classes=len(class_names),
                      state=state, on_epoch_end=epoch_end, progress=progress, one_thread=unfreeze == 0)
     except TrainingError as exc:
-        good = getattr(exc, "state", None)
-        if good is None or good.best_weights is None:
+        good = getattr(exc, "state", None) or latest[0]  # the loop's own state, else the last epoch's
+        if good is None or not good.best_weights:
             raise
         restore(net, good.best_weights)  # the best model so far is still worth having
         save_best({"best_epoch": good.best_epoch + 1, "stopped": str(exc)})
