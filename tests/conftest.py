@@ -55,6 +55,32 @@ def torchvision_model(arch, fixtures_dir):
     return model, np.load(folder / f"{arch}_io.npz")
 
 
+def save_tiny_mobilenet(path):
+    """A random-weight MobileNetV2 (width 0.35, 10 classes, 32x32 input) saved as a lightcnn .h5: fast runs."""
+    from lightcnn.checkpoint import Checkpoint, save_checkpoint
+    from lightcnn.models import build
+    from lightcnn.preprocess import Preprocessing
+
+    model = build("mobilenet_v2", width_mult=0.35, num_classes=10, seed=0)
+    save_checkpoint(path, Checkpoint(
+        arch=model.arch, config=model.config, tensors=model.state_dict(), class_names=[f"c{i}" for i in range(10)],
+        preprocessing=Preprocessing(size=32, resize="shorter", resize_size=36).to_dict(),
+        provenance={"source_file": "random init"}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def v2_weights(session_weights):
+    """The registry's mobilenet_v2 .h5 built for this session (skips when its source is absent)."""
+    from lightcnn.errors import CheckpointError
+    from lightcnn.weights import find_weights
+
+    try:
+        return find_weights("mobilenet_v2")
+    except CheckpointError as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.fixture
 def rng():
     """A fresh seeded generator per test: results never depend on test order."""

@@ -13,12 +13,12 @@ import time
 
 import numpy as np
 import pytest
+
 from PIL import Image
 
-from lightcnn.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
-from lightcnn.models import mobilenet_v2
+from lightcnn.checkpoint import read_checkpoint
 from lightcnn.predict import main as predict_main
-from lightcnn.preprocess import Preprocessing
+from tests.conftest import save_tiny_mobilenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("decode_ms", "preprocess_ms", "inference_ms")
@@ -50,11 +50,7 @@ def workspace(tmp_path_factory):
         for i in range(12):
             pixels = np.clip(rng.normal(level, 40, (36, 36, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / "data" / cls / f"{i:02d}.png")
-    model = mobilenet_v2(width_mult=0.35, num_classes=10, seed=0)
-    save_checkpoint(root / "tiny.h5", Checkpoint(
-        arch=model.arch, config=model.config, tensors=model.state_dict(), class_names=[f"c{i}" for i in range(10)],
-        preprocessing=Preprocessing(size=32, resize="shorter", resize_size=36).to_dict(),
-        provenance={"source_file": "random init"}))
+    save_tiny_mobilenet(root / "tiny.h5")
     return root
 
 

@@ -6,15 +6,15 @@ import re
 
 import numpy as np
 import pytest
+
 from PIL import Image
 
 import lightcnn
-from lightcnn.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from lightcnn.checkpoint import read_checkpoint
 from lightcnn.evaluate import main as evaluate_main
 from lightcnn.finetune import main as finetune_main
 from lightcnn.metrics import METRIC_NAMES
-from lightcnn.models import mobilenet_v2
-from lightcnn.preprocess import Preprocessing
+from tests.conftest import save_tiny_mobilenet
 
 CLASSES = ("blobs", "stripes")
 
@@ -37,11 +37,7 @@ def workspace(tmp_path_factory):
                     img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 220
             img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(root / "data" / name / f"{i:02d}.png")
-    model = mobilenet_v2(width_mult=0.35, num_classes=10, seed=0)
-    save_checkpoint(root / "tiny.h5", Checkpoint(
-        arch=model.arch, config=model.config, tensors=model.state_dict(), class_names=[f"c{i}" for i in range(10)],
-        preprocessing=Preprocessing(size=32, resize="shorter", resize_size=36).to_dict(),
-        provenance={"source_file": "random init"}))
+    save_tiny_mobilenet(root / "tiny.h5")
     return root
 
 

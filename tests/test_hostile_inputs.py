@@ -475,16 +475,6 @@ def _smoke_image():
     return require_path(shared_path("LIGHTCNN_DATA", "data") / "smoke-test-images" / "cat.bmp", "smoke-test images")
 
 
-@pytest.fixture(scope="module")
-def v2_weights():
-    from lightcnn.weights import find_weights
-
-    try:
-        return find_weights("mobilenet_v2")
-    except CheckpointError as exc:
-        pytest.skip(str(exc))
-
-
 def test_predict_cli_bad_images_one_line_each_and_the_good_one_predicted(tmp_path, v2_weights):
     good = tmp_path / "good.bmp"
     shutil.copy(_smoke_image(), good)

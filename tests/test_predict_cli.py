@@ -51,17 +51,6 @@ def smoke_dir():
 
 
 @pytest.fixture(scope="module")
-def v2_weights():
-    from lightcnn.errors import CheckpointError
-    from lightcnn.weights import find_weights
-
-    try:
-        return find_weights("mobilenet_v2")
-    except CheckpointError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
 def v2(v2_weights):
     import lightcnn
 
