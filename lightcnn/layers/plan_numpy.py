@@ -259,41 +259,45 @@ def _inverted_residual(step, plan):
     alpha, use_res = p["alpha"], p["use_res"]
     scratch = _scratch(plan)
     wp = max(w + left, (wo - 1) * sw + kw)  # padded width
-    rows_out = max(1, min(ho, (_FUSED_BAND_BYTES // (n * wp * e * 4) - kh) // sh + 1))
+    # Per image and per band: every matmul has the same rows whatever the batch size, so an image's result
+    # does not depend on the batch it came in (BLAS sums in a different order for a different M).
+    rows_out = max(1, min(ho, (_FUSED_BAND_BYTES // (wp * e * 4) - kh) // sh + 1))
 
     def run(vals):
         w1, b1 = w_expand() if w_expand is not None else (None, None)
         wd, bd = w_dw()
         w3, b3 = w_project()
-        for r0 in range(0, ho, rows_out):
-            r1 = min(ho, r0 + rows_out)
-            lo, hi = r0 * sh - top, (r1 - 1) * sh - top + kh  # the padded input rows this band reads
-            a, b = max(lo, 0), min(hi, h)                      # ... and the real ones among them
-            band = scratch.take("band", (n, hi - lo, wp, e))
-            band[:, :a - lo] = 0
-            band[:, b - lo:] = 0
-            band[:, :, :left] = 0
-            band[:, :, left + w:] = 0
-            if w_expand is not None:
-                expanded = scratch.take("expanded", (n, b - a, w, e))
-                flat = expanded.reshape(-1, e)
-                np.matmul(xa[:, a:b].reshape(-1, c), w1, out=flat)
-                flat += b1
-                activate(flat, act1, alpha)
-                band[:, a - lo:b - lo, left:left + w] = expanded
-            else:
-                band[:, a - lo:b - lo, left:left + w] = xa[:, a:b]
-            rows = r1 - r0
-            out = scratch.take("dw_out", (n, rows, wo, e))
-            np.einsum("nhwijc,ijc->nhwc", depthwise_windows(band, (kh, kw), (sh, sw), (rows, wo)), wd, out=out)
-            out += bd
-            activate(out, act2, alpha)
-            projected = np.matmul(out.reshape(-1, e), w3).reshape(n, rows, wo, c_out)
-            projected += b3
-            activate(projected, act3, alpha)
-            if use_res:
-                projected += xa[:, r0:r1]
-            ya[:, r0:r1] = projected
+        for i in range(n):
+            xi, yi = xa[i:i + 1], ya[i:i + 1]
+            for r0 in range(0, ho, rows_out):
+                r1 = min(ho, r0 + rows_out)
+                lo, hi = r0 * sh - top, (r1 - 1) * sh - top + kh  # the padded input rows this band reads
+                a, b = max(lo, 0), min(hi, h)                      # ... and the real ones among them
+                band = scratch.take("band", (1, hi - lo, wp, e))
+                band[:, :a - lo] = 0
+                band[:, b - lo:] = 0
+                band[:, :, :left] = 0
+                band[:, :, left + w:] = 0
+                if w_expand is not None:
+                    expanded = scratch.take("expanded", (1, b - a, w, e))
+                    flat = expanded.reshape(-1, e)
+                    np.matmul(xi[:, a:b].reshape(-1, c), w1, out=flat)
+                    flat += b1
+                    activate(flat, act1, alpha)
+                    band[:, a - lo:b - lo, left:left + w] = expanded
+                else:
+                    band[:, a - lo:b - lo, left:left + w] = xi[:, a:b]
+                rows = r1 - r0
+                out = scratch.take("dw_out", (1, rows, wo, e))
+                np.einsum("nhwijc,ijc->nhwc", depthwise_windows(band, (kh, kw), (sh, sw), (rows, wo)), wd, out=out)
+                out += bd
+                activate(out, act2, alpha)
+                projected = np.matmul(out.reshape(-1, e), w3).reshape(1, rows, wo, c_out)
+                projected += b3
+                activate(projected, act3, alpha)
+                if use_res:
+                    projected += xi[:, r0:r1]
+                yi[:, r0:r1] = projected
     return run
 
 
