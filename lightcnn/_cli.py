@@ -137,6 +137,19 @@ def replay_defaults(parser, values):
             group.required = False
 
 
+#: keys a --config file may hold besides the parser's options: free-text provenance (recipes/*.json)
+CONFIG_NOTES = ("about",)
+
+
+def check_config_keys(parser, path, saved, extra=()):
+    """Exit with status 2 (argparse's usage error) naming every key of the --config file `saved` that is neither
+    an option of `parser` nor one of `extra` / CONFIG_NOTES, so a misspelt setting is never silently ignored."""
+    known = {a.dest for a in parser._actions} | set(extra) | set(CONFIG_NOTES)
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        parser.error(f"--config {path}: unknown setting(s) {', '.join(map(repr, unknown))}")
+
+
 def given_on_line(argv, parser, dests):
     """Which of `dests` were given as options in argv (by any of their option strings, also as --opt=value)."""
     strings = {s: a.dest for a in parser._actions for s in a.option_strings if a.dest in dests}

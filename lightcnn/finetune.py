@@ -278,11 +278,12 @@ def _runner(args, progress):
 
 
 def main(argv=None):
-    from lightcnn._cli import given_on_line, read_config_option, replay_defaults
+    from lightcnn._cli import check_config_keys, given_on_line, read_config_option, replay_defaults
 
     parser = build_parser()
-    _, saved = read_config_option(argv)
+    config_path, saved = read_config_option(argv)
     if saved is not None:
+        check_config_keys(parser, config_path, saved, extra=("train", "n_bootstrap", "report_test", "resolved"))
         replay_defaults(parser, args_from_config(saved))
     args = parser.parse_args(argv)
     set_verbosity(args)

@@ -343,14 +343,15 @@ SOURCES = ("model", "weights", "arch")
 
 
 def main(argv=None):
-    from lightcnn._cli import given_on_line, read_config_option, replay_defaults, set_verbosity
+    from lightcnn._cli import check_config_keys, given_on_line, read_config_option, replay_defaults, set_verbosity
     from lightcnn.finetune import build_parser as finetune_parser
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    _, saved = read_config_option(argv)
+    config_path, saved = read_config_option(argv)
     mine, passed = split_passthrough(argv, parser, finetune_parser())
     if saved is not None:
+        check_config_keys(parser, config_path, saved, extra=("finetune_args",))
         replay_defaults(parser, {k: v for k, v in saved.items() if k not in NOT_SAVED + ("finetune_args",)})
         passed = list(saved.get("finetune_args") or []) + passed  # later values win
     args = parser.parse_args(mine)
