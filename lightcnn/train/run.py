@@ -529,9 +529,10 @@ def training_inputs(cfg, start, parts, ds, progress):
     return net, x, stats, x_train
 
 
-def fit_trial(cfg, start, parts, ds, on_epoch_end=None, info=None):
+def fit_trial(cfg, start, parts, ds, on_epoch_end=None, info=None, progress=None):
     """One tuning trial: train as `finetune` would from a copy of `start` (nothing written), validation every
-    epoch; on_epoch_end(TrainState, row) may raise to stop the trial. Before training, `info` (a dict) gets
+    epoch; on_epoch_end(TrainState, row) may raise to stop the trial. `progress` reports the frozen part's
+    outputs as they are computed (the first trial at a split point can spend minutes there). Before training, `info` (a dict) gets
     "features": {"computed": n, "cached": m} (frozen-part outputs this trial computed / read from the cache)
     and "trained_parameters" (how many parameters train). Returns the FitResult."""
     import copy
@@ -539,7 +540,7 @@ def fit_trial(cfg, start, parts, ds, on_epoch_end=None, info=None):
     tcfg = TrainConfig.from_dict(cfg.train)
     tcfg.positive = ds.class_names.index(cfg.positive) if cfg.positive is not None else None
     start = copy.deepcopy(start)
-    net, x, stats, x_train = training_inputs(cfg, start, parts, ds, None)
+    net, x, stats, x_train = training_inputs(cfg, start, parts, ds, progress)
     if info is not None:
         info["features"] = {k: sum(s[k] for s in stats.values()) for k in ("computed", "cached")}
         info["trained_parameters"] = sum(int(v.size) for _, layer, _, v in net.named_parameters() if not layer.frozen)

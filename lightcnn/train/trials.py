@@ -57,7 +57,7 @@ class FinetuneTrials:
         cfg = self.config(settings)
         start = self.start(cfg)
         info["unfreeze"] = start.unfreeze
-        result = fit_trial(cfg, start, self.parts, self.ds, info=info,
+        result = fit_trial(cfg, start, self.parts, self.ds, info=info, progress=self.progress,
                            on_epoch_end=lambda state, row: on_epoch(row["val_accuracy"], last=state.stopped
                                                                     or state.epoch >= cfg.train["epochs"]))
         return result.best_value
