@@ -231,3 +231,18 @@ def test_full_mode_tunes_covid_squeezenet_from_scratch(tmp_path):
     saved = json.loads((out / "config.json").read_text())
     assert saved["mode"] == "full" and saved["arch"] == "covid_squeezenet"
     assert saved["finetune_args"] == ["--input-size", "64", "--batch-size", "8"]
+
+
+def test_threads_apply_to_trials_run_here(workspace, tmp_path, monkeypatch):  # noqa: F811
+    """--threads N without --dask sets this process's kernel threads (it used to be read only with --dask)."""
+    import lightcnn._jit
+
+    asked = []
+    monkeypatch.setattr(lightcnn._jit, "set_num_threads", asked.append)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert _tune(workspace, tmp_path / "r", "--space", "lr=1e-3:1e-1:log", "--trials", "1", "--initial", "1",
+                 "--epochs", "1", "--no-refit", "--threads", "1") == 0
+    assert asked == [1]
+    import os
+
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"

@@ -55,6 +55,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -332,7 +333,7 @@ def build_parser():
                         help="with --dask: trials in flight at once, each new one asked with the running ones as "
                              "constant-liar points (default: the number of workers)")
     parser.add_argument("--threads", type=positive_int, metavar="N",
-                        help="with --dask: Numba/BLAS threads per worker (default 1)")
+                        help="Numba/BLAS threads of the trials run here; with --dask: per worker (default 1)")
     add_common_options(parser)
     return parser
 
@@ -385,6 +386,12 @@ def main(argv=None):
             parse_spec(args.dask)
         except ValueError as exc:
             parser.error(str(exc))
+    elif args.threads:  # as lightcnn.finetune --threads: this process's kernels and BLAS
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)  # effective only when numpy is not imported yet
+        from lightcnn._jit import set_num_threads
+
+        set_num_threads(args.threads)
     from lightcnn.train.run import RunError
 
     try:
