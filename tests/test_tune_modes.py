@@ -246,3 +246,20 @@ def test_threads_apply_to_trials_run_here(workspace, tmp_path, monkeypatch):  # 
     import os
 
     assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+
+
+def test_refit_epochs_lengthen_only_the_final_run(workspace, tmp_path):  # noqa: F811
+    """Trials of --epochs 1, then a refit of --refit-epochs 3 (seed 001: short trials, one long final run); the
+    setting is kept in config.json, so --config replays it."""
+    out = tmp_path / "r"
+    assert _tune(workspace, out, "--space", "lr=1e-3:1e-1:log", "--trials", "2", "--initial", "2", "--epochs", "1",
+                 "--refit-epochs", "3") == 0
+    rows = (out / "best" / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3]
+    assert json.loads((out / "config.json").read_text())["refit_epochs"] == 3
+
+
+def test_refit_epochs_and_searched_epochs_conflict(workspace, tmp_path, capsys):  # noqa: F811
+    with pytest.raises(SystemExit) as exc:
+        _tune(workspace, tmp_path / "r", "--space", "lr=1e-3:1e-1:log, epochs=1:3", "--refit-epochs", "3")
+    assert exc.value.code == 2 and "--refit-epochs" in capsys.readouterr().err

@@ -22,6 +22,7 @@ Any other lightcnn.finetune option is passed through and fixed for every trial a
          --resume replays the same decisions.
 --budget MINUTES  no trial starts after MINUTES of searching (counted from the first trial); the search ends
          with the best trial so far and the refit, said in one line.
+--refit-epochs N  the refit trains N epochs instead of --epochs (short trials, one long final run).
 
 --space  comma-separated NAME=SPEC, e.g. "lr=1e-5:1e-1:log, momentum=0.5:0.99, batch=16|32|64|100, l2=1e-12:1e-3:log"
          low:high[:log] is a range (integers when both bounds are written as integers), a|b|c a choice. Names are
@@ -322,6 +323,9 @@ def build_parser():
                         help="stop last-k/full trials below the median of earlier trials' curves (default on)")
     parser.add_argument("--budget", type=positive_float, metavar="MINUTES",
                         help="start no trial after MINUTES of searching; end with the best so far")
+    parser.add_argument("--refit-epochs", type=positive_int, metavar="N",
+                        help="epochs of the final fine-tuning of the best configuration (default: --epochs); short "
+                             "trials, then a longer refit")
     parser.add_argument("--no-refit", action="store_true",
                         help="skip the final fine-tuning of the best configuration (best.json still written)")
     parser.add_argument("--config", metavar="RUN/config.json",
@@ -374,6 +378,8 @@ def main(argv=None):
         parser.error("unfreeze in --space needs --mode last-k")
     if "unfreeze" in options and any(t.split("=", 1)[0] == "--freeze-first" for t in passed):
         parser.error("unfreeze in --space and --freeze-first both set the split point; give one")
+    if args.refit_epochs and "epochs" in options:
+        parser.error("--refit-epochs and epochs in --space both set the refit's epochs; give one")
     if args.parallel and args.dask is None:
         parser.error("--parallel P needs --dask (the workers that run the trials)")
     if args.dask is not None and args.mode != "head":
@@ -574,6 +580,8 @@ def _run(args, cfg, options, dims, client=None):
             final_cfg["unfreeze"], final_cfg["freeze_first"] = best_params["unfreeze"], None
         final_cfg["train"] = dict(cfg.train, **{k: v for k, v in best_params.items() if k != "unfreeze"},
                                   positive=positive, monitor="accuracy")
+        if args.refit_epochs:
+            final_cfg["train"]["epochs"] = args.refit_epochs
         final = finetune(final_cfg, progress=_say)
         final_dir = out / "best"
         if final_dir.exists():
