@@ -73,6 +73,16 @@ def test_conv_bn_act_gradients(rng, act, bn_frozen):
     check_layer_gradients(unit, x, rng)
 
 
+@pytest.mark.parametrize("act", ["relu6", "elu", "hard_swish"])
+def test_conv_act_without_bn_gradients(rng, act):
+    # relu6/elu: the activation runs in the conv's epilogue and backward takes it from the output;
+    # hard_swish keeps the pre-activation path. Both against central differences.
+    unit = to_float64(conv_bn_act(3, 4, 3, 2, (0, 1, 1, 0), act=act, bn=False, rng=rng), rng)
+    x = rng.standard_normal((2, 7, 6, 3))
+    check_layer_gradients(unit, x, rng)
+    assert unit.cache is None
+
+
 def test_depthwise_unit_gradients(rng):
     unit = to_float64(conv_bn_act(5, 5, 5, 1, "same", act="relu", depthwise=True, rng=rng), rng)
     check_layer_gradients(unit, rng.standard_normal((2, 6, 5, 5)), rng)

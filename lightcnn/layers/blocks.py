@@ -57,16 +57,30 @@ class ConvBNAct(Layer):
                 w, b = w.astype(x.dtype), (None if b is None else b.astype(x.dtype))
             return self.conv.forward(x, False, weight=w, bias=b, act=self.act, alpha=self.alpha)
         self._folded = None  # training may move BN statistics and weights
+        if self.act == act_k.ACT_NONE:
+            self.cache = None
+            z = self.conv.forward(x, True)
+            return z if self.bn is None else self.bn.forward(z, True)
+        from_output = act_k.grad_from_output(self.act, self.alpha)
+        if self.bn is None and from_output:  # the activation in the conv's epilogue: one pass fewer
+            y = self.conv.forward(x, True, act=self.act, alpha=self.alpha)
+            self.cache = ("output", y)
+            return y
         z = self.conv.forward(x, True)
         if self.bn is not None:
             z = self.bn.forward(z, True)
-        self.cache = z if self.act != act_k.ACT_NONE else None
-        return z if self.act == act_k.ACT_NONE else act_k.activation_forward(z, self.act, self.alpha)
+        y = act_k.activation_forward(z, self.act, self.alpha)
+        self.cache = ("output", y) if from_output else ("input", z)
+        return y
 
     def backward(self, dy):
-        z, self.cache = self.cache, None
+        cache, self.cache = self.cache, None
         if self.act != act_k.ACT_NONE:
-            dy = act_k.activation_backward(dy, z, self.act, self.alpha)
+            kind, t = cache
+            if kind == "output":  # y is the next layer's input: kept anyway, and no exponential here
+                dy = act_k.activation_backward_from_output(dy, t, self.act, self.alpha)
+            else:
+                dy = act_k.activation_backward(dy, t, self.act, self.alpha)
         if self.bn is not None:
             dy = self.bn.backward(dy)
         return self.conv.backward(dy)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from lightcnn.kernels import activation as act_k
 from lightcnn.kernels import combine as combine_k
 from lightcnn.layers.base import Layer, Sequential
 from lightcnn.layers.basic import ConvTranspose2d, Dense, Dropout, GlobalAvgPool, MaxPool2d
@@ -189,7 +190,11 @@ class _TransposeAct(Layer):
         return [("tconv", self.tconv)]
 
     def forward(self, x, training=False):
-        return self.act.forward(self.tconv.forward(x, training), training)
+        """The ELU in the transpose conv's epilogue; backward takes its derivative from the output."""
+        y = self.tconv.forward(x, training, act=self.act.code, alpha=self.act.alpha)
+        if training:
+            self.cache = y
+        return y
 
     def lower_inference(self, plan, x, name):
         """One transpose_conv step of an inference plan, the ELU in its epilogue."""
@@ -207,7 +212,8 @@ class _TransposeAct(Layer):
         return y
 
     def backward(self, dy):
-        return self.tconv.backward(self.act.backward(dy))
+        y, self.cache = self.cache, None
+        return self.tconv.backward(act_k.activation_backward_from_output(dy, y, self.act.code, self.act.alpha))
 
     def macs(self, in_shape, out_shape):
         return self.tconv.macs(in_shape, out_shape)
