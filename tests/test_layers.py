@@ -238,3 +238,27 @@ def test_skip_initialisation_gives_zero_weights_only_inside_the_block():
     assert conv.params["weight"].dtype == np.float32 and dense.params["weight"].shape == (5, 2)
     after = Conv2d(3, 4, 3)
     assert after.params["weight"].std() > 0.1  # random (He) initialisation again outside
+
+
+def test_input_gradient_skipped_keeps_parameter_gradients(rng):
+    # the first conv of a network computes no dx inside the block; every parameter gradient is the
+    # one a full backward gives, and the flag is restored afterwards
+    from lightcnn.layers.base import Sequential, input_gradient_skipped, input_layer
+
+    net = Sequential([("conv1", conv_bn_act(1, 4, 3, 2, "valid", act="elu", bn=False, rng=rng)),
+                      ("fire", Fire(4, 2, 3, 3, act="elu", bn=True, rng=rng))])
+    x = rng.standard_normal((2, 9, 8, 1)).astype(np.float32)
+    g = rng.standard_normal((2, 4, 3, 6)).astype(np.float32)
+    net.forward(x, True)
+    dx = net.backward(g)
+    full = {name: sub.grads[key].copy() for name, sub, key, _ in net.named_parameters()}
+    net.zero_grads()
+    with input_gradient_skipped(net) as first:
+        assert first is net["conv1"].conv and first.skip_input_grad
+        net.forward(x, True)
+        assert net.backward(g) is None
+    assert dx is not None and not first.skip_input_grad
+    for name, sub, key, _ in net.named_parameters():
+        np.testing.assert_array_equal(sub.grads[key], full[name], err_msg=name)
+    # a block with a skip connection passes its input on twice: its input gradient is never skipped
+    assert input_layer(Sequential([("fire", Fire(6, 2, 3, 3, bypass=True, rng=rng))])) is None

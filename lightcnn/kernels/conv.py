@@ -8,7 +8,7 @@ where xp is x zero-padded by (top, bottom, left, right) = pad.  Output size per 
     H' = (H + top + bottom - KH) // sh + 1          W' = (W + left + right - KW) // sw + 1
 
 Cost: 2*KH*KW*C FLOPs per output element (2*C for pointwise), all of it in one BLAS
-GEMM per chunk of images.
+GEMM per chunk of images (split over threads by _gemm.py, each thread's BLAS on one thread).
 
 How: a Numba kernel (`im2col`) copies every receptive field into one row of a
 preallocated matrix cols (N*H'*W', KH*KW*C), whose column order (p, q, c) is exactly
@@ -38,6 +38,7 @@ import numpy as np
 
 from lightcnn._jit import kernel, prange
 from lightcnn.kernels._args import _act_code, _bias_or_zeros, _images_per_chunk, _like, _nhwc, _pad4, _pair
+from lightcnn.kernels._gemm import matmul, matmul_tn
 from lightcnn.kernels.activation import ACT_CHUNK, ACT_NONE, act_inplace
 from lightcnn.kernels.shapes import conv_output_size
 
@@ -186,17 +187,18 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, st
         n1 = min(n0 + step, n_img)
         c = cols[: (n1 - n0) * ho * wo]
         im2col(x[n0:n1], kh, kw, sh, sw, pt, pl, ho, wo, c)
-        np.dot(c, w2d, out=y2d[n0 * ho * wo : n1 * ho * wo])
+        matmul(c, w2d, y2d[n0 * ho * wo : n1 * ho * wo])
     if b is not None or code != ACT_NONE:
         bias_act_epilogue(_bias_or_zeros(b, x, n_out, fn), code, x.dtype.type(alpha), y2d)
     return y
 
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[int, ...] = (1, 1),
-                    pad: tuple[int, ...] = (0, 0, 0, 0)) -> tuple:
+                    pad: tuple[int, ...] = (0, 0, 0, 0), need_dx: bool = True) -> tuple:
     """Gradients of conv2d_forward (without activation) given dy = dL/d(conv output + b).
 
-    dy (N,H',W',O), x (N,H,W,C), w (KH,KW,C,O) -> dx (N,H,W,C), dw (KH,KW,C,O), db (O,).
+    dy (N,H',W',O), x (N,H,W,C), w (KH,KW,C,O) -> dx (N,H,W,C), dw (KH,KW,C,O), db (O,);
+    dx is None with need_dx=False (a network's first layer: no GEMM, no col2im).
     """
     fn = "conv2d_backward"
     x, w, (sh, sw), (pt, pb, pl, pr), (ho, wo) = _conv_geometry(x, w, stride, pad, fn)
@@ -206,25 +208,26 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[
     dy2d = dy.reshape(-1, n_out)
     db = dy2d.sum(axis=0)
     if _is_plain_1x1(w, (sh, sw), (pt, pb, pl, pr)):
-        dx, dw, _ = pointwise_conv_backward(dy, x, w[0, 0])
+        dx, dw, _ = pointwise_conv_backward(dy, x, w[0, 0], need_dx)
         return dx, dw.reshape(w.shape), db
     k = kh * kw * c_in
     w2d = w.reshape(k, n_out)
-    dx = np.empty_like(x)
+    dx = np.empty_like(x) if need_dx else None
     dw2d = np.zeros((k, n_out), dtype=x.dtype)
     zero_bias = np.zeros(c_in, dtype=x.dtype)
     step = _images_per_chunk(n_img, ho * wo * k * x.itemsize)
     cols = np.empty((step * ho * wo, k), dtype=x.dtype)
-    dcols = np.empty_like(cols)
+    dcols = np.empty_like(cols) if need_dx else None
     for n0 in range(0, n_img, step):
         n1 = min(n0 + step, n_img)
         rows = slice(n0 * ho * wo, n1 * ho * wo)
         c = cols[: (n1 - n0) * ho * wo]
-        dc = dcols[: (n1 - n0) * ho * wo]
+        dc = dcols[: (n1 - n0) * ho * wo] if need_dx else None
         im2col(x[n0:n1], kh, kw, sh, sw, pt, pl, ho, wo, c)
-        dw2d += c.T @ dy2d[rows]
-        np.dot(dy2d[rows], w2d.T, out=dc)
-        col2im(dc, kh, kw, sh, sw, pt, pl, ho, wo, zero_bias, ACT_NONE, x.dtype.type(0), dx[n0:n1])
+        dw2d += matmul_tn(c, dy2d[rows])
+        if need_dx:
+            matmul(dy2d[rows], w2d.T, dc)
+            col2im(dc, kh, kw, sh, sw, pt, pl, ho, wo, zero_bias, ACT_NONE, x.dtype.type(0), dx[n0:n1])
     return dx, dw2d.reshape(w.shape), db
 
 
@@ -251,14 +254,15 @@ def pointwise_conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = 
     n_out = w.shape[1]
     y = np.empty((n_img, h, wd, n_out), dtype=x.dtype)
     y2d = y.reshape(-1, n_out)
-    np.dot(x.reshape(-1, c_in), w, out=y2d)
+    matmul(x.reshape(-1, c_in), w, y2d)
     if b is not None or code != ACT_NONE:
         bias_act_epilogue(_bias_or_zeros(b, x, n_out, fn), code, x.dtype.type(alpha), y2d)
     return y
 
 
-def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray) -> tuple:
-    """dy (N,H,W,O), x (N,H,W,C), w (C,O) -> dx (N,H,W,C), dw (C,O), db (O,); dy is pre-activation."""
+def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_dx: bool = True) -> tuple:
+    """dy (N,H,W,O), x (N,H,W,C), w (C,O) -> dx (N,H,W,C) (None with need_dx=False), dw (C,O), db (O,);
+    dy is pre-activation."""
     fn = "pointwise_conv_backward"
     x, w = _pointwise_args(x, w, fn)
     n_img, h, wd, c_in = x.shape
@@ -266,6 +270,9 @@ def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray) -> tup
     dy = _like(dy, x, (n_img, h, wd, n_out), "dy", fn, "(N,H,W,O)")
     dy2d = dy.reshape(-1, n_out)
     x2d = x.reshape(-1, c_in)
-    dx = (dy2d @ w.T).reshape(x.shape)
-    dw = x2d.T @ dy2d
+    dx = None
+    if need_dx:
+        dx = np.empty_like(x)
+        matmul(dy2d, w.T, dx.reshape(-1, c_in))
+    dw = matmul_tn(x2d, dy2d)
     return dx, dw, dy2d.sum(axis=0)

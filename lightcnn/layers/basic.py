@@ -141,11 +141,12 @@ class Conv2d(Layer):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         x, pads, w = self.cache
         self.cache = None
+        need_dx = not self.skip_input_grad
         if self._is_pointwise(pads):
-            dx, dw, db = conv_k.pointwise_conv_backward(dy, x, w.reshape(self.in_ch, self.out_ch))
+            dx, dw, db = conv_k.pointwise_conv_backward(dy, x, w.reshape(self.in_ch, self.out_ch), need_dx)
             dw = dw.reshape(w.shape)
         else:
-            dx, dw, db = conv_k.conv2d_backward(dy, x, w, self.stride, pads)
+            dx, dw, db = conv_k.conv2d_backward(dy, x, w, self.stride, pads, need_dx)
         if not self.frozen:
             self.grads["weight"] = dw
             if "bias" in self.params:

@@ -26,6 +26,7 @@ class ConvBNAct(Layer):
     """
 
     is_unit = True
+    first_child_takes_input = True
 
     def __init__(self, conv, bn=None, act="none", alpha=1.0):
         super().__init__()

@@ -119,6 +119,8 @@ class CovidSqueezeFeatures(Layer):
     fire2's size; the gradient follows the same crop/pad.
     """
 
+    first_child_takes_input = True  # x reaches `early` only; the skip joins after it
+
     def __init__(self, in_channels, rng):
         super().__init__()
         trunk = _trunk("1_1", in_channels, "bn_elu", None, rng)
