@@ -71,12 +71,12 @@ def _torch_net(net, in_shape, train_bn):
 
 def lightcnn_step(net, x, y, lr=1e-3, momentum=0.9):
     from lightcnn.kernels.linear import cross_entropy
-    from lightcnn.layers.base import input_gradient_skipped
+    from lightcnn.layers.base import skip_input_gradient
     from lightcnn.optim import SGD
 
     opt = SGD(net, lr=lr, momentum=momentum)
     # as lightcnn.train.loop.fit: no gradient w.r.t. the input (PyTorch's input has requires_grad=False)
-    input_gradient_skipped(net).__enter__()
+    skip_input_gradient(net)
 
     def step():
         logits = net.forward(x, training=True)

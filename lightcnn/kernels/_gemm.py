@@ -7,7 +7,7 @@
 Why not NumPy's own threads: OpenBLAS on 2 threads inside a training step collapses when the
 machine is busy. One covid_squeezenet step at batch 32 (load 3.8, another process on a core) took
 7.4 s with NumPy's BLAS on 2 threads and 3.3 s with it on 1 (a pointwise backward: 214 ms against
-35 ms). Here every BLAS call runs on one thread (lightcnn._threads.numpy_blas_threads) and the
+35 ms). Here every BLAS call runs on one thread (lightcnn._threads.pin_numpy_blas_threads) and the
 parallelism is ours: a band of rows per thread, one join per GEMM, so two free cores are both used
 and a busy one costs at most its band. The thread count is the kernels' (lightcnn._jit.get_num_threads).
 
@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from lightcnn._jit import get_num_threads
-from lightcnn._threads import numpy_blas_threads
+from lightcnn._threads import pin_numpy_blas_threads
 
 _SPLIT_FLOPS = 2e7  # below this a GEMM takes < ~0.5 ms: not worth a hand-off to another thread
 _TN_CHUNK_ROWS = 4096  # matmul_tn: at least this many rows per chunk ...
@@ -39,7 +39,7 @@ def _pin_one_blas_thread():
     Setting it per call and restoring it costs ~2 ms a call on a busy machine (OpenBLAS parks
     and wakes its workers), more than a small GEMM; so the calling thread never runs a band.
     """
-    numpy_blas_threads(1).__enter__()
+    pin_numpy_blas_threads(1)
 
 
 def _executor(workers):

@@ -145,23 +145,29 @@ def input_layer(net):
     return layer
 
 
-@contextlib.contextmanager
-def input_gradient_skipped(net):
-    """Inside the block, `net`'s input layer computes no input gradient and net.backward returns None.
+def skip_input_gradient(net, skip=True):
+    """Whether `net`'s input layer computes the gradient w.r.t. the input; returns the previous setting.
 
-    For training: nothing upstream of the trained network needs dL/d(input) (the images, or cached
-    boundary activations), and for a first convolution on a 227x227 image that gradient is a GEMM and a
-    col2im over the whole input. Conv2d honours the flag; any other input layer ignores it.
+    With skip=True net.backward returns None. For training: nothing upstream of the trained network
+    needs dL/d(input) (the images, or cached boundary activations), and for a first convolution on a
+    227x227 image that gradient is a GEMM and a col2im over the whole input. Conv2d honours the flag;
+    any other input layer ignores it.
     """
     layer = input_layer(net)
-    previous = None if layer is None else layer.skip_input_grad
-    if layer is not None:
-        layer.skip_input_grad = True
+    if layer is None:
+        return False
+    previous, layer.skip_input_grad = layer.skip_input_grad, bool(skip)
+    return previous
+
+
+@contextlib.contextmanager
+def input_gradient_skipped(net):
+    """`skip_input_gradient(net)` inside the block, the previous setting restored after it; yields the layer."""
+    previous = skip_input_gradient(net, True)
     try:
-        yield layer
+        yield input_layer(net)
     finally:
-        if layer is not None:
-            layer.skip_input_grad = previous
+        skip_input_gradient(net, previous)
 
 
 class Sequential(Layer):
