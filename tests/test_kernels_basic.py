@@ -175,6 +175,19 @@ def test_backward_from_output_torch_parity(rng, act):
         assert_close(A.activation_backward_from_output(g, y, act, 0.7), theirs.numpy(), TORCH_BWD, "is_result")
 
 
+@pytest.mark.parametrize("act", OUTPUT_GRAD)
+def test_backward_from_output_channels_of_a_concatenation(rng, act):
+    # one slot (channels 3..8 of 11) of a concatenation's value and gradient, against the pre-activation oracle
+    x = spread(rng, (2, 5, 3, 11))
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    y = A.activation_forward(x, act, 0.7)
+    dx = A.activation_backward_from_output_channels(g, y, 3, 5, act, 0.7)
+    assert dx.shape == (2, 5, 3, 5) and dx.flags.c_contiguous
+    assert_close(dx, ref.activation_backward_ref(g[..., 3:8], x[..., 3:8], act, 0.7), 1e-6, act)
+    with pytest.raises(ValueError, match="channels"):
+        A.activation_backward_from_output_channels(g, y, 8, 5, act, 0.7)
+
+
 def test_backward_from_output_refuses_what_the_output_does_not_determine():
     y = np.zeros(3, np.float32)
     for act, alpha in [("sigmoid", 1.0), ("hard_sigmoid", 1.0), ("hard_swish", 1.0), ("elu", -0.5)]:

@@ -444,3 +444,20 @@ def test_conv2d_backward_without_dx_gives_the_same_weight_gradients(rng, case):
     assert nonep is None
     np.testing.assert_array_equal(dwp, dwp_full)
     np.testing.assert_array_equal(dbp, dbp_full)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "elu"])
+@pytest.mark.parametrize("case", [CONV_CASES[1], (2, 5, 4, 3, 1, 1, 4, (1, 1), (0, 0, 0, 0))], ids=["3x3", "1x1"])
+def test_conv2d_forward_into_a_channel_slot(rng, case, act):
+    # out=/col0=: the result lands in channels col0.. of a wider array (Fire's concatenation), the other
+    # channels untouched, against the loop twin
+    x, w, b, stride, pad = _conv_inputs(rng, case)
+    ref = act_naive(conv2d_naive(*_f64(x, w, b), stride, pad), act, 0.7)
+    out = np.full(ref.shape[:3] + (ref.shape[3] + 5,), 7.0, np.float32)
+    view = conv2d_forward(x, w, b, stride, pad, ACTIVATIONS[act], 0.7, out=out, col0=2)
+    assert view.base is out or view.base is out.base
+    np.testing.assert_allclose(out[..., 2:2 + ref.shape[3]], ref, rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(out[..., :2], 7.0)
+    np.testing.assert_array_equal(out[..., 2 + ref.shape[3]:], 7.0)
+    with pytest.raises(ValueError, match="room for"):
+        conv2d_forward(x, w, b, stride, pad, out=out, col0=out.shape[3] - ref.shape[3] + 1)

@@ -369,6 +369,14 @@ def _act_backward_output_chunks(dy, y, act, alpha, out):
         act_backward_from_output_flat(dy[lo:hi], y[lo:hi], act, alpha, out[lo:hi])
 
 
+@kernel(parallel=True)
+def _act_backward_output_cols(dy, y, col0, act, alpha, out):
+    """out[r, j] = dy[r, col0 + j] * act'(.) from y[r, col0 + j]; dy, y (M, C_total), out (M, c)."""
+    c = out.shape[1]
+    for r in prange(out.shape[0]):
+        act_backward_from_output_flat(dy[r, col0:col0 + c], y[r, col0:col0 + c], act, alpha, out[r])
+
+
 # Activations whose derivative activation_backward_from_output computes from the output.
 OUTPUT_GRAD_ACTS = frozenset({ACT_NONE, ACT_RELU, ACT_RELU6, ACT_ELU})
 
@@ -457,4 +465,26 @@ def activation_backward_from_output(dy: np.ndarray, y: np.ndarray, act: int, alp
         _act_backward_output_chunks(dyf, yf, code, a, of)
     else:
         act_backward_from_output_flat(dyf, yf, code, a, of)
+    return out
+
+
+def activation_backward_from_output_channels(dy: np.ndarray, y: np.ndarray, col0: int, width: int, act: int,
+                                             alpha: float = 1.0) -> np.ndarray:
+    """activation_backward_from_output on channels col0..col0+width of a channel concatenation.
+
+    dy, y (N,H,W,C_total) C-contiguous (the concatenation's gradient and value) -> dx (N,H,W,width):
+    the slot's gradient without first copying the slot out of dy.
+    """
+    code = activation_code(act)
+    if not grad_from_output(code, alpha):
+        raise ValueError(f"activation {act!r} (alpha {alpha}) has no derivative in terms of its output")
+    y = _check_float(y, "y")
+    dy = _check_float(dy, "dy").astype(y.dtype, copy=False)
+    if dy.shape != y.shape or y.ndim != 4 or not 0 <= col0 <= y.shape[3] - width or width < 0:
+        raise ValueError(f"dy and y must be one (N,H,W,C_total) shape with channels {col0}..{col0 + width} in it, "
+                         f"got {dy.shape} and {y.shape}")
+    out = np.empty(y.shape[:3] + (int(width),), y.dtype)
+    total = y.shape[3]
+    _act_backward_output_cols(dy.reshape(-1, total), y.reshape(-1, total), int(col0), code, y.dtype.type(alpha),
+                              out.reshape(-1, int(width)))
     return out

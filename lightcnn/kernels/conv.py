@@ -132,6 +132,36 @@ def bias_act_epilogue(bias, act, alpha, out):
             act_inplace(flat[r0 * n_out:r1 * n_out], act, alpha)
 
 
+@kernel(parallel=True)
+def bias_act_into(z, bias, act, alpha, out, col0):
+    """out[r, col0 + o] = act(z[r, o] + bias[o]): a GEMM result z (M, O) written into channels
+    col0..col0+O of out (M, C_total), both C-contiguous (a concatenation's slot); `act` tested per row."""
+    m, n_out = z.shape
+    for r in prange(m):
+        row = out[r, col0:col0 + n_out]
+        for o in range(n_out):
+            row[o] = z[r, o] + bias[o]
+        if act != ACT_NONE:
+            act_inplace(row, act, alpha)
+
+
+def _epilogue(y, b, code, alpha, out, col0, fn):
+    """Bias + activation on a GEMM result y (N,H',W',O): in place, or into channels col0.. of `out`
+    (N,H',W',C_total) when given; returns y or that slot of out (a view)."""
+    n_out = y.shape[3]
+    if out is None:
+        if b is not None or code != ACT_NONE:
+            bias_act_epilogue(_bias_or_zeros(b, y, n_out, fn), code, y.dtype.type(alpha), y.reshape(-1, n_out))
+        return y
+    if (not isinstance(out, np.ndarray) or out.ndim != 4 or out.shape[:3] != y.shape[:3] or out.dtype != y.dtype
+            or not out.flags.c_contiguous or not 0 <= col0 <= out.shape[3] - n_out):
+        raise ValueError(f"{fn}: out must be a C-contiguous {y.dtype} (N,H',W',C_total) with (N,H',W') = {y.shape[:3]} "
+                         f"and room for {n_out} channels from col0 = {col0}, got {getattr(out, 'shape', None)}")
+    bias_act_into(y.reshape(-1, n_out), _bias_or_zeros(b, y, n_out, fn), code, y.dtype.type(alpha),
+                  out.reshape(-1, out.shape[3]), int(col0))
+    return out[..., col0:col0 + n_out]
+
+
 # ----------------------------------------------------------------------------- geometry
 
 
@@ -164,17 +194,19 @@ def _is_plain_1x1(w, stride, pad):
 
 
 def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride: tuple[int, ...] = (1, 1),
-                   pad: tuple[int, ...] = (0, 0, 0, 0), act: int = ACT_NONE, alpha: float = 1.0) -> np.ndarray:
+                   pad: tuple[int, ...] = (0, 0, 0, 0), act: int = ACT_NONE, alpha: float = 1.0,
+                   out: np.ndarray | None = None, col0: int = 0) -> np.ndarray:
     """y = act(conv(x, w) + b).  x (N,H,W,C), w (KH,KW,C,O), b (O,) or None -> y (N,H',W',O).
 
     stride (sh, sw) or int; pad (top, bottom, left, right) or int; act an ACT_* code or name;
-    alpha is ELU's.  y has x's dtype.
+    alpha is ELU's.  y has x's dtype.  With `out` (N,H',W',C_total) the result goes into its
+    channels col0..col0+O (a channel concatenation without a copy) and that view is returned.
     """
     fn = "conv2d_forward"
     x, w, (sh, sw), (pt, pb, pl, pr), (ho, wo) = _conv_geometry(x, w, stride, pad, fn)
     code = _act_code(act, fn)
     if _is_plain_1x1(w, (sh, sw), (pt, pb, pl, pr)):
-        return pointwise_conv_forward(x, w[0, 0], b, act=code, alpha=alpha)
+        return pointwise_conv_forward(x, w[0, 0], b, act=code, alpha=alpha, out=out, col0=col0)
     n_img, _, _, c_in = x.shape
     kh, kw, _, n_out = w.shape
     k = kh * kw * c_in
@@ -188,9 +220,7 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, st
         c = cols[: (n1 - n0) * ho * wo]
         im2col(x[n0:n1], kh, kw, sh, sw, pt, pl, ho, wo, c)
         matmul(c, w2d, y2d[n0 * ho * wo : n1 * ho * wo])
-    if b is not None or code != ACT_NONE:
-        bias_act_epilogue(_bias_or_zeros(b, x, n_out, fn), code, x.dtype.type(alpha), y2d)
-    return y
+    return _epilogue(y, b, code, alpha, out, col0, fn)
 
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[int, ...] = (1, 1),
@@ -245,8 +275,9 @@ def _pointwise_args(x, w, fn):
 
 
 def pointwise_conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, act: int = ACT_NONE,
-                           alpha: float = 1.0) -> np.ndarray:
-    """y = act(x @ w + b) over the channel axis.  x (N,H,W,C), w (C,O), b (O,) or None -> y (N,H,W,O)."""
+                           alpha: float = 1.0, out: np.ndarray | None = None, col0: int = 0) -> np.ndarray:
+    """y = act(x @ w + b) over the channel axis.  x (N,H,W,C), w (C,O), b (O,) or None -> y (N,H,W,O);
+    `out`, col0 as conv2d_forward's."""
     fn = "pointwise_conv_forward"
     x, w = _pointwise_args(x, w, fn)
     code = _act_code(act, fn)
@@ -255,9 +286,7 @@ def pointwise_conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = 
     y = np.empty((n_img, h, wd, n_out), dtype=x.dtype)
     y2d = y.reshape(-1, n_out)
     matmul(x.reshape(-1, c_in), w, y2d)
-    if b is not None or code != ACT_NONE:
-        bias_act_epilogue(_bias_or_zeros(b, x, n_out, fn), code, x.dtype.type(alpha), y2d)
-    return y
+    return _epilogue(y, b, code, alpha, out, col0, fn)
 
 
 def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_dx: bool = True) -> tuple:

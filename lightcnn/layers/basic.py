@@ -121,18 +121,20 @@ class Conv2d(Layer):
         return self.kernel == (1, 1) and self.stride == (1, 1) and pads == (0, 0, 0, 0)
 
     def forward(self, x: np.ndarray, training: bool = False, weight: np.ndarray | None = None,
-                bias: np.ndarray | None = None, act: int = act_k.ACT_NONE, alpha: float = 1.0) -> np.ndarray:
+                bias: np.ndarray | None = None, act: int = act_k.ACT_NONE, alpha: float = 1.0,
+                out: np.ndarray | None = None, col0: int = 0) -> np.ndarray:
         """`weight`/`bias` override the stored ones (ConvBNAct's inference path, folded batch norm);
         `act` is fused into the output. In training, backward() still wants dy w.r.t. the
-        pre-activation: the caller computes it from the output (see _check_training_act)."""
+        pre-activation: the caller computes it from the output (see _check_training_act).
+        `out`/`col0`: write into channels col0.. of out (see conv2d_forward) and return that view."""
         check_nhwc(x, self.name, self.in_ch)
         w = self.params["weight"] if weight is None else weight
         b = self.params.get("bias") if bias is None else bias
         pads = self.pads(x.shape[1], x.shape[2])
         if self._is_pointwise(pads):
-            y = conv_k.pointwise_conv_forward(x, w.reshape(self.in_ch, self.out_ch), b, act, alpha)
+            y = conv_k.pointwise_conv_forward(x, w.reshape(self.in_ch, self.out_ch), b, act, alpha, out, col0)
         else:
-            y = conv_k.conv2d_forward(x, w, b, self.stride, pads, act, alpha)
+            y = conv_k.conv2d_forward(x, w, b, self.stride, pads, act, alpha, out, col0)
         if training:
             _check_training_act(self.name, act, alpha)
             self.cache = (x, pads, w)
