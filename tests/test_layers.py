@@ -110,13 +110,14 @@ def test_fire_gradients(rng, bn, bypass):
     check_layer_gradients(fire, rng.standard_normal((2, 5, 4, 8)), rng)
 
 
-def test_covid_squeezenet_features_gradients(rng):
-    """The whole seed-001 trunk (transpose-conv skip, concat, fuse) on a 35x35 input, sampled entries."""
+@pytest.mark.parametrize("size", [35, 43])  # upsampled map fits the skip exactly (35); needs zero-padding (43)
+def test_covid_squeezenet_features_gradients(rng, size):
+    """The whole seed-001 trunk (transpose-conv skip, concat, fuse), sampled entries."""
     features = to_float64(CovidSqueezeFeatures(1, rng), rng)
     for _, sub in features.named_layers():
         if isinstance(sub, BatchNorm):
             sub.frozen = True
-    x = rng.standard_normal((1, 35, 35, 1))
+    x = rng.standard_normal((1, size, size, 1))
     check_layer_gradients(features, x, rng, sampled=True)
 
 
