@@ -70,6 +70,7 @@ def _torch_net(net, in_shape, train_bn):
 
 
 def lightcnn_step(net, x, y, lr=1e-3, momentum=0.9):
+    from lightcnn.kernels._gemm import gemm_caller_thread
     from lightcnn.kernels.linear import cross_entropy
     from lightcnn.layers.base import skip_input_gradient
     from lightcnn.optim import SGD
@@ -79,10 +80,11 @@ def lightcnn_step(net, x, y, lr=1e-3, momentum=0.9):
     skip_input_gradient(net)
 
     def step():
-        logits = net.forward(x, training=True)
-        loss, dlogits = cross_entropy(logits, y)
-        net.backward(dlogits)
-        opt.step()
+        with gemm_caller_thread():  # as fit() runs its epochs
+            logits = net.forward(x, training=True)
+            loss, dlogits = cross_entropy(logits, y)
+            net.backward(dlogits)
+            opt.step()
         return loss
     return step
 

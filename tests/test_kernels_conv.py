@@ -418,8 +418,12 @@ def test_split_gemms_match_float64_products_and_not_the_thread_count(rng):
             out = np.empty((20011, 48), np.float32)
             results[threads] = (_gemm.matmul(a, b, out).copy(), _gemm.matmul_tn(a, d), _gemm.matmul(d, b.T, np.empty(
                 (20011, 64), np.float32)))
+        with _gemm.gemm_caller_thread():  # the calling thread runs one band itself: the same numbers
+            inside = (_gemm.matmul(a, b, np.empty((20011, 48), np.float32)), _gemm.matmul_tn(a, d))
     finally:
         set_num_threads(previous)
+    np.testing.assert_array_equal(inside[0], results[2][0])
+    np.testing.assert_array_equal(inside[1], results[2][1])
     a64, b64, d64 = a.astype(np.float64), b.astype(np.float64), d.astype(np.float64)
     for got, want in zip(results[2], (a64 @ b64, a64.T @ d64, d64 @ b64.T)):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL * np.sqrt(a.shape[0]))

@@ -17,13 +17,14 @@ Without OpenBLAS's per-thread setter (OpenBLAS < 0.3.27, MKL) BLAS keeps its own
 results are the same.
 """
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from lightcnn._jit import get_num_threads
-from lightcnn._threads import pin_numpy_blas_threads
+from lightcnn._threads import numpy_blas_threads, pin_numpy_blas_threads
 
 _SPLIT_FLOPS = 2e7  # below this a GEMM takes < ~0.5 ms: not worth a hand-off to another thread
 _TN_CHUNK_ROWS = 4096  # matmul_tn: at least this many rows per chunk ...
@@ -31,6 +32,24 @@ _TN_MAX_CHUNKS = 8  # ... and at most this many chunks
 
 _lock = threading.Lock()
 _pool = {"executor": None, "workers": 0}
+_caller = threading.local()  # .one_blas_thread: the calling thread's BLAS is on one thread (see below)
+
+
+@contextlib.contextmanager
+def gemm_caller_thread():
+    """Inside the block the calling thread's NumPy BLAS is on one thread, and the calling thread runs one
+    band of every GEMM itself: one hand-off to the pool fewer per GEMM, none at one thread.
+
+    For a training loop (lightcnn.train.loop.fit): ~180 GEMMs a covid_squeezenet step, and on a busy
+    machine every hand-off waits for the pool thread to be scheduled. One setter call per block.
+    """
+    previous = getattr(_caller, "one_blas_thread", False)
+    with numpy_blas_threads(1):
+        _caller.one_blas_thread = True
+        try:
+            yield
+        finally:
+            _caller.one_blas_thread = previous
 
 
 def _pin_one_blas_thread():
@@ -52,10 +71,16 @@ def _executor(workers):
 
 
 def _run(tasks):
-    """Run callables [(fn, args), ...] on the pool's one-BLAS-thread workers; results in order."""
-    ex = _executor(max(get_num_threads(), len(tasks)))
-    futures = [ex.submit(fn, *args) for fn, args in tasks]
-    return [f.result() for f in futures]
+    """Run callables [(fn, args), ...] on the pool's one-BLAS-thread workers (the first on the calling
+    thread inside gemm_caller_thread); results in order."""
+    here = getattr(_caller, "one_blas_thread", False)
+    rest = tasks[1:] if here else tasks
+    futures = []
+    if rest:
+        ex = _executor(max(get_num_threads(), len(rest)))
+        futures = [ex.submit(fn, *args) for fn, args in rest]
+    first = [tasks[0][0](*tasks[0][1])] if here else []
+    return first + [f.result() for f in futures]
 
 
 def _bands(m, parts):
