@@ -81,6 +81,8 @@ def test_conv_act_without_bn_gradients(rng, act):
     x = rng.standard_normal((2, 7, 6, 3))
     check_layer_gradients(unit, x, rng)
     assert unit.cache is None
+    dw = to_float64(conv_bn_act(3, 3, 3, 1, "same", act=act, bn=False, depthwise=True, rng=rng), rng)
+    check_layer_gradients(dw, x, rng)  # the depthwise conv's epilogue too (a converted MobileNet's units)
 
 
 def test_depthwise_unit_gradients(rng):

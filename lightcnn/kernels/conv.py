@@ -117,7 +117,7 @@ def bias_act_epilogue(bias, act, alpha, out):
 
     In blocks of ~ACT_CHUNK elements: the bias is added row by row, then `act_inplace` runs over
     the flat block, testing `act` once per block so the element loop vectorises (a per-element
-    act_scalar(..., act, alpha) with a runtime code does not: ELU over 26 M values took ~10x longer).
+    act_scalar(..., act, alpha) with a runtime code does not vectorise; see activation.py).
     """
     m, n_out = out.shape
     flat = out.reshape(-1)
@@ -242,23 +242,23 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[
         return dx, dw.reshape(w.shape), db
     k = kh * kw * c_in
     w2d = w.reshape(k, n_out)
-    dx = np.empty_like(x) if need_dx else None
+    dx = np.empty_like(x)  # not written (and never touched, so never paged in) without need_dx
     dw2d = np.zeros((k, n_out), dtype=x.dtype)
     zero_bias = np.zeros(c_in, dtype=x.dtype)
     step = _images_per_chunk(n_img, ho * wo * k * x.itemsize)
     cols = np.empty((step * ho * wo, k), dtype=x.dtype)
-    dcols = np.empty_like(cols) if need_dx else None
+    dcols = np.empty((step * ho * wo if need_dx else 0, k), dtype=x.dtype)
     for n0 in range(0, n_img, step):
         n1 = min(n0 + step, n_img)
         rows = slice(n0 * ho * wo, n1 * ho * wo)
         c = cols[: (n1 - n0) * ho * wo]
-        dc = dcols[: (n1 - n0) * ho * wo] if need_dx else None
         im2col(x[n0:n1], kh, kw, sh, sw, pt, pl, ho, wo, c)
         dw2d += matmul_tn(c, dy2d[rows])
         if need_dx:
+            dc = dcols[: (n1 - n0) * ho * wo]
             matmul(dy2d[rows], w2d.T, dc)
             col2im(dc, kh, kw, sh, sw, pt, pl, ho, wo, zero_bias, ACT_NONE, x.dtype.type(0), dx[n0:n1])
-    return dx, dw2d.reshape(w.shape), db
+    return (dx if need_dx else None), dw2d.reshape(w.shape), db
 
 
 # ----------------------------------------------------------------------------- pointwise (1x1)

@@ -67,7 +67,8 @@ class ConvBNAct(Layer):
         if (self.act != act_k.ACT_NONE and self.bn is None and from_output
                 and (out is None or isinstance(self.conv, Conv2d))):
             # the activation in the conv's epilogue (one pass fewer), written straight into the slot
-            y = self.conv.forward(x, True, act=self.act, alpha=self.alpha, out=out, col0=col0)
+            slot_args = {} if out is None else {"out": out, "col0": col0}
+            y = self.conv.forward(x, True, act=self.act, alpha=self.alpha, **slot_args)
             self.cache = ("output", y if out is None else out, slot, True)
             return y
         z = self.conv.forward(x, True)
