@@ -6,13 +6,15 @@
 
 Why not NumPy's own threads: OpenBLAS on 2 threads inside a training step collapses when the
 machine is busy. One covid_squeezenet step at batch 32 (load 3.8, another process on a core) took
-7.4 s with NumPy's BLAS on 2 threads and 3.3 s with it on 1 (a pointwise backward: 214 ms against
-35 ms). Here every BLAS call runs on one thread (lightcnn._threads.pin_numpy_blas_threads) and the
+7.4 s with NumPy's BLAS on 2 threads and 3.3 s with it on 1 (an earlier profile: a pointwise
+backward took 214 ms against 35 ms). Here every BLAS call runs on one thread (lightcnn._threads.pin_numpy_blas_threads) and the
 parallelism is ours: a band of rows per thread, one join per GEMM, so two free cores are both used
 and a busy one costs at most its band. The thread count is the kernels' (lightcnn._jit.get_num_threads).
 
-matmul's bands do not change any output element's sum, and matmul_tn's chunks depend on M only, so
-results do not depend on the number of threads. Small products (below _SPLIT_FLOPS) run as one call.
+matmul's bands split rows, not sums; matmul_tn's chunks depend on M only, so its sums are added in
+the same order on any number of threads (tests/test_kernels_conv.py checks both against float64
+products, and matmul_tn bit for bit on 1 and 2 threads). Small products (below _SPLIT_FLOPS) are
+one call.
 Without OpenBLAS's per-thread setter (OpenBLAS < 0.3.27, MKL) BLAS keeps its own threading, and the
 results are the same.
 """
