@@ -465,3 +465,22 @@ def test_conv2d_forward_into_a_channel_slot(rng, case, act):
     np.testing.assert_array_equal(out[..., 2 + ref.shape[3]:], 7.0)
     with pytest.raises(ValueError, match="room for"):
         conv2d_forward(x, w, b, stride, pad, out=out, col0=out.shape[3] - ref.shape[3] + 1)
+
+
+def test_split_gemms_follow_the_callers_errstate(rng):
+    # the bands run on pool threads, but np.errstate is per thread: the caller's setting must hold there
+    # (fit() silences overflow while it detects divergence; a warning from a pool thread would leak)
+    import warnings
+
+    from lightcnn.kernels import _gemm
+
+    a = np.full((20011, 64), 3e38, np.float32)
+    b = np.full((64, 48), 3e38, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = _gemm.matmul(a, b, np.empty((20011, 48), np.float32))
+            _gemm.matmul_tn(a, np.full((20011, 48), 3e38, np.float32))
+    assert np.all(np.isinf(out))
+    with pytest.raises(FloatingPointError), np.errstate(over="raise"):
+        _gemm.matmul(a, b, np.empty((20011, 48), np.float32))

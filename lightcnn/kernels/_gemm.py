@@ -80,9 +80,15 @@ def _run(tasks):
     futures = []
     if rest:
         ex = _executor(max(get_num_threads(), len(rest)))
-        futures = [ex.submit(fn, *args) for fn, args in rest]
+        err = np.geterr()  # the caller's floating-point error handling (np.errstate is per thread)
+        futures = [ex.submit(_with_errstate, err, fn, args) for fn, args in rest]
     first = [tasks[0][0](*tasks[0][1])] if here else []
     return first + [f.result() for f in futures]
+
+
+def _with_errstate(err, fn, args):
+    with np.errstate(**err):
+        return fn(*args)
 
 
 def _bands(m, parts):
