@@ -70,16 +70,21 @@ def _torch_net(net, in_shape, train_bn):
 
 
 def lightcnn_step(net, x, y, lr=1e-3, momentum=0.9):
+    from lightcnn.kernels._gemm import gemm_caller_thread
     from lightcnn.kernels.linear import cross_entropy
+    from lightcnn.layers.base import skip_input_gradient
     from lightcnn.optim import SGD
 
     opt = SGD(net, lr=lr, momentum=momentum)
+    # as lightcnn.train.loop.fit: no gradient w.r.t. the input (PyTorch's input has requires_grad=False)
+    skip_input_gradient(net)
 
     def step():
-        logits = net.forward(x, training=True)
-        loss, dlogits = cross_entropy(logits, y)
-        net.backward(dlogits)
-        opt.step()
+        with gemm_caller_thread():  # as fit() runs its epochs
+            logits = net.forward(x, training=True)
+            loss, dlogits = cross_entropy(logits, y)
+            net.backward(dlogits)
+            opt.step()
         return loss
     return step
 

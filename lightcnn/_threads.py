@@ -18,7 +18,7 @@ import ctypes
 import glob
 import os
 
-__all__ = ["single_threaded_blas", "numpy_blas_threads"]
+__all__ = ["single_threaded_blas", "numpy_blas_threads", "pin_numpy_blas_threads"]
 
 _SETTERS = None  # list of (set(n) -> previous n) callables, found once
 _NUMPY_SETTERS = None  # the same for NumPy's own OpenBLAS only (no SciPy import)
@@ -98,3 +98,21 @@ def numpy_blas_threads(n):
     finally:
         for s, old in zip(_NUMPY_SETTERS, previous):
             s(max(int(old), 1))
+
+
+def pin_numpy_blas_threads(n):
+    """NumPy's OpenBLAS uses `n` threads in the calling thread from now on (no restore).
+
+    For threads lightcnn owns (lightcnn.kernels._gemm's pool): set once, so no call pays the setter
+    (~2 ms on a busy machine, as OpenBLAS parks or wakes its workers). Returns False when no
+    per-thread setter was found (nothing changed).
+    """
+    global _NUMPY_SETTERS
+    if _NUMPY_SETTERS is None:
+        try:
+            _NUMPY_SETTERS = _find_setters(with_scipy=False)
+        except Exception:  # never let a speed tweak break training
+            _NUMPY_SETTERS = []
+    for s in _NUMPY_SETTERS:
+        s(n)
+    return bool(_NUMPY_SETTERS)

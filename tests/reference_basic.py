@@ -44,6 +44,27 @@ def activation_forward_ref(x, name, alpha=1.0):
     return y
 
 
+def act_grad_ref(v, name, alpha=1.0):
+    """d act / dv at one Python float, with PyTorch's values at the kinks (relu'(0) = 0, relu6'(6) = 0)."""
+    if name == "none":
+        return 1.0
+    if name == "relu":
+        return 1.0 if v > 0 else 0.0
+    if name == "relu6":
+        return 1.0 if 0 < v < 6 else 0.0
+    if name == "elu":
+        return 1.0 if v > 0 else alpha * math.exp(v)
+    raise KeyError(name)
+
+
+def activation_backward_ref(dy, x, name, alpha=1.0):
+    """dx = dy * act'(x) from the pre-activation x."""
+    dx = np.zeros(x.shape, dtype=np.float64)
+    for idx in np.ndindex(x.shape):
+        dx[idx] = float(dy[idx]) * act_grad_ref(float(x[idx]), name, alpha)
+    return dx
+
+
 # --------------------------------------------------------------------------- batch norm
 
 

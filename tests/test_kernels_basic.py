@@ -112,6 +112,93 @@ def test_activation_rejects_bad_arguments():
         A.activation_backward(np.zeros(4), np.zeros(3), "relu")
 
 
+def test_expm1_nonpositive_matches_math_expm1():
+    # ELU's exponential (a polynomial and doublings, no libm call) against math.expm1 in float64:
+    # relative error <= 2e-15 from -1e-300 to -1000, and the special values pass through.
+    import math
+
+    u = -np.concatenate([np.logspace(-300, 3, 20001), np.linspace(0, 45, 20001)])
+    ours = np.array([A.expm1_nonpositive(float(v)) for v in u[::7]])
+    exact = np.array([math.expm1(v) for v in u[::7]])
+    rel = np.abs(ours - exact) / np.maximum(np.abs(exact), 1e-300)
+    assert rel.max() <= 2e-15, f"max relative error {rel.max():.3e} at u = {u[::7][rel.argmax()]}"
+    assert A.expm1_nonpositive(0.0) == 0.0 and A.expm1_nonpositive(-np.inf) == -1.0
+    assert np.isnan(A.expm1_nonpositive(np.nan))
+
+
+def test_elu_float32_equals_libm_expm1_rounded(rng):
+    # float32 ELU: the fast exponential rounds to the same float32 as math.expm1 (the float64 twin).
+    x = (rng.standard_normal(200_000) * 4).astype(np.float32)
+    alpha = float(np.float32(0.7))  # the kernel multiplies by alpha in x's dtype
+    expected = np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0).astype(np.float64))).astype(np.float32)
+    np.testing.assert_array_equal(A.activation_forward(x, "elu", alpha=0.7), expected)
+
+
+OUTPUT_GRAD = ["none", "relu", "relu6", "elu"]
+
+
+@pytest.mark.parametrize("act", OUTPUT_GRAD)
+@pytest.mark.parametrize("shape", SHAPES + [(2, 47, 41, 37)])  # the last takes the parallel path
+def test_backward_from_output_equals_backward_from_input(rng, act, shape):
+    # dy * act'(x) from y = act(x) is the pre-activation form (the oracle), kinks included
+    x = spread(rng, shape)
+    g = rng.standard_normal(shape).astype(np.float32)
+    y = A.activation_forward(x, act, 0.7)
+    dx = A.activation_backward_from_output(g, y, act, 0.7)
+    assert dx.dtype == np.float32 and dx.shape == x.shape
+    expected = ref.activation_backward_ref(g, x, act, 0.7)
+    assert_close(dx, expected, 1e-6, act)
+    np.testing.assert_array_equal(dx == 0, expected == 0)  # the same zero pattern at the kinks
+
+
+@pytest.mark.parametrize("act", OUTPUT_GRAD)
+def test_backward_from_output_gradcheck(rng, act):
+    x = away_from_kinks(rng, (2, 3, 4, 3), act)
+    g = rng.standard_normal(x.shape)
+    dx = A.activation_backward_from_output(g, A.activation_forward(x, act, 1.3), act, 1.3)
+    assert_gradient(dx, lambda: float(np.sum(A.activation_forward(x, act, 1.3) * g)), x, act)
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6", "elu"])
+def test_backward_from_output_torch_parity(rng, act):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x = spread(rng, (3, 5, 7, 4))
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    t = torch.tensor(x, requires_grad=True)
+    out = TORCH_ACTS[act](F, t)
+    out.backward(torch.tensor(g))
+    y = A.activation_forward(x, act, 0.7)
+    assert_close(A.activation_backward_from_output(g, y, act, 0.7), t.grad.numpy(), TORCH_BWD, "backward")
+    if act == "elu":  # PyTorch's own from-output formula (the in-place ELU's backward)
+        theirs = torch.ops.aten.elu_backward(torch.tensor(g), 0.7, 1, 1, True, out.detach())
+        assert_close(A.activation_backward_from_output(g, y, act, 0.7), theirs.numpy(), TORCH_BWD, "is_result")
+
+
+@pytest.mark.parametrize("act", OUTPUT_GRAD)
+def test_backward_from_output_channels_of_a_concatenation(rng, act):
+    # one slot (channels 3..8 of 11) of a concatenation's value and gradient, against the pre-activation oracle
+    x = spread(rng, (2, 5, 3, 11))
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    y = A.activation_forward(x, act, 0.7)
+    dx = A.activation_backward_from_output_channels(g, y, 3, 5, act, 0.7)
+    assert dx.shape == (2, 5, 3, 5) and dx.flags.c_contiguous
+    assert_close(dx, ref.activation_backward_ref(g[..., 3:8], x[..., 3:8], act, 0.7), 1e-6, act)
+    with pytest.raises(ValueError, match="channels"):
+        A.activation_backward_from_output_channels(g, y, 8, 5, act, 0.7)
+
+
+def test_backward_from_output_refuses_what_the_output_does_not_determine():
+    y = np.zeros(3, np.float32)
+    for act, alpha in [("sigmoid", 1.0), ("hard_sigmoid", 1.0), ("hard_swish", 1.0), ("elu", -0.5)]:
+        assert not A.grad_from_output(act, alpha)
+        with pytest.raises(ValueError, match="in terms of its output"):
+            A.activation_backward_from_output(y, y, act, alpha)
+    assert A.grad_from_output("elu", 0.0) and A.grad_from_output(A.ACT_RELU6)
+    with pytest.raises(ValueError, match="shape"):
+        A.activation_backward_from_output(np.zeros(4, np.float32), y, "relu")
+
+
 @pytest.mark.parametrize("act", ["none", "relu6", "hard_swish"])
 @pytest.mark.parametrize("shape", SHAPES + [(2, 45, 41, 37)])  # the last takes the parallel path
 def test_batchnorm_inference_forward_matches_twin(rng, shape, act):

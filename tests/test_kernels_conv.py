@@ -395,3 +395,92 @@ def test_conv_transpose_torch_parity(rng, case):
     assert _rel(dx, _nhwc(xt.grad)) <= 1e-4
     assert _rel(dw, wt.grad.numpy().transpose(2, 3, 0, 1)) <= 1e-4
     assert _rel(db, bt.grad.numpy()) <= 1e-4
+
+
+# ----------------------------------------------------------------------------- threaded GEMMs, no input gradient
+
+
+def test_split_gemms_match_float64_products_and_not_the_thread_count(rng):
+    # Large enough to be split (bands of rows; chunks of the shared axis): against the float64 product,
+    # and matmul_tn bit-identical on 1 and 2 threads (its chunks depend on M only).
+    from lightcnn._jit import get_num_threads, set_num_threads
+    from lightcnn.kernels import _gemm
+
+    a = rng.standard_normal((20011, 64)).astype(np.float32)
+    b = rng.standard_normal((64, 48)).astype(np.float32)
+    d = rng.standard_normal((20011, 48)).astype(np.float32)
+    assert 2.0 * 20011 * 64 * 48 > _gemm._SPLIT_FLOPS and 20011 // _gemm._TN_CHUNK_ROWS >= 2
+    previous = get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2):
+            set_num_threads(threads)
+            out = np.empty((20011, 48), np.float32)
+            results[threads] = (_gemm.matmul(a, b, out).copy(), _gemm.matmul_tn(a, d), _gemm.matmul(d, b.T, np.empty(
+                (20011, 64), np.float32)))
+        with _gemm.gemm_caller_thread():  # the calling thread runs one band itself: the same numbers
+            inside = (_gemm.matmul(a, b, np.empty((20011, 48), np.float32)), _gemm.matmul_tn(a, d))
+    finally:
+        set_num_threads(previous)
+    np.testing.assert_array_equal(inside[0], results[2][0])
+    np.testing.assert_array_equal(inside[1], results[2][1])
+    a64, b64, d64 = a.astype(np.float64), b.astype(np.float64), d.astype(np.float64)
+    for got, want in zip(results[2], (a64 @ b64, a64.T @ d64, d64 @ b64.T)):
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL * np.sqrt(a.shape[0]))
+    np.testing.assert_array_equal(results[1][1], results[2][1])
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:3] + [(2, 9, 9, 1, 3, 3, 4, (2, 2), (0, 0, 0, 0))], ids=_ids(
+    CONV_CASES[:3] + [(2, 9, 9, 1, 3, 3, 4, (2, 2), (0, 0, 0, 0))]))
+def test_conv2d_backward_without_dx_gives_the_same_weight_gradients(rng, case):
+    # need_dx=False (a network's first layer): dw and db exactly as with dx, and no dx
+    x, w, b, stride, pad = _conv_inputs(rng, case)
+    g = rng.standard_normal(conv2d_forward(x, w, b, stride, pad).shape).astype(np.float32)
+    dx, dw, db = conv2d_backward(g, x, w, stride, pad)
+    none, dw2, db2 = conv2d_backward(g, x, w, stride, pad, need_dx=False)
+    assert none is None and dx is not None
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db2, db)
+    wp = rng.standard_normal((g.shape[3], 2)).astype(np.float32)
+    gp = rng.standard_normal(g.shape[:3] + (2,)).astype(np.float32)
+    nonep, dwp, dbp = pointwise_conv_backward(gp, g, wp, need_dx=False)
+    _, dwp_full, dbp_full = pointwise_conv_backward(gp, g, wp)
+    assert nonep is None
+    np.testing.assert_array_equal(dwp, dwp_full)
+    np.testing.assert_array_equal(dbp, dbp_full)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "elu"])
+@pytest.mark.parametrize("case", [CONV_CASES[1], (2, 5, 4, 3, 1, 1, 4, (1, 1), (0, 0, 0, 0))], ids=["3x3", "1x1"])
+def test_conv2d_forward_into_a_channel_slot(rng, case, act):
+    # out=/col0=: the result lands in channels col0.. of a wider array (Fire's concatenation), the other
+    # channels untouched, against the loop twin
+    x, w, b, stride, pad = _conv_inputs(rng, case)
+    ref = act_naive(conv2d_naive(*_f64(x, w, b), stride, pad), act, 0.7)
+    out = np.full(ref.shape[:3] + (ref.shape[3] + 5,), 7.0, np.float32)
+    view = conv2d_forward(x, w, b, stride, pad, ACTIVATIONS[act], 0.7, out=out, col0=2)
+    assert view.base is out or view.base is out.base
+    np.testing.assert_allclose(out[..., 2:2 + ref.shape[3]], ref, rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(out[..., :2], 7.0)
+    np.testing.assert_array_equal(out[..., 2 + ref.shape[3]:], 7.0)
+    with pytest.raises(ValueError, match="room for"):
+        conv2d_forward(x, w, b, stride, pad, out=out, col0=out.shape[3] - ref.shape[3] + 1)
+
+
+def test_split_gemms_follow_the_callers_errstate(rng):
+    # the bands run on pool threads, but np.errstate is per thread: the caller's setting must hold there
+    # (fit() silences overflow while it detects divergence; a warning from a pool thread would leak)
+    import warnings
+
+    from lightcnn.kernels import _gemm
+
+    a = np.full((20011, 64), 3e38, np.float32)
+    b = np.full((64, 48), 3e38, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = _gemm.matmul(a, b, np.empty((20011, 48), np.float32))
+            _gemm.matmul_tn(a, np.full((20011, 48), 3e38, np.float32))
+    assert np.all(np.isinf(out))
+    with pytest.raises(FloatingPointError), np.errstate(over="raise"):
+        _gemm.matmul(a, b, np.empty((20011, 48), np.float32))

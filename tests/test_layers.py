@@ -73,6 +73,18 @@ def test_conv_bn_act_gradients(rng, act, bn_frozen):
     check_layer_gradients(unit, x, rng)
 
 
+@pytest.mark.parametrize("act", ["relu6", "elu", "hard_swish"])
+def test_conv_act_without_bn_gradients(rng, act):
+    # relu6/elu: the activation runs in the conv's epilogue and backward takes it from the output;
+    # hard_swish keeps the pre-activation path. Both against central differences.
+    unit = to_float64(conv_bn_act(3, 4, 3, 2, (0, 1, 1, 0), act=act, bn=False, rng=rng), rng)
+    x = rng.standard_normal((2, 7, 6, 3))
+    check_layer_gradients(unit, x, rng)
+    assert unit.cache is None
+    dw = to_float64(conv_bn_act(3, 3, 3, 1, "same", act=act, bn=False, depthwise=True, rng=rng), rng)
+    check_layer_gradients(dw, x, rng)  # the depthwise conv's epilogue too (a converted MobileNet's units)
+
+
 def test_depthwise_unit_gradients(rng):
     unit = to_float64(conv_bn_act(5, 5, 5, 1, "same", act="relu", depthwise=True, rng=rng), rng)
     check_layer_gradients(unit, rng.standard_normal((2, 6, 5, 5)), rng)
@@ -100,13 +112,14 @@ def test_fire_gradients(rng, bn, bypass):
     check_layer_gradients(fire, rng.standard_normal((2, 5, 4, 8)), rng)
 
 
-def test_covid_squeezenet_features_gradients(rng):
-    """The whole seed-001 trunk (transpose-conv skip, concat, fuse) on a 35x35 input, sampled entries."""
+@pytest.mark.parametrize("size", [35, 43])  # upsampled map fits the skip exactly (35); needs zero-padding (43)
+def test_covid_squeezenet_features_gradients(rng, size):
+    """The whole seed-001 trunk (transpose-conv skip, concat, fuse), sampled entries."""
     features = to_float64(CovidSqueezeFeatures(1, rng), rng)
     for _, sub in features.named_layers():
         if isinstance(sub, BatchNorm):
             sub.frozen = True
-    x = rng.standard_normal((1, 35, 35, 1))
+    x = rng.standard_normal((1, size, size, 1))
     check_layer_gradients(features, x, rng, sampled=True)
 
 
@@ -228,3 +241,27 @@ def test_skip_initialisation_gives_zero_weights_only_inside_the_block():
     assert conv.params["weight"].dtype == np.float32 and dense.params["weight"].shape == (5, 2)
     after = Conv2d(3, 4, 3)
     assert after.params["weight"].std() > 0.1  # random (He) initialisation again outside
+
+
+def test_input_gradient_skipped_keeps_parameter_gradients(rng):
+    # the first conv of a network computes no dx inside the block; every parameter gradient is the
+    # one a full backward gives, and the flag is restored afterwards
+    from lightcnn.layers.base import Sequential, input_gradient_skipped, input_layer
+
+    net = Sequential([("conv1", conv_bn_act(1, 4, 3, 2, "valid", act="elu", bn=False, rng=rng)),
+                      ("fire", Fire(4, 2, 3, 3, act="elu", bn=True, rng=rng))])
+    x = rng.standard_normal((2, 9, 8, 1)).astype(np.float32)
+    g = rng.standard_normal((2, 4, 3, 6)).astype(np.float32)
+    net.forward(x, True)
+    dx = net.backward(g)
+    full = {name: sub.grads[key].copy() for name, sub, key, _ in net.named_parameters()}
+    net.zero_grads()
+    with input_gradient_skipped(net) as first:
+        assert first is net["conv1"].conv and first.skip_input_grad
+        net.forward(x, True)
+        assert net.backward(g) is None
+    assert dx is not None and not first.skip_input_grad
+    for name, sub, key, _ in net.named_parameters():
+        np.testing.assert_array_equal(sub.grads[key], full[name], err_msg=name)
+    # a block with a skip connection passes its input on twice: its input gradient is never skipped
+    assert input_layer(Sequential([("fire", Fire(6, 2, 3, 3, bypass=True, rng=rng))])) is None

@@ -24,11 +24,23 @@ vectorises (a per-element test on `act` blocks vectorisation and costs 10-50x).
 Cost: 1 flop (relu) to one exp (elu, sigmoid) per element; the standalone
 forward/backward are memory-bound and parallel (in chunks) only for large arrays.
 
-Deliberately absent: in-place public wrappers (kernels never write into their
-inputs), GELU/SiLU/tanh (no supported model uses them), and computing the backward
-from the activation *output* (the backward always takes the pre-activation x).
+ELU's exponential is `expm1_nonpositive`, a branch-free Taylor series plus doublings in
+float64, not a call to libm's expm1, which stops LLVM vectorising the loop (26 M float32 values
+on one thread: 198 ms with the call, 88 ms without, on a busy machine; a covid_squeezenet
+training step at batch 32 applies ELU to ~110 M values). Its error is below 1e-15 relative in
+float64, so float32 results round as math.expm1's do (identical on 26 M samples).
 
-Shapes: activation_forward(x (...)) -> y (...);  activation_backward(dy (...), x (...)) -> dx (...).
+Backward from the output: for relu, relu6 and ELU with alpha >= 0 the derivative is a
+function of y = act(x) alone (relu' = [y > 0], relu6' = [0 < y < 6], elu' = 1 if y > 0
+else y + alpha, PyTorch's own formula for in-place ELU). A layer that fuses the activation
+into its producer's epilogue keeps y (the next layer's input anyway) instead of the
+pre-activation, and its backward needs no exponential (`activation_backward_from_output`).
+
+Deliberately absent: in-place public wrappers (kernels never write into their
+inputs) and GELU/SiLU/tanh (no supported model uses them).
+
+Shapes: activation_forward(x (...)) -> y (...);  activation_backward(dy (...), x (...)) -> dx (...);
+activation_backward_from_output(dy (...), y (...)) -> dx (...).
 """
 
 import math
@@ -69,6 +81,48 @@ _PARALLEL_MIN_SIZE = 1 << 17
 # must reach training's NaN check, not be masked to 0.
 
 
+# 1/k!, k = 1..15: the Taylor series of expm1 on [-0.625, 0] to < 1e-16 relative.
+_E1, _E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9, _E10, _E11, _E12, _E13, _E14, _E15 = (
+    1.0 / math.factorial(k) for k in range(1, 16))
+
+
+@kernel
+def expm1_nonpositive(u):
+    """expm1(u) = exp(u) - 1 for u <= 0 (NaN stays NaN), in float64, with no call and no branch.
+
+    u is clamped to [-40, 0] (expm1(-40) = -1 + 4e-18), scaled by 1/64 into [-0.625, 0], where a
+    degree-15 Taylor polynomial has relative error < 1e-16, and doubled back six times with
+    expm1(2t) = m (m + 2), m = expm1(t): no cancellation near 0, and the relative error does not
+    grow (the step's condition number 2(m+1)/(m+2) is <= 1 on (-1, 0]). Measured against
+    math.expm1: < 9e-16 relative over 4 M float64 values in [-1000, -1e-300]; float32 results were
+    identical on 26 M normal samples.
+    """
+    u = -40.0 if u < -40.0 else u
+    t = u * 0.015625
+    p = _E15
+    p = p * t + _E14
+    p = p * t + _E13
+    p = p * t + _E12
+    p = p * t + _E11
+    p = p * t + _E10
+    p = p * t + _E9
+    p = p * t + _E8
+    p = p * t + _E7
+    p = p * t + _E6
+    p = p * t + _E5
+    p = p * t + _E4
+    p = p * t + _E3
+    p = p * t + _E2
+    p = p * t + _E1
+    m = p * t
+    m = m * (m + 2.0)
+    m = m * (m + 2.0)
+    m = m * (m + 2.0)
+    m = m * (m + 2.0)
+    m = m * (m + 2.0)
+    return m * (m + 2.0)
+
+
 @kernel
 def relu_scalar(v):
     return 0.0 if v < 0 else v
@@ -83,7 +137,7 @@ def relu6_scalar(v):
 @kernel
 def elu_scalar(v, alpha):
     u = 0.0 if v > 0 else v  # expm1 of the clamped value: no overflow for large v
-    e = alpha * math.expm1(u)
+    e = alpha * expm1_nonpositive(u)
     return v if v > 0 else e
 
 
@@ -146,7 +200,7 @@ def relu6_grad_scalar(v):
 @kernel
 def elu_grad_scalar(v, alpha):
     u = 0.0 if v > 0 else v
-    e = alpha * math.exp(u)
+    e = alpha * (expm1_nonpositive(u) + 1.0)
     return 1.0 if v > 0 else e
 
 
@@ -267,6 +321,30 @@ def act_backward_flat(dy, x, act, alpha, out):
             out[i] = dy[i]
 
 
+@kernel
+def act_backward_from_output_flat(dy, y, act, alpha, out):
+    """out[i] = dy[i] * act'(x[i]) computed from y[i] = act(x[i]), for the codes in OUTPUT_GRAD_ACTS.
+
+    relu' = [y > 0]; relu6' = [0 < y < 6]; elu' = 1 if y > 0 else y + alpha (alpha >= 0, so
+    y > 0 exactly when x > 0, and alpha * exp(x) = alpha * expm1(x) + alpha = y + alpha).
+    The tests are the pre-activation ones moved through a monotone map, so kinks and NaN
+    give what act_backward_flat gives.
+    """
+    if act == ACT_RELU:
+        for i in range(y.size):
+            out[i] = dy[i] * relu_grad_scalar(y[i])
+    elif act == ACT_RELU6:
+        for i in range(y.size):
+            out[i] = dy[i] * relu6_grad_scalar(y[i])
+    elif act == ACT_ELU:
+        for i in range(y.size):
+            v = y[i]
+            out[i] = dy[i] * (1.0 if v > 0 else v + alpha)
+    else:
+        for i in range(y.size):
+            out[i] = dy[i]
+
+
 @kernel(parallel=True)
 def _act_forward_chunks(x, act, alpha, out):
     n = x.size
@@ -281,6 +359,32 @@ def _act_backward_chunks(dy, x, act, alpha, out):
     for k in prange((n + ACT_CHUNK - 1) // ACT_CHUNK):
         lo, hi = k * ACT_CHUNK, min(n, (k + 1) * ACT_CHUNK)
         act_backward_flat(dy[lo:hi], x[lo:hi], act, alpha, out[lo:hi])
+
+
+@kernel(parallel=True)
+def _act_backward_output_chunks(dy, y, act, alpha, out):
+    n = y.size
+    for k in prange((n + ACT_CHUNK - 1) // ACT_CHUNK):
+        lo, hi = k * ACT_CHUNK, min(n, (k + 1) * ACT_CHUNK)
+        act_backward_from_output_flat(dy[lo:hi], y[lo:hi], act, alpha, out[lo:hi])
+
+
+@kernel(parallel=True)
+def _act_backward_output_cols(dy, y, col0, act, alpha, out):
+    """out[r, j] = dy[r, col0 + j] * act'(.) from y[r, col0 + j]; dy, y (M, C_total), out (M, c)."""
+    c = out.shape[1]
+    for r in prange(out.shape[0]):
+        act_backward_from_output_flat(dy[r, col0:col0 + c], y[r, col0:col0 + c], act, alpha, out[r])
+
+
+# Activations whose derivative activation_backward_from_output computes from the output.
+OUTPUT_GRAD_ACTS = frozenset({ACT_NONE, ACT_RELU, ACT_RELU6, ACT_ELU})
+
+
+def grad_from_output(act, alpha=1.0):
+    """Whether activation_backward_from_output can take act's output in place of its input."""
+    code = activation_code(act)
+    return code in OUTPUT_GRAD_ACTS and not (code == ACT_ELU and not alpha >= 0)
 
 
 def activation_code(act):
@@ -338,4 +442,49 @@ def activation_backward(dy: np.ndarray, x: np.ndarray, act: int, alpha: float = 
         _act_backward_chunks(dyf, xf, code, a, of)
     else:
         act_backward_flat(dyf, xf, code, a, of)
+    return out
+
+
+def activation_backward_from_output(dy: np.ndarray, y: np.ndarray, act: int, alpha: float = 1.0) -> np.ndarray:
+    """dx = dy * act'(x) from the output y = act(x) (relu, relu6, ELU with alpha >= 0; see grad_from_output).
+
+    dy (...), y (...) -> dx (...) of y's shape and dtype.
+    """
+    code = activation_code(act)
+    if not grad_from_output(code, alpha):
+        raise ValueError(f"activation {act!r} (alpha {alpha}) has no derivative in terms of its output; "
+                         "use activation_backward with the pre-activation")
+    y = _check_float(y, "y")
+    dy = _check_float(dy, "dy")
+    if dy.shape != y.shape:
+        raise ValueError(f"dy must have y's shape {y.shape}, got {dy.shape}")
+    dy = dy.astype(y.dtype, copy=False)
+    out = np.empty_like(y)
+    dyf, yf, of, a = dy.reshape(-1), y.reshape(-1), out.reshape(-1), y.dtype.type(alpha)
+    if y.size >= _PARALLEL_MIN_SIZE:
+        _act_backward_output_chunks(dyf, yf, code, a, of)
+    else:
+        act_backward_from_output_flat(dyf, yf, code, a, of)
+    return out
+
+
+def activation_backward_from_output_channels(dy: np.ndarray, y: np.ndarray, col0: int, width: int, act: int,
+                                             alpha: float = 1.0) -> np.ndarray:
+    """activation_backward_from_output on channels col0..col0+width of a channel concatenation.
+
+    dy, y (N,H,W,C_total) C-contiguous (the concatenation's gradient and value) -> dx (N,H,W,width):
+    the slot's gradient without first copying the slot out of dy.
+    """
+    code = activation_code(act)
+    if not grad_from_output(code, alpha):
+        raise ValueError(f"activation {act!r} (alpha {alpha}) has no derivative in terms of its output")
+    y = _check_float(y, "y")
+    dy = _check_float(dy, "dy").astype(y.dtype, copy=False)
+    if dy.shape != y.shape or y.ndim != 4 or not 0 <= col0 <= y.shape[3] - width or width < 0:
+        raise ValueError(f"dy and y must be one (N,H,W,C_total) shape with channels {col0}..{col0 + width} in it, "
+                         f"got {dy.shape} and {y.shape}")
+    out = np.empty(y.shape[:3] + (int(width),), y.dtype)
+    total = y.shape[3]
+    _act_backward_output_cols(dy.reshape(-1, total), y.reshape(-1, total), int(col0), code, y.dtype.type(alpha),
+                              out.reshape(-1, int(width)))
     return out

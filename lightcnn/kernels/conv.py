@@ -8,13 +8,13 @@ where xp is x zero-padded by (top, bottom, left, right) = pad.  Output size per 
     H' = (H + top + bottom - KH) // sh + 1          W' = (W + left + right - KW) // sw + 1
 
 Cost: 2*KH*KW*C FLOPs per output element (2*C for pointwise), all of it in one BLAS
-GEMM per chunk of images.
+GEMM per chunk of images (split over threads by _gemm.py, each thread's BLAS on one thread).
 
 How: a Numba kernel (`im2col`) copies every receptive field into one row of a
 preallocated matrix cols (N*H'*W', KH*KW*C), whose column order (p, q, c) is exactly
 the row-major order of w (KH,KW,C,O) reshaped to (KH*KW*C, O); so the convolution is
 cols @ w2d, written straight into y viewed as (N*H'*W', O).  Bias and activation are
-applied in one fused pass over that output (`act_scalar` from activation.py).
+applied in one fused pass over that output (`act_inplace` from activation.py).
 Images are processed in chunks so cols stays under ~32 MB however large the batch.
 
 Backward, for dy the gradient w.r.t. the *pre-activation* output (the caller applies
@@ -38,7 +38,8 @@ import numpy as np
 
 from lightcnn._jit import kernel, prange
 from lightcnn.kernels._args import _act_code, _bias_or_zeros, _images_per_chunk, _like, _nhwc, _pad4, _pair
-from lightcnn.kernels.activation import ACT_NONE, act_scalar
+from lightcnn.kernels._gemm import matmul, matmul_tn
+from lightcnn.kernels.activation import ACT_CHUNK, ACT_NONE, act_inplace
 from lightcnn.kernels.shapes import conv_output_size
 
 
@@ -107,16 +108,58 @@ def col2im(cols, kh, kw, sh, sw, pt, pl, hc, wc, bias, act, alpha, out):
                     for c in range(c_out):
                         o[c] += cols[row, base + c]
             if act != 0:
-                for c in range(c_out):
-                    o[c] = act_scalar(o[c], act, alpha)
+                act_inplace(o, act, alpha)  # one test of `act` per pixel; the channel loop vectorises
 
 
 @kernel(parallel=True)
 def bias_act_epilogue(bias, act, alpha, out):
-    """out[r, o] = act(out[r, o] + bias[o]) in place on a GEMM result out (M, O)."""
-    for r in prange(out.shape[0]):
-        for o in range(out.shape[1]):
-            out[r, o] = act_scalar(out[r, o] + bias[o], act, alpha)
+    """out[r, o] = act(out[r, o] + bias[o]) in place on a GEMM result out (M, O).
+
+    In blocks of ~ACT_CHUNK elements: the bias is added row by row, then `act_inplace` runs over
+    the flat block, testing `act` once per block so the element loop vectorises (a per-element
+    act_scalar(..., act, alpha) with a runtime code does not vectorise; see activation.py).
+    """
+    m, n_out = out.shape
+    flat = out.reshape(-1)
+    rows = max(1, ACT_CHUNK // n_out)
+    for k in prange((m + rows - 1) // rows):
+        r0 = k * rows
+        r1 = min(m, r0 + rows)
+        for r in range(r0, r1):
+            for o in range(n_out):
+                out[r, o] += bias[o]
+        if act != ACT_NONE:
+            act_inplace(flat[r0 * n_out:r1 * n_out], act, alpha)
+
+
+@kernel(parallel=True)
+def bias_act_into(z, bias, act, alpha, out, col0):
+    """out[r, col0 + o] = act(z[r, o] + bias[o]): a GEMM result z (M, O) written into channels
+    col0..col0+O of out (M, C_total), both C-contiguous (a concatenation's slot); `act` tested per row."""
+    m, n_out = z.shape
+    for r in prange(m):
+        row = out[r, col0:col0 + n_out]
+        for o in range(n_out):
+            row[o] = z[r, o] + bias[o]
+        if act != ACT_NONE:
+            act_inplace(row, act, alpha)
+
+
+def _epilogue(y, b, code, alpha, out, col0, fn):
+    """Bias + activation on a GEMM result y (N,H',W',O): in place, or into channels col0.. of `out`
+    (N,H',W',C_total) when given; returns y or that slot of out (a view)."""
+    n_out = y.shape[3]
+    if out is None:
+        if b is not None or code != ACT_NONE:
+            bias_act_epilogue(_bias_or_zeros(b, y, n_out, fn), code, y.dtype.type(alpha), y.reshape(-1, n_out))
+        return y
+    if (not isinstance(out, np.ndarray) or out.ndim != 4 or out.shape[:3] != y.shape[:3] or out.dtype != y.dtype
+            or not out.flags.c_contiguous or not 0 <= col0 <= out.shape[3] - n_out):
+        raise ValueError(f"{fn}: out must be a C-contiguous {y.dtype} (N,H',W',C_total) with (N,H',W') = {y.shape[:3]} "
+                         f"and room for {n_out} channels from col0 = {col0}, got {getattr(out, 'shape', None)}")
+    bias_act_into(y.reshape(-1, n_out), _bias_or_zeros(b, y, n_out, fn), code, y.dtype.type(alpha),
+                  out.reshape(-1, out.shape[3]), int(col0))
+    return out[..., col0:col0 + n_out]
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -151,17 +194,19 @@ def _is_plain_1x1(w, stride, pad):
 
 
 def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride: tuple[int, ...] = (1, 1),
-                   pad: tuple[int, ...] = (0, 0, 0, 0), act: int = ACT_NONE, alpha: float = 1.0) -> np.ndarray:
+                   pad: tuple[int, ...] = (0, 0, 0, 0), act: int = ACT_NONE, alpha: float = 1.0,
+                   out: np.ndarray | None = None, col0: int = 0) -> np.ndarray:
     """y = act(conv(x, w) + b).  x (N,H,W,C), w (KH,KW,C,O), b (O,) or None -> y (N,H',W',O).
 
     stride (sh, sw) or int; pad (top, bottom, left, right) or int; act an ACT_* code or name;
-    alpha is ELU's.  y has x's dtype.
+    alpha is ELU's.  y has x's dtype.  With `out` (N,H',W',C_total) the result goes into its
+    channels col0..col0+O (a channel concatenation without a copy) and that view is returned.
     """
     fn = "conv2d_forward"
     x, w, (sh, sw), (pt, pb, pl, pr), (ho, wo) = _conv_geometry(x, w, stride, pad, fn)
     code = _act_code(act, fn)
     if _is_plain_1x1(w, (sh, sw), (pt, pb, pl, pr)):
-        return pointwise_conv_forward(x, w[0, 0], b, act=code, alpha=alpha)
+        return pointwise_conv_forward(x, w[0, 0], b, act=code, alpha=alpha, out=out, col0=col0)
     n_img, _, _, c_in = x.shape
     kh, kw, _, n_out = w.shape
     k = kh * kw * c_in
@@ -174,17 +219,16 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, st
         n1 = min(n0 + step, n_img)
         c = cols[: (n1 - n0) * ho * wo]
         im2col(x[n0:n1], kh, kw, sh, sw, pt, pl, ho, wo, c)
-        np.dot(c, w2d, out=y2d[n0 * ho * wo : n1 * ho * wo])
-    if b is not None or code != ACT_NONE:
-        bias_act_epilogue(_bias_or_zeros(b, x, n_out, fn), code, x.dtype.type(alpha), y2d)
-    return y
+        matmul(c, w2d, y2d[n0 * ho * wo : n1 * ho * wo])
+    return _epilogue(y, b, code, alpha, out, col0, fn)
 
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[int, ...] = (1, 1),
-                    pad: tuple[int, ...] = (0, 0, 0, 0)) -> tuple:
+                    pad: tuple[int, ...] = (0, 0, 0, 0), need_dx: bool = True) -> tuple:
     """Gradients of conv2d_forward (without activation) given dy = dL/d(conv output + b).
 
-    dy (N,H',W',O), x (N,H,W,C), w (KH,KW,C,O) -> dx (N,H,W,C), dw (KH,KW,C,O), db (O,).
+    dy (N,H',W',O), x (N,H,W,C), w (KH,KW,C,O) -> dx (N,H,W,C), dw (KH,KW,C,O), db (O,);
+    dx is None with need_dx=False (a network's first layer: no GEMM, no col2im).
     """
     fn = "conv2d_backward"
     x, w, (sh, sw), (pt, pb, pl, pr), (ho, wo) = _conv_geometry(x, w, stride, pad, fn)
@@ -194,26 +238,27 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[
     dy2d = dy.reshape(-1, n_out)
     db = dy2d.sum(axis=0)
     if _is_plain_1x1(w, (sh, sw), (pt, pb, pl, pr)):
-        dx, dw, _ = pointwise_conv_backward(dy, x, w[0, 0])
+        dx, dw, _ = pointwise_conv_backward(dy, x, w[0, 0], need_dx)
         return dx, dw.reshape(w.shape), db
     k = kh * kw * c_in
     w2d = w.reshape(k, n_out)
-    dx = np.empty_like(x)
+    dx = np.empty_like(x)  # not written (and never touched, so never paged in) without need_dx
     dw2d = np.zeros((k, n_out), dtype=x.dtype)
     zero_bias = np.zeros(c_in, dtype=x.dtype)
     step = _images_per_chunk(n_img, ho * wo * k * x.itemsize)
     cols = np.empty((step * ho * wo, k), dtype=x.dtype)
-    dcols = np.empty_like(cols)
+    dcols = np.empty((step * ho * wo if need_dx else 0, k), dtype=x.dtype)
     for n0 in range(0, n_img, step):
         n1 = min(n0 + step, n_img)
         rows = slice(n0 * ho * wo, n1 * ho * wo)
         c = cols[: (n1 - n0) * ho * wo]
-        dc = dcols[: (n1 - n0) * ho * wo]
         im2col(x[n0:n1], kh, kw, sh, sw, pt, pl, ho, wo, c)
-        dw2d += c.T @ dy2d[rows]
-        np.dot(dy2d[rows], w2d.T, out=dc)
-        col2im(dc, kh, kw, sh, sw, pt, pl, ho, wo, zero_bias, ACT_NONE, x.dtype.type(0), dx[n0:n1])
-    return dx, dw2d.reshape(w.shape), db
+        dw2d += matmul_tn(c, dy2d[rows])
+        if need_dx:
+            dc = dcols[: (n1 - n0) * ho * wo]
+            matmul(dy2d[rows], w2d.T, dc)
+            col2im(dc, kh, kw, sh, sw, pt, pl, ho, wo, zero_bias, ACT_NONE, x.dtype.type(0), dx[n0:n1])
+    return (dx if need_dx else None), dw2d.reshape(w.shape), db
 
 
 # ----------------------------------------------------------------------------- pointwise (1x1)
@@ -230,8 +275,9 @@ def _pointwise_args(x, w, fn):
 
 
 def pointwise_conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, act: int = ACT_NONE,
-                           alpha: float = 1.0) -> np.ndarray:
-    """y = act(x @ w + b) over the channel axis.  x (N,H,W,C), w (C,O), b (O,) or None -> y (N,H,W,O)."""
+                           alpha: float = 1.0, out: np.ndarray | None = None, col0: int = 0) -> np.ndarray:
+    """y = act(x @ w + b) over the channel axis.  x (N,H,W,C), w (C,O), b (O,) or None -> y (N,H,W,O);
+    `out`, col0 as conv2d_forward's."""
     fn = "pointwise_conv_forward"
     x, w = _pointwise_args(x, w, fn)
     code = _act_code(act, fn)
@@ -239,14 +285,13 @@ def pointwise_conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = 
     n_out = w.shape[1]
     y = np.empty((n_img, h, wd, n_out), dtype=x.dtype)
     y2d = y.reshape(-1, n_out)
-    np.dot(x.reshape(-1, c_in), w, out=y2d)
-    if b is not None or code != ACT_NONE:
-        bias_act_epilogue(_bias_or_zeros(b, x, n_out, fn), code, x.dtype.type(alpha), y2d)
-    return y
+    matmul(x.reshape(-1, c_in), w, y2d)
+    return _epilogue(y, b, code, alpha, out, col0, fn)
 
 
-def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray) -> tuple:
-    """dy (N,H,W,O), x (N,H,W,C), w (C,O) -> dx (N,H,W,C), dw (C,O), db (O,); dy is pre-activation."""
+def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_dx: bool = True) -> tuple:
+    """dy (N,H,W,O), x (N,H,W,C), w (C,O) -> dx (N,H,W,C) (None with need_dx=False), dw (C,O), db (O,);
+    dy is pre-activation."""
     fn = "pointwise_conv_backward"
     x, w = _pointwise_args(x, w, fn)
     n_img, h, wd, c_in = x.shape
@@ -254,6 +299,9 @@ def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray) -> tup
     dy = _like(dy, x, (n_img, h, wd, n_out), "dy", fn, "(N,H,W,O)")
     dy2d = dy.reshape(-1, n_out)
     x2d = x.reshape(-1, c_in)
-    dx = (dy2d @ w.T).reshape(x.shape)
-    dw = x2d.T @ dy2d
+    dx = None
+    if need_dx:
+        dx = np.empty_like(x)
+        matmul(dy2d, w.T, dx.reshape(-1, c_in))
+    dw = matmul_tn(x2d, dy2d)
     return dx, dw, dy2d.sum(axis=0)

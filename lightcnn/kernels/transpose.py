@@ -33,6 +33,7 @@ import numpy as np
 
 from lightcnn.kernels.activation import ACT_NONE
 from lightcnn.kernels._args import _act_code, _bias_or_zeros, _images_per_chunk, _like, _nhwc, _pad4, _pair
+from lightcnn.kernels._gemm import matmul, matmul_tn
 from lightcnn.kernels.conv import col2im, im2col
 from lightcnn.kernels.shapes import transpose_output_size
 
@@ -83,7 +84,7 @@ def conv_transpose2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None 
     for n0 in range(0, n_img, step):
         n1 = min(n0 + step, n_img)
         c = cols[: (n1 - n0) * hw]
-        np.dot(x2d[n0 * hw : n1 * hw], wm, out=c)
+        matmul(x2d[n0 * hw : n1 * hw], wm, c)
         col2im(c, kh, kw, sh, sw, pt, pl, h_in, w_in, bias, code, x.dtype.type(alpha), y[n0:n1])
     return y
 
@@ -113,7 +114,7 @@ def conv_transpose2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stri
         dc = dcols[: (n1 - n0) * hw]
         # The transpose conv's input grid is the strided conv's output grid: (H, W).
         im2col(dy[n0:n1], kh, kw, sh, sw, pt, pl, h_in, w_in, dc)
-        np.dot(dc, wm.T, out=dx2d[rows])
-        dwm += x2d[rows].T @ dc
+        matmul(dc, wm.T, dx2d[rows])
+        dwm += matmul_tn(x2d[rows], dc)
     dw = np.ascontiguousarray(dwm.reshape(c_in, kh, kw, n_out).transpose(1, 2, 0, 3))
     return dx, dw, db

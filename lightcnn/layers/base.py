@@ -16,6 +16,8 @@ Containers expose their children by name; the dotted path of a parameter is its
 checkpoint name (``blocks.3.dw.conv.weight``), so loading is by name, never by order.
 """
 
+import contextlib
+
 import numpy as np
 
 from lightcnn.errors import ShapeError
@@ -54,6 +56,9 @@ class Layer:
 
     #: a "unit" is the smallest thing summaries and profiles report as one row
     is_unit = False
+    #: a container whose input goes only to its first child, and whose input gradient is that
+    #: child's (Sequential, a conv unit); not one with a skip connection (see `input_gradient_skipped`)
+    first_child_takes_input = False
 
     def __init__(self):
         self.params = {}
@@ -62,6 +67,7 @@ class Layer:
         self.frozen = False
         self.cache = None
         self.name = type(self).__name__
+        self.skip_input_grad = False  # backward() may return None: nothing upstream needs dx
 
     # -- the protocol ---------------------------------------------------------------
     def forward(self, x, training=False):
@@ -126,8 +132,48 @@ class Layer:
         return f"{type(self).__name__}()"
 
 
+def input_layer(net):
+    """The leaf that receives `net`'s input, reached through containers whose first child takes the
+    input and gives the input gradient (``first_child_takes_input``); None when there is no such leaf."""
+    layer = net
+    if not isinstance(layer, Layer):
+        return None
+    while layer.children():
+        if not layer.first_child_takes_input:
+            return None
+        layer = layer.children()[0][1]
+    return layer
+
+
+def skip_input_gradient(net, skip=True):
+    """Whether `net`'s input layer computes the gradient w.r.t. the input; returns the previous setting.
+
+    With skip=True net.backward returns None. For training: nothing upstream of the trained network
+    needs dL/d(input) (the images, or cached boundary activations), and for a first convolution on a
+    227x227 image that gradient is a GEMM and a col2im over the whole input. Conv2d honours the flag;
+    any other input layer ignores it.
+    """
+    layer = input_layer(net)
+    if layer is None:
+        return False
+    previous, layer.skip_input_grad = layer.skip_input_grad, bool(skip)
+    return previous
+
+
+@contextlib.contextmanager
+def input_gradient_skipped(net):
+    """`skip_input_gradient(net)` inside the block, the previous setting restored after it; yields the layer."""
+    previous = skip_input_gradient(net, True)
+    try:
+        yield input_layer(net)
+    finally:
+        skip_input_gradient(net, previous)
+
+
 class Sequential(Layer):
     """Children applied in order; backward runs them in reverse."""
+
+    first_child_takes_input = True
 
     def __init__(self, layers=()):
         super().__init__()
@@ -164,4 +210,4 @@ class Sequential(Layer):
     def backward(self, dy):
         for _, layer in reversed(self.layers):
             dy = layer.backward(dy)
-        return dy
+        return dy  # None when the first layer skips its input gradient (input_gradient_skipped)

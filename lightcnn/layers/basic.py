@@ -82,6 +82,17 @@ def _default_rng(rng) -> np.random.Generator:
     return rng if rng is not None else np.random.default_rng(0)
 
 
+def _check_training_act(name, act, alpha):
+    """A conv's fused activation in training: only one whose derivative its output gives.
+
+    backward() then takes dy w.r.t. the pre-activation, which the caller (ConvBNAct) computes
+    from the output with activation_backward_from_output; the conv keeps no pre-activation.
+    """
+    if act != act_k.ACT_NONE and not act_k.grad_from_output(act, alpha):
+        raise ValueError(f"{name}: a fused activation in training must have its derivative in terms of its output "
+                         f"(relu, relu6, elu with alpha >= 0), got code {act}")
+
+
 class Conv2d(Layer):
     """KxK convolution. weight (KH,KW,C,O), bias (O,) or absent.
 
@@ -110,31 +121,34 @@ class Conv2d(Layer):
         return self.kernel == (1, 1) and self.stride == (1, 1) and pads == (0, 0, 0, 0)
 
     def forward(self, x: np.ndarray, training: bool = False, weight: np.ndarray | None = None,
-                bias: np.ndarray | None = None, act: int = act_k.ACT_NONE, alpha: float = 1.0) -> np.ndarray:
-        """`weight`/`bias` override the stored ones and `act` is fused into the
-        output; both are for ConvBNAct's inference path (folded batch norm)."""
+                bias: np.ndarray | None = None, act: int = act_k.ACT_NONE, alpha: float = 1.0,
+                out: np.ndarray | None = None, col0: int = 0) -> np.ndarray:
+        """`weight`/`bias` override the stored ones (ConvBNAct's inference path, folded batch norm);
+        `act` is fused into the output. In training, backward() still wants dy w.r.t. the
+        pre-activation: the caller computes it from the output (see _check_training_act).
+        `out`/`col0`: write into channels col0.. of out (see conv2d_forward) and return that view."""
         check_nhwc(x, self.name, self.in_ch)
         w = self.params["weight"] if weight is None else weight
         b = self.params.get("bias") if bias is None else bias
         pads = self.pads(x.shape[1], x.shape[2])
         if self._is_pointwise(pads):
-            y = conv_k.pointwise_conv_forward(x, w.reshape(self.in_ch, self.out_ch), b, act, alpha)
+            y = conv_k.pointwise_conv_forward(x, w.reshape(self.in_ch, self.out_ch), b, act, alpha, out, col0)
         else:
-            y = conv_k.conv2d_forward(x, w, b, self.stride, pads, act, alpha)
+            y = conv_k.conv2d_forward(x, w, b, self.stride, pads, act, alpha, out, col0)
         if training:
-            if act != act_k.ACT_NONE:
-                raise ValueError(f"{self.name}: a fused activation is for inference only")
+            _check_training_act(self.name, act, alpha)
             self.cache = (x, pads, w)
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         x, pads, w = self.cache
         self.cache = None
+        need_dx = not self.skip_input_grad
         if self._is_pointwise(pads):
-            dx, dw, db = conv_k.pointwise_conv_backward(dy, x, w.reshape(self.in_ch, self.out_ch))
+            dx, dw, db = conv_k.pointwise_conv_backward(dy, x, w.reshape(self.in_ch, self.out_ch), need_dx)
             dw = dw.reshape(w.shape)
         else:
-            dx, dw, db = conv_k.conv2d_backward(dy, x, w, self.stride, pads)
+            dx, dw, db = conv_k.conv2d_backward(dy, x, w, self.stride, pads, need_dx)
         if not self.frozen:
             self.grads["weight"] = dw
             if "bias" in self.params:
@@ -184,8 +198,7 @@ class DepthwiseConv2d(Layer):
         pads = self.pads(x.shape[1], x.shape[2])
         y = dw_k.depthwise_conv2d_forward(x, w, b, self.stride, pads, act, alpha)
         if training:
-            if act != act_k.ACT_NONE:
-                raise ValueError(f"{self.name}: a fused activation is for inference only")
+            _check_training_act(self.name, act, alpha)
             self.cache = (x, pads, w)
         return y
 
@@ -229,11 +242,14 @@ class ConvTranspose2d(Layer):
         if bias:
             self.params["bias"] = np.zeros(out_ch, np.float32)
 
-    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+    def forward(self, x: np.ndarray, training: bool = False, act: int = act_k.ACT_NONE,
+                alpha: float = 1.0) -> np.ndarray:
+        """`act` fused into the output; in training as Conv2d's (backward wants dy w.r.t. the pre-activation)."""
         check_nhwc(x, self.name, self.in_ch)
         y = tconv_k.conv_transpose2d_forward(x, self.params["weight"], self.params.get("bias"), self.stride,
-                                             self.padding, self.output_padding)
+                                             self.padding, self.output_padding, act, alpha)
         if training:
+            _check_training_act(self.name, act, alpha)
             self.cache = x
         return y
 
@@ -339,13 +355,16 @@ class Activation(Layer):
         self.kind, self.code, self.alpha = kind, act_k.ACTIVATIONS[kind], float(alpha)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
-        if training:
-            self.cache = x
-        return act_k.activation_forward(x, self.code, self.alpha)
+        y = act_k.activation_forward(x, self.code, self.alpha)
+        if training:  # the output when it gives the derivative (no exponential in backward), else the input
+            self.cache = ("output", y) if act_k.grad_from_output(self.code, self.alpha) else ("input", x)
+        return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        x, self.cache = self.cache, None
-        return act_k.activation_backward(dy, x, self.code, self.alpha)
+        (kind, t), self.cache = self.cache, None
+        if kind == "output":
+            return act_k.activation_backward_from_output(dy, t, self.code, self.alpha)
+        return act_k.activation_backward(dy, t, self.code, self.alpha)
 
     def __repr__(self):
         return f"Activation({self.kind!r})"

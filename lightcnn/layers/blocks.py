@@ -26,6 +26,7 @@ class ConvBNAct(Layer):
     """
 
     is_unit = True
+    first_child_takes_input = True
 
     def __init__(self, conv, bn=None, act="none", alpha=1.0):
         super().__init__()
@@ -50,23 +51,47 @@ class ConvBNAct(Layer):
                                                            scale, shift)
         return self._folded
 
-    def forward(self, x, training=False):
+    def forward(self, x, training=False, out=None, col0=0):
+        """y (N,H',W',O). With `out` (N,H',W',C_total): y goes into out's channels col0..col0+O (a channel
+        concatenation the caller owns, Fire's) and that view is returned; backward() then takes the
+        gradient of the whole of `out`."""
         if not training:
             w, b = self.folded_weights()
             if x.dtype != w.dtype:
                 w, b = w.astype(x.dtype), (None if b is None else b.astype(x.dtype))
-            return self.conv.forward(x, False, weight=w, bias=b, act=self.act, alpha=self.alpha)
+            y = self.conv.forward(x, False, weight=w, bias=b, act=self.act, alpha=self.alpha)
+            return y if out is None else _into(out, col0, y)
         self._folded = None  # training may move BN statistics and weights
+        slot = None if out is None else int(col0)
+        from_output = act_k.grad_from_output(self.act, self.alpha)
+        if (self.act != act_k.ACT_NONE and self.bn is None and from_output
+                and (out is None or isinstance(self.conv, Conv2d))):
+            # the activation in the conv's epilogue (one pass fewer), written straight into the slot
+            slot_args = {} if out is None else {"out": out, "col0": col0}
+            y = self.conv.forward(x, True, act=self.act, alpha=self.alpha, **slot_args)
+            self.cache = ("output", y if out is None else out, slot, True)
+            return y
         z = self.conv.forward(x, True)
         if self.bn is not None:
             z = self.bn.forward(z, True)
-        self.cache = z if self.act != act_k.ACT_NONE else None
-        return z if self.act == act_k.ACT_NONE else act_k.activation_forward(z, self.act, self.alpha)
+        if self.act == act_k.ACT_NONE:
+            y, self.cache = z, ("none", None, slot, False)
+        else:
+            y = act_k.activation_forward(z, self.act, self.alpha)
+            self.cache = ("output", y, slot, False) if from_output else ("input", z, slot, False)
+        return y if out is None else _into(out, col0, y)
 
     def backward(self, dy):
-        z, self.cache = self.cache, None
-        if self.act != act_k.ACT_NONE:
-            dy = act_k.activation_backward(dy, z, self.act, self.alpha)
+        (kind, t, slot, whole), self.cache = self.cache, None
+        if whole and slot is not None:  # t is the whole concatenation: the slot's gradient in one pass
+            dy = act_k.activation_backward_from_output_channels(dy, t, slot, self.out_ch, self.act, self.alpha)
+        else:
+            if slot is not None:
+                dy = np.ascontiguousarray(dy[..., slot:slot + self.out_ch])
+            if kind == "output":  # y is the next layer's input: kept anyway, and no exponential here
+                dy = act_k.activation_backward_from_output(dy, t, self.act, self.alpha)
+            elif kind == "input":
+                dy = act_k.activation_backward(dy, t, self.act, self.alpha)
         if self.bn is not None:
             dy = self.bn.backward(dy)
         return self.conv.backward(dy)
@@ -80,6 +105,13 @@ class ConvBNAct(Layer):
     def __repr__(self):
         bn = "+BN" if self.bn is not None else ""
         return f"ConvBNAct({self.conv!r}{bn}, act={self.act_name!r})"
+
+
+def _into(out, col0, y):
+    """Copy y (N,H,W,O) into channels col0.. of out (N,H,W,C_total); returns that view."""
+    view = out[..., col0:col0 + y.shape[3]]
+    view[...] = y
+    return view
 
 
 def conv_bn_act(in_ch, out_ch, kernel, stride=1, padding="torch", act="none", bn=True, bn_eps=1e-5,
@@ -191,12 +223,19 @@ class Fire(Layer):
 
     def forward(self, x, training=False):
         s = self.squeeze.forward(x, training)
-        y = combine_k.concat_channels([self.expand1x1.forward(s, training), self.expand3x3.forward(s, training)])
+        if not training:
+            y = combine_k.concat_channels([self.expand1x1.forward(s), self.expand3x3.forward(s)])
+            return y + x if self.bypass else y
+        # Both expand units write their slot of one output: no concatenation pass, and backward reads each
+        # slot's gradient straight from dy (no split copies).
+        y = np.empty(s.shape[:3] + (self.out_ch,), s.dtype)
+        self.expand1x1.forward(s, True, out=y, col0=0)
+        self.expand3x3.forward(s, True, out=y, col0=self.expand1x1.out_ch)
         return y + x if self.bypass else y
 
     def backward(self, dy):
-        d1, d3 = combine_k.concat_channels_backward(dy, [self.expand1x1.out_ch, self.expand3x3.out_ch])
-        ds = self.expand1x1.backward(d1) + self.expand3x3.backward(d3)
+        dy = np.ascontiguousarray(dy)
+        ds = self.expand1x1.backward(dy) + self.expand3x3.backward(dy)  # each takes the whole output's gradient
         dx = self.squeeze.backward(ds)
         return dx + dy if self.bypass else dx
 

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from lightcnn.kernels import activation as act_k
 from lightcnn.kernels import combine as combine_k
 from lightcnn.layers.base import Layer, Sequential
 from lightcnn.layers.basic import ConvTranspose2d, Dense, Dropout, GlobalAvgPool, MaxPool2d
@@ -118,6 +119,8 @@ class CovidSqueezeFeatures(Layer):
     fire2's size; the gradient follows the same crop/pad.
     """
 
+    first_child_takes_input = True  # x reaches `early` only; the skip joins after it
+
     def __init__(self, in_channels, rng):
         super().__init__()
         trunk = _trunk("1_1", in_channels, "bn_elu", None, rng)
@@ -136,9 +139,10 @@ class CovidSqueezeFeatures(Layer):
         skip = self.early.forward(x, training)
         up = self.upsample.forward(self.late.forward(skip, training), training)
         up_fit = _fit_spatial(up, skip.shape[1], skip.shape[2])
-        if training:
-            self.cache = (up.shape, skip.shape[3])
-        return self.fuse.forward(combine_k.concat_channels([up_fit, skip]), training)
+        cat = combine_k.concat_channels([up_fit, skip])
+        if training:  # cat holds `up` itself when no crop/pad was needed: its backward reads it there
+            self.cache = (up.shape, skip.shape[3], cat if up.shape[1:3] == skip.shape[1:3] else None)
+        return self.fuse.forward(cat, training)
 
     def lower_inference(self, plan, x, name):
         """The same graph for an inference plan (lightcnn.layers.plan): concat by writing both parts into one buffer."""
@@ -154,11 +158,15 @@ class CovidSqueezeFeatures(Layer):
         return plan.lower(self.fuse, cat, f"{name}.fuse")
 
     def backward(self, dy):
-        (up_shape, skip_ch), self.cache = self.cache, None
+        (up_shape, skip_ch, cat), self.cache = self.cache, None
         dcat = self.fuse.backward(dy)
-        dup_fit, dskip = combine_k.concat_channels_backward(dcat, [dcat.shape[3] - skip_ch, skip_ch])
-        dup = _fit_spatial(dup_fit, up_shape[1], up_shape[2])
-        dskip = dskip + self.late.backward(self.upsample.backward(dup))
+        up_ch = dcat.shape[3] - skip_ch
+        if cat is not None:  # the upsampling's gradient straight from its slot of dcat and cat: no split copies
+            dlate = self.upsample.backward_from_slot(dcat, cat, 0)
+        else:
+            dup = _fit_spatial(np.ascontiguousarray(dcat[..., :up_ch]), up_shape[1], up_shape[2])
+            dlate = self.upsample.backward(dup)
+        dskip = np.add(dcat[..., up_ch:], self.late.backward(dlate))
         return self.early.backward(dskip)
 
 
@@ -189,7 +197,11 @@ class _TransposeAct(Layer):
         return [("tconv", self.tconv)]
 
     def forward(self, x, training=False):
-        return self.act.forward(self.tconv.forward(x, training), training)
+        """The ELU in the transpose conv's epilogue; backward takes its derivative from the output."""
+        y = self.tconv.forward(x, training, act=self.act.code, alpha=self.act.alpha)
+        if training:
+            self.cache = y
+        return y
 
     def lower_inference(self, plan, x, name):
         """One transpose_conv step of an inference plan, the ELU in its epilogue."""
@@ -207,7 +219,16 @@ class _TransposeAct(Layer):
         return y
 
     def backward(self, dy):
-        return self.tconv.backward(self.act.backward(dy))
+        y, self.cache = self.cache, None
+        return self.tconv.backward(act_k.activation_backward_from_output(dy, y, self.act.code, self.act.alpha))
+
+    def backward_from_slot(self, dcat, cat, col0):
+        """backward() given a channel concatenation `cat` (N,H,W,C_total) whose channels col0.. hold this
+        unit's output, and its gradient dcat: the slot is read in place, not copied out first."""
+        self.cache = None
+        dz = act_k.activation_backward_from_output_channels(dcat, cat, col0, self.out_ch, self.act.code,
+                                                            self.act.alpha)
+        return self.tconv.backward(dz)
 
     def macs(self, in_shape, out_shape):
         return self.tconv.macs(in_shape, out_shape)

@@ -33,8 +33,9 @@ import numpy as np
 
 from lightcnn.augment import oversample_indices
 from lightcnn.errors import TrainingError
+from lightcnn.kernels._gemm import gemm_caller_thread
 from lightcnn.kernels.linear import cross_entropy, focal_loss, softmax
-from lightcnn.layers.base import Sequential
+from lightcnn.layers.base import Sequential, input_gradient_skipped
 from lightcnn.layers.basic import Dropout
 from lightcnn.metrics import roc_auc, roc_auc_ovr
 from lightcnn.optim import SGD, Adam, clip_grad_norm
@@ -377,7 +378,9 @@ def fit(net, x_train, y_train, x_val, y_val, config, *, num_classes, state=None,
         with single_threaded():
             return fit(net, x_train, y_train, x_val, y_val, config, num_classes=num_classes, state=state,
                        on_epoch_end=on_epoch_end, progress=progress, eval_batch=eval_batch)
-    with np.errstate(over="ignore", invalid="ignore"):  # divergence is caught below and reported in one line
+    # nothing upstream of net needs the gradient w.r.t. its input (images or cached activations); the GEMMs
+    # keep BLAS on one thread per thread (lightcnn.kernels._gemm); divergence is reported below
+    with np.errstate(over="ignore", invalid="ignore"), input_gradient_skipped(net), gemm_caller_thread():
         return _fit(net, x_train, y_train, x_val, y_val, config, num_classes, state, on_epoch_end, progress,
                     eval_batch)
 
