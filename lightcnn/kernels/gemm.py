@@ -145,6 +145,17 @@ def _build_tiles(numba):
         ints = [context.cast(builder, args[j], signature.args[j], types.int64) for j in int_at]
         return arrays, ints
 
+    dvec = ir.VectorType(ir.DoubleType(), 16)
+    d_zero, d_three, d_six = (ir.Constant(dvec, [v] * 16) for v in (0.0, 3.0, 6.0))
+
+    def hard_swish(builder, u):
+        """hard_swish_scalar on 16 lanes, in float64 as that kernel computes it (same rounding)."""
+        d = builder.fpext(u, dvec)
+        t = builder.fadd(d, d_three)
+        t = builder.select(builder.fcmp_ordered("<", t, d_zero), d_zero, t)
+        t = builder.select(builder.fcmp_ordered(">", t, d_six), d_six, t)
+        return builder.fptrunc(builder.fdiv(builder.fmul(d, t), d_six), vec)
+
     def fma_of(builder):
         return declare(builder.module, "llvm.fma.v16f32", vec, [vec, vec, vec])
 
@@ -190,6 +201,7 @@ def _build_tiles(numba):
                                                     builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU6))),
                                mask_t)
             clamp6 = broadcast(builder, builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU6)), mask_t)
+            swish = builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_HARD_SWISH))
 
             def vptr(base, offset):
                 return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
@@ -203,18 +215,31 @@ def _build_tiles(numba):
                     masks.append(mask)
                     biases.append(builder.call(mload, [vptr(b_data, ir.Constant(i64, 16 * v)), ir.Constant(i32, 4),
                                                        mask, zero]))
-                for t, value in enumerate(results):
-                    i, v = divmod(t, nvec)
-                    u = builder.fadd(value, biases[v])
-                    u = builder.select(builder.and_(clamp0, builder.fcmp_ordered("<", u, zero)), zero, u)
-                    u = builder.select(builder.and_(clamp6, builder.fcmp_ordered(">", u, six)), six, u)
-                    col = ir.Constant(i64, 16 * v)
-                    row_res = builder.add(res_off_v, builder.mul(ir.Constant(i64, i), ldres_v))
-                    r = builder.call(mload, [vptr(res_data, builder.add(row_res, col)), ir.Constant(i32, 4),
-                                             builder.and_(masks[v], broadcast(builder, use_res_v, mask_t)), zero])
-                    u = builder.fadd(u, r)
-                    row_y = builder.add(y_off_v, builder.mul(ir.Constant(i64, i), ldy_v))
-                    builder.call(mstore, [u, vptr(y_data, builder.add(row_y, col)), ir.Constant(i32, 4), masks[v]])
+
+                def store_all(with_swish):
+                    for t, value in enumerate(results):
+                        i, v = divmod(t, nvec)
+                        u = builder.fadd(value, biases[v])
+                        if with_swish:
+                            u = hard_swish(builder, u)
+                        else:
+                            u = builder.select(builder.and_(clamp0, builder.fcmp_ordered("<", u, zero)), zero, u)
+                            u = builder.select(builder.and_(clamp6, builder.fcmp_ordered(">", u, six)), six, u)
+                        col = ir.Constant(i64, 16 * v)
+                        row_res = builder.add(res_off_v, builder.mul(ir.Constant(i64, i), ldres_v))
+                        r = builder.call(mload, [vptr(res_data, builder.add(row_res, col)), ir.Constant(i32, 4),
+                                                 builder.and_(masks[v], broadcast(builder, use_res_v, mask_t)), zero])
+                        u = builder.fadd(u, r)
+                        row_y = builder.add(y_off_v, builder.mul(ir.Constant(i64, i), ldy_v))
+                        builder.call(mstore, [u, vptr(y_data, builder.add(row_y, col)), ir.Constant(i32, 4),
+                                              masks[v]])
+
+                # hard-swish (float64 lanes) on its own path, so the ReLU/none tiles never pay for it
+                with builder.if_else(swish) as (then, otherwise):
+                    with then:
+                        store_all(True)
+                    with otherwise:
+                        store_all(False)
 
             switch_cases(builder, mr_v, nr_v, emit)
             return context.get_dummy_value()
@@ -243,7 +268,8 @@ def tile_fma_store(numba):
         y[y_off + i*ldy + c] = act(sum_k a[..] * w[..] + b[c]) (+ res[res_off + i*ldres + c])
 
     for i < mr, c < nv (nv <= nr; the columns past nv are neither read nor written), act one of
-    ACT_NONE, ACT_RELU, ACT_RELU6 (others: tile_fma and the Numba epilogue). b starts at the
+    ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH (in float64 as hard_swish_scalar does; others:
+    tile_fma and the Numba epilogue). b starts at the
     tile's first column. Arguments: (a, a_off, lda, w, w_off, k, mr, nr, b, nv, act, res,
     res_off, ldres, use_res, y, y_off, ldy); float32 results equal bias_act_store's.
     """
@@ -338,7 +364,7 @@ def gemm_rows(a, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, 
     k = a.shape[1]
     n_panels = (n_out + NR - 1) // NR
     last_width = 16 if n_out - (n_panels - 1) * NR <= 16 else NR
-    in_ir = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6
+    in_ir = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
     ldy, ldres = y.shape[1], res.shape[1]
     for p in range(p_lo, p_hi):
         c0 = p * NR
