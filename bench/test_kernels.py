@@ -1,7 +1,8 @@
 """Per-kernel latency at the real layer shapes of MobileNetV2, MobileNetV3 and SqueezeNet (batch 1, 224x224).
 
 Groups (``--benchmark-group-by=group``, the default here):
-  pointwise         1x1 conv as one GEMM: public kernel (layer path) vs the fused tile kernel (plan)
+  pointwise         1x1 conv as one GEMM: public kernel (layer path), the OpenBLAS tile kernel (`fused`) and the
+                    packed-weight GEMM the plan runs (`packed`, lightcnn.kernels.gemm)
   depthwise-3x3-s1, depthwise-3x3-s2, depthwise-5x5
   conv-3x3          the stems (3 -> 32 / 16 / 64 channels, stride 2) and a Fire expand 3x3
   fire              a whole Fire module: layer path vs inference plan
@@ -16,7 +17,7 @@ import pytest
 from lightcnn.kernels import activation as act_k
 from lightcnn.kernels import conv as conv_k
 from lightcnn.kernels import depthwise as dw_k
-from lightcnn.kernels import fused
+from lightcnn.kernels import fused, gemm
 from lightcnn.kernels import transpose as tconv_k
 
 from conftest import run
@@ -53,7 +54,7 @@ def _w(rng, *shape):
 
 
 @pytest.mark.benchmark(group="pointwise")
-@pytest.mark.parametrize("path", ["kernel", "fused"])
+@pytest.mark.parametrize("path", ["kernel", "fused", "packed"])
 @pytest.mark.parametrize("name,h,c,o", POINTWISE, ids=[p[0] for p in POINTWISE])
 def test_pointwise(benchmark, rng, name, h, c, o, path):
     x, w, b = _x(rng, 1, h, c), _w(rng, c, o), _w(rng, o)
@@ -61,13 +62,19 @@ def test_pointwise(benchmark, rng, name, h, c, o, path):
         run(benchmark, conv_k.pointwise_conv_forward, x, w, b, RELU6)
         return
     from lightcnn._jit import get_num_threads
+    from lightcnn.layers.plan_numba import gemm_split
 
     m = h * h
     y = np.empty((m, o), np.float32)
     dummy = np.zeros((1, 1), np.float32)
-    tile = fused.choose_tile(m, get_num_threads())
-    run(benchmark, fused.gemm_bias_act, x.reshape(m, c), w, b, dummy, False, dummy, m, False, RELU6,
-        np.float32(1.0), tile, y, 0)
+    if path == "fused":
+        tile = fused.choose_tile(m, get_num_threads())
+        run(benchmark, fused.gemm_bias_act, x.reshape(m, c), w, b, dummy, False, dummy, m, False, RELU6,
+            np.float32(1.0), tile, y, 0)
+        return
+    tile, groups = gemm_split(m, get_num_threads())
+    run(benchmark, fused.gemm_packed_bias_act, x.reshape(m, c), gemm.pack_panels(w), o, b, dummy, False, dummy, m,
+        False, RELU6, np.float32(1.0), tile, groups, y, 0)
 
 
 def _depthwise(benchmark, rng, h, c, stride, k):
@@ -109,8 +116,8 @@ def test_conv(benchmark, rng, name, h, c, o, k, s, p, path):
     y = np.empty((ho * ho, o), np.float32)
     dummy = np.zeros((1, 1), np.float32)
     tile = fused.choose_tile(ho * ho, get_num_threads())
-    run(benchmark, fused.conv_im2col_bias_act, x, w.reshape(-1, o), k, k, s, s, p, p, ho, ho, b, dummy, False,
-        RELU6, np.float32(1.0), tile, y, 0)
+    run(benchmark, fused.conv_im2col_bias_act, x, gemm.pack_panels(w.reshape(-1, o)), o, k, k, s, s, p, p, ho, ho, b,
+        dummy, False, RELU6, np.float32(1.0), tile, y, 0)
 
 
 def _block_paths(block, x):

@@ -137,12 +137,43 @@ def _global_names(code):
     return names
 
 
+class LowLevel:
+    """A Numba intrinsic (LLVM IR written with llvmlite) that is built when numba loads.
+
+    ``build(numba)`` returns the ``numba.extending.intrinsic``; until then the module holds this
+    stand-in, and `_bind_prange` swaps it for the built intrinsic in a kernel's module before
+    the kernel compiles (as it does with ``prange``). Not callable from Python.
+    """
+
+    def __init__(self, build):
+        self.build, self.built = build, None
+        self.__name__, self.__doc__ = build.__name__, build.__doc__
+
+    def resolve(self, numba):
+        with _lock:
+            if self.built is None:
+                self.built = self.build(numba)
+        return self.built
+
+    def __call__(self, *args):
+        raise TypeError(f"{self.__name__} is LLVM IR for compiled kernels; it cannot run in Python")
+
+
+def lowlevel(build):
+    """Decorate ``build(numba) -> intrinsic``: the intrinsic is made when numba loads (see LowLevel)."""
+    return LowLevel(build)
+
+
 def _bind_prange(py_func, numba):
-    """Point the `prange` that `py_func` reads in its module at numba.prange."""
+    """Point the `prange` that `py_func` reads in its module at numba.prange, and its LowLevel
+    stand-ins at their built intrinsics."""
     namespace = py_func.__globals__
     for name in _global_names(py_func.__code__):
-        if namespace.get(name) is prange:
+        value = namespace.get(name)
+        if value is prange:
             namespace[name] = numba.prange
+        elif isinstance(value, LowLevel):
+            namespace[name] = value.resolve(numba)
 
 
 def _register_kernel_type(numba):

@@ -44,6 +44,8 @@ DEPTHWISE_CASES = [
     (1, 11, 10, 19, (5, 5), (1, 1), (2, 2, 2, 2)),   # 5x5 interior path, odd C
     (1, 3, 3, 2, (3, 3), (1, 1), (3, 0, 0, 3)),      # padding wider than the kernel: bias-only rows
     (1, 1, 1, 3, (5, 5), (2, 2), (2, 2, 2, 2)),      # 1x1 spatial, 5x5 stride 2
+    (1, 9, 12, 40, (3, 3), (2, 2), (1, 1, 1, 1)),    # 3x3 row kernel: two 16-channel vectors + a masked 8
+    (2, 5, 20, 32, (3, 3), (1, 1), (0, 0, 1, 1)),    # 3x3 row kernel: whole vectors, no top/bottom padding
 ]
 
 

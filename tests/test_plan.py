@@ -14,7 +14,7 @@ import pytest
 from lightcnn.models.base import randomise_batchnorm_statistics
 from lightcnn.kernels import activation as act_k
 from lightcnn.kernels import conv as conv_k
-from lightcnn.kernels import fused
+from lightcnn.kernels import fused, gemm
 from lightcnn.models import BUILDERS, build
 
 RTOL = 1e-5
@@ -74,8 +74,8 @@ def test_conv_im2col_bias_act_matches_conv2d(shape, k, stride, pad, rng):
     n, ho, wo, o = ref.shape
     y = np.empty((n * ho * wo, o), np.float32)
     dummy = np.zeros((1, 1), np.float32)
-    fused.conv_im2col_bias_act(x, w.reshape(-1, 8), k, k, stride, stride, pad[0], pad[2], ho, wo, b, dummy, False,
-                               act_k.ACT_RELU, np.float32(1.0), 5, y, 0)
+    fused.conv_im2col_bias_act(x, gemm.pack_panels(w.reshape(-1, 8)), 8, k, k, stride, stride, pad[0], pad[2], ho, wo,
+                               b, dummy, False, act_k.ACT_RELU, np.float32(1.0), 5, y, 0)
     _close(y.reshape(ref.shape), ref)
 
 

@@ -36,12 +36,12 @@ summation order (the tests compare them at 1e-5).
 import numpy as np
 
 from lightcnn._jit import kernel, prange
-from lightcnn.kernels.activation import (ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, act_forward_flat,
-                                         act_scalar, hard_swish_scalar, relu6_scalar, relu_scalar)
+from lightcnn.kernels.activation import ACT_RELU, act_forward_flat
 from lightcnn.kernels.depthwise import dw_output_row
+from lightcnn.kernels.gemm import MR, NR, epilogue_tile, gemm_rows
 
-__all__ = ["gemm_bias_act", "gemm_bias_act_serial", "conv_im2col_bias_act", "inverted_residual_band", "se_gate", "max_pool_inference",
-           "choose_tile"]
+__all__ = ["gemm_bias_act", "gemm_bias_act_serial", "gemm_packed_bias_act", "gemm_packed_bias_act_serial",
+           "conv_im2col_bias_act", "inverted_residual_band", "se_gate", "max_pool_inference", "choose_tile"]
 
 # Rows of one GEMM tile. Each BLAS call packs the whole weight matrix, so tiles must not be
 # small (measured on MobileNetV2 shapes: 25-row tiles of a 49-row GEMM cost 25% more than one
@@ -58,72 +58,6 @@ def choose_tile(m, threads):
 
 
 # --------------------------------------------------------------------------- GEMM tiles
-
-
-# The epilogue loops. Each tests `act` once and then runs a loop specialised to that constant
-# code (act_scalar's if-chain folds away), so LLVM vectorises it. They never read and write
-# the same element through two different arguments: with `out is x` LLVM's runtime overlap
-# check fails and it falls back to scalar code (measured 4x slower on the expand epilogue).
-
-
-@kernel
-def _bias_act_inplace(a, b, act, alpha):
-    """a[c] = act(a[c] + b[c])."""
-    n = a.shape[0]
-    if act == ACT_NONE:
-        for c in range(n):
-            a[c] = a[c] + b[c]
-    elif act == ACT_RELU:
-        for c in range(n):
-            a[c] = relu_scalar(a[c] + b[c])
-    elif act == ACT_RELU6:
-        for c in range(n):
-            a[c] = relu6_scalar(a[c] + b[c])
-    elif act == ACT_HARD_SWISH:
-        for c in range(n):
-            a[c] = hard_swish_scalar(a[c] + b[c])
-    else:
-        for c in range(n):
-            a[c] = act_scalar(a[c] + b[c], act, alpha)
-
-
-@kernel
-def _bias_act_store(a, b, act, alpha, out):
-    """out[c] = act(a[c] + b[c]); a and out are different arrays."""
-    n = a.shape[0]
-    if act == ACT_NONE:
-        for c in range(n):
-            out[c] = a[c] + b[c]
-    elif act == ACT_RELU:
-        for c in range(n):
-            out[c] = relu_scalar(a[c] + b[c])
-    elif act == ACT_RELU6:
-        for c in range(n):
-            out[c] = relu6_scalar(a[c] + b[c])
-    elif act == ACT_HARD_SWISH:
-        for c in range(n):
-            out[c] = hard_swish_scalar(a[c] + b[c])
-    else:
-        for c in range(n):
-            out[c] = act_scalar(a[c] + b[c], act, alpha)
-
-
-@kernel
-def _epilogue_tile(acc, b, res, use_res, act, alpha, y, r0, col0):
-    """y[r0 + r, col0:col0 + O] = act(acc[r] + b) (+ res[r0 + r, col0:col0 + O]) for each row r of acc."""
-    n_out = acc.shape[1]
-    for r in range(acc.shape[0]):
-        a = acc[r]
-        dst = y[r0 + r, col0:col0 + n_out]
-        if use_res:
-            # The skip joins after the activation (MobileNet's project has none; Fire's bypass
-            # adds to the ReLU output), in the same rounding order as the layer path.
-            _bias_act_inplace(a, b, act, alpha)
-            rr = res[r0 + r, col0:col0 + n_out]
-            for c in range(n_out):
-                dst[c] = a[c] + rr[c]
-        else:
-            _bias_act_store(a, b, act, alpha, dst)
 
 
 def _gemm_bias_act(x2d, w2d, b, res, use_res, scale, rows_per_image, use_scale, act, alpha, tile, y, col0):
@@ -152,7 +86,44 @@ def _gemm_bias_act(x2d, w2d, b, res, use_res, scale, rows_per_image, use_scale, 
             np.dot(xs, w2d, acc)
         else:
             np.dot(x2d[r0:r1], w2d, acc)
-        _epilogue_tile(acc, b, res, use_res, act, alpha, y, r0, col0)
+        epilogue_tile(acc, b, res, use_res, act, alpha, y, r0, col0)
+
+
+def _gemm_packed_bias_act(x2d, wp, n_out, b, res, use_res, scale, rows_per_image, use_scale, act, alpha, tile,
+                          groups, y, col0):
+    """gemm_bias_act on packed weights (lightcnn.kernels.gemm): the same result, y[:, col0:col0+O].
+
+    wp = gemm.pack_panels(w2d (K, O)). The work items are (row tile, panel group) pairs:
+    `tile` rows each, the O columns' panels cut into `groups` groups (groups > 1 when there
+    are too few rows to give every thread a tile, e.g. 49 rows at batch 1).
+    """
+    m, k = x2d.shape
+    n_tiles = (m + tile - 1) // tile
+    n_panels = (n_out + NR - 1) // NR
+    for t in prange(n_tiles * groups):
+        rt = t // groups
+        g = t - rt * groups
+        r0 = rt * tile
+        r1 = min(m, r0 + tile)
+        p_lo = g * n_panels // groups
+        p_hi = (g + 1) * n_panels // groups
+        acc = np.empty((MR, NR), dtype=y.dtype)
+        if use_scale:
+            # (x * s) @ w: scale the tile's input rows into scratch (one image per row range).
+            xs = np.empty((r1 - r0, k), dtype=x2d.dtype)
+            for r in range(r0, r1):
+                s = scale[r // rows_per_image]
+                xr = x2d[r]
+                xo = xs[r - r0]
+                for c in range(k):
+                    xo[c] = xr[c] * s[c]
+            gemm_rows(xs, 0, r1 - r0, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, r0, col0, acc)
+        else:
+            gemm_rows(x2d, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, r0, col0, acc)
+
+
+gemm_packed_bias_act = kernel(parallel=True)(_gemm_packed_bias_act)
+gemm_packed_bias_act_serial = kernel(_gemm_packed_bias_act)
 
 
 # One kernel body, two compilations: the parallel one for GEMMs with enough rows to share,
@@ -209,30 +180,30 @@ def _im2col_tile(x, kh, kw, sh, sw, pt, pl, ho, wo, r0, cols):
 
 
 @kernel(parallel=True)
-def conv_im2col_bias_act(x, w2d, kh, kw, sh, sw, pt, pl, ho, wo, b, res, use_res, act, alpha, tile, y, col0):
-    """KxK conv tile by tile: im2col of `tile` output rows into scratch, one GEMM, fused epilogue.
+def conv_im2col_bias_act(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res, use_res, act, alpha, tile, y, col0):
+    """KxK conv tile by tile: im2col of `tile` output rows into scratch, one packed GEMM with its epilogue.
 
-    x (N,H,W,C); w2d (KH*KW*C, O) (HWIO reshaped); y (N*Ho*Wo, >= col0 + O) as rows.
+    x (N,H,W,C); wp = gemm.pack_panels(w2d (KH*KW*C, O)) (HWIO reshaped); y (N*Ho*Wo, >= col0 + O) as rows.
     Only the top/left padding is passed: Ho and Wo imply the rest (reads outside x are zeros).
     """
     m = y.shape[0]
-    k, n_out = w2d.shape
+    k = kh * kw * x.shape[3]
+    n_panels = (n_out + NR - 1) // NR
     n_tiles = (m + tile - 1) // tile
     for t in prange(n_tiles):
         r0 = t * tile
         r1 = min(m, r0 + tile)
         cols = np.empty((r1 - r0, k), dtype=x.dtype)
         _im2col_tile(x, kh, kw, sh, sw, pt, pl, ho, wo, r0, cols)
-        acc = np.empty((r1 - r0, n_out), dtype=y.dtype)
-        np.dot(cols, w2d, acc)
-        _epilogue_tile(acc, b, res, use_res, act, alpha, y, r0, col0)
+        acc = np.empty((MR, NR), dtype=y.dtype)
+        gemm_rows(cols, 0, r1 - r0, wp, n_out, 0, n_panels, b, res, use_res, act, alpha, y, r0, col0, acc)
 
 
 # --------------------------------------------------------------------------- inverted residual, fused
 
 
 @kernel(parallel=True)
-def inverted_residual_band(x, has_expand, w1, b1, act1, wd, bd, sh, sw, top, left, act2, w3, b3, act3, use_res,
+def inverted_residual_band(x, has_expand, w1p, b1, act1, wd, bd, sh, sw, top, left, act2, w3p, b3, act3, use_res,
                            alpha, items_per_image, sub_rows, y):
     """A whole MobileNet bottleneck without squeeze-excitation, band by band:
 
@@ -240,7 +211,7 @@ def inverted_residual_band(x, has_expand, w1, b1, act1, wd, bd, sh, sw, top, lef
         d = act2(depthwise(e, wd) + bd)  KHxKW, stride (sh, sw), padding top/left (+ implied)
         y = act3(d @ w3 + b3) (+ x)      project 1x1 (+ residual when use_res)
 
-    x (N,H,W,C), w1 (C,E), wd (KH,KW,E), w3 (E,O), y (N,Ho,Wo,O).
+    x (N,H,W,C), w1p/w3p = gemm.pack_panels of w1 (C,E) / w3 (E,O), wd (KH,KW,E), y (N,Ho,Wo,O).
     The expanded tensor e is E/C (6x) larger than x and is never written to memory: each
     work item (a band of output rows of one image; items_per_image per image) walks down its
     band `sub_rows` output rows at a time, expanding only the input rows the depthwise
@@ -262,7 +233,9 @@ def inverted_residual_band(x, has_expand, w1, b1, act1, wd, bd, sh, sw, top, lef
         oh_end = min(h_out, oh_start + rows_per_item)
         ebuf = np.empty((cap if has_expand else 1, w_in, e_ch), dtype=y.dtype)
         dbuf = np.empty((sub_rows, w_out, e_ch), dtype=y.dtype)
-        acc = np.empty((sub_rows * w_out, c_out), dtype=y.dtype)
+        acc = np.empty((MR, NR), dtype=y.dtype)
+        n_p1 = (e_ch + NR - 1) // NR
+        n_p3 = (c_out + NR - 1) // NR
         dacc = np.empty(e_ch, dtype=y.dtype)
         buf_lo = 0
         buf_hi = 0
@@ -285,9 +258,8 @@ def inverted_residual_band(x, has_expand, w1, b1, act1, wd, bd, sh, sw, top, lef
                 if hi > start:
                     rows = hi - start
                     block = ebuf[start - lo:hi - lo].reshape(rows * w_in, e_ch)
-                    np.dot(x2d[(n * h_in + start) * w_in:(n * h_in + hi) * w_in], w1, block)
-                    for r in range(rows * w_in):
-                        _bias_act_inplace(block[r], b1, act1, alpha)
+                    gemm_rows(x2d, (n * h_in + start) * w_in, (n * h_in + hi) * w_in, w1p, e_ch, 0, n_p1, b1, block,
+                              False, act1, alpha, block, 0, 0, acc)
                 buf_lo = lo
                 buf_hi = hi
                 for oh in range(oh0, oh1):
@@ -296,9 +268,8 @@ def inverted_residual_band(x, has_expand, w1, b1, act1, wd, bd, sh, sw, top, lef
                 for oh in range(oh0, oh1):
                     dw_output_row(x[n], np.int64(0), h_in, wd, bd, sh, sw, top, left, act2, alpha, oh, dacc, dbuf[oh - oh0])
             m = (oh1 - oh0) * w_out
-            a = acc[:m]
-            np.dot(dbuf[:oh1 - oh0].reshape(m, e_ch), w3, a)
-            _epilogue_tile(a, b3, x2d, use_res, act3, alpha, y2d, (n * h_out + oh0) * w_out, np.int64(0))
+            gemm_rows(dbuf[:oh1 - oh0].reshape(m, e_ch), 0, m, w3p, c_out, 0, n_p3, b3, x2d, use_res, act3, alpha, y2d,
+                      (n * h_out + oh0) * w_out, 0, acc)
 
 
 def band_layout(n_img, h_out, w_in, e_ch, kh, sh, threads, buffer_bytes=1 << 18, itemsize=4):

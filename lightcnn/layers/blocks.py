@@ -34,12 +34,14 @@ class ConvBNAct(Layer):
         self.act_name, self.act, self.alpha = act, act_k.ACTIVATIONS[act], float(alpha)
         self.in_ch, self.out_ch = conv.in_ch, conv.out_ch
         self._folded = None  # (weight, bias) with BN folded; derived, rebuilt after parameter changes
+        self.params_version = 0  # counts params_changed(): inference plans repack their weights when it moves
 
     def children(self):
         return [("conv", self.conv)] + ([("bn", self.bn)] if self.bn is not None else [])
 
     def _on_params_changed(self):
         self._folded = None
+        self.params_version = getattr(self, "params_version", 0) + 1
 
     def folded_weights(self):
         """Conv weight and bias with the batch norm's running statistics folded in."""

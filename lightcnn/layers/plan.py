@@ -32,7 +32,9 @@ and without the fusions that would skip them.
 
 What is never cached: weights. Each call asks the layer for them (ConvBNAct's folded
 weights are cached by the layer itself and dropped by params_changed()), so a plan is
-never stale after fine-tuning or loading a checkpoint. Only float32 inputs use plans.
+never stale after fine-tuning or loading a checkpoint. The one derived copy, the numba
+engine's packed GEMM weights (Weights.packed), is redone when those arrays change or the
+unit's params_changed() runs. Only float32 inputs use plans.
 
 A plan owns mutable buffers, so it is used by one thread at a time; Model keeps one per
 (thread, input shape, engine) and the result returned to the caller is always a fresh array.
@@ -43,6 +45,7 @@ import time
 import numpy as np
 
 from lightcnn.kernels import activation as act_k
+from lightcnn.kernels.gemm import pack_panels
 from lightcnn.kernels.shapes import conv_output_size
 from lightcnn.layers.base import Sequential
 from lightcnn.layers.basic import (Conv2d, Dense, DepthwiseConv2d, Dropout, Flatten, GlobalAvgPool, MaxPool2d,
@@ -137,20 +140,34 @@ class _Arena:
 class Weights:
     """Live weights of a unit, reshaped for its kernel; the reshape is redone only when the array changes."""
 
-    def __init__(self, fetch, shape):
-        self.fetch, self.shape = fetch, shape
-        self.src, self.b_src, self.w, self.b = None, None, None, None
+    def __init__(self, fetch, shape, unit=None):
+        self.fetch, self.shape, self.unit = fetch, shape, unit
+        self.src, self.b_src, self.w, self.b, self.wp, self.wp_version = None, None, None, None, None, None
 
     def __call__(self):
         w, b = self.fetch()
         if w is not self.src or b is not self.b_src:
             self.src, self.b_src = w, b
             self.w = np.ascontiguousarray(w, dtype=_F32).reshape(self.shape)
+            self.wp = None
             n_out = self.shape[-1]
             self.b = np.zeros(n_out, _F32) if b is None else np.ascontiguousarray(b, dtype=_F32)
             if w.dtype != _F32 or (b is not None and b.dtype != _F32):
                 self.src = None  # a cast copy would miss in-place updates: redo it every call
         return self.w, self.b
+
+    def packed(self):
+        """(wp, b): the weights as (K, O) packed into lightcnn.kernels.gemm's panels.
+
+        A copy, so it is redone whenever the unit's arrays are new ones (BN folding, a cast) or
+        the unit's params_changed() ran: in-place updates count once params_changed() says so,
+        as every optimiser and checkpoint load in lightcnn does.
+        """
+        w, b = self()
+        version = getattr(self.unit, "params_version", 0)
+        if self.wp is None or self.src is None or version != self.wp_version:
+            self.wp, self.wp_version = pack_panels(w.reshape(-1, self.shape[-1])), version
+        return self.wp, b
 
 
 def _dense_weights(layer):
@@ -368,7 +385,7 @@ class InferencePlan:
         elif isinstance(conv, Conv2d):
             pointwise = conv._is_pointwise(pads)
             k = c if pointwise else kh * kw * c
-            common = dict(weights=Weights(unit.folded_weights, (k, unit.out_ch)), act=act, alpha=alpha, col0=col0,
+            common = dict(weights=Weights(unit.folded_weights, (k, unit.out_ch), unit), act=act, alpha=alpha, col0=col0,
                           rows=n * ho * wo, width=y.shape[-1])
             if pointwise:
                 self._step("pointwise", name, dict(x=x, y=y, res=res, scale=scale), rows_per_image=ho * wo,
@@ -446,9 +463,9 @@ class InferencePlan:
         y = self._new((n, ho, wo, pw.out_ch))
         has_expand = block.expand is not None
         self._step("inverted_residual", name, dict(x=x, y=y),
-                   expand=Weights(block.expand.folded_weights, (c, e)) if has_expand else None,
+                   expand=Weights(block.expand.folded_weights, (c, e), block.expand) if has_expand else None,
                    depthwise=Weights(dw.folded_weights, (kh, kw, e)),
-                   project=Weights(pw.folded_weights, (e, pw.out_ch)),
+                   project=Weights(pw.folded_weights, (e, pw.out_ch), pw),
                    acts=(int(block.expand.act) if has_expand else 0, int(dw.act), int(pw.act)),
                    alpha=_F32(dw.alpha), stride=(sh, sw), top=pads[0], left=pads[2],
                    use_res=bool(block.use_residual))

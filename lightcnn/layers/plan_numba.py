@@ -18,6 +18,7 @@ from lightcnn.kernels import conv as conv_k
 from lightcnn.kernels import depthwise as dw_k
 from lightcnn.kernels import transpose as tconv_k
 from lightcnn.kernels import fused
+from lightcnn.kernels import gemm
 
 _F32 = np.float32
 _DUMMY2 = np.zeros((1, 1), _F32)  # stands in for "no residual" / "no SE scale" (typed arguments)
@@ -32,8 +33,20 @@ SERIAL_MAX_ROWS = 256
 def _pointwise_kernel(step):
     p = step.params
     k = p["weights"].shape[0]
-    return fused.gemm_bias_act_serial if p["rows"] * k * p["weights"].shape[1] < SERIAL_MAX_MACS \
-        else fused.gemm_bias_act
+    return fused.gemm_packed_bias_act_serial if p["rows"] * k * p["weights"].shape[1] < SERIAL_MAX_MACS \
+        else fused.gemm_packed_bias_act
+
+
+def gemm_split(m, threads):
+    """(tile rows, panel groups) for an M-row packed GEMM on `threads` threads: row tiles (a multiple
+    of gemm.MR rows) when there are rows enough for a tile of at least 4*MR per thread, else one row
+    tile whose column panels are shared out (49 rows at batch 1: each thread does half the panels)."""
+    if threads <= 1:
+        return max(1, m), 1
+    if m >= threads * 4 * gemm.MR:
+        tile = fused.choose_tile(m, threads)
+        return -(-tile // gemm.MR) * gemm.MR, 1
+    return max(1, m), threads
 
 
 def kernels_for(step, plan):
@@ -90,14 +103,14 @@ def _pointwise(step, plan):
     ra = plan.arg(v["res"], (m, width))[0] if use_res else _DUMMY2
     sa = plan.arg(v["scale"])[0] if use_scale else _DUMMY2
     kern = _pointwise_kernel(step)
-    tile = fused.choose_tile(m, 1 if kern is fused.gemm_bias_act_serial else plan.threads)
+    tile, groups = gemm_split(m, 1 if kern is fused.gemm_packed_bias_act_serial else plan.threads)
     kern, weights, rows_per_image = _dispatch(kern), p["weights"], p["rows_per_image"]
-    act, alpha, col0, shape2d = p["act"], p["alpha"], p["col0"], (m, k)
+    act, alpha, col0, shape2d, n_out = p["act"], p["alpha"], p["col0"], (m, k), p["weights"].shape[-1]
 
     def run(vals):
-        wt, b = weights()
+        wp, b = weights.packed()
         xv = xa if xa is not None else vals[xi].reshape(shape2d)
-        kern(xv, wt, b, ra, use_res, sa, rows_per_image, use_scale, act, alpha, tile, ya, col0)
+        kern(xv, wp, n_out, b, ra, use_res, sa, rows_per_image, use_scale, act, alpha, tile, groups, ya, col0)
     return run
 
 
@@ -111,12 +124,12 @@ def _conv(step, plan):
     (kh, kw), (sh, sw), (ho, wo) = p["kernel"], p["stride"], p["out_hw"]
     top, left, act, alpha, col0 = p["top"], p["left"], p["act"], p["alpha"], p["col0"]
     tile = fused.choose_tile(m, plan.threads)
-    kern, weights = _dispatch(fused.conv_im2col_bias_act), p["weights"]
+    kern, weights, n_out = _dispatch(fused.conv_im2col_bias_act), p["weights"], p["weights"].shape[-1]
 
     def run(vals):
-        wt, b = weights()
+        wp, b = weights.packed()
         xv = xa if xa is not None else vals[xi]
-        kern(xv, wt, kh, kw, sh, sw, top, left, ho, wo, b, ra, use_res, act, alpha, tile, ya, col0)
+        kern(xv, wp, n_out, kh, kw, sh, sw, top, left, ho, wo, b, ra, use_res, act, alpha, tile, ya, col0)
     return run
 
 
@@ -144,13 +157,13 @@ def _inverted_residual(step, plan):
     has_expand = w_expand is not None
     act1, act2, act3 = p["acts"]
     alpha, use_res = p["alpha"], p["use_res"]
-    dummy_w, dummy_b = np.zeros((1, 1), _F32), np.zeros(1, _F32)
+    dummy_w, dummy_b = np.zeros(1, _F32), np.zeros(1, _F32)
     kern = _dispatch(fused.inverted_residual_band)
 
     def run(vals):
-        w1, b1 = w_expand() if has_expand else (dummy_w, dummy_b)
+        w1, b1 = w_expand.packed() if has_expand else (dummy_w, dummy_b)
         wd, bd = w_dw()
-        w3, b3 = w_project()
+        w3, b3 = w_project.packed()
         kern(xa, has_expand, w1, b1, act1, wd, bd, sh, sw, top, left, act2, w3, b3, act3, use_res, alpha,
              items, sub_rows, ya)
     return run

@@ -1,0 +1,384 @@
+"""The inference GEMM: pre-packed weights, a register-blocked AVX-512 tile, a fused epilogue.
+
+    y[yr0 + r - r0, col0 + o] = act( sum_k a[r, k] * w[k, o] + b[o] )  (+ res[yr0 + r - r0, col0 + o])
+
+for rows r0 <= r < r1 of a (M, K) and the output channels o of the column panels asked for.
+Cost: 2*K FLOPs per output element; the epilogue is 2-4 FLOPs per element.
+
+Why not BLAS: a pointwise conv in a mobile network is a small, skinny GEMM (3136x24 @ 24x144,
+49x960 @ 960x160 at batch 1). OpenBLAS packs the whole weight matrix on every call and
+reaches ~35% of a core's FMA peak on these shapes. Here the weights are packed once per
+plan (`pack_panels`, redone only when they change), and one tile computes `mr` rows x 32
+columns (mr <= MR = 12) with 2*mr 16-float accumulators held in registers for the whole
+K loop: per k, two 16-float weight loads, mr broadcasts of a[r, k] and 2*mr vector FMAs.
+
+Layout of the packed weights (`pack_panels`): w (K, O) cut into panels of NR = 32 columns,
+each stored k-major (K, 32), the panels one after the other; the last panel is 16 columns
+wide when 16 are enough, else 32, zero-padded. Panel p starts at p * 32 * K.
+
+The tile (`tile_fma`) is written in LLVM IR (llvmlite) rather than Numba Python because
+that is the only way to get what it needs from Numba: accumulators that stay in registers
+across the k loop (in Python loops LLVM keeps them in memory, since it cannot prove the
+output does not alias the inputs: ~7-40 GFLOP/s) and 512-bit vectors (LLVM's vectoriser
+prefers 256-bit ones on these CPUs). The IR is plain `<16 x float>` loads and
+`llvm.fma.v16f32`, so on a CPU without AVX-512 LLVM lowers it to two AVX2 halves (or SSE),
+correct everywhere, fast where AVX-512 exists. Each output is one FMA chain over k in
+order: results equal a float32 GEMM up to summation order (the tests compare at 1e-5).
+
+Deliberately absent: packing of the activations (rows are read in place with stride K),
+blocking over K (K <= a few thousand keeps a panel in L2), and a backward pass (training
+uses conv.py's BLAS GEMMs).
+
+Shapes: a (M, K) C-contiguous rows; packed w 1-D (see above); b (O,); res, y (rows, >= col0 + O).
+"""
+
+import numpy as np
+
+from lightcnn._jit import kernel, lowlevel
+from lightcnn.kernels.activation import (ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, act_scalar,
+                                         hard_swish_scalar, relu6_scalar, relu_scalar)
+
+__all__ = ["MR", "NR", "pack_panels", "panel_count", "tile_fma", "gemm_rows", "bias_act_inplace", "bias_act_store",
+           "epilogue_tile"]
+
+MR = 12  # rows per tile: 2*MR accumulators + 2 weight vectors + 1 broadcast <= 32 zmm registers
+NR = 32  # columns per panel (two 16-float vectors)
+
+
+def panel_count(n_out):
+    return -(-n_out // NR)
+
+
+def pack_panels(w2d):
+    """w (K, O) -> the packed 1-D layout above (float32)."""
+    w2d = np.asarray(w2d, dtype=np.float32)
+    k, n_out = w2d.shape
+    n_panels = panel_count(n_out)
+    last = n_out - (n_panels - 1) * NR
+    last_width = 16 if last <= 16 else NR
+    packed = np.zeros(k * (NR * (n_panels - 1) + last_width), np.float32)
+    for p in range(n_panels):
+        c0 = p * NR
+        width = NR if p < n_panels - 1 else last_width
+        cols = w2d[:, c0:c0 + width]
+        panel = packed[p * NR * k:p * NR * k + k * width].reshape(k, width)
+        panel[:, :cols.shape[1]] = cols
+    return packed
+
+
+def _build_tiles(numba):
+    """Both tile intrinsics (see tile_fma and tile_fma_store); built once, when numba loads."""
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    i1, i32, i64, f32 = ir.IntType(1), ir.IntType(32), ir.IntType(64), ir.FloatType()
+    vec = ir.VectorType(f32, 16)
+    mask_t = ir.VectorType(i1, 16)
+    lanes = ir.Constant(ir.VectorType(i32, 16), list(range(16)))
+    zero = ir.Constant(vec, [0.0] * 16)
+    six = ir.Constant(vec, [6.0] * 16)
+    splat0 = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
+
+    def declare(module, name, ret, args):
+        return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name)
+
+    def broadcast(builder, scalar, vtype=vec):
+        u = ir.Constant(vtype, ir.Undefined)
+        return builder.shuffle_vector(builder.insert_element(u, scalar, ir.Constant(i32, 0)), u, splat0)
+
+    def k_loop(builder, fma, a_ptr, lda, w_ptr, k, mr, nv):
+        """The k loop of an mr x (16*nv) tile; returns the accumulators (zero when k <= 0)."""
+        entry = builder.block
+        loop = builder.append_basic_block(f"tile{mr}x{16 * nv}.loop")
+        after = builder.append_basic_block(f"tile{mr}x{16 * nv}.after")
+        builder.cbranch(builder.icmp_signed(">", k, ir.Constant(i64, 0)), loop, after)
+        builder.position_at_end(loop)
+        kk = builder.phi(i64)
+        kk.add_incoming(ir.Constant(i64, 0), entry)
+        accs = []
+        for _ in range(mr * nv):
+            phi = builder.phi(vec)
+            phi.add_incoming(zero, entry)
+            accs.append(phi)
+        w_row = builder.gep(w_ptr, [builder.mul(kk, ir.Constant(i64, 16 * nv))])
+        wv = [builder.load(builder.bitcast(builder.gep(w_row, [ir.Constant(i64, 16 * v)]), vec.as_pointer()), align=4)
+              for v in range(nv)]
+        new = []
+        for i in range(mr):
+            ai = builder.load(builder.gep(a_ptr, [builder.add(builder.mul(ir.Constant(i64, i), lda), kk)]), align=4)
+            av = broadcast(builder, ai)
+            new += [builder.call(fma, [av, wv[v], accs[i * nv + v]]) for v in range(nv)]
+        k_next = builder.add(kk, ir.Constant(i64, 1))
+        kk.add_incoming(k_next, loop)
+        for phi, value in zip(accs, new):
+            phi.add_incoming(value, loop)
+        builder.cbranch(builder.icmp_signed("<", k_next, k), loop, after)
+        builder.position_at_end(after)
+        results = []
+        for t in range(mr * nv):
+            phi = builder.phi(vec)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(new[t], loop)
+            results.append(phi)
+        return results
+
+    def switch_cases(builder, mr_v, nr_v, emit):
+        """emit(mr, nv) for the runtime (mr, nr): one inlined loop per case, all joined after."""
+        done = builder.append_basic_block("tile.done")
+        other = builder.append_basic_block("tile.none")
+        key = builder.add(builder.mul(nr_v, ir.Constant(i64, 2)), mr_v)  # 32 + mr or 64 + mr
+        switch = builder.switch(key, other)
+        for nv in (1, 2):
+            for m in range(1, MR + 1):
+                case = builder.append_basic_block(f"tile.case{m}x{16 * nv}")
+                switch.add_case(ir.Constant(i64, 32 * nv + m), case)
+                builder.position_at_end(case)
+                emit(m, nv)
+                builder.branch(done)
+        builder.position_at_end(other)
+        builder.branch(done)
+        builder.position_at_end(done)
+
+    def arrays_and_ints(context, builder, signature, args, array_at, int_at):
+        arrays = [context.make_array(signature.args[j])(context, builder, args[j]).data for j in array_at]
+        ints = [context.cast(builder, args[j], signature.args[j], types.int64) for j in int_at]
+        return arrays, ints
+
+    dvec = ir.VectorType(ir.DoubleType(), 16)
+    d_zero, d_three, d_six = (ir.Constant(dvec, [v] * 16) for v in (0.0, 3.0, 6.0))
+
+    def hard_swish(builder, u):
+        """hard_swish_scalar on 16 lanes, in float64 as that kernel computes it (same rounding)."""
+        d = builder.fpext(u, dvec)
+        t = builder.fadd(d, d_three)
+        t = builder.select(builder.fcmp_ordered("<", t, d_zero), d_zero, t)
+        t = builder.select(builder.fcmp_ordered(">", t, d_six), d_six, t)
+        return builder.fptrunc(builder.fdiv(builder.fmul(d, t), d_six), vec)
+
+    def fma_of(builder):
+        return declare(builder.module, "llvm.fma.v16f32", vec, [vec, vec, vec])
+
+    @intrinsic
+    def tile_fma(typingctx, a, a_off, lda, w, w_off, k, mr, nr, acc):
+        sig = types.void(a, a_off, lda, w, w_off, k, mr, nr, acc)
+
+        def codegen(context, builder, signature, args):
+            (a_data, w_data, acc_ptr), (a_off_v, lda_v, w_off_v, k_v, mr_v, nr_v) = arrays_and_ints(
+                context, builder, signature, args, (0, 3, 8), (1, 2, 4, 5, 6, 7))
+            a_ptr, w_ptr, fma = builder.gep(a_data, [a_off_v]), builder.gep(w_data, [w_off_v]), fma_of(builder)
+
+            def emit(m, nv):
+                for t, value in enumerate(k_loop(builder, fma, a_ptr, lda_v, w_ptr, k_v, m, nv)):
+                    i, v = divmod(t, nv)
+                    dst = builder.gep(acc_ptr, [ir.Constant(i64, i * NR + 16 * v)])
+                    builder.store(value, builder.bitcast(dst, vec.as_pointer()), align=4)
+
+            switch_cases(builder, mr_v, nr_v, emit)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def tile_fma_store(typingctx, a, a_off, lda, w, w_off, k, mr, nr, b, nv, act, res, res_off, ldres, use_res, y,
+                       y_off, ldy):
+        sig = types.void(a, a_off, lda, w, w_off, k, mr, nr, b, nv, act, res, res_off, ldres, use_res, y, y_off, ldy)
+
+        def codegen(context, builder, signature, args):
+            (a_data, w_data, b_data, res_data, y_data), ints = arrays_and_ints(
+                context, builder, signature, args, (0, 3, 8, 11, 15), (1, 2, 4, 5, 6, 7, 9, 10, 12, 13, 17))
+            a_off_v, lda_v, w_off_v, k_v, mr_v, nr_v, nv_v, act_v, res_off_v, ldres_v, ldy_v = ints
+            use_res_v = builder.icmp_unsigned("!=", context.cast(builder, args[14], signature.args[14], types.int64),
+                                              ir.Constant(i64, 0))
+            y_off_v = context.cast(builder, args[16], signature.args[16], types.int64)
+            a_ptr, w_ptr, fma = builder.gep(a_data, [a_off_v]), builder.gep(w_data, [w_off_v]), fma_of(builder)
+            mload = declare(builder.module, "llvm.masked.load.v16f32.p0", vec, [vec.as_pointer(), i32, mask_t, vec])
+            mstore = declare(builder.module, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                             [vec, vec.as_pointer(), i32, mask_t])
+            # ACT_RELU (1) and ACT_RELU6 (2) clamp at 0, ACT_RELU6 also at 6: selects in the order
+            # of relu_scalar / relu6_scalar, so NaN passes through as there.
+            clamp0 = broadcast(builder, builder.or_(builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU)),
+                                                    builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU6))),
+                               mask_t)
+            clamp6 = broadcast(builder, builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU6)), mask_t)
+            swish = builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_HARD_SWISH))
+
+            def vptr(base, offset):
+                return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
+
+            def emit(m, nvec):
+                results = k_loop(builder, fma, a_ptr, lda_v, w_ptr, k_v, m, nvec)
+                masks, biases = [], []
+                for v in range(nvec):
+                    left = builder.trunc(builder.sub(nv_v, ir.Constant(i64, 16 * v)), i32)
+                    mask = builder.icmp_signed("<", lanes, broadcast(builder, left, ir.VectorType(i32, 16)))
+                    masks.append(mask)
+                    biases.append(builder.call(mload, [vptr(b_data, ir.Constant(i64, 16 * v)), ir.Constant(i32, 4),
+                                                       mask, zero]))
+
+                def store_all(with_swish):
+                    for t, value in enumerate(results):
+                        i, v = divmod(t, nvec)
+                        u = builder.fadd(value, biases[v])
+                        if with_swish:
+                            u = hard_swish(builder, u)
+                        else:
+                            u = builder.select(builder.and_(clamp0, builder.fcmp_ordered("<", u, zero)), zero, u)
+                            u = builder.select(builder.and_(clamp6, builder.fcmp_ordered(">", u, six)), six, u)
+                        col = ir.Constant(i64, 16 * v)
+                        row_res = builder.add(res_off_v, builder.mul(ir.Constant(i64, i), ldres_v))
+                        r = builder.call(mload, [vptr(res_data, builder.add(row_res, col)), ir.Constant(i32, 4),
+                                                 builder.and_(masks[v], broadcast(builder, use_res_v, mask_t)), zero])
+                        u = builder.fadd(u, r)
+                        row_y = builder.add(y_off_v, builder.mul(ir.Constant(i64, i), ldy_v))
+                        builder.call(mstore, [u, vptr(y_data, builder.add(row_y, col)), ir.Constant(i32, 4),
+                                              masks[v]])
+
+                # hard-swish (float64 lanes) on its own path, so the ReLU/none tiles never pay for it
+                with builder.if_else(swish) as (then, otherwise):
+                    with then:
+                        store_all(True)
+                    with otherwise:
+                        store_all(False)
+
+            switch_cases(builder, mr_v, nr_v, emit)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile_fma, tile_fma_store
+
+
+@lowlevel
+def tile_fma(numba):
+    """acc[i, 0:nr] = sum_k a[a_off + i*lda + k] * w[w_off + k*nr + 0:nr] for i < mr.
+
+    tile_fma(a, a_off, lda, w, w_off, k, mr, nr, acc): a and w any float32 arrays (their
+    data pointers are used with the element offsets given; no bounds checks: the caller
+    keeps every read inside), 1 <= mr <= MR, nr in (16, 32), acc a C-contiguous (MR, 32)
+    float32 array (row i at i*32). Inlined into the caller as one loop per (mr, nr) case.
+    """
+    return _build_tiles(numba)[0]
+
+
+@lowlevel
+def tile_fma_store(numba):
+    """The tile with its epilogue, straight from registers into y (no scratch):
+
+        y[y_off + i*ldy + c] = act(sum_k a[..] * w[..] + b[c]) (+ res[res_off + i*ldres + c])
+
+    for i < mr, c < nv (nv <= nr; the columns past nv are neither read nor written), act one of
+    ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH (in float64 as hard_swish_scalar does; others:
+    tile_fma and the Numba epilogue). b starts at the
+    tile's first column. Arguments: (a, a_off, lda, w, w_off, k, mr, nr, b, nv, act, res,
+    res_off, ldres, use_res, y, y_off, ldy); float32 results equal bias_act_store's.
+    """
+    return _build_tiles(numba)[1]
+
+
+# --------------------------------------------------------------------------- the epilogue
+
+# Each loop tests `act` once and then runs a loop specialised to that constant code
+# (act_scalar's if-chain folds away), so LLVM vectorises it. They never read and write the
+# same element through two different arguments: with `out is x` LLVM's runtime overlap
+# check fails and it falls back to scalar code (measured 4x slower on the expand epilogue).
+
+
+@kernel
+def bias_act_inplace(a, b, act, alpha):
+    """a[c] = act(a[c] + b[c])."""
+    n = a.shape[0]
+    if act == ACT_NONE:
+        for c in range(n):
+            a[c] = a[c] + b[c]
+    elif act == ACT_RELU:
+        for c in range(n):
+            a[c] = relu_scalar(a[c] + b[c])
+    elif act == ACT_RELU6:
+        for c in range(n):
+            a[c] = relu6_scalar(a[c] + b[c])
+    elif act == ACT_HARD_SWISH:
+        for c in range(n):
+            a[c] = hard_swish_scalar(a[c] + b[c])
+    else:
+        for c in range(n):
+            a[c] = act_scalar(a[c] + b[c], act, alpha)
+
+
+@kernel
+def bias_act_store(a, b, act, alpha, out):
+    """out[c] = act(a[c] + b[c]); a and out are different arrays."""
+    n = a.shape[0]
+    if act == ACT_NONE:
+        for c in range(n):
+            out[c] = a[c] + b[c]
+    elif act == ACT_RELU:
+        for c in range(n):
+            out[c] = relu_scalar(a[c] + b[c])
+    elif act == ACT_RELU6:
+        for c in range(n):
+            out[c] = relu6_scalar(a[c] + b[c])
+    elif act == ACT_HARD_SWISH:
+        for c in range(n):
+            out[c] = hard_swish_scalar(a[c] + b[c])
+    else:
+        for c in range(n):
+            out[c] = act_scalar(a[c] + b[c], act, alpha)
+
+
+@kernel
+def epilogue_tile(acc, b, res, use_res, act, alpha, y, r0, col0):
+    """y[r0 + r, col0:col0 + O] = act(acc[r] + b) (+ res[r0 + r, col0:col0 + O]) for each row r of acc (R, O)."""
+    n_out = acc.shape[1]
+    for r in range(acc.shape[0]):
+        _epilogue_row(acc[r], b, res, use_res, act, alpha, y, r0 + r, col0, n_out)
+
+
+@kernel
+def _epilogue_row(a, b, res, use_res, act, alpha, y, row, col0, n):
+    """y[row, col0:col0 + n] = act(a[:n] + b[:n]) (+ res[row, col0:col0 + n])."""
+    dst = y[row, col0:col0 + n]
+    if use_res:
+        # The skip joins after the activation (MobileNet's project has none; Fire's bypass
+        # adds to the ReLU output), in the same rounding order as the layer path.
+        bias_act_inplace(a[:n], b[:n], act, alpha)
+        rr = res[row, col0:col0 + n]
+        for c in range(n):
+            dst[c] = a[c] + rr[c]
+    else:
+        bias_act_store(a[:n], b[:n], act, alpha, dst)
+
+
+# --------------------------------------------------------------------------- rows x panels
+
+
+@kernel
+def gemm_rows(a, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, yr0, col0, acc):
+    """y[yr0 + r - r0, col0 + o] = act(a[r] @ w[:, o] + b[o]) (+ res[same]) for r0 <= r < r1, o in panels [p_lo, p_hi).
+
+    a (M, K) C-contiguous; wp = pack_panels(w (K, O)); b (O,); res and y (rows, >= col0 + O)
+    (res a dummy when not use_res); acc a (MR, NR) float32 scratch. Serial: the callers split
+    rows or panels over threads. Panel by panel, so a panel (K x 32 floats) stays in cache while
+    the rows stream past it.
+    """
+    k = a.shape[1]
+    n_panels = (n_out + NR - 1) // NR
+    last_width = 16 if n_out - (n_panels - 1) * NR <= 16 else NR
+    in_ir = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
+    ldy, ldres = y.shape[1], res.shape[1]
+    for p in range(p_lo, p_hi):
+        c0 = p * NR
+        nr = NR if p < n_panels - 1 else last_width
+        nv = min(NR, n_out - c0)
+        bp = b[c0:c0 + nv]
+        for i0 in range(r0, r1, MR):
+            mr = min(MR, r1 - i0)
+            row = yr0 + i0 - r0
+            if in_ir:
+                off = row * ldy + col0 + c0
+                tile_fma_store(a, i0 * k, k, wp, c0 * k, k, mr, nr, bp, nv, act, res, row * ldres + col0 + c0, ldres,
+                               use_res, y, off, ldy)
+            else:
+                tile_fma(a, i0 * k, k, wp, c0 * k, k, mr, nr, acc)
+                for i in range(mr):
+                    _epilogue_row(acc[i], bp, res, use_res, act, alpha, y, row + i, col0 + c0, nv)

@@ -1,0 +1,119 @@
+"""The packed-weight GEMM (lightcnn.kernels.gemm) against a float64 NumPy oracle.
+
+The tile is LLVM IR with masked loads and stores at the panel edges, so the grid walks every edge:
+rows around MR (1, MR - 1, MR, MR + 1, 49), columns around the 16/32-wide panels (1, 15, 16, 17,
+24, 31, 33, 144), K = 1, residual and squeeze-excitation inputs, an output window inside a wider
+buffer (nothing outside it may be written), and the activations the IR applies itself (none, ReLU,
+ReLU6) beside ones that go through the Numba epilogue (hard-swish, ELU).
+"""
+
+import numpy as np
+import pytest
+
+from lightcnn.kernels import activation as act_k
+from lightcnn.kernels import fused, gemm
+
+RTOL = 1e-5
+
+
+def _oracle_act(z, act):
+    if act == act_k.ACT_NONE:
+        return z
+    if act == act_k.ACT_RELU:
+        return np.where(z < 0, 0.0, z)
+    if act == act_k.ACT_RELU6:
+        return np.where(z < 0, 0.0, np.where(z > 6, 6.0, z))
+    if act == act_k.ACT_HARD_SWISH:
+        return z * np.clip(z + 3.0, 0.0, 6.0) / 6.0
+    if act == act_k.ACT_ELU:
+        return np.where(z > 0, z, np.expm1(np.minimum(z, 0.0)))
+    raise ValueError(act)
+
+
+def _oracle(x, w, b, act, res=None, scale=None, rows_per_image=1):
+    x = x.astype(np.float64)
+    if scale is not None:
+        x = x * np.repeat(scale.astype(np.float64), rows_per_image, axis=0)[:x.shape[0]]
+    y = _oracle_act(x @ w.astype(np.float64) + b, act)
+    return y if res is None else y + res
+
+
+def _close(a, ref):
+    scale = max(1.0, float(np.abs(ref).max()))
+    assert np.abs(a - ref).max() <= RTOL * scale, np.abs(a - ref).max() / scale
+
+
+@pytest.mark.parametrize("n_out", [1, 15, 16, 17, 24, 31, 32, 33, 48, 144])
+def test_pack_panels_layout(n_out, rng):
+    k = 5
+    w = rng.standard_normal((k, n_out)).astype(np.float32)
+    wp = gemm.pack_panels(w)
+    n_panels = gemm.panel_count(n_out)
+    for p in range(n_panels):
+        c0 = p * gemm.NR
+        width = gemm.NR if p < n_panels - 1 else (16 if n_out - c0 <= 16 else gemm.NR)
+        panel = wp[c0 * k:c0 * k + k * width].reshape(k, width)
+        valid = min(width, n_out - c0)
+        np.testing.assert_array_equal(panel[:, :valid], w[:, c0:c0 + valid])
+        assert not panel[:, valid:].any()  # zero padding
+    assert wp.size == k * (gemm.NR * (n_panels - 1) + width)
+
+
+@pytest.mark.parametrize("m", [1, gemm.MR - 1, gemm.MR, gemm.MR + 1, 49])
+@pytest.mark.parametrize("k,n_out", [(1, 17), (24, 144), (7, 1), (33, 16), (16, 24), (40, 33)])
+@pytest.mark.parametrize("act", [act_k.ACT_NONE, act_k.ACT_RELU, act_k.ACT_RELU6, act_k.ACT_HARD_SWISH,
+                                 act_k.ACT_ELU])
+def test_packed_gemm_matches_oracle(m, k, n_out, act, rng):
+    x = rng.standard_normal((m, k)).astype(np.float32) * 2
+    w = rng.standard_normal((k, n_out)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    y = np.full((m, n_out + 5), np.nan, np.float32)  # a wider buffer: columns 2 .. 2+O are the output
+    dummy = np.zeros((1, 1), np.float32)
+    wp = gemm.pack_panels(w)
+    for kern, tile, groups in [(fused.gemm_packed_bias_act_serial, m, 1), (fused.gemm_packed_bias_act, 5, 1),
+                               (fused.gemm_packed_bias_act, m, 2), (fused.gemm_packed_bias_act, 13, 3)]:
+        y[:] = np.nan
+        kern(x, wp, n_out, b, dummy, False, dummy, 1, False, act, np.float32(1.0), tile, groups, y, 2)
+        _close(y[:, 2:2 + n_out], _oracle(x, w, b, act))
+        assert np.isnan(y[:, :2]).all() and np.isnan(y[:, 2 + n_out:]).all()
+
+
+@pytest.mark.parametrize("act", [act_k.ACT_RELU, act_k.ACT_HARD_SWISH])
+def test_packed_gemm_residual_and_se_scale(act, rng):
+    n, hw, k, n_out = 3, 10, 20, 37
+    x = rng.standard_normal((n * hw, k)).astype(np.float32)
+    w = rng.standard_normal((k, n_out)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    res = rng.standard_normal((n * hw, n_out + 4)).astype(np.float32)
+    s = rng.uniform(0, 1, (n, k)).astype(np.float32)
+    y = np.full((n * hw, n_out + 4), np.nan, np.float32)
+    fused.gemm_packed_bias_act(x, gemm.pack_panels(w), n_out, b, res, True, s, hw, True, act, np.float32(1.0), 7, 1,
+                               y, 4)
+    # the skip joins after the activation (Fire's bypass), read from the same columns as written
+    _close(y[:, 4:], _oracle(x, w, b, act, res=res[:, 4:], scale=s, rows_per_image=hw))
+    assert np.isnan(y[:, :4]).all()
+
+
+def test_packed_gemm_nan_passes_the_clamps(rng):
+    """ReLU/ReLU6 in the IR epilogue let NaN through, as relu_scalar does (training's NaN check must see it)."""
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    x[2, 3] = np.nan
+    w = rng.standard_normal((8, 20)).astype(np.float32)
+    b = np.zeros(20, np.float32)
+    dummy = np.zeros((1, 1), np.float32)
+    for act in (act_k.ACT_RELU, act_k.ACT_RELU6):
+        y = np.zeros((5, 20), np.float32)
+        fused.gemm_packed_bias_act_serial(x, gemm.pack_panels(w), 20, b, dummy, False, dummy, 1, False, act,
+                                          np.float32(1.0), 5, 1, y, 0)
+        assert np.isnan(y[2]).all() and not np.isnan(np.delete(y, 2, axis=0)).any()
+
+
+def test_lowlevel_stand_in_refuses_python_calls():
+    from lightcnn._jit import lowlevel
+
+    @lowlevel
+    def tile(numba):
+        return None
+
+    with pytest.raises(TypeError, match="LLVM IR"):
+        tile(1, 2)
