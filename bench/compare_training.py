@@ -70,7 +70,7 @@ def _torch_net(net, in_shape, train_bn):
 
 
 def lightcnn_step(net, x, y, lr=1e-3, momentum=0.9):
-    from lightcnn.kernels._gemm import gemm_caller_thread
+    from lightcnn.kernels._split_blas import gemm_caller_thread
     from lightcnn.kernels.linear import cross_entropy
     from lightcnn.layers.base import skip_input_gradient
     from lightcnn.optim import SGD

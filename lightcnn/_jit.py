@@ -14,6 +14,12 @@ Every kernel is decorated with `kernel` (or `kernel(parallel=True)`), never with
   default) if it is writable; else a ``numba`` folder in the user cache directory
   (`lightcnn._paths.user_cache_dir`). With no writable place at all, kernels compile
   without a cache and `cache_dir()` is None, which the engine choice reads.
+- **A cached kernel is as new as every kernel source.** Numba checks a cache entry against
+  the function's own file only, but kernels inline callees from other files (fused.py's
+  bottleneck calls gemm.py's tile): after an edit or an upgrade of gemm.py alone, the
+  cached bottleneck would keep running the old tile. So each kernel's cache stamp also
+  carries `kernel_source_hash()` (all of lightcnn/kernels/*.py and this file), and any
+  change there recompiles every kernel once (`_stamp_with_kernel_sources`).
 - **One cache entry per variant.** Numba keys its cache on the function's qualified
   name and ignores ``parallel``; a serial and a parallel compilation of one body would
   share an entry, and whichever compiled first would run for both. So a parallel
@@ -93,6 +99,7 @@ class Kernel:
                                    fastmath=set(FASTMATH_FLAGS) if self.fastmath else False)
                     try:
                         self._dispatcher = numba.njit(cache=_state["cache_dir"] is not None, **options)(self.py_func)
+                        _stamp_with_kernel_sources(self._dispatcher)
                     except RuntimeError:  # defined where numba cannot cache (stdin, exec): compile, keep nothing
                         self._dispatcher = numba.njit(cache=False, **options)(self.py_func)
                 d = self._dispatcher
@@ -135,6 +142,36 @@ def _global_names(code):
         if isinstance(const, types.CodeType):
             names |= _global_names(const)
     return names
+
+
+def kernel_source_hash():
+    """Hash (16 hex digits) of the files kernels compile from: lightcnn/kernels/*.py and this file."""
+    if "source_hash" not in _state:
+        import hashlib
+
+        root = os.path.dirname(os.path.abspath(__file__))
+        kernels = os.path.join(root, "kernels")
+        h = hashlib.sha256()
+        for path in sorted(os.path.join(kernels, f) for f in os.listdir(kernels) if f.endswith(".py")) + [
+                os.path.join(root, "_jit.py")]:
+            h.update(os.path.basename(path).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+        _state["source_hash"] = h.hexdigest()[:16]
+    return _state["source_hash"]
+
+
+def _stamp_with_kernel_sources(dispatcher):
+    """Make the cache entry of `dispatcher` valid only for this `kernel_source_hash()` (see above).
+
+    Numba stores a source stamp with each cache index and treats an index with another stamp as
+    empty; the stamp is extended here. Numba versions without these attributes keep their own
+    per-file check.
+    """
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    stamp = getattr(cache_file, "_source_stamp", None)
+    if stamp is not None:
+        cache_file._source_stamp = (stamp, kernel_source_hash())
 
 
 class LowLevel:

@@ -103,7 +103,7 @@ def numpy_blas_threads(n):
 def pin_numpy_blas_threads(n):
     """NumPy's OpenBLAS uses `n` threads in the calling thread from now on (no restore).
 
-    For threads lightcnn owns (lightcnn.kernels._gemm's pool): set once, so no call pays the setter
+    For threads lightcnn owns (lightcnn.kernels._split_blas's pool): set once, so no call pays the setter
     (~2 ms on a busy machine, as OpenBLAS parks or wakes its workers). Returns False when no
     per-thread setter was found (nothing changed).
     """

@@ -86,13 +86,10 @@ def _cpu_identity():
 
 
 def _source_hash():
-    """Hash of the files whose code the kernels compile from."""
-    root = Path(__file__).parent
-    h = hashlib.sha256()
-    for path in sorted((root / "kernels").glob("*.py")) + [root / "_jit.py"]:
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    """Hash of the files whose code the kernels compile from (lightcnn._jit.kernel_source_hash)."""
+    from lightcnn._jit import kernel_source_hash
+
+    return kernel_source_hash()
 
 
 def _environment():

@@ -91,3 +91,35 @@ def test_a_kernel_defined_where_numba_cannot_cache_still_compiles():
             "print(twice(np.float32(3.5)))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "7.0"
+
+
+_STAMP_SCRIPT = """
+import sys
+import lightcnn._jit as jit
+jit._state["source_hash"] = sys.argv[1]  # what kernel_source_hash() would give after an edit of a kernel file
+import kmod
+assert kmod.add_one(1.0) == 2.0
+stats = kmod.add_one.dispatcher.stats
+print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+"""
+
+
+def test_a_cached_kernel_is_recompiled_when_any_kernel_source_changes(tmp_path):
+    """Numba checks a cache entry against the function's own file only; lightcnn also stamps it with the hash of
+    every kernel source, because kernels inline callees from other files (an edit of gemm.py must reach the
+    cached bottleneck of fused.py). Same hash: loaded from the cache; another hash: compiled again, then cached."""
+    (tmp_path / "kmod.py").write_text("from lightcnn._jit import kernel\n\n\n@kernel\ndef add_one(x):\n"
+                                      "    return x + 1.0\n")
+    (tmp_path / "run.py").write_text(_STAMP_SCRIPT)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])]))
+
+    def hits_misses(source_hash):
+        out = subprocess.run([sys.executable, str(tmp_path / "run.py"), source_hash], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, check=True).stdout.split()
+        return int(out[0]), int(out[1])
+
+    assert hits_misses("a" * 16) == (0, 1)
+    assert hits_misses("a" * 16) == (1, 0)
+    assert hits_misses("b" * 16) == (0, 1)
+    assert hits_misses("b" * 16) == (1, 0)

@@ -404,7 +404,7 @@ def test_split_gemms_match_float64_products_and_not_the_thread_count(rng):
     # Large enough to be split (bands of rows; chunks of the shared axis): against the float64 product,
     # and matmul_tn bit-identical on 1 and 2 threads (its chunks depend on M only).
     from lightcnn._jit import get_num_threads, set_num_threads
-    from lightcnn.kernels import _gemm
+    from lightcnn.kernels import _split_blas as _gemm
 
     a = rng.standard_normal((20011, 64)).astype(np.float32)
     b = rng.standard_normal((64, 48)).astype(np.float32)
@@ -472,7 +472,7 @@ def test_split_gemms_follow_the_callers_errstate(rng):
     # (fit() silences overflow while it detects divergence; a warning from a pool thread would leak)
     import warnings
 
-    from lightcnn.kernels import _gemm
+    from lightcnn.kernels import _split_blas as _gemm
 
     a = np.full((20011, 64), 3e38, np.float32)
     b = np.full((64, 48), 3e38, np.float32)

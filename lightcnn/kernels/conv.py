@@ -8,7 +8,7 @@ where xp is x zero-padded by (top, bottom, left, right) = pad.  Output size per 
     H' = (H + top + bottom - KH) // sh + 1          W' = (W + left + right - KW) // sw + 1
 
 Cost: 2*KH*KW*C FLOPs per output element (2*C for pointwise), all of it in one BLAS
-GEMM per chunk of images (split over threads by _gemm.py, each thread's BLAS on one thread).
+GEMM per chunk of images (split over threads by _split_blas.py, each thread's BLAS on one thread).
 
 How: a Numba kernel (`im2col`) copies every receptive field into one row of a
 preallocated matrix cols (N*H'*W', KH*KW*C), whose column order (p, q, c) is exactly
@@ -38,7 +38,7 @@ import numpy as np
 
 from lightcnn._jit import kernel, prange
 from lightcnn.kernels._args import _act_code, _bias_or_zeros, _images_per_chunk, _like, _nhwc, _pad4, _pair
-from lightcnn.kernels._gemm import matmul, matmul_tn
+from lightcnn.kernels._split_blas import matmul, matmul_tn
 from lightcnn.kernels.activation import ACT_CHUNK, ACT_NONE, act_inplace
 from lightcnn.kernels.shapes import conv_output_size
 

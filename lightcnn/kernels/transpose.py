@@ -33,7 +33,7 @@ import numpy as np
 
 from lightcnn.kernels.activation import ACT_NONE
 from lightcnn.kernels._args import _act_code, _bias_or_zeros, _images_per_chunk, _like, _nhwc, _pad4, _pair
-from lightcnn.kernels._gemm import matmul, matmul_tn
+from lightcnn.kernels._split_blas import matmul, matmul_tn
 from lightcnn.kernels.conv import col2im, im2col
 from lightcnn.kernels.shapes import transpose_output_size
 
