@@ -86,17 +86,12 @@ def numpy_blas_threads(n):
     with 1 (and 25-28 ms either way when the machine was quiet). The per-thread setter costs
     microseconds; without one (an OpenBLAS older than 0.3.27, MKL) nothing changes.
     """
-    global _NUMPY_SETTERS
-    if _NUMPY_SETTERS is None:
-        try:
-            _NUMPY_SETTERS = _find_setters(with_scipy=False)
-        except Exception:  # never let a speed tweak break inference
-            _NUMPY_SETTERS = []
-    previous = [s(n) for s in _NUMPY_SETTERS]
+    setters = _numpy_setters()
+    previous = [s(n) for s in setters]
     try:
         yield
     finally:
-        for s, old in zip(_NUMPY_SETTERS, previous):
+        for s, old in zip(setters, previous):
             s(max(int(old), 1))
 
 
@@ -107,12 +102,18 @@ def pin_numpy_blas_threads(n):
     (~2 ms on a busy machine, as OpenBLAS parks or wakes its workers). Returns False when no
     per-thread setter was found (nothing changed).
     """
+    setters = _numpy_setters()
+    for s in setters:
+        s(n)
+    return bool(setters)
+
+
+def _numpy_setters():
+    """NumPy's OpenBLAS per-thread thread-count setters, found once ([] when there are none)."""
     global _NUMPY_SETTERS
     if _NUMPY_SETTERS is None:
         try:
             _NUMPY_SETTERS = _find_setters(with_scipy=False)
-        except Exception:  # never let a speed tweak break training
+        except Exception:  # never let a speed tweak break inference or training
             _NUMPY_SETTERS = []
-    for s in _NUMPY_SETTERS:
-        s(n)
-    return bool(_NUMPY_SETTERS)
+    return _NUMPY_SETTERS

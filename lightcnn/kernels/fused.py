@@ -60,6 +60,21 @@ def choose_tile(m, threads):
 # --------------------------------------------------------------------------- GEMM tiles
 
 
+@kernel
+def _scaled_rows(x2d, r0, r1, scale, rows_per_image):
+    """Rows r0..r1-1 of x2d (M, K), each multiplied by its image's channel scale (N, K) (squeeze-excite's
+    (x * s) @ w), as a new (r1 - r0, K) scratch array; rows_per_image rows belong to one image."""
+    k = x2d.shape[1]
+    xs = np.empty((r1 - r0, k), dtype=x2d.dtype)
+    for r in range(r0, r1):
+        s = scale[r // rows_per_image]
+        xr = x2d[r]
+        xo = xs[r - r0]
+        for c in range(k):
+            xo[c] = xr[c] * s[c]
+    return xs
+
+
 def _gemm_bias_act(x2d, w2d, b, res, use_res, scale, rows_per_image, use_scale, act, alpha, tile, y, col0):
     """Pointwise conv tile by tile: y[:, col0:col0+O] = act(xs @ w2d + b) (+ res).
 
@@ -67,7 +82,7 @@ def _gemm_bias_act(x2d, w2d, b, res, use_res, scale, rows_per_image, use_scale, 
     scale (N, K) (squeeze-excitation, rows_per_image = H*W) or a dummy when not use_scale;
     y (M, >= col0 + O).
     """
-    m, k = x2d.shape
+    m = x2d.shape[0]
     n_out = w2d.shape[1]
     n_tiles = (m + tile - 1) // tile
     for t in prange(n_tiles):
@@ -75,15 +90,7 @@ def _gemm_bias_act(x2d, w2d, b, res, use_res, scale, rows_per_image, use_scale, 
         r1 = min(m, r0 + tile)
         acc = np.empty((r1 - r0, n_out), dtype=y.dtype)
         if use_scale:
-            # (x * s) @ w: scale the tile's input rows into scratch (one image per row range).
-            xs = np.empty((r1 - r0, k), dtype=x2d.dtype)
-            for r in range(r0, r1):
-                s = scale[r // rows_per_image]
-                xr = x2d[r]
-                xo = xs[r - r0]
-                for c in range(k):
-                    xo[c] = xr[c] * s[c]
-            np.dot(xs, w2d, acc)
+            np.dot(_scaled_rows(x2d, r0, r1, scale, rows_per_image), w2d, acc)
         else:
             np.dot(x2d[r0:r1], w2d, acc)
         epilogue_tile(acc, b, res, use_res, act, alpha, y, r0, col0)
@@ -97,7 +104,7 @@ def _gemm_packed_bias_act(x2d, wp, n_out, b, res, use_res, scale, rows_per_image
     `tile` rows each, the O columns' panels cut into `groups` groups (groups > 1 when there
     are too few rows to give every thread a tile, e.g. 49 rows at batch 1).
     """
-    m, k = x2d.shape
+    m = x2d.shape[0]
     n_tiles = (m + tile - 1) // tile
     n_panels = (n_out + NR - 1) // NR
     for t in prange(n_tiles * groups):
@@ -109,15 +116,7 @@ def _gemm_packed_bias_act(x2d, wp, n_out, b, res, use_res, scale, rows_per_image
         p_hi = (g + 1) * n_panels // groups
         acc = np.empty((MR, NR), dtype=y.dtype)
         if use_scale:
-            # (x * s) @ w: scale the tile's input rows into scratch (one image per row range).
-            xs = np.empty((r1 - r0, k), dtype=x2d.dtype)
-            for r in range(r0, r1):
-                s = scale[r // rows_per_image]
-                xr = x2d[r]
-                xo = xs[r - r0]
-                for c in range(k):
-                    xo[c] = xr[c] * s[c]
-            gemm_rows(xs, 0, r1 - r0, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, r0, col0, acc)
+            gemm_rows(_scaled_rows(x2d, r0, r1, scale, rows_per_image), 0, r1 - r0, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, r0, col0, acc)
         else:
             gemm_rows(x2d, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, r0, col0, acc)
 
