@@ -35,8 +35,8 @@ Shapes: a (M, K) C-contiguous rows; packed w 1-D (see above); b (O,); res, y (ro
 import numpy as np
 
 from lightcnn._jit import kernel, lowlevel
-from lightcnn.kernels.activation import (ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, act_scalar,
-                                         hard_swish_scalar, relu6_scalar, relu_scalar)
+from lightcnn.kernels.activation import (ACT_ELU, ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, act_scalar,
+                                         elu_scalar, hard_swish_scalar, relu6_scalar, relu_scalar)
 
 __all__ = ["MR", "NR", "pack_panels", "panel_count", "tile_fma", "gemm_rows", "bias_act_inplace", "bias_act_store",
            "epilogue_tile"]
@@ -300,6 +300,9 @@ def bias_act_inplace(a, b, act, alpha):
     elif act == ACT_HARD_SWISH:
         for c in range(n):
             a[c] = hard_swish_scalar(a[c] + b[c])
+    elif act == ACT_ELU:  # seed 000's and seed 001's networks, in training too
+        for c in range(n):
+            a[c] = elu_scalar(a[c] + b[c], alpha)
     else:
         for c in range(n):
             a[c] = act_scalar(a[c] + b[c], act, alpha)
@@ -321,6 +324,9 @@ def bias_act_store(a, b, act, alpha, out):
     elif act == ACT_HARD_SWISH:
         for c in range(n):
             out[c] = hard_swish_scalar(a[c] + b[c])
+    elif act == ACT_ELU:
+        for c in range(n):
+            out[c] = elu_scalar(a[c] + b[c], alpha)
     else:
         for c in range(n):
             out[c] = act_scalar(a[c] + b[c], act, alpha)
