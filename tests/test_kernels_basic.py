@@ -188,6 +188,25 @@ def test_backward_from_output_channels_of_a_concatenation(rng, act):
         A.activation_backward_from_output_channels(g, y, 8, 5, act, 0.7)
 
 
+@pytest.mark.parametrize("act", OUTPUT_GRAD)
+@pytest.mark.parametrize("shape, col0, width", [((2, 5, 3, 11), 3, 5), ((1, 4, 4, 6), 0, None),
+                                                ((3, 17, 13, 7), 2, 5)])  # 663 rows: two sum blocks
+def test_backward_from_output_and_bias_sum(rng, act, shape, col0, width):
+    # the derivative from the output and, in the same pass, its sum over N,H,W (a bias's gradient), against the
+    # pre-activation oracle and a float64 sum of it
+    x = spread(rng, shape)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    y = A.activation_forward(x, act, 0.7)
+    dx, db = A.activation_backward_from_output_and_sum(g, y, act, 0.7, col0, width)
+    hi = shape[3] if width is None else col0 + width
+    expected = ref.activation_backward_ref(g[..., col0:hi], x[..., col0:hi], act, 0.7)
+    assert dx.shape == shape[:3] + (hi - col0,) and db.dtype == np.float32
+    assert_close(dx, expected, 1e-6, act)
+    np.testing.assert_allclose(db, np.asarray(expected, np.float64).sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="channels"):
+        A.activation_backward_from_output_and_sum(g, y, act, 0.7, shape[3] - 1, 5)
+
+
 def test_backward_from_output_refuses_what_the_output_does_not_determine():
     y = np.zeros(3, np.float32)
     for act, alpha in [("sigmoid", 1.0), ("hard_sigmoid", 1.0), ("hard_swish", 1.0), ("elu", -0.5)]:

@@ -377,6 +377,27 @@ def _act_backward_output_cols(dy, y, col0, act, alpha, out):
         act_backward_from_output_flat(dy[r, col0:col0 + c], y[r, col0:col0 + c], act, alpha, out[r])
 
 
+# Rows per partial sum of the fused bias gradient: fixed by M alone, so the sums are added in the
+# same order on any number of threads.
+_SUM_ROWS = 512
+
+
+@kernel(parallel=True)
+def _act_backward_output_sums(dy, y, col0, act, alpha, out, partial):
+    """out[r, j] = dy[r, col0 + j] * act'(.) from y[r, col0 + j], and partial[b, j] = the sum of out[r, j] over
+    block b's rows (_SUM_ROWS of them), in float64. dy, y (M, C_total); out (M, c); partial (blocks, c)."""
+    m, c = out.shape
+    for blk in prange(partial.shape[0]):
+        acc = partial[blk]
+        for j in range(c):
+            acc[j] = 0.0
+        for r in range(blk * _SUM_ROWS, min(m, (blk + 1) * _SUM_ROWS)):
+            o = out[r]
+            act_backward_from_output_flat(dy[r, col0:col0 + c], y[r, col0:col0 + c], act, alpha, o)
+            for j in range(c):
+                acc[j] += o[j]
+
+
 # Activations whose derivative activation_backward_from_output computes from the output.
 OUTPUT_GRAD_ACTS = frozenset({ACT_NONE, ACT_RELU, ACT_RELU6, ACT_ELU})
 
@@ -488,3 +509,30 @@ def activation_backward_from_output_channels(dy: np.ndarray, y: np.ndarray, col0
     _act_backward_output_cols(dy.reshape(-1, total), y.reshape(-1, total), int(col0), code, y.dtype.type(alpha),
                               out.reshape(-1, int(width)))
     return out
+
+
+def activation_backward_from_output_and_sum(dy: np.ndarray, y: np.ndarray, act: int, alpha: float = 1.0,
+                                            col0: int = 0, width: int | None = None) -> tuple:
+    """(dx, db): activation_backward_from_output and, in the same pass, dx summed over every axis
+    but the channels: the gradient of a bias added before the activation (a conv's), without a
+    second read of dx.
+
+    dy, y (N,H,W,C_total) C-contiguous; with `width` only channels col0..col0+width (a slot of a
+    channel concatenation) -> dx (N,H,W,width), db (width,) in y's dtype, summed in float64.
+    """
+    code = activation_code(act)
+    if not grad_from_output(code, alpha):
+        raise ValueError(f"activation {act!r} (alpha {alpha}) has no derivative in terms of its output")
+    y = _check_float(y, "y")
+    dy = _check_float(dy, "dy").astype(y.dtype, copy=False)
+    width = y.shape[-1] - col0 if width is None else int(width)
+    if dy.shape != y.shape or y.ndim != 4 or not 0 <= col0 <= y.shape[3] - width or width < 0:
+        raise ValueError(f"dy and y must be one (N,H,W,C_total) shape with channels {col0}..{col0 + width} in it, "
+                         f"got {dy.shape} and {y.shape}")
+    out = np.empty(y.shape[:3] + (width,), y.dtype)
+    total = y.shape[3]
+    m = out.size // max(width, 1)
+    partial = np.empty((-(-m // _SUM_ROWS), width), np.float64)
+    _act_backward_output_sums(dy.reshape(-1, total), y.reshape(-1, total), int(col0), code, y.dtype.type(alpha),
+                              out.reshape(-1, width), partial)
+    return out, partial.sum(axis=0).astype(y.dtype)

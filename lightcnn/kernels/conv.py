@@ -265,11 +265,12 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, st
 
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[int, ...] = (1, 1),
-                    pad: tuple[int, ...] = (0, 0, 0, 0), need_dx: bool = True) -> tuple:
+                    pad: tuple[int, ...] = (0, 0, 0, 0), need_dx: bool = True, db: np.ndarray | None = None) -> tuple:
     """Gradients of conv2d_forward (without activation) given dy = dL/d(conv output + b).
 
     dy (N,H',W',O), x (N,H,W,C), w (KH,KW,C,O) -> dx (N,H,W,C), dw (KH,KW,C,O), db (O,);
-    dx is None with need_dx=False (a network's first layer: no GEMM, no col2im).
+    dx is None with need_dx=False (a network's first layer: no GEMM, no col2im). A given `db`
+    (already summed, e.g. by activation_backward_from_output_and_sum) is returned as it is.
     """
     fn = "conv2d_backward"
     x, w, (sh, sw), (pt, pb, pl, pr), (ho, wo) = _conv_geometry(x, w, stride, pad, fn)
@@ -277,9 +278,9 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[
     kh, kw, _, n_out = w.shape
     dy = _like(dy, x, (n_img, ho, wo, n_out), "dy", fn, "(N,H',W',O)")
     dy2d = dy.reshape(-1, n_out)
-    db = dy2d.sum(axis=0)
+    db = dy2d.sum(axis=0) if db is None else db
     if _is_plain_1x1(w, (sh, sw), (pt, pb, pl, pr)):
-        dx, dw, _ = pointwise_conv_backward(dy, x, w[0, 0], need_dx)
+        dx, dw, _ = pointwise_conv_backward(dy, x, w[0, 0], need_dx, db)
         return dx, dw.reshape(w.shape), db
     k = kh * kw * c_in
     w2d = w.reshape(k, n_out)
@@ -335,9 +336,10 @@ def pointwise_conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = 
     return _epilogue(y, b, code, alpha, out, col0, fn)
 
 
-def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_dx: bool = True) -> tuple:
+def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_dx: bool = True,
+                            db: np.ndarray | None = None) -> tuple:
     """dy (N,H,W,O), x (N,H,W,C), w (C,O) -> dx (N,H,W,C) (None with need_dx=False), dw (C,O), db (O,);
-    dy is pre-activation."""
+    dy is pre-activation; a given `db` is returned as it is."""
     fn = "pointwise_conv_backward"
     x, w = _pointwise_args(x, w, fn)
     n_img, h, wd, c_in = x.shape
@@ -350,4 +352,4 @@ def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_d
         dx = np.empty_like(x)
         matmul(dy2d, w.T, dx.reshape(-1, c_in))
     dw = matmul_tn(x2d, dy2d)
-    return dx, dw, dy2d.sum(axis=0)
+    return dx, dw, (dy2d.sum(axis=0) if db is None else db)

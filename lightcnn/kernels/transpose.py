@@ -90,17 +90,19 @@ def conv_transpose2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None 
 
 
 def conv_transpose2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[int, ...] = (1, 1),
-                              pad: tuple[int, ...] = (0, 0, 0, 0), output_padding: tuple[int, ...] = (0, 0)) -> tuple:
+                              pad: tuple[int, ...] = (0, 0, 0, 0), output_padding: tuple[int, ...] = (0, 0),
+                              db: np.ndarray | None = None) -> tuple:
     """Gradients of conv_transpose2d_forward (without activation) given dy w.r.t. its pre-activation output.
 
-    dy (N,H',W',O), x (N,H,W,C), w (KH,KW,C,O) -> dx (N,H,W,C), dw (KH,KW,C,O), db (O,).
+    dy (N,H',W',O), x (N,H,W,C), w (KH,KW,C,O) -> dx (N,H,W,C), dw (KH,KW,C,O), db (O,); a given `db`
+    (already summed with the activation's backward) is returned as it is.
     """
     fn = "conv_transpose2d_backward"
     x, wm, (sh, sw), (pt, pb, pl, pr), (ho, wo) = _transpose_geometry(x, w, stride, pad, output_padding, fn)
     n_img, h_in, w_in, c_in = x.shape
     kh, kw, _, n_out = np.shape(w)
     dy = _like(dy, x, (n_img, ho, wo, n_out), "dy", fn, "(N,H',W',O)")
-    db = dy.reshape(-1, n_out).sum(axis=0)
+    db = dy.reshape(-1, n_out).sum(axis=0) if db is None else db
     x2d = x.reshape(-1, c_in)
     dx = np.empty_like(x)
     dx2d = dx.reshape(-1, c_in)

@@ -140,15 +140,17 @@ class Conv2d(Layer):
             self.cache = (x, pads, w)
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, db: np.ndarray | None = None) -> np.ndarray:
+        """dy w.r.t. the pre-activation output; `db`, when the caller already summed dy (the activation's
+        backward did, in the same pass), is taken as the bias gradient."""
         x, pads, w = self.cache
         self.cache = None
         need_dx = not self.skip_input_grad
         if self._is_pointwise(pads):
-            dx, dw, db = conv_k.pointwise_conv_backward(dy, x, w.reshape(self.in_ch, self.out_ch), need_dx)
+            dx, dw, db = conv_k.pointwise_conv_backward(dy, x, w.reshape(self.in_ch, self.out_ch), need_dx, db)
             dw = dw.reshape(w.shape)
         else:
-            dx, dw, db = conv_k.conv2d_backward(dy, x, w, self.stride, pads, need_dx)
+            dx, dw, db = conv_k.conv2d_backward(dy, x, w, self.stride, pads, need_dx, db)
         if not self.frozen:
             self.grads["weight"] = dw
             if "bias" in self.params:
@@ -253,10 +255,11 @@ class ConvTranspose2d(Layer):
             self.cache = x
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, db: np.ndarray | None = None) -> np.ndarray:
+        """As Conv2d.backward (`db`: the bias gradient when the caller already summed dy)."""
         x, self.cache = self.cache, None
         dx, dw, db = tconv_k.conv_transpose2d_backward(dy, x, self.params["weight"], self.stride, self.padding,
-                                                       self.output_padding)
+                                                       self.output_padding, db)
         if not self.frozen:
             self.grads["weight"] = dw
             if "bias" in self.params:

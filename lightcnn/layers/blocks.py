@@ -85,6 +85,16 @@ class ConvBNAct(Layer):
 
     def backward(self, dy):
         (kind, t, slot, whole), self.cache = self.cache, None
+        if kind == "output" and self.bn is None and "bias" in self.conv.params and isinstance(self.conv, Conv2d):
+            # the activation's derivative and the bias gradient in one pass (t: y, or the concatenation
+            # holding y in channels slot..; the slot read in place)
+            if whole or slot is None:
+                dz, db = act_k.activation_backward_from_output_and_sum(dy, t, self.act, self.alpha, slot or 0,
+                                                                       self.out_ch)
+            else:
+                dz, db = act_k.activation_backward_from_output_and_sum(
+                    np.ascontiguousarray(dy[..., slot:slot + self.out_ch]), t, self.act, self.alpha)
+            return self.conv.backward(dz, db)
         if whole and slot is not None:  # t is the whole concatenation: the slot's gradient in one pass
             dy = act_k.activation_backward_from_output_channels(dy, t, slot, self.out_ch, self.act, self.alpha)
         else:

@@ -220,15 +220,16 @@ class _TransposeAct(Layer):
 
     def backward(self, dy):
         y, self.cache = self.cache, None
-        return self.tconv.backward(act_k.activation_backward_from_output(dy, y, self.act.code, self.act.alpha))
+        return self.backward_from_slot(dy, y, 0)
 
     def backward_from_slot(self, dcat, cat, col0):
         """backward() given a channel concatenation `cat` (N,H,W,C_total) whose channels col0.. hold this
-        unit's output, and its gradient dcat: the slot is read in place, not copied out first."""
+        unit's output, and its gradient dcat: the slot is read in place, not copied out first, and the
+        bias gradient is summed in the same pass."""
         self.cache = None
-        dz = act_k.activation_backward_from_output_channels(dcat, cat, col0, self.out_ch, self.act.code,
-                                                            self.act.alpha)
-        return self.tconv.backward(dz)
+        dz, db = act_k.activation_backward_from_output_and_sum(dcat, cat, self.act.code, self.act.alpha, col0,
+                                                               self.out_ch)
+        return self.tconv.backward(dz, db if "bias" in self.tconv.params else None)
 
     def macs(self, in_shape, out_shape):
         return self.tconv.macs(in_shape, out_shape)
