@@ -66,25 +66,46 @@ class ConvBNAct(Layer):
         self._folded = None  # training may move BN statistics and weights
         slot = None if out is None else int(col0)
         from_output = act_k.grad_from_output(self.act, self.alpha)
+        slot_args = {} if out is None else {"out": out, "col0": col0}
+        frozen_bn = self.bn is not None and self.bn.frozen and self.bn.track is None
+        epilogue_ok = self.act == act_k.ACT_NONE or from_output
+        if frozen_bn and epilogue_ok and (out is None or isinstance(self.conv, Conv2d)):
+            # Fine-tuning with batch norm frozen: the BN is a fixed per-channel affine map, so it folds into
+            # the conv as at inference (w * scale, shift as the bias) and the activation goes in the epilogue:
+            # one pass instead of three. backward() scales the folded weight's gradient back by `scale`.
+            scale, shift = (v.astype(x.dtype) for v in self.bn.folded())
+            y = self.conv.forward(x, True, weight=self.conv.params["weight"] * scale, bias=shift, act=self.act,
+                                  alpha=self.alpha, **slot_args)
+            self.cache = ("folded", y if out is None else out, slot, True, scale)
+            return y
         if (self.act != act_k.ACT_NONE and self.bn is None and from_output
                 and (out is None or isinstance(self.conv, Conv2d))):
             # the activation in the conv's epilogue (one pass fewer), written straight into the slot
-            slot_args = {} if out is None else {"out": out, "col0": col0}
             y = self.conv.forward(x, True, act=self.act, alpha=self.alpha, **slot_args)
-            self.cache = ("output", y if out is None else out, slot, True)
+            self.cache = ("output", y if out is None else out, slot, True, None)
             return y
         z = self.conv.forward(x, True)
         if self.bn is not None:
             z = self.bn.forward(z, True)
         if self.act == act_k.ACT_NONE:
-            y, self.cache = z, ("none", None, slot, False)
+            y, self.cache = z, ("none", None, slot, False, None)
         else:
             y = act_k.activation_forward(z, self.act, self.alpha)
-            self.cache = ("output", y, slot, False) if from_output else ("input", z, slot, False)
+            self.cache = ("output", y, slot, False, None) if from_output else ("input", z, slot, False, None)
         return y if out is None else _into(out, col0, y)
 
     def backward(self, dy):
-        (kind, t, slot, whole), self.cache = self.cache, None
+        (kind, t, slot, whole, scale), self.cache = self.cache, None
+        if kind == "folded":
+            if self.act != act_k.ACT_NONE:
+                dz = act_k.activation_backward_from_output_channels(dy, t, slot or 0, self.out_ch, self.act,
+                                                                    self.alpha)
+            else:
+                dz = dy if slot is None else np.ascontiguousarray(dy[..., slot:slot + self.out_ch])
+            dx = self.conv.backward(dz)
+            if "weight" in self.conv.grads and not self.conv.frozen:
+                self.conv.grads["weight"] = self.conv.grads["weight"] * scale  # d(w * scale)/dw
+            return dx
         if kind == "output" and self.bn is None and "bias" in self.conv.params and isinstance(self.conv, Conv2d):
             # the activation's derivative and the bias gradient in one pass (t: y, or the concatenation
             # holding y in channels slot..; the slot read in place)
