@@ -484,6 +484,47 @@ def test_batchnorm_train_gradient(rng, shape):
     assert_gradient(dbeta, loss, beta, "dbeta")
 
 
+@pytest.mark.parametrize("act", ["relu", "relu6", "elu"])
+@pytest.mark.parametrize("slot", [False, True])
+def test_batchnorm_train_fused_activation(rng, act, slot):
+    # BN + activation in one pass, optionally into channels 2..5 of a wider array: forward against the twin
+    # followed by the activation's oracle, backward (dy w.r.t. the activation's output) against the oracle's
+    # derivative followed by the unfused BN backward; and in float64 against central differences
+    shape, c = (3, 9, 7, 4), 4
+    x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    out = np.full(shape[:3] + (9,), 7.0, np.float32) if slot else None
+    col0 = 2 if slot else 0
+    y, cache, _, _ = B.batchnorm_train_forward(x, gamma, beta, 1e-5, act, 0.8, out, col0)
+    z_ref, _, _ = ref.batchnorm_train_ref(x, gamma, beta, 1e-5)
+    assert_close(y, ref.activation_forward_ref(z_ref, act, 0.8), 2e-5, "y")
+    if slot:  # the other channels are untouched, and y is the slot's view
+        assert np.all(out[..., :2] == 7.0) and np.all(out[..., 6:] == 7.0) and np.shares_memory(y, out)
+    g = rng.standard_normal(out.shape if slot else shape).astype(np.float32)
+    dx, dgamma, dbeta = B.batchnorm_train_backward(g, cache, gamma, out if slot else y, act, 0.8, col0)
+    g_slot = g[..., col0:col0 + c]
+    dz = ref.activation_backward_ref(g_slot, z_ref, act, 0.8)
+    dx_ref, dgamma_ref, dbeta_ref = B.batchnorm_train_backward(dz.astype(np.float32), cache, gamma)
+    assert_close(dx, dx_ref, 1e-4, "dx")
+    assert_close(dgamma, dgamma_ref, 1e-4, "dgamma")
+    assert_close(dbeta, dbeta_ref, 1e-4, "dbeta")
+
+    x64, gamma64, beta64, g64 = (a.astype(np.float64) for a in (x[:1, :3], gamma, beta, g[:1, :3]))
+    target = np.zeros(g64.shape) if slot else None
+    y64, cache64, _, _ = B.batchnorm_train_forward(x64, gamma64, beta64, 1e-3, act, 0.8, target, col0)
+    dx64, dgamma64, _ = B.batchnorm_train_backward(g64, cache64, gamma64, target if slot else y64, act, 0.8, col0)
+
+    def loss():
+        t = np.zeros(g64.shape) if slot else None
+        return float(np.sum(B.batchnorm_train_forward(x64, gamma64, beta64, 1e-3, act, 0.8, t, col0)[0]
+                            * g64[..., col0:col0 + c]))
+
+    assert_gradient(dx64, loss, x64, "dx")
+    assert_gradient(dgamma64, loss, gamma64, "dgamma")
+    with pytest.raises(ValueError, match="derivative in terms of its output"):
+        B.batchnorm_train_forward(x, gamma, beta, 1e-5, "hard_swish")
+
+
 def test_batchnorm_inference_gradient(rng):
     x = rng.standard_normal((2, 3, 4, 5))
     scale, shift = rng.standard_normal(5), rng.standard_normal(5)

@@ -25,10 +25,15 @@ times (mean, variance, normalise) and backward reads dy and xhat twice, all memo
 Channel sums are accumulated in float64 over fixed row chunks, so float32 statistics are
 accurate for large M and results do not depend on the number of threads.
 
-Deliberately absent: a fused activation in training mode (the layer applies it, since its
-backward needs the pre-activation), group/layer/instance norm, and the "cudnn" momentum=None
-cumulative average. The cache is exactly what backward needs: xhat (same shape as x) and
-inv_std (C,); x itself is not kept.
+Training takes an activation whose derivative its output gives (relu, relu6, ELU): forward
+applies it while normalising, and backward takes dz = dy * act'(.) from the output row by row
+inside both of its passes, so neither the pre-activation nor dz is ever stored. The output can
+go into channels col0.. of a wider array (a Fire module's concatenation), and backward then
+reads its gradient from the same channels.
+
+Deliberately absent: group/layer/instance norm, and the "cudnn" momentum=None cumulative
+average. The cache is exactly what backward needs: xhat (same shape as x) and inv_std (C,);
+x itself is not kept.
 """
 
 from typing import NamedTuple
@@ -36,7 +41,8 @@ from typing import NamedTuple
 import numpy as np
 
 from lightcnn._jit import kernel, prange
-from lightcnn.kernels.activation import ACT_CHUNK, ACT_NONE, act_forward_flat, activation_code
+from lightcnn.kernels.activation import (ACT_CHUNK, ACT_NONE, act_backward_from_output_flat, act_forward_flat,
+                                         act_inplace, activation_code, grad_from_output)
 
 # Rows per chunk of the channel reductions; the chunking depends on M only (not on the
 # thread count) so the float64 partial sums are added in the same order on every machine.
@@ -78,35 +84,49 @@ def _chunk_sq_dev(a, mean, rows_per_chunk, partial):
                 partial[k, j] += d * d
 
 
+# In the three training kernels below, y and dy are (M, >= col0 + C) rows whose channels col0..col0+C
+# belong to this BN, and dz = dy * act'(.) is taken from y one row at a time into a C-float scratch
+# (act_backward_from_output_flat copies dy for ACT_NONE, which never reads y).
+
+
 @kernel(parallel=True)
-def _chunk_sums_pair(dy, xhat, rows_per_chunk, partial_dy, partial_dyx):
-    """Chunked sums of dy and of dy * xhat per channel (float64)."""
-    m, c = dy.shape
+def _chunk_sums_pair(dy, y, col0, act, alpha, xhat, rows_per_chunk, partial_dy, partial_dyx):
+    """Chunked sums of dz and of dz * xhat per channel (float64); xhat (M, C)."""
+    m, c = xhat.shape
     for k in prange(partial_dy.shape[0]):
+        dz = np.empty(c, dtype=xhat.dtype)
         stop = min(m, (k + 1) * rows_per_chunk)
         for r in range(k * rows_per_chunk, stop):
+            act_backward_from_output_flat(dy[r, col0:col0 + c], y[r, col0:col0 + c], act, alpha, dz)
             for j in range(c):
-                g = dy[r, j]
+                g = dz[j]
                 partial_dy[k, j] += g
                 partial_dyx[k, j] += g * xhat[r, j]
 
 
 @kernel(parallel=True)
-def _normalize(x, mean, inv_std, gamma, beta, xhat, y):
+def _normalize(x, mean, inv_std, gamma, beta, act, alpha, xhat, y, col0):
+    """xhat = (x - mean) * inv_std; y[:, col0:col0 + C] = act(xhat * gamma + beta).  x, xhat (M, C)."""
     m, c = x.shape
     for r in prange(m):
+        yr = y[r, col0:col0 + c]
         for j in range(c):
             h = (x[r, j] - mean[j]) * inv_std[j]
             xhat[r, j] = h
-            y[r, j] = h * gamma[j] + beta[j]
+            yr[j] = h * gamma[j] + beta[j]
+        if act != ACT_NONE:
+            act_inplace(yr, act, alpha)
 
 
 @kernel(parallel=True)
-def _train_dx(dy, xhat, k_scale, k_dbeta, k_dgamma, dx):
-    m, c = dy.shape
+def _train_dx(dy, y, col0, act, alpha, xhat, k_scale, k_dbeta, k_dgamma, dx):
+    """dx = k_scale * (dz - k_dbeta - xhat * k_dgamma), dz written into dx's row first.  xhat, dx (M, C)."""
+    m, c = xhat.shape
     for r in prange(m):
+        dxr = dx[r]
+        act_backward_from_output_flat(dy[r, col0:col0 + c], y[r, col0:col0 + c], act, alpha, dxr)
         for j in range(c):
-            dx[r, j] = k_scale[j] * (dy[r, j] - k_dbeta[j] - xhat[r, j] * k_dgamma[j])
+            dxr[j] = k_scale[j] * (dxr[j] - k_dbeta[j] - xhat[r, j] * k_dgamma[j])
 
 
 @kernel
@@ -234,12 +254,35 @@ def fold_batchnorm_into_conv(w, b, scale, shift):
 # --------------------------------------------------------------------------- training
 
 
-def batchnorm_train_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> tuple:
-    """Normalise with the batch's own statistics (over N, H, W).
+def _rows_with_slot(a, like, col0, name, fn):
+    """a (N,H,W,C_total) holding `like` (N,H,W,C)'s channels at col0.. -> a as C-contiguous (M, C_total) rows."""
+    c = like.shape[-1]
+    if (not isinstance(a, np.ndarray) or a.shape[:-1] != like.shape[:-1] or a.dtype != like.dtype
+            or not a.flags.c_contiguous or not 0 <= col0 <= a.shape[-1] - c):
+        raise ValueError(f"{fn}: {name} must be a C-contiguous {like.dtype} array of shape {like.shape[:-1]} + (C_total,) "
+                         f"with channels {col0}..{col0 + c} in it, got {getattr(a, 'shape', None)}")
+    return a.reshape(-1, a.shape[-1])
+
+
+def _training_act(act, alpha, fn):
+    code = activation_code(act)
+    if not grad_from_output(code, alpha):
+        raise ValueError(f"{fn}: a fused activation in training must have its derivative in terms of its output "
+                         f"(relu, relu6, elu with alpha >= 0), got {act!r}")
+    return code
+
+
+def batchnorm_train_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, act: int = ACT_NONE,
+                            alpha: float = 1.0, out: np.ndarray | None = None, col0: int = 0) -> tuple:
+    """Normalise with the batch's own statistics (over N, H, W), then y = act(normalised).
 
     x (N,H,W,C), gamma/beta (C,) -> (y (N,H,W,C), BatchNormCache(xhat (N,H,W,C), inv_std (C,)),
-    batch_mean (C,), batch_var (C,) biased).  Needs M = N*H*W >= 1.
+    batch_mean (C,), batch_var (C,) biased).  Needs M = N*H*W >= 1.  `act`: relu, relu6 or ELU
+    (alpha >= 0), see the module docstring. With `out` (N,H,W,C_total) y goes into its channels
+    col0..col0+C and that view is returned as y.
     """
+    fn = "batchnorm_train_forward"
+    code = _training_act(act, alpha, fn)
     x, rows = _as_rows(x)
     m, c = rows.shape
     if m == 0:
@@ -254,34 +297,54 @@ def batchnorm_train_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, 
     var64 = _column_sum(rows, mean) / m
     inv_std = (1.0 / np.sqrt(var64 + eps)).astype(x.dtype)
     xhat = np.empty_like(x)
-    y = np.empty_like(x)
-    _normalize(rows, mean, inv_std, gamma, beta, xhat.reshape(rows.shape), y.reshape(rows.shape))
+    if out is None:
+        y = np.empty_like(x)
+        y_rows, col0 = y.reshape(rows.shape), 0
+    else:
+        y_rows, col0 = _rows_with_slot(out, x, col0, "out", fn), int(col0)
+        y = out[..., col0:col0 + c]
+    _normalize(rows, mean, inv_std, gamma, beta, code, x.dtype.type(alpha), xhat.reshape(rows.shape), y_rows, col0)
     return y, BatchNormCache(xhat, inv_std), mean, var64.astype(x.dtype)
 
 
-def batchnorm_train_backward(dy: np.ndarray, cache: tuple, gamma: np.ndarray) -> tuple:
+def batchnorm_train_backward(dy: np.ndarray, cache: tuple, gamma: np.ndarray, y: np.ndarray | None = None,
+                             act: int = ACT_NONE, alpha: float = 1.0, col0: int = 0) -> tuple:
     """Full batch-norm gradient (the batch statistics depend on x).
 
     dy (N,H,W,C), cache from batchnorm_train_forward, gamma (C,) -> (dx (N,H,W,C), dgamma (C,), dbeta (C,)).
+    With a fused activation, dy is w.r.t. the activation's output and y is that output; with col0,
+    dy and y are the whole (N,H,W,C_total) concatenation and this BN's channels start at col0.
     """
-    dy, dy_rows = _as_rows(dy, "dy")
+    fn = "batchnorm_train_backward"
+    code = _training_act(act, alpha, fn)
     xhat, inv_std = cache
     xhat, xhat_rows = _as_rows(xhat, "cache.xhat")
-    if dy.shape != xhat.shape:
-        raise ValueError(f"dy must have the forward input's shape {xhat.shape}, got {dy.shape}")
-    dy_rows = dy_rows.astype(xhat.dtype, copy=False)
+    dy = np.asarray(dy)
+    if dy.dtype not in (np.float32, np.float64):
+        raise ValueError(f"dy must be float32 or float64, got {dy.dtype}")
+    if code == ACT_NONE and col0 == 0 and dy.shape == xhat.shape:
+        dy_rows = np.ascontiguousarray(dy, dtype=xhat.dtype).reshape(xhat_rows.shape)
+        y_rows = dy_rows  # never read for ACT_NONE
+    else:
+        if code == ACT_NONE and y is None:
+            y = dy
+        dy_rows = _rows_with_slot(np.ascontiguousarray(dy, dtype=xhat.dtype), xhat, col0, "dy", fn)
+        y_rows = _rows_with_slot(y, xhat, col0, "y", fn)
+        if y_rows.shape != dy_rows.shape:
+            raise ValueError(f"{fn}: dy and y must have one shape, got {dy.shape} and {np.shape(y)}")
     m, c = xhat_rows.shape
     inv_std = _channel_vec(inv_std, c, np.float64, "cache.inv_std")
     gamma = _channel_vec(gamma, c, np.float64, "gamma")
     chunks = max(1, -(-m // _ROWS_PER_CHUNK))
     p_dy = np.zeros((chunks, c))
     p_dyx = np.zeros((chunks, c))
-    _chunk_sums_pair(dy_rows, xhat_rows, _ROWS_PER_CHUNK, p_dy, p_dyx)
+    dt = xhat.dtype
+    a = dt.type(alpha)
+    _chunk_sums_pair(dy_rows, y_rows, int(col0), code, a, xhat_rows, _ROWS_PER_CHUNK, p_dy, p_dyx)
     dbeta = p_dy.sum(axis=0)
     dgamma = p_dyx.sum(axis=0)
-    dt = xhat.dtype
     dx = np.empty_like(xhat)
-    _train_dx(dy_rows, xhat_rows, (gamma * inv_std).astype(dt), (dbeta / m).astype(dt),
+    _train_dx(dy_rows, y_rows, int(col0), code, a, xhat_rows, (gamma * inv_std).astype(dt), (dbeta / m).astype(dt),
               (dgamma / m).astype(dt), dx.reshape(xhat_rows.shape))
     return dx, dgamma.astype(dt), dbeta.astype(dt)
 

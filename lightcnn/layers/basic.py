@@ -321,18 +321,29 @@ class BatchNorm(Layer):
         return norm_k.fold_batchnorm(self.params["weight"], self.params["bias"], self.buffers["running_mean"],
                                      self.buffers["running_var"], self.eps)
 
-    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+    def trains_statistics(self, training: bool) -> bool:
+        """Whether forward(x, training) normalises with the batch's statistics and updates the running ones
+        (the mode in which it takes a fused activation and an output slot)."""
+        return training and self.track is None and not self.frozen
+
+    def forward(self, x: np.ndarray, training: bool = False, act: int = act_k.ACT_NONE, alpha: float = 1.0,
+                out: np.ndarray | None = None, col0: int = 0) -> np.ndarray:
+        """`act` (relu, relu6, ELU) and `out`/`col0` (write into channels col0.. of a concatenation) only
+        where trains_statistics(training): ConvBNAct's one pass for BN + activation."""
         check_nhwc(x, self.name, self.channels)
+        if (act != act_k.ACT_NONE or out is not None) and not self.trains_statistics(training):
+            raise ValueError(f"{self.name}: a fused activation or output slot needs training-mode statistics")
         if training and self.track is not None:
             return self._track(x)
         if training and not self.frozen:
             y, cache, mean, var = norm_k.batchnorm_train_forward(x, self.params["weight"], self.params["bias"],
-                                                                  self.eps)
+                                                                  self.eps, act, alpha, out, col0)
             count = x.size // x.shape[-1]
             new_mean, new_var = norm_k.update_running_stats(self.buffers["running_mean"], self.buffers["running_var"],
                                                             mean, var, count, self.momentum)
             self.buffers["running_mean"], self.buffers["running_var"] = new_mean, new_var
-            self.cache = ("train", cache)
+            # backward takes dy w.r.t. the activation's output: it needs that output (the whole slot array)
+            self.cache = ("train", cache, y if out is None else out, act, alpha, 0 if out is None else int(col0))
             return y
         scale, shift = self.folded()
         y = norm_k.batchnorm_inference_forward(x, scale.astype(x.dtype), shift.astype(x.dtype))
@@ -341,11 +352,14 @@ class BatchNorm(Layer):
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        mode, cache = self.cache
+        """dy w.r.t. forward's output (after the fused activation, the whole slot array with `out`)."""
+        mode, cache, *fused = self.cache
         self.cache = None
         if mode == "frozen":
             return norm_k.batchnorm_inference_backward(dy, cache)
-        dx, dgamma, dbeta = norm_k.batchnorm_train_backward(dy, cache, self.params["weight"].astype(dy.dtype))
+        y, act, alpha, col0 = fused
+        dx, dgamma, dbeta = norm_k.batchnorm_train_backward(dy, cache, self.params["weight"].astype(cache.xhat.dtype),
+                                                            y, act, alpha, col0)
         self.grads["weight"], self.grads["bias"] = dgamma, dbeta
         return dx
 

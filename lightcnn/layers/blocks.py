@@ -78,6 +78,12 @@ class ConvBNAct(Layer):
                                   alpha=self.alpha, **slot_args)
             self.cache = ("folded", y if out is None else out, slot, True, scale)
             return y
+        if self.bn is not None and self.bn.trains_statistics(True) and epilogue_ok:
+            # Batch statistics (training from scratch, --bn train): normalisation and activation in one pass,
+            # written straight into the slot; BN's backward takes the activation's derivative from the output.
+            y = self.bn.forward(self.conv.forward(x, True), True, act=self.act, alpha=self.alpha, **slot_args)
+            self.cache = ("bn", None, slot, True, None)
+            return y
         if (self.act != act_k.ACT_NONE and self.bn is None and from_output
                 and (out is None or isinstance(self.conv, Conv2d))):
             # the activation in the conv's epilogue (one pass fewer), written straight into the slot
@@ -96,6 +102,8 @@ class ConvBNAct(Layer):
 
     def backward(self, dy):
         (kind, t, slot, whole, scale), self.cache = self.cache, None
+        if kind == "bn":
+            return self.conv.backward(self.bn.backward(dy))
         if kind == "folded":
             if self.act != act_k.ACT_NONE:
                 dz = act_k.activation_backward_from_output_channels(dy, t, slot or 0, self.out_ch, self.act,
