@@ -62,7 +62,7 @@ def test_pointwise(benchmark, rng, name, h, c, o, path):
         run(benchmark, conv_k.pointwise_conv_forward, x, w, b, RELU6)
         return
     from lightcnn._jit import get_num_threads
-    from lightcnn.kernels.fused import gemm_split
+    from lightcnn.layers.plan_numba import gemm_split
 
     m = h * h
     y = np.empty((m, o), np.float32)

@@ -7,19 +7,15 @@ where xp is x zero-padded by (top, bottom, left, right) = pad.  Output size per 
 
     H' = (H + top + bottom - KH) // sh + 1          W' = (W + left + right - KW) // sw + 1
 
-Cost: 2*KH*KW*C FLOPs per output element (2*C for pointwise), all of it in GEMMs.
+Cost: 2*KH*KW*C FLOPs per output element (2*C for pointwise), all of it in one BLAS
+GEMM per chunk of images (split over threads by _split_blas.py, each thread's BLAS on one thread).
 
 How: a Numba kernel (`im2col`) copies every receptive field into one row of a
-matrix cols (N*H'*W', KH*KW*C), whose column order (p, q, c) is exactly the row-major
-order of w (KH,KW,C,O) reshaped to (KH*KW*C, O); so the convolution is cols @ w2d,
-written straight into y viewed as (N*H'*W', O).
-  - float32 (training, the layer path): the inference plan's packed-weight GEMM
-    (fused.packed_gemm_into, fused.conv_im2col_bias_act), with the weights packed on each
-    call (they change every step) and bias + activation applied while the tile is in
-    registers; a KxK conv builds im2col tile by tile, never the whole cols matrix.
-  - other dtypes (float64 gradient checks): one BLAS GEMM per chunk of images (split over
-    threads by _split_blas.py, each thread's BLAS on one thread), then bias and activation
-    in one pass (`act_inplace` from activation.py); chunks keep cols under ~32 MB.
+preallocated matrix cols (N*H'*W', KH*KW*C), whose column order (p, q, c) is exactly
+the row-major order of w (KH,KW,C,O) reshaped to (KH*KW*C, O); so the convolution is
+cols @ w2d, written straight into y viewed as (N*H'*W', O).  Bias and activation are
+applied in one fused pass over that output (`act_inplace` from activation.py).
+Images are processed in chunks so cols stays under ~32 MB however large the batch.
 
 Backward, for dy the gradient w.r.t. the *pre-activation* output (the caller applies
 activation_backward first):
@@ -40,11 +36,9 @@ pointwise_conv_forward(x (N,H,W,C), w (C,O), b (O,)) -> y (N,H,W,O).
 
 import numpy as np
 
-from lightcnn._jit import get_num_threads, kernel, prange
-from lightcnn.kernels import fused
+from lightcnn._jit import kernel, prange
 from lightcnn.kernels._args import _act_code, _bias_or_zeros, _images_per_chunk, _like, _nhwc, _pad4, _pair
-from lightcnn.kernels._split_blas import matmul as _blas_matmul
-from lightcnn.kernels._split_blas import matmul_tn
+from lightcnn.kernels._split_blas import matmul, matmul_tn
 from lightcnn.kernels.activation import ACT_CHUNK, ACT_NONE, act_inplace
 from lightcnn.kernels.shapes import conv_output_size
 
@@ -151,15 +145,6 @@ def bias_act_into(z, bias, act, alpha, out, col0):
             act_inplace(row, act, alpha)
 
 
-def _check_out(out, shape, dtype, col0, fn):
-    """`out` must hold y (N,H',W',O) = shape in its channels col0..col0+O."""
-    if (not isinstance(out, np.ndarray) or out.ndim != 4 or out.shape[:3] != tuple(shape[:3]) or out.dtype != dtype
-            or not out.flags.c_contiguous or not 0 <= col0 <= out.shape[3] - shape[3]):
-        raise ValueError(f"{fn}: out must be a C-contiguous {dtype} (N,H',W',C_total) with (N,H',W') = "
-                         f"{tuple(shape[:3])} and room for {shape[3]} channels from col0 = {col0}, "
-                         f"got {getattr(out, 'shape', None)}")
-
-
 def _epilogue(y, b, code, alpha, out, col0, fn):
     """Bias + activation on a GEMM result y (N,H',W',O): in place, or into channels col0.. of `out`
     (N,H',W',C_total) when given; returns y or that slot of out (a view)."""
@@ -168,32 +153,13 @@ def _epilogue(y, b, code, alpha, out, col0, fn):
         if b is not None or code != ACT_NONE:
             bias_act_epilogue(_bias_or_zeros(b, y, n_out, fn), code, y.dtype.type(alpha), y.reshape(-1, n_out))
         return y
-    _check_out(out, y.shape, y.dtype, col0, fn)
+    if (not isinstance(out, np.ndarray) or out.ndim != 4 or out.shape[:3] != y.shape[:3] or out.dtype != y.dtype
+            or not out.flags.c_contiguous or not 0 <= col0 <= out.shape[3] - n_out):
+        raise ValueError(f"{fn}: out must be a C-contiguous {y.dtype} (N,H',W',C_total) with (N,H',W') = {y.shape[:3]} "
+                         f"and room for {n_out} channels from col0 = {col0}, got {getattr(out, 'shape', None)}")
     bias_act_into(y.reshape(-1, n_out), _bias_or_zeros(b, y, n_out, fn), code, y.dtype.type(alpha),
                   out.reshape(-1, out.shape[3]), int(col0))
     return out[..., col0:col0 + n_out]
-
-
-def _packed_destination(shape, dtype, out, col0, fn):
-    """Where a packed GEMM writes y (N,H',W',O) = shape: (rows (M, C_total), col0, the result):
-    a new y, or channels col0.. of `out`."""
-    if out is None:
-        y = np.empty(shape, dtype)
-        return y.reshape(-1, shape[3]), 0, y
-    _check_out(out, shape, dtype, col0, fn)
-    return out.reshape(-1, out.shape[3]), int(col0), out[..., col0:col0 + shape[3]]
-
-
-def _packed(a):
-    return a.dtype == np.float32
-
-
-def matmul(a, b, out):
-    """out = a @ b (see _split_blas.matmul): the packed-weight GEMM for float32, BLAS bands otherwise."""
-    if _packed(a):
-        return fused.packed_gemm_into(a, b, np.zeros(b.shape[1], np.float32), ACT_NONE, 1.0, out, 0,
-                                      get_num_threads())
-    return _blas_matmul(a, b, out)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -245,13 +211,6 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, st
     kh, kw, _, n_out = w.shape
     k = kh * kw * c_in
     w2d = w.reshape(k, n_out)
-    if _packed(x):
-        rows, c0, result = _packed_destination((n_img, ho, wo, n_out), x.dtype, out, col0, fn)
-        m = n_img * ho * wo
-        fused.conv_im2col_bias_act(x, fused.pack_panels(w2d), n_out, kh, kw, sh, sw, pt, pl, ho, wo,
-                                   _bias_or_zeros(b, x, n_out, fn), fused.NO_ROWS, False, code, np.float32(alpha),
-                                   fused.choose_tile(m, get_num_threads()), rows, c0)
-        return result
     y = np.empty((n_img, ho, wo, n_out), dtype=x.dtype)
     y2d = y.reshape(-1, n_out)
     step = _images_per_chunk(n_img, ho * wo * k * x.itemsize)
@@ -325,11 +284,6 @@ def pointwise_conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = 
     code = _act_code(act, fn)
     n_img, h, wd, c_in = x.shape
     n_out = w.shape[1]
-    if _packed(x):
-        rows, c0, result = _packed_destination((n_img, h, wd, n_out), x.dtype, out, col0, fn)
-        fused.packed_gemm_into(x.reshape(-1, c_in), w, _bias_or_zeros(b, x, n_out, fn), code, alpha, rows, c0,
-                               get_num_threads())
-        return result
     y = np.empty((n_img, h, wd, n_out), dtype=x.dtype)
     y2d = y.reshape(-1, n_out)
     matmul(x.reshape(-1, c_in), w, y2d)

@@ -38,10 +38,10 @@ import numpy as np
 from lightcnn._jit import kernel, prange
 from lightcnn.kernels.activation import ACT_RELU, act_forward_flat
 from lightcnn.kernels.depthwise import dw_output_row
-from lightcnn.kernels.gemm import MR, NR, epilogue_tile, gemm_rows, pack_panels
+from lightcnn.kernels.gemm import MR, NR, epilogue_tile, gemm_rows
 
 __all__ = ["gemm_bias_act", "gemm_bias_act_serial", "gemm_packed_bias_act", "gemm_packed_bias_act_serial",
-           "gemm_split", "packed_gemm_into", "conv_im2col_bias_act", "inverted_residual_band", "se_gate", "max_pool_inference", "choose_tile"]
+           "conv_im2col_bias_act", "inverted_residual_band", "se_gate", "max_pool_inference", "choose_tile"]
 
 # Rows of one GEMM tile. Each BLAS call packs the whole weight matrix, so tiles must not be
 # small (measured on MobileNetV2 shapes: 25-row tiles of a 49-row GEMM cost 25% more than one
@@ -123,34 +123,6 @@ def _gemm_packed_bias_act(x2d, wp, n_out, b, res, use_res, scale, rows_per_image
 
 gemm_packed_bias_act = kernel(parallel=True)(_gemm_packed_bias_act)
 gemm_packed_bias_act_serial = kernel(_gemm_packed_bias_act)
-
-NO_ROWS = np.zeros((1, 1), np.float32)  # stands in for "no residual" / "no SE scale" (typed arguments)
-
-
-def gemm_split(m, threads):
-    """(tile rows, panel groups) for an M-row packed GEMM on `threads` threads: row tiles (a multiple
-    of gemm.MR rows) when there are rows enough for a tile of at least 4*MR per thread, else one row
-    tile whose column panels are shared out (49 rows at batch 1: each thread does half the panels)."""
-    if threads <= 1:
-        return max(1, m), 1
-    if m >= threads * 4 * MR:
-        tile = choose_tile(m, threads)
-        return -(-tile // MR) * MR, 1
-    return max(1, m), threads
-
-
-def packed_gemm_into(a2d, w2d, b, act, alpha, y2d, col0, threads):
-    """y2d[:, col0:col0+O] = act(a2d @ w2d + b) with the weights packed for this one call.
-
-    a2d (M, K) C-contiguous float32; w2d (K, O) any strides (a transposed view is fine: packing
-    copies it); b (O,) float32; y2d (M, >= col0 + O) C-contiguous float32. For training, whose
-    weights change every step: packing is K*O copies against M*K*O multiply-adds.
-    """
-    m, n_out = a2d.shape[0], w2d.shape[1]
-    tile, groups = gemm_split(m, threads)
-    gemm_packed_bias_act(a2d, pack_panels(w2d), n_out, b, NO_ROWS, False, NO_ROWS, 1, False, int(act),
-                         np.float32(alpha), tile, groups, y2d, int(col0))
-    return y2d
 
 
 # One kernel body, two compilations: the parallel one for GEMMs with enough rows to share,

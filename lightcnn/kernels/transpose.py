@@ -14,7 +14,7 @@ columns at the bottom/right only, which receive just the bias where no kernel re
 so a 4x upsampling is KH = sh = 4, or KH = 3, sh = 4, output_padding 1 (gaps get the bias).
 
 Cost: 2*C*KH*KW*O FLOPs per input pixel, i.e. about 2*C*KH*KW/(sh*sw) per output element;
-all of it is one GEMM per chunk of images (conv.matmul: packed weights for float32).
+all of it is one BLAS GEMM per chunk of images.
 
 How: cols = x2d (N*H*W, C) @ wm (C, KH*KW*O), with wm = w transposed to (C,KH,KW,O), is
 every pixel's stamp; then `col2im` (shared with conv.py, a race-free gather: each output
@@ -33,8 +33,8 @@ import numpy as np
 
 from lightcnn.kernels.activation import ACT_NONE
 from lightcnn.kernels._args import _act_code, _bias_or_zeros, _images_per_chunk, _like, _nhwc, _pad4, _pair
-from lightcnn.kernels._split_blas import matmul_tn
-from lightcnn.kernels.conv import col2im, im2col, matmul
+from lightcnn.kernels._split_blas import matmul, matmul_tn
+from lightcnn.kernels.conv import col2im, im2col
 from lightcnn.kernels.shapes import transpose_output_size
 
 

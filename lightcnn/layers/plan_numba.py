@@ -18,6 +18,7 @@ from lightcnn.kernels import conv as conv_k
 from lightcnn.kernels import depthwise as dw_k
 from lightcnn.kernels import transpose as tconv_k
 from lightcnn.kernels import fused
+from lightcnn.kernels import gemm
 
 _F32 = np.float32
 _DUMMY2 = np.zeros((1, 1), _F32)  # stands in for "no residual" / "no SE scale" (typed arguments)
@@ -34,6 +35,18 @@ def _pointwise_kernel(step):
     k = p["weights"].shape[0]
     return fused.gemm_packed_bias_act_serial if p["rows"] * k * p["weights"].shape[1] < SERIAL_MAX_MACS \
         else fused.gemm_packed_bias_act
+
+
+def gemm_split(m, threads):
+    """(tile rows, panel groups) for an M-row packed GEMM on `threads` threads: row tiles (a multiple
+    of gemm.MR rows) when there are rows enough for a tile of at least 4*MR per thread, else one row
+    tile whose column panels are shared out (49 rows at batch 1: each thread does half the panels)."""
+    if threads <= 1:
+        return max(1, m), 1
+    if m >= threads * 4 * gemm.MR:
+        tile = fused.choose_tile(m, threads)
+        return -(-tile // gemm.MR) * gemm.MR, 1
+    return max(1, m), threads
 
 
 def kernels_for(step, plan):
@@ -90,7 +103,7 @@ def _pointwise(step, plan):
     ra = plan.arg(v["res"], (m, width))[0] if use_res else _DUMMY2
     sa = plan.arg(v["scale"])[0] if use_scale else _DUMMY2
     kern = _pointwise_kernel(step)
-    tile, groups = fused.gemm_split(m, 1 if kern is fused.gemm_packed_bias_act_serial else plan.threads)
+    tile, groups = gemm_split(m, 1 if kern is fused.gemm_packed_bias_act_serial else plan.threads)
     kern, weights, rows_per_image = _dispatch(kern), p["weights"], p["rows_per_image"]
     act, alpha, col0, shape2d, n_out = p["act"], p["alpha"], p["col0"], (m, k), p["weights"].shape[-1]
 
