@@ -24,6 +24,9 @@ Every kernel is decorated with `kernel` (or `kernel(parallel=True)`), never with
   name and ignores ``parallel``; a serial and a parallel compilation of one body would
   share an entry, and whichever compiled first would run for both. So a parallel
   compilation is a copy of the function named ``<name>__parallel``.
+- **One specialisation per argument types.** A kernel called from another kernel with a
+  constant (``gemm_rows(a, 0, ...)``) is compiled for the constant's type, not for the
+  constant (`_widen_literal_arguments`), so every call site shares one compilation.
 - ``fastmath`` is off unless a kernel asks for it *and* its parity tests pass with it on;
   the flag set below excludes ``nnan``/``ninf`` so NaN checks in training still work.
 - ``parallel=True`` only where it pays on 2 cores; ``LIGHTCNN_NO_PARALLEL=1`` turns it off
@@ -98,6 +101,7 @@ class Kernel:
                     options = dict(nogil=True, error_model="numpy", parallel=self.parallel,
                                    fastmath=set(FASTMATH_FLAGS) if self.fastmath else False)
                     dispatcher = numba.njit(**options)(self.py_func)
+                    _widen_literal_arguments(dispatcher)
                     if _state["cache_dir"] is not None:
                         try:
                             dispatcher._cache = _kernel_cache_class()(self.py_func)  # what cache=True would set
@@ -161,6 +165,26 @@ def kernel_source_hash():
                 h.update(f.read())
         _state["source_hash"] = h.hexdigest()[:16]
     return _state["source_hash"]
+
+
+def _widen_literal_arguments(dispatcher):
+    """Compile `dispatcher` for the plain types of its arguments when another kernel calls it.
+
+    Numba types a constant argument at a call site as a literal (``Literal[int](0)``,
+    ``Literal[bool](False)``) and compiles the callee once per distinct mix of literals:
+    MobileNetV2's plan compiled the packed GEMM's row loop 5 times over (~3 s of LLVM each,
+    and again inside every caller that inlines it). Kernels branch on their arguments at run
+    time, so a literal buys nothing but that copy; they are widened to their types here.
+    """
+    from numba.core import types
+
+    get_call_template = dispatcher.get_call_template
+
+    def widened(args, kws):
+        return get_call_template(tuple(types.unliteral(a) for a in args),
+                                 {k: types.unliteral(v) for k, v in kws.items()})
+
+    dispatcher.get_call_template = widened
 
 
 def _kernel_cache_class():

@@ -175,3 +175,40 @@ def test_a_cached_kernel_loads_without_preparing_the_compiler_and_still_links(tm
     assert run("load") == ["2.0 [1.0, 2.0, 3.0]", "True", "0 0"]  # compiled
     assert run("load") == ["2.0 [1.0, 2.0, 3.0]", "False", "1 1"]  # loaded, nothing prepared
     assert run("link") == ["2.0 [1.0, 2.0, 3.0]", "False", "4.0", "1 1"]
+
+
+_LITERAL_SCRIPT = """
+import numpy as np
+from lightcnn._jit import kernel
+
+
+@kernel
+def scaled(x, start, flag):
+    return x * 2.0 + start if flag else x
+
+
+@kernel
+def with_constants(x):
+    return scaled(x, 0, False) + scaled(x, 1, True)
+
+
+@kernel
+def with_variables(x, start, flag):
+    return scaled(x, start, flag)
+
+
+print(with_constants(1.5), with_variables(1.5, np.int64(3), True))
+print(len(scaled.dispatcher.signatures), scaled.dispatcher.signatures[0])
+"""
+
+
+def test_a_kernel_called_with_constants_is_compiled_once_for_their_types(tmp_path):
+    """Numba would compile `scaled` three times (for Literal[int](0)/Literal[bool](False), for 1/True, and for
+    int64/bool); lightcnn widens constants at call sites so every caller shares one compilation."""
+    (tmp_path / "run.py").write_text(_LITERAL_SCRIPT)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])]))
+    out = subprocess.run([sys.executable, str(tmp_path / "run.py")], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    assert out[0] == "5.5 6.0"
+    assert out[1] == "1 (float64, int64, bool)"
