@@ -198,21 +198,42 @@ def _kernel_cache_class():
       machine code from the cache needs (the runtime's IR is already linked into each entry). Only
       the runtime's C functions must be known to the linker (`_nrt_symbols`). A kernel that is not
       in the cache gets compiled, and numba's compiler refreshes the context itself.
-    - **An entry's LLVM IR is parsed again only when needed.** Each entry holds its machine code and
-      the LLVM IR of everything it contains, kept so that a kernel compiled later can inline it. Held
-      as parsed IR, that is ~20x the bytes of the machine code (~23 MB for MobileNetV2's kernels); a
-      predict process never compiles, so the parsed IR is let go and re-parsed on demand (`_parse_on_demand`).
+    - **An entry's LLVM IR is parsed only when needed.** Each entry holds its machine code and the
+      LLVM IR of everything it contains, kept so that a kernel compiled later can inline it. Numba
+      parses that IR when it loads the entry, to learn which symbols the machine code defines, and
+      keeps it: ~20x the bytes of the machine code (~23 MB and ~0.15 s for MobileNetV2's kernels),
+      for a compilation that a predict process never makes. Here the entry also stores those symbol
+      names (written at save time), and the IR is parsed when a compilation links it (`_parse_on_demand`).
     """
     if "cache_class" in _state:
         return _state["cache_class"]
     from numba.core.caching import CompileResultCacheImpl, FunctionCache
 
     class KernelCacheImpl(CompileResultCacheImpl):
+        # numba's entry is (library, ...) with library = (name, 'object', (machine code, IR bitcode));
+        # lightcnn's adds the names of the symbols the machine code defines: (name, KIND, (code, IR, names)).
+        KIND = "object+symbols"
+
+        def reduce(self, cres):
+            payload = super().reduce(cres)
+            name, kind, data = payload[0]
+            engine = getattr(cres.library.codegen, "_engine", None)
+            if kind != "object" or not hasattr(engine, "_defined_symbols"):
+                return payload  # another numba: its own format
+            module = cres.library._get_module_for_linking()
+            names = tuple(sorted(g.name for group in (module.functions, module.global_variables) for g in group
+                                 if not g.is_declaration))
+            return ((name, self.KIND, data + (names,)),) + tuple(payload[1:])
+
         def rebuild(self, target_context, payload):
+            name, kind, data = payload[0]
+            if kind != self.KIND:
+                return super().rebuild(target_context, payload)
+            code, bitcode, names = data
+            target_context.codegen()._engine._defined_symbols.update(names)  # what parsing the IR was for
+            payload = ((name, "object", (code, _empty_bitcode())),) + tuple(payload[1:])
             cres = super().rebuild(target_context, payload)
-            _name, kind, data = payload[0]  # the library: (name, 'object', (machine code, IR bitcode))
-            if kind == "object":
-                _parse_on_demand(cres.library, data[1])
+            _parse_on_demand(cres.library, bitcode)
             return cres
 
     class KernelCache(FunctionCache):
@@ -242,8 +263,17 @@ def _nrt_symbols():
         _state["nrt_symbols"] = True
 
 
+def _empty_bitcode():
+    """An LLVM module with nothing in it, as bitcode: what a cached library's IR is while unparsed."""
+    if "empty_bitcode" not in _state:
+        from llvmlite import binding as llvm
+
+        _state["empty_bitcode"] = llvm.parse_assembly("").as_bitcode()
+    return _state["empty_bitcode"]
+
+
 def _parse_on_demand(library, bitcode):
-    """Drop a loaded library's parsed IR; parse `bitcode` again if a compilation links the library in."""
+    """Give a loaded library its IR (`bitcode`) when a compilation links the library in, not before."""
     from llvmlite import binding as llvm
 
     def module_for_linking():
