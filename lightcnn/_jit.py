@@ -391,11 +391,32 @@ def _numba():
             if where is not None and not in_tree and not os.environ.get("NUMBA_CACHE_DIR"):
                 numba.config.CACHE_DIR = where  # the user cache dir: numba's read-only fallback
             _register_kernel_type(numba)
+            _skip_codegen_of_the_empty_module()
             _load_threading_layer(numba)
             if _state["threads"] is not None:
                 numba.set_num_threads(max(1, min(_state["threads"], numba.config.NUMBA_NUM_THREADS)))
             _state["numba"] = numba
     return _state["numba"]
+
+
+def _skip_codegen_of_the_empty_module():
+    """Take numba's empty placeholder module out of its JIT engine before anything is compiled or loaded.
+
+    Numba creates its engine with one empty module in it, and LLVM's JIT generates machine code for
+    every module it holds the first time it finalises any: the first kernel loaded from the cache
+    then sets up LLVM's whole code generator for that empty module alone (6 MB resident, 13 ms).
+    Only done when this call creates numba's target context: once something has been compiled,
+    the module has machine code and stays. Numba uses the module for nothing else (its target triple).
+    """
+    from numba.core.registry import cpu_target
+
+    if "_toplevel_target_context" in vars(cpu_target):
+        return  # numba was in use before lightcnn loaded it
+    try:
+        codegen = cpu_target.target_context.codegen()
+        codegen._engine._ee.remove_module(codegen._llvm_module)
+    except AttributeError:  # pragma: no cover - another numba: keep its engine as it is
+        pass
 
 
 def _load_threading_layer(numba):
