@@ -194,7 +194,7 @@ def _kernel_cache_class():
       treats an index with another stamp as empty; the stamp is extended with `kernel_source_hash()`.
     - **Loading does not prepare for compiling.** Before it looks in the cache, numba refreshes its
       target context: that imports its whole lowering library and compiles its reference-counting
-      runtime (NRT) with the LLVM optimiser, ~65 MB resident and ~0.35 s, none of which running
+      runtime (NRT) with the LLVM optimiser, ~60 MB resident and ~0.35 s, none of which running
       machine code from the cache needs (the runtime's IR is already linked into each entry). Only
       the runtime's C functions must be known to the linker (`_nrt_symbols`). A kernel that is not
       in the cache gets compiled, and numba's compiler refreshes the context itself.

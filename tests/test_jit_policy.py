@@ -160,7 +160,7 @@ print(sum(kmod.add_one.dispatcher.stats.cache_hits.values()), sum(kmod.filled.di
 
 
 def test_a_cached_kernel_loads_without_preparing_the_compiler_and_still_links(tmp_path):
-    """Loading from the cache skips numba's compile preparation (its lowering library, ~65 MB resident in a
+    """Loading from the cache skips numba's compile preparation (its lowering library, ~60 MB resident in a
     predict), and a kernel compiled after it in the same process still inlines the loaded callee (its IR is
     parsed again on demand)."""
     (tmp_path / "kmod.py").write_text(_LOAD_MODULE)
