@@ -19,11 +19,14 @@ Every kernel is decorated with `kernel` (or `kernel(parallel=True)`), never with
   bottleneck calls gemm.py's tile): after an edit or an upgrade of gemm.py alone, the
   cached bottleneck would keep running the old tile. So each kernel's cache stamp also
   carries `kernel_source_hash()` (all of lightcnn/kernels/*.py and this file), and any
-  change there recompiles every kernel once (`_stamp_with_kernel_sources`).
+  change there recompiles every kernel once (`_kernel_cache_class`).
 - **One cache entry per variant.** Numba keys its cache on the function's qualified
   name and ignores ``parallel``; a serial and a parallel compilation of one body would
   share an entry, and whichever compiled first would run for both. So a parallel
   compilation is a copy of the function named ``<name>__parallel``.
+- **One specialisation per argument types.** A kernel called from another kernel with a
+  constant (``gemm_rows(a, 0, ...)``) is compiled for the constant's type, not for the
+  constant (`_widen_literal_arguments`), so every call site shares one compilation.
 - ``fastmath`` is off unless a kernel asks for it *and* its parity tests pass with it on;
   the flag set below excludes ``nnan``/``ninf`` so NaN checks in training still work.
 - ``parallel=True`` only where it pays on 2 cores; ``LIGHTCNN_NO_PARALLEL=1`` turns it off
@@ -97,11 +100,14 @@ class Kernel:
                     _bind_prange(self.py_func, numba)
                     options = dict(nogil=True, error_model="numpy", parallel=self.parallel,
                                    fastmath=set(FASTMATH_FLAGS) if self.fastmath else False)
-                    try:
-                        self._dispatcher = numba.njit(cache=_state["cache_dir"] is not None, **options)(self.py_func)
-                        _stamp_with_kernel_sources(self._dispatcher)
-                    except RuntimeError:  # defined where numba cannot cache (stdin, exec): compile, keep nothing
-                        self._dispatcher = numba.njit(cache=False, **options)(self.py_func)
+                    dispatcher = numba.njit(**options)(self.py_func)
+                    _widen_literal_arguments(dispatcher)
+                    if _state["cache_dir"] is not None:
+                        try:
+                            dispatcher._cache = _kernel_cache_class()(self.py_func)  # what cache=True would set
+                        except RuntimeError:  # defined where numba cannot cache (stdin, exec): compile, keep nothing
+                            pass
+                    self._dispatcher = dispatcher
                 d = self._dispatcher
         return d
 
@@ -161,17 +167,122 @@ def kernel_source_hash():
     return _state["source_hash"]
 
 
-def _stamp_with_kernel_sources(dispatcher):
-    """Make the cache entry of `dispatcher` valid only for this `kernel_source_hash()` (see above).
+def _widen_literal_arguments(dispatcher):
+    """Compile `dispatcher` for the plain types of its arguments when another kernel calls it.
 
-    Numba stores a source stamp with each cache index and treats an index with another stamp as
-    empty; the stamp is extended here. Numba versions without these attributes keep their own
-    per-file check.
+    Numba types a constant argument at a call site as a literal (``Literal[int](0)``,
+    ``Literal[bool](False)``) and compiles the callee once per distinct mix of literals:
+    MobileNetV2's plan compiled the packed GEMM's row loop 5 times over (~3 s of LLVM each,
+    and again inside every caller that inlines it). Kernels branch on their arguments at run
+    time, so a literal buys nothing but that copy; they are widened to their types here.
     """
-    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
-    stamp = getattr(cache_file, "_source_stamp", None)
-    if stamp is not None:
-        cache_file._source_stamp = (stamp, kernel_source_hash())
+    from numba.core import types
+
+    get_call_template = dispatcher.get_call_template
+
+    def widened(args, kws):
+        return get_call_template(tuple(types.unliteral(a) for a in args),
+                                 {k: types.unliteral(v) for k, v in kws.items()})
+
+    dispatcher.get_call_template = widened
+
+
+def _kernel_cache_class():
+    """numba's FunctionCache, changed in three ways for lightcnn's kernels (built once, after numba loads).
+
+    - **Stamped with every kernel source.** Numba stores a source stamp with each cache index and
+      treats an index with another stamp as empty; the stamp is extended with `kernel_source_hash()`.
+    - **Loading does not prepare for compiling.** Before it looks in the cache, numba refreshes its
+      target context: that imports its whole lowering library and compiles its reference-counting
+      runtime (NRT) with the LLVM optimiser, ~60 MB resident and ~0.35 s, none of which running
+      machine code from the cache needs (the runtime's IR is already linked into each entry). Only
+      the runtime's C functions must be known to the linker (`_nrt_symbols`). A kernel that is not
+      in the cache gets compiled, and numba's compiler refreshes the context itself.
+    - **An entry's LLVM IR is parsed only when needed.** Each entry holds its machine code and the
+      LLVM IR of everything it contains, kept so that a kernel compiled later can inline it. Numba
+      parses that IR when it loads the entry, to learn which symbols the machine code defines, and
+      keeps it: ~20x the bytes of the machine code (~23 MB and ~0.15 s for MobileNetV2's kernels),
+      for a compilation that a predict process never makes. Here the entry also stores those symbol
+      names (written at save time), and the IR is parsed when a compilation links it (`_parse_on_demand`).
+    """
+    if "cache_class" in _state:
+        return _state["cache_class"]
+    from numba.core.caching import CompileResultCacheImpl, FunctionCache
+
+    class KernelCacheImpl(CompileResultCacheImpl):
+        # numba's entry is (library, ...) with library = (name, 'object', (machine code, IR bitcode));
+        # lightcnn's adds the names of the symbols the machine code defines: (name, KIND, (code, IR, names)).
+        KIND = "object+symbols"
+
+        def reduce(self, cres):
+            payload = super().reduce(cres)
+            name, kind, data = payload[0]
+            engine = getattr(cres.library.codegen, "_engine", None)
+            if kind != "object" or not hasattr(engine, "_defined_symbols"):
+                return payload  # another numba: its own format
+            module = cres.library._get_module_for_linking()
+            names = tuple(sorted(g.name for group in (module.functions, module.global_variables) for g in group
+                                 if not g.is_declaration))
+            return ((name, self.KIND, data + (names,)),) + tuple(payload[1:])
+
+        def rebuild(self, target_context, payload):
+            name, kind, data = payload[0]
+            if kind != self.KIND:
+                return super().rebuild(target_context, payload)
+            code, bitcode, names = data
+            target_context.codegen()._engine._defined_symbols.update(names)  # what parsing the IR was for
+            payload = ((name, "object", (code, _empty_bitcode())),) + tuple(payload[1:])
+            cres = super().rebuild(target_context, payload)
+            _parse_on_demand(cres.library, bitcode)
+            return cres
+
+    class KernelCache(FunctionCache):
+        _impl_class = KernelCacheImpl
+
+        def __init__(self, py_func):
+            super().__init__(py_func)
+            self._cache_file._source_stamp = (self._cache_file._source_stamp, kernel_source_hash())
+
+        def load_overload(self, sig, target_context):
+            _nrt_symbols()
+            with self._guard_against_spurious_io_errors():
+                return self._load_overload(sig, target_context)
+
+    _state["cache_class"] = KernelCache
+    return KernelCache
+
+
+def _nrt_symbols():
+    """Tell LLVM's linker where NRT's C functions are (the part of numba's rtsys.initialize that cached code needs)."""
+    if not _state.get("nrt_symbols"):
+        from llvmlite import binding as llvm
+        from numba.core.runtime import _nrt_python
+
+        for name, address in _nrt_python.c_helpers.items():
+            llvm.add_symbol(name if name.startswith("_") else "NRT_" + name, address)
+        _state["nrt_symbols"] = True
+
+
+def _empty_bitcode():
+    """An LLVM module with nothing in it, as bitcode: what a cached library's IR is while unparsed."""
+    if "empty_bitcode" not in _state:
+        from llvmlite import binding as llvm
+
+        _state["empty_bitcode"] = llvm.parse_assembly("").as_bitcode()
+    return _state["empty_bitcode"]
+
+
+def _parse_on_demand(library, bitcode):
+    """Give a loaded library its IR (`bitcode`) when a compilation links the library in, not before."""
+    from llvmlite import binding as llvm
+
+    def module_for_linking():
+        if library._shared_module is None:
+            library._shared_module = llvm.parse_bitcode(bitcode)
+        return library._shared_module
+
+    library._shared_module = None
+    library._get_module_for_linking = module_for_linking
 
 
 class LowLevel:
@@ -280,11 +391,32 @@ def _numba():
             if where is not None and not in_tree and not os.environ.get("NUMBA_CACHE_DIR"):
                 numba.config.CACHE_DIR = where  # the user cache dir: numba's read-only fallback
             _register_kernel_type(numba)
+            _skip_codegen_of_the_empty_module()
             _load_threading_layer(numba)
             if _state["threads"] is not None:
                 numba.set_num_threads(max(1, min(_state["threads"], numba.config.NUMBA_NUM_THREADS)))
             _state["numba"] = numba
     return _state["numba"]
+
+
+def _skip_codegen_of_the_empty_module():
+    """Take numba's empty placeholder module out of its JIT engine before anything is compiled or loaded.
+
+    Numba creates its engine with one empty module in it, and LLVM's JIT generates machine code for
+    every module it holds the first time it finalises any: the first kernel loaded from the cache
+    then sets up LLVM's whole code generator for that empty module alone (6 MB resident, 13 ms).
+    Only done when this call creates numba's target context: once something has been compiled,
+    the module has machine code and stays. Numba uses the module for nothing else (its target triple).
+    """
+    from numba.core.registry import cpu_target
+
+    if "_toplevel_target_context" in vars(cpu_target):
+        return  # numba was in use before lightcnn loaded it
+    try:
+        codegen = cpu_target.target_context.codegen()
+        codegen._engine._ee.remove_module(codegen._llvm_module)
+    except AttributeError:  # pragma: no cover - another numba: keep its engine as it is
+        pass
 
 
 def _load_threading_layer(numba):

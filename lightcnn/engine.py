@@ -29,8 +29,8 @@ from pathlib import Path
 ENGINE_ENV = "LIGHTCNN_ENGINE"
 CHOICES = ("auto", "numba", "numpy")
 # A process that will run only this many images stays on NumPy under "auto" even when the kernels are
-# compiled: importing numba and loading cached kernels costs ~0.4-0.5 s (its target context imports its
-# whole lowering library), which a handful of images never earns back (~35 ms saved per image at batch 1).
+# compiled: importing numba and loading cached kernels costs ~0.3 s (most of it the import of numba and LLVM),
+# which a handful of images never earns back (~35 ms saved per image at batch 1).
 SMALL_JOB = 4
 
 _memo = {}

@@ -212,15 +212,18 @@ def test_serial_and_parallel_variants_have_their_own_machine_code(rng):
 
 def test_one_specialisation_per_kernel_for_a_forward(rng):
     """float32 scalars and int64 integers everywhere: a forward on both engines' plans compiles each
-    inference kernel once (the numba engine used to compile 14 functions 22 times)."""
-    from lightcnn.kernels import depthwise, fused
+    inference kernel once (the numba engine used to compile 14 functions 22 times), and each kernel that
+    kernels call once too, whatever constants its callers pass (gemm_rows was compiled 5 times). The
+    callees are checked only when this process compiled their callers (an empty or stale kernel cache)."""
+    from lightcnn.kernels import depthwise, fused, gemm
 
     model = build("mobilenet_v2")
     model.engine = "numba"
     for batch in (1, 2):
         model.forward(rng.standard_normal((batch, 96, 96, 3)).astype(np.float32))
     for kern in (fused.gemm_packed_bias_act, fused.gemm_packed_bias_act_serial, fused.conv_im2col_bias_act,
-                 fused.inverted_residual_band, depthwise.dw_forward, depthwise.dw_forward_serial):
+                 fused.inverted_residual_band, depthwise.dw_forward, depthwise.dw_forward_serial, gemm.gemm_rows,
+                 gemm._epilogue_row, depthwise.dw_output_row):
         if kern.compiled:  # (other tests may compile float64 variants: one per dtype is the rule)
             float32 = [sig for sig in kern.dispatcher.signatures if "float32" in str(sig[0])]
             assert len(float32) <= 1, (kern.key, float32)

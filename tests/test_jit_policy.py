@@ -123,3 +123,92 @@ def test_a_cached_kernel_is_recompiled_when_any_kernel_source_changes(tmp_path):
     assert hits_misses("a" * 16) == (1, 0)
     assert hits_misses("b" * 16) == (0, 1)
     assert hits_misses("b" * 16) == (1, 0)
+
+
+_LOAD_MODULE = """from lightcnn._jit import kernel
+import numpy as np
+
+
+@kernel
+def add_one(x):
+    return x + 1.0
+
+
+@kernel
+def filled(n):
+    out = np.empty(n, np.float32)  # allocates through numba's runtime (NRT)
+    for i in range(n):
+        out[i] = add_one(np.float32(i))
+    return out
+
+
+@kernel
+def twice_plus_one(x):
+    return add_one(x) * 2.0
+"""
+
+_LOAD_SCRIPT = """
+import sys
+import kmod
+print(kmod.add_one(1.0), kmod.filled(3).tolist())
+# imported only when numba prepares to compile (its target context's refresh)
+print("numba.np.polynomial.polynomial_core" in sys.modules)
+if sys.argv[1] == "link":
+    print(kmod.twice_plus_one(1.0))  # compiled now, with the cached add_one inlined into it
+print(sum(kmod.add_one.dispatcher.stats.cache_hits.values()), sum(kmod.filled.dispatcher.stats.cache_hits.values()))
+"""
+
+
+def test_a_cached_kernel_loads_without_preparing_the_compiler_and_still_links(tmp_path):
+    """Loading from the cache skips numba's compile preparation (its lowering library, ~60 MB resident in a
+    predict), and a kernel compiled after it in the same process still inlines the loaded callee (its IR is
+    parsed again on demand)."""
+    (tmp_path / "kmod.py").write_text(_LOAD_MODULE)
+    (tmp_path / "run.py").write_text(_LOAD_SCRIPT)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])]))
+
+    def run(mode):
+        return subprocess.run([sys.executable, str(tmp_path / "run.py"), mode], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout.split("\n")[:-1]
+
+    assert run("load") == ["2.0 [1.0, 2.0, 3.0]", "True", "0 0"]  # compiled
+    assert run("load") == ["2.0 [1.0, 2.0, 3.0]", "False", "1 1"]  # loaded, nothing prepared
+    assert run("link") == ["2.0 [1.0, 2.0, 3.0]", "False", "4.0", "1 1"]
+
+
+_LITERAL_SCRIPT = """
+import numpy as np
+from lightcnn._jit import kernel
+
+
+@kernel
+def scaled(x, start, flag):
+    return x * 2.0 + start if flag else x
+
+
+@kernel
+def with_constants(x):
+    return scaled(x, 0, False) + scaled(x, 1, True)
+
+
+@kernel
+def with_variables(x, start, flag):
+    return scaled(x, start, flag)
+
+
+print(with_constants(1.5), with_variables(1.5, np.int64(3), True))
+print(len(scaled.dispatcher.signatures), scaled.dispatcher.signatures[0])
+"""
+
+
+def test_a_kernel_called_with_constants_is_compiled_once_for_their_types(tmp_path):
+    """Numba would compile `scaled` three times (for Literal[int](0)/Literal[bool](False), for 1/True, and for
+    int64/bool); lightcnn widens constants at call sites so every caller shares one compilation."""
+    (tmp_path / "run.py").write_text(_LITERAL_SCRIPT)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])]))
+    out = subprocess.run([sys.executable, str(tmp_path / "run.py")], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    assert out[0] == "5.5 6.0"
+    assert out[1] == "1 (float64, int64, bool)"
