@@ -38,10 +38,10 @@ import numpy as np
 from lightcnn._jit import kernel, prange
 from lightcnn.kernels.activation import ACT_RELU, act_forward_flat
 from lightcnn.kernels.depthwise import dw_output_row
-from lightcnn.kernels.gemm import MR, NR, epilogue_tile, gemm_rows
+from lightcnn.kernels.gemm import MR, NR, conv_rows, epilogue_tile, gemm_rows
 
 __all__ = ["gemm_bias_act", "gemm_bias_act_serial", "gemm_packed_bias_act", "gemm_packed_bias_act_serial",
-           "conv_im2col_bias_act", "inverted_residual_band", "se_gate", "max_pool_inference", "choose_tile"]
+           "conv_im2col_bias_act", "conv_implicit_bias_act", "inverted_residual_band", "se_gate", "max_pool_inference", "choose_tile"]
 
 # Rows of one GEMM tile. Each BLAS call packs the whole weight matrix, so tiles must not be
 # small (measured on MobileNetV2 shapes: 25-row tiles of a 49-row GEMM cost 25% more than one
@@ -196,6 +196,75 @@ def conv_im2col_bias_act(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res, u
         _im2col_tile(x, kh, kw, sh, sw, pt, pl, ho, wo, r0, cols)
         acc = np.empty((MR, NR), dtype=y.dtype)
         gemm_rows(cols, 0, r1 - r0, wp, n_out, 0, n_panels, b, res, use_res, act, alpha, y, r0, col0, acc)
+
+
+@kernel(parallel=True)
+def conv_implicit_bias_act(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res, use_res, act, alpha, bands, y,
+                           col0):
+    """KxK conv as an implicit GEMM (gemm.conv_rows): the packed tile reads its rows straight from the image.
+
+    x (N,H,W,C); wp = gemm.pack_panels(w2d (KH*KW*C, O)) (HWIO reshaped); y (N*Ho*Wo, >= col0 + O)
+    as rows; res likewise (a dummy when not use_res). Each image's Ho output rows are cut into
+    `bands` bands of equal height (+-1), one work item each. Only the top/left padding is passed:
+    Ho and Wo imply the rest.
+
+    Why no im2col: in NHWC the KW*C values of one kernel row of a receptive field are contiguous in
+    x, so the tile needs only where each output pixel's window starts (`rows`) and where its KH
+    kernel rows start (`segs`) to read the K = KH*KW*C column straight from x. Without padding
+    (SqueezeNet's stems) it reads x itself; with padding, each item first copies the input rows its
+    band reads into a zero-bordered buffer ((band-1)*SH + KH rows of (Wo-1)*SW + KW pixels, a few
+    KB to tens of KB, so it stays in L1/L2) and reads that. The im2col matrix it replaces is
+    KH*KW times larger than that buffer (9x for a 3x3 conv): written, then read once per panel.
+    """
+    n_img, h_in, w_in, c_in = x.shape
+    seg_len = kw * c_in
+    xflat = x.reshape(-1)
+    padded = pt > 0 or pl > 0 or (ho - 1) * sh + kh > h_in or (wo - 1) * sw + kw > w_in  # a window reads padding
+    wb = (wo - 1) * sw + kw  # a band buffer's width in pixels: column u holds input column u - pl
+    for it in prange(n_img * bands):
+        n = it // bands
+        band = it - n * bands
+        i0 = band * ho // bands
+        i1 = (band + 1) * ho // bands
+        m = (i1 - i0) * wo
+        if m == 0:
+            continue
+        rows = np.empty(m, np.int64)
+        segs = np.empty(kh, np.int64)
+        acc = np.empty((MR, NR), dtype=y.dtype)
+        yr0 = (n * ho + i0) * wo
+        if not padded:
+            for p in range(kh):
+                segs[p] = p * w_in * c_in
+            r = 0
+            for i in range(i0, i1):
+                start = (n * h_in + i * sh) * w_in
+                for j in range(wo):
+                    rows[r] = (start + j * sw) * c_in
+                    r += 1
+            conv_rows(xflat, rows, m, segs, seg_len, wp, n_out, b, res, use_res, act, alpha, y, yr0, col0, acc)
+        else:
+            hb = (i1 - i0 - 1) * sh + kh
+            buf = np.zeros(hb * wb * c_in, dtype=x.dtype)  # the zeros are the padding
+            u0 = pl
+            u1 = min(wb, pl + w_in)
+            span = (u1 - u0) * c_in
+            for rb in range(hb):
+                h = i0 * sh - pt + rb
+                if 0 <= h < h_in and span > 0:
+                    src = ((n * h_in + h) * w_in + u0 - pl) * c_in
+                    dst = (rb * wb + u0) * c_in
+                    for e in range(span):
+                        buf[dst + e] = xflat[src + e]
+            for p in range(kh):
+                segs[p] = p * wb * c_in
+            r = 0
+            for i in range(i0, i1):
+                start = (i - i0) * sh * wb
+                for j in range(wo):
+                    rows[r] = (start + j * sw) * c_in
+                    r += 1
+            conv_rows(buf, rows, m, segs, seg_len, wp, n_out, b, res, use_res, act, alpha, y, yr0, col0, acc)
 
 
 # --------------------------------------------------------------------------- inverted residual, fused

@@ -49,13 +49,21 @@ def gemm_split(m, threads):
     return max(1, m), threads
 
 
+def conv_bands(n_img, ho, wo, threads, pixels=256):
+    """Bands per image for fused.conv_implicit_bias_act: about `pixels` output pixels per work item
+    and, in all, a multiple of `threads` items (so the threads get equal shares; bands of one
+    image differ by at most one row)."""
+    items = max(1, threads) * max(1, round(n_img * ho * wo / (max(1, threads) * pixels)))
+    return int(min(ho, max(1, -(-items // n_img))))
+
+
 def kernels_for(step, plan):
     """The Kernel objects bind(step, plan) calls (numba is not imported)."""
     op = step.op
     if op == "pointwise":
         return [_pointwise_kernel(step)]
     if op == "conv":
-        return [fused.conv_im2col_bias_act]
+        return [fused.conv_implicit_bias_act]
     if op == "depthwise":
         return [dw_k.dw_forward_serial if step.params["rows"] < SERIAL_MAX_ROWS else dw_k.dw_forward]
     if op == "inverted_residual":
@@ -123,13 +131,13 @@ def _conv(step, plan):
     ra = plan.arg(v["res"], (m, width))[0] if use_res else _DUMMY2
     (kh, kw), (sh, sw), (ho, wo) = p["kernel"], p["stride"], p["out_hw"]
     top, left, act, alpha, col0 = p["top"], p["left"], p["act"], p["alpha"], p["col0"]
-    tile = fused.choose_tile(m, plan.threads)
-    kern, weights, n_out = _dispatch(fused.conv_im2col_bias_act), p["weights"], p["weights"].shape[-1]
+    bands = conv_bands(v["x"].shape[0], ho, wo, plan.threads)
+    kern, weights, n_out = _dispatch(fused.conv_implicit_bias_act), p["weights"], p["weights"].shape[-1]
 
     def run(vals):
         wp, b = weights.packed()
         xv = xa if xa is not None else vals[xi]
-        kern(xv, wp, n_out, kh, kw, sh, sw, top, left, ho, wo, b, ra, use_res, act, alpha, tile, ya, col0)
+        kern(xv, wp, n_out, kh, kw, sh, sw, top, left, ho, wo, b, ra, use_res, act, alpha, bands, ya, col0)
     return run
 
 
