@@ -10,7 +10,8 @@ The implicit-GEMM convolution (fused.conv_implicit_bias_act over gemm.conv_rows)
 tests/reference_conv.conv2d_naive, a scalar float64 loop: both of its paths (reading the image
 itself when no window touches the padding; a zero-bordered band copy when one does), strides 1 and 2,
 kernels 1, 3, 5, 7, asymmetric padding, bands of 0-1 rows up to the whole image, batch 1 and 3, and
-row counts that leave tile remainders.
+row counts that leave tile remainders. The fused Fire module (fused.fire_band) is checked against the
+same oracle composed: squeeze, expand 1x1 and expand 3x3 with their activations, concatenated.
 """
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 from lightcnn.kernels import activation as act_k
 from lightcnn.kernels import fused, gemm
 
-from .reference_conv import conv2d_naive
+from .reference_conv import conv2d_naive, pointwise_naive
 
 RTOL = 1e-5
 
@@ -173,3 +174,34 @@ def test_implicit_conv_residual(act, rng):
                                  act, np.float32(1.0), 2, y, 4)
     _close(y[:, 4:], ref + res[:, 4:])
     assert np.isnan(y[:, :4]).all()
+
+
+# (N, H, W, C, squeeze, e1, e3, bands per image, bypass)
+FIRE_CASES = [
+    (1, 13, 13, 32, 16, 24, 40, 2, False),   # a 13x13 SqueezeNet map at batch 1: two bands of 7 and 6 rows
+    (2, 7, 9, 64, 20, 32, 32, 3, True),      # the bypass (in_ch = e1 + e3), batch 2
+    (1, 3, 4, 5, 3, 17, 7, 5, False),        # more bands than rows; 17 and 7 columns: panel remainders
+    (3, 1, 1, 4, 2, 3, 5, 1, False),         # a 1x1 map: the 3x3 reads only padding around its centre
+]
+
+
+@pytest.mark.parametrize("n,h,w,c,s_ch,e1,e3,bands,bypass", FIRE_CASES)
+@pytest.mark.parametrize("act", [act_k.ACT_RELU, act_k.ACT_RELU6, act_k.ACT_ELU])
+def test_fire_band_matches_naive_fire(n, h, w, c, s_ch, e1, e3, bands, bypass, act, rng):
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    ws, bs = rng.standard_normal((c, s_ch)).astype(np.float32), rng.standard_normal(s_ch).astype(np.float32)
+    w1, b1 = rng.standard_normal((s_ch, e1)).astype(np.float32), rng.standard_normal(e1).astype(np.float32)
+    w3, b3 = rng.standard_normal((3, 3, s_ch, e3)).astype(np.float32), rng.standard_normal(e3).astype(np.float32)
+    f64 = [a.astype(np.float64) for a in (x, ws, bs, w1, b1, w3, b3)]
+    sq = _oracle_act(pointwise_naive(f64[0], f64[1], f64[2]), act)
+    ref = np.concatenate([_oracle_act(pointwise_naive(sq, f64[3], f64[4]), act),
+                          _oracle_act(conv2d_naive(sq, f64[5], f64[6], (1, 1), (1, 1, 1, 1)), act)], axis=-1)
+    ref = ref.reshape(-1, e1 + e3)
+    if bypass:
+        ref = ref + f64[0].reshape(-1, c)
+    res = x.reshape(-1, c) if bypass else np.zeros((1, 1), np.float32)
+    y = np.full((n * h * w, e1 + e3), np.nan, np.float32)
+    pack = gemm.pack_panels
+    fused.fire_band(x, pack(ws), bs, act, pack(w1), b1, act, pack(w3.reshape(-1, e3)), b3, act, res, bypass,
+                    np.float32(1.0), bands, y)
+    _close(y, ref)

@@ -41,7 +41,7 @@ from lightcnn.kernels.depthwise import dw_output_row
 from lightcnn.kernels.gemm import MR, NR, conv_rows, epilogue_tile, gemm_rows
 
 __all__ = ["gemm_bias_act", "gemm_bias_act_serial", "gemm_packed_bias_act", "gemm_packed_bias_act_serial",
-           "conv_im2col_bias_act", "conv_implicit_bias_act", "inverted_residual_band", "se_gate", "max_pool_inference", "choose_tile"]
+           "conv_im2col_bias_act", "conv_implicit_bias_act", "fire_band", "inverted_residual_band", "se_gate", "max_pool_inference", "choose_tile"]
 
 # Rows of one GEMM tile. Each BLAS call packs the whole weight matrix, so tiles must not be
 # small (measured on MobileNetV2 shapes: 25-row tiles of a 49-row GEMM cost 25% more than one
@@ -265,6 +265,66 @@ def conv_implicit_bias_act(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res,
                     rows[r] = (start + j * sw) * c_in
                     r += 1
             conv_rows(buf, rows, m, segs, seg_len, wp, n_out, b, res, use_res, act, alpha, y, yr0, col0, acc)
+
+
+@kernel(parallel=True)
+def fire_band(x, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act3, res, use_res, alpha, bands, y):
+    """A whole SqueezeNet Fire module, band by band of rows:
+
+        s = act_s(x @ ws + bs)                                     squeeze 1x1, (N,H,W,S)
+        y[..., :E1] = act1(s @ w1 + b1) (+ x[..., :E1])            expand 1x1
+        y[..., E1:] = act3(conv3x3(s, w3, pad 1) + b3) (+ x[..., E1:])   expand 3x3 (+ the bypass when use_res)
+
+    x (N,H,W,C); wsp, w1p, w3p = gemm.pack_panels of ws (C,S), w1 (S,E1), w3 (3*3*S,E3) (HWIO
+    reshaped); bs (S,), b1 (E1,), b3 (E3,); res (N*H*W, E1+E3) (x as rows, a dummy when not
+    use_res); y (N*H*W, E1+E3) as rows. Each image's H rows are cut into `bands` bands (+-1 row).
+
+    Why one kernel: at batch 1 the squeeze and the expand 1x1 are ~3 M multiply-accumulates each,
+    too small to split over threads as separate GEMMs, so as separate steps they ran on one thread
+    while the other waited. Here each work item squeezes the rows its band reads (its rows and one
+    halo row above and below, recomputed by the neighbouring band), places them in a zero-bordered
+    buffer, and runs both expands from it with gemm.conv_rows (the expand 1x1 reads the centre tap
+    only): the squeezed tensor never leaves the cache and all three convs share the threads.
+    """
+    n_img, h, w, c_in = x.shape
+    s_ch, e1, e3 = bs.shape[0], b1.shape[0], b3.shape[0]
+    x2d = x.reshape(n_img * h * w, c_in)
+    wb = w + 2  # the band buffer's width: column u holds image column u - 1, 0 and w + 1 are padding
+    n_ps = (s_ch + NR - 1) // NR
+    for it in prange(n_img * bands):
+        n = it // bands
+        band = it - n * bands
+        i0 = band * h // bands
+        i1 = (band + 1) * h // bands
+        if i1 == i0:
+            continue
+        lo = max(0, i0 - 1)
+        hi = min(h, i1 + 1)
+        acc = np.empty((MR, NR), dtype=y.dtype)
+        sq = np.empty(((hi - lo) * w, s_ch), dtype=y.dtype)
+        gemm_rows(x2d, (n * h + lo) * w, (n * h + hi) * w, wsp, s_ch, 0, n_ps, bs, sq, False, act_s, alpha, sq, 0, 0,
+                  acc)
+        buf = np.zeros((i1 - i0 + 2) * wb * s_ch, dtype=y.dtype)  # buffer row rb = image row i0 - 1 + rb
+        for hh in range(lo, hi):
+            src = sq[(hh - lo) * w:(hh - lo + 1) * w].reshape(-1)
+            dst = ((hh - i0 + 1) * wb + 1) * s_ch
+            for e in range(w * s_ch):
+                buf[dst + e] = src[e]
+        m = (i1 - i0) * w
+        rows = np.empty(m, np.int64)
+        r = 0
+        for i in range(i1 - i0):
+            for j in range(w):
+                rows[r] = (i * wb + j) * s_ch
+                r += 1
+        centre = np.empty(1, np.int64)
+        centre[0] = (wb + 1) * s_ch
+        taps = np.empty(3, np.int64)
+        for p in range(3):
+            taps[p] = p * wb * s_ch
+        yr0 = (n * h + i0) * w
+        conv_rows(buf, rows, m, centre, s_ch, w1p, e1, b1, res, use_res, act1, alpha, y, yr0, 0, acc)
+        conv_rows(buf, rows, m, taps, 3 * s_ch, w3p, e3, b3, res, use_res, act3, alpha, y, yr0, e1, acc)
 
 
 # --------------------------------------------------------------------------- inverted residual, fused

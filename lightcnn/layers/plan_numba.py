@@ -68,6 +68,8 @@ def kernels_for(step, plan):
         return [dw_k.dw_forward_serial if step.params["rows"] < SERIAL_MAX_ROWS else dw_k.dw_forward]
     if op == "inverted_residual":
         return [fused.inverted_residual_band]
+    if op == "fire":
+        return [fused.fire_band]
     if op == "se_gate":
         return [] if step.params["grids"] else [fused.se_gate]
     if op == "dense":
@@ -85,7 +87,7 @@ def run_context(plan):
 
 
 def bind(step, plan):
-    if step.op in ("pointwise", "conv", "depthwise", "inverted_residual"):
+    if step.op in ("pointwise", "conv", "depthwise", "inverted_residual", "fire"):
         _blas.prepare()  # before any kernel that calls BLAS runs (picks SciPy's BLAS settings)
     return _BINDERS[step.op](step, plan)
 
@@ -177,6 +179,28 @@ def _inverted_residual(step, plan):
     return run
 
 
+def _fire(step, plan):
+    v = step.vals
+    squeeze, expand1, expand3 = (part.params for part in step.params["parts"])
+    xa, xi = plan.arg(v["x"])
+    n, h, w, c = v["x"].shape
+    width = v["y"].shape[-1]
+    ya = plan.arg(v["y"], (n * h * w, width))[0]
+    use_res = v["res"] is not None
+    ra = plan.arg(v["res"], (n * h * w, width))[0] if use_res else _DUMMY2
+    bands = conv_bands(n, h, w, plan.threads)
+    acts = [p["act"] for p in (squeeze, expand1, expand3)]
+    alpha = squeeze["alpha"]
+    weights = [p["weights"] for p in (squeeze, expand1, expand3)]
+    kern = _dispatch(fused.fire_band)
+
+    def run(vals):
+        (ws, bs), (w1, b1), (w3, b3) = (wt.packed() for wt in weights)
+        kern(xa if xa is not None else vals[xi], ws, bs, acts[0], w1, b1, acts[1], w3, b3, acts[2], ra, use_res, alpha,
+             bands, ya)
+    return run
+
+
 def _se_gate(step, plan):
     p, v = step.params, step.vals
     if p["grids"]:  # a simulated quantised runtime rounds inside the gate: the NumPy op does that
@@ -247,7 +271,7 @@ def _numpy_op(step, plan):
 
 
 _BINDERS = dict(copy=_copy, pointwise=_pointwise, conv=_conv, depthwise=_depthwise,
-                inverted_residual=_inverted_residual, se_gate=_se_gate, dense=_dense, max_pool=_max_pool,
+                inverted_residual=_inverted_residual, fire=_fire, se_gate=_se_gate, dense=_dense, max_pool=_max_pool,
                 opaque=_opaque, transpose_conv=_transpose_conv, place=_numpy_op, gap=_numpy_op, scale=_numpy_op, add=_numpy_op, fake_quant=_numpy_op)
 
 __all__ = ["bind", "kernels_for"]
