@@ -11,7 +11,8 @@ tests/reference_conv.conv2d_naive, a scalar float64 loop: both of its paths (rea
 itself when no window touches the padding; a zero-bordered band copy when one does), strides 1 and 2,
 kernels 1, 3, 5, 7, asymmetric padding, bands of 0-1 rows up to the whole image, batch 1 and 3, and
 row counts that leave tile remainders. The fused Fire module (fused.fire_band) is checked against the
-same oracle composed: squeeze, expand 1x1 and expand 3x3 with their activations, concatenated.
+same oracle composed: squeeze, expand 1x1 and expand 3x3 with their activations, concatenated; the
+conv + max pool stem (fused.conv_max_pool) against conv2d_naive then reference_depthwise_pool's max_pool2d_naive.
 """
 
 import numpy as np
@@ -21,6 +22,7 @@ from lightcnn.kernels import activation as act_k
 from lightcnn.kernels import fused, gemm
 
 from .reference_conv import conv2d_naive, pointwise_naive
+from .reference_depthwise_pool import max_pool2d_naive
 
 RTOL = 1e-5
 
@@ -204,4 +206,30 @@ def test_fire_band_matches_naive_fire(n, h, w, c, s_ch, e1, e3, bands, bypass, a
     pack = gemm.pack_panels
     fused.fire_band(x, pack(ws), bs, act, pack(w1), b1, act, pack(w3.reshape(-1, e3)), b3, act, res, bypass,
                     np.float32(1.0), bands, y)
+    _close(y, ref)
+
+
+# (x shape, conv kernel, conv stride, conv pad, pool kernel, pool stride, pool pad, ceil mode, bands per image)
+CONV_POOL_CASES = [
+    ((1, 23, 23, 3), 3, 2, (0, 0, 0, 0), 3, 2, (0, 0, 0, 0), True, 2),   # SqueezeNet 1.1's stem, ceil mode
+    ((2, 25, 21, 3), 7, 2, (0, 0, 0, 0), 3, 2, (0, 0, 0, 0), True, 3),   # SqueezeNet 1.0's, batch 2
+    ((1, 12, 12, 4), 3, 1, (1, 1, 1, 1), 3, 2, (1, 1, 1, 1), False, 4),  # padded conv and padded pool
+    ((1, 9, 10, 2), 3, 1, (1, 1, 1, 1), 2, 2, (0, 0, 0, 0), False, 9),   # 2x2 pool, more bands than rows
+]
+
+
+@pytest.mark.parametrize("shape,k,stride,pad,pk,ps,ppad,ceil,bands", CONV_POOL_CASES)
+@pytest.mark.parametrize("act", [act_k.ACT_NONE, act_k.ACT_RELU, act_k.ACT_ELU])
+def test_conv_max_pool_matches_naive(shape, k, stride, pad, pk, ps, ppad, ceil, bands, act, rng):
+    x = rng.standard_normal(shape).astype(np.float32)
+    n_out = 20
+    w = rng.standard_normal((k, k, shape[3], n_out)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    conv = _oracle_act(conv2d_naive(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
+                                    (stride, stride), pad), act)
+    ref, _ = max_pool2d_naive(conv, (pk, pk), (ps, ps), ppad, ceil_mode=ceil)
+    _, ho, wo, _ = conv.shape
+    y = np.full(ref.shape, np.nan, np.float32)
+    fused.conv_max_pool(x, gemm.pack_panels(w.reshape(-1, n_out)), n_out, k, k, stride, stride, pad[0], pad[2], ho, wo,
+                        b, act, np.float32(1.0), pk, pk, ps, ps, ppad[0], ppad[2], bands, y)
     _close(y, ref)

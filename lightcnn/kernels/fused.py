@@ -41,7 +41,7 @@ from lightcnn.kernels.depthwise import dw_output_row
 from lightcnn.kernels.gemm import MR, NR, conv_rows, epilogue_tile, gemm_rows
 
 __all__ = ["gemm_bias_act", "gemm_bias_act_serial", "gemm_packed_bias_act", "gemm_packed_bias_act_serial",
-           "conv_im2col_bias_act", "conv_implicit_bias_act", "fire_band", "inverted_residual_band", "se_gate", "max_pool_inference", "choose_tile"]
+           "conv_im2col_bias_act", "conv_implicit_bias_act", "conv_max_pool", "fire_band", "inverted_residual_band", "se_gate", "max_pool_inference", "choose_tile"]
 
 # Rows of one GEMM tile. Each BLAS call packs the whole weight matrix, so tiles must not be
 # small (measured on MobileNetV2 shapes: 25-row tiles of a 49-row GEMM cost 25% more than one
@@ -216,58 +216,111 @@ def conv_implicit_bias_act(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res,
     KB to tens of KB, so it stays in L1/L2) and reads that. The im2col matrix it replaces is
     KH*KW times larger than that buffer (9x for a 3x3 conv): written, then read once per panel.
     """
-    n_img, h_in, w_in, c_in = x.shape
-    seg_len = kw * c_in
-    xflat = x.reshape(-1)
-    padded = pt > 0 or pl > 0 or (ho - 1) * sh + kh > h_in or (wo - 1) * sw + kw > w_in  # a window reads padding
-    wb = (wo - 1) * sw + kw  # a band buffer's width in pixels: column u holds input column u - pl
+    n_img = x.shape[0]
     for it in prange(n_img * bands):
         n = it // bands
         band = it - n * bands
         i0 = band * ho // bands
         i1 = (band + 1) * ho // bands
-        m = (i1 - i0) * wo
-        if m == 0:
-            continue
-        rows = np.empty(m, np.int64)
-        segs = np.empty(kh, np.int64)
-        acc = np.empty((MR, NR), dtype=y.dtype)
-        yr0 = (n * ho + i0) * wo
-        if not padded:
-            for p in range(kh):
-                segs[p] = p * w_in * c_in
-            r = 0
-            for i in range(i0, i1):
-                start = (n * h_in + i * sh) * w_in
-                for j in range(wo):
-                    rows[r] = (start + j * sw) * c_in
-                    r += 1
-            conv_rows(xflat, rows, m, segs, seg_len, wp, n_out, b, res, use_res, act, alpha, y, yr0, col0, acc)
+        if i1 > i0:
+            acc = np.empty((MR, NR), dtype=y.dtype)
+            _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res, use_res, act, alpha, n, i0, i1, y,
+                       (n * ho + i0) * wo, col0, acc)
+
+
+@kernel
+def _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res, use_res, act, alpha, n, i0, i1, y, yr0, col0,
+               acc):
+    """Output rows i0..i1-1 of image n of conv_implicit_bias_act, into y (rows, >= col0 + O) from row yr0 on."""
+    n_img, h_in, w_in, c_in = x.shape
+    seg_len = kw * c_in
+    xflat = x.reshape(-1)
+    m = (i1 - i0) * wo
+    rows = np.empty(m, np.int64)
+    segs = np.empty(kh, np.int64)
+    if not (pt > 0 or pl > 0 or (ho - 1) * sh + kh > h_in or (wo - 1) * sw + kw > w_in):  # no window reads padding
+        for p in range(kh):
+            segs[p] = p * w_in * c_in
+        r = 0
+        for i in range(i0, i1):
+            start = (n * h_in + i * sh) * w_in
+            for j in range(wo):
+                rows[r] = (start + j * sw) * c_in
+                r += 1
+        conv_rows(xflat, rows, m, segs, seg_len, wp, n_out, b, res, use_res, act, alpha, y, yr0, col0, acc)
+        return
+    wb = (wo - 1) * sw + kw  # the band buffer's width in pixels: column u holds input column u - pl
+    hb = (i1 - i0 - 1) * sh + kh
+    buf = np.empty(hb * wb * c_in, dtype=x.dtype)
+    span = max(0, min(wb, pl + w_in) - pl) * c_in  # floats of a row that come from x; the rest is padding
+    for rb in range(hb):
+        h = i0 * sh - pt + rb
+        row = buf[rb * wb * c_in:(rb + 1) * wb * c_in]
+        if 0 <= h < h_in:
+            # zero only the border and copy the rest as one slice: zeroing the whole buffer and
+            # copying element by element made MobileNetV2's stem 0.29 ms instead of 0.20 (one core)
+            row[:pl * c_in] = 0.0
+            row[pl * c_in:pl * c_in + span] = xflat[((n * h_in + h) * w_in) * c_in:((n * h_in + h) * w_in) * c_in + span]
+            row[pl * c_in + span:] = 0.0
         else:
-            hb = (i1 - i0 - 1) * sh + kh
-            buf = np.empty(hb * wb * c_in, dtype=x.dtype)
-            span = max(0, min(wb, pl + w_in) - pl) * c_in  # floats of a row that come from x; the rest is padding
-            for rb in range(hb):
-                h = i0 * sh - pt + rb
-                row = buf[rb * wb * c_in:(rb + 1) * wb * c_in]
-                if 0 <= h < h_in:
-                    # zero only the border and copy the rest as one slice: zeroing the whole buffer and
-                    # copying element by element made MobileNetV2's stem 0.29 ms instead of 0.20 (one core)
-                    row[:pl * c_in] = 0.0
-                    row[pl * c_in:pl * c_in + span] = xflat[((n * h_in + h) * w_in) * c_in:
-                                                            ((n * h_in + h) * w_in) * c_in + span]
-                    row[pl * c_in + span:] = 0.0
-                else:
-                    row[:] = 0.0
-            for p in range(kh):
-                segs[p] = p * wb * c_in
-            r = 0
-            for i in range(i0, i1):
-                start = (i - i0) * sh * wb
-                for j in range(wo):
-                    rows[r] = (start + j * sw) * c_in
-                    r += 1
-            conv_rows(buf, rows, m, segs, seg_len, wp, n_out, b, res, use_res, act, alpha, y, yr0, col0, acc)
+            row[:] = 0.0
+    for p in range(kh):
+        segs[p] = p * wb * c_in
+    r = 0
+    for i in range(i0, i1):
+        start = (i - i0) * sh * wb
+        for j in range(wo):
+            rows[r] = (start + j * sw) * c_in
+            r += 1
+    conv_rows(buf, rows, m, segs, seg_len, wp, n_out, b, res, use_res, act, alpha, y, yr0, col0, acc)
+
+
+@kernel(parallel=True)
+def conv_max_pool(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, act, alpha, pkh, pkw, psh, psw, ptop, pleft, bands,
+                  y):
+    """conv_implicit_bias_act followed by a max pool (SqueezeNet's stem: conv, ReLU, 3x3/2 max pool), band by band.
+
+    x (N,H,W,C), wp as conv_implicit_bias_act's, conv output (N,Ho,Wo,O) never written whole;
+    y (N,Po,Qo,O) the pooled output: y[n,i,j] = max over the pool window (PKH x PKW, stride PSH x PSW,
+    top/left padding PTOP/PLEFT, clipped to the conv output: padding is -inf) of the conv output.
+    Each work item (`bands` per image, in pooled rows) computes the conv rows its pool windows read
+    into a buffer that stays in L2 (neighbouring items recompute the PKH - PSH rows they share) and
+    pools from it: the conv output, the largest tensor of SqueezeNet (3.2 MB per image), is neither
+    written to memory nor read back. A NaN wins, as in max_pool_inference.
+    """
+    n_img = x.shape[0]
+    _, p_out, q_out, _ = y.shape
+    for it in prange(n_img * bands):
+        n = it // bands
+        band = it - n * bands
+        q0 = band * p_out // bands
+        q1 = (band + 1) * p_out // bands
+        if q1 == q0:
+            continue
+        c0 = max(0, q0 * psh - ptop)
+        c1 = min(ho, (q1 - 1) * psh - ptop + pkh)
+        conv = np.empty(((c1 - c0) * wo, n_out), dtype=y.dtype)
+        acc = np.empty((MR, NR), dtype=y.dtype)
+        _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, conv, False, act, alpha, n, c0, c1, conv, 0, 0,
+                   acc)
+        for i in range(q0, q1):
+            h0 = max(i * psh - ptop, 0)
+            h1 = min(i * psh - ptop + pkh, ho)
+            for j in range(q_out):
+                w0 = max(j * psw - pleft, 0)
+                w1 = min(j * psw - pleft + pkw, wo)
+                yo = y[n, i, j]
+                first = conv[(h0 - c0) * wo + w0]
+                for c in range(n_out):
+                    yo[c] = first[c]
+                for ih in range(h0, h1):
+                    for iw in range(w0, w1):
+                        ci = conv[(ih - c0) * wo + iw]
+                        for c in range(n_out):
+                            v = ci[c]
+                            m = yo[c]
+                            # a NaN wins (v != v) and then stays (m == m fails)
+                            yo[c] = v if (v > m or v != v) and m == m else m
 
 
 @kernel(parallel=True)

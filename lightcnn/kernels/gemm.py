@@ -43,6 +43,7 @@ __all__ = ["MR", "NR", "pack_panels", "panel_count", "tile_fma", "tile_fma_store
 
 MR = 12  # rows per tile: 2*MR accumulators + 2 weight vectors + 1 broadcast <= 32 zmm registers
 NR = 32  # columns per panel (two 16-float vectors)
+CONV_CHUNK_ROWS = 20 * MR  # conv_rows' rows per pass of the panels
 
 
 def panel_count(n_out):
@@ -541,7 +542,8 @@ def conv_rows(a, rows, n_rows, segs, seg_len, wp, n_out, b, res, use_res, act, a
     holds where output row r's receptive field starts in a, segs (n_seg,) int64 where each of its
     kernel rows starts relative to that (a kernel row is seg_len = KW*C contiguous floats of an
     NHWC image); wp = pack_panels(w2d (n_seg*seg_len, O)) (HWIO reshaped); the rest as gemm_rows'.
-    Serial; panel by panel, as gemm_rows.
+    Serial. In chunks of CONV_CHUNK_ROWS rows, each panel by panel as gemm_rows: the input a chunk reads
+    stays in L1 while every panel passes over it (a whole Fire band panel by panel re-read it from L2).
     """
     n_seg = segs.shape[0]
     k = n_seg * seg_len
@@ -549,18 +551,20 @@ def conv_rows(a, rows, n_rows, segs, seg_len, wp, n_out, b, res, use_res, act, a
     last_width = 16 if n_out - (n_panels - 1) * NR <= 16 else NR
     in_ir = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
     ldy, ldres = y.shape[1], res.shape[1]
-    for p in range(n_panels):
-        c0 = p * NR
-        nr = NR if p < n_panels - 1 else last_width
-        nv = min(NR, n_out - c0)
-        bp = b[c0:c0 + nv]
-        for i0 in range(0, n_rows, MR):
-            mr = min(MR, n_rows - i0)
-            row = yr0 + i0
-            if in_ir:
-                tile_conv_store(a, rows, i0, segs, n_seg, seg_len, wp, c0 * k, mr, nr, bp, nv, act, res,
-                                row * ldres + col0 + c0, ldres, use_res, y, row * ldy + col0 + c0, ldy)
-            else:
-                tile_conv(a, rows, i0, segs, n_seg, seg_len, wp, c0 * k, mr, nr, acc)
-                for i in range(mr):
-                    _epilogue_row(acc[i], bp, res, use_res, act, alpha, y, row + i, col0 + c0, nv)
+    for r0 in range(0, n_rows, CONV_CHUNK_ROWS):
+        r1 = min(n_rows, r0 + CONV_CHUNK_ROWS)
+        for p in range(n_panels):
+            c0 = p * NR
+            nr = NR if p < n_panels - 1 else last_width
+            nv = min(NR, n_out - c0)
+            bp = b[c0:c0 + nv]
+            for i0 in range(r0, r1, MR):
+                mr = min(MR, r1 - i0)
+                row = yr0 + i0
+                if in_ir:
+                    tile_conv_store(a, rows, i0, segs, n_seg, seg_len, wp, c0 * k, mr, nr, bp, nv, act, res,
+                                    row * ldres + col0 + c0, ldres, use_res, y, row * ldy + col0 + c0, ldy)
+                else:
+                    tile_conv(a, rows, i0, segs, n_seg, seg_len, wp, c0 * k, mr, nr, acc)
+                    for i in range(mr):
+                        _epilogue_row(acc[i], bp, res, use_res, act, alpha, y, row + i, col0 + c0, nv)

@@ -12,6 +12,7 @@ of one image that overhead is most of the time. A plan does that work once:
     squeeze-excitation's channel scale is folded into the next pointwise conv's input;
     Fire's expand 1x1 and 3x3 write side by side into one buffer (no concat copy), and a Fire
     module whose 3x3 expand is stride 1, padded by 1 is one step (`fire`), whose parts are those three steps;
+    a KxK conv read only by a max pool is one step with it (`conv_max_pool`);
   - activations live in an arena of flat buffers planned here: a buffer returns to the
     free list when the last step that reads its tensor has been planned, so a network
     needs a handful of buffers, not one per layer, and they stay warm in cache.
@@ -24,7 +25,7 @@ layer types (the lowering); an engine only maps each op to code:
   numpy   lightcnn.layers.plan_numpy: BLAS matmuls and strided NumPy passes; never imports
           numba, so the first result comes without any compilation.
 
-The ops: copy, pointwise, conv, depthwise, inverted_residual, fire, se_gate, scale, gap, dense,
+The ops: copy, pointwise, conv, conv_max_pool, depthwise, inverted_residual, fire, se_gate, scale, gap, dense,
 max_pool, transpose_conv, place (a tensor into a channel range of a wider one, cropped or
 zero-padded at the bottom/right), fake_quant, add, and opaque (a layer the lowering does not know runs its own
 forward; the numba engine only). A layer that simulates a quantised runtime (lightcnn.quantsim
@@ -199,6 +200,7 @@ class InferencePlan:
             out = self._lower(layer, out, name)
         self.output_index = out.index
         self.output_shape = out.shape
+        self.steps = _fuse_conv_max_pool(self.steps)
         for v in self._values:
             if v.buf is not None:
                 v.array = self._arena.buffers[v.buf][:int(np.prod(v.shape))].reshape(v.shape)
@@ -563,6 +565,27 @@ def _fusable_fire(parts, hw):
             and squeeze.params["width"] == squeeze.params["weights"].shape[-1] and parts[1].vals["scale"] is None
             and expand3.params["kernel"] == (3, 3) and expand3.params["stride"] == (1, 1)
             and (expand3.params["top"], expand3.params["left"]) == (1, 1) and expand3.params["out_hw"] == hw)
+
+
+def _fuse_conv_max_pool(steps):
+    """Steps with each KxK conv that feeds only a max pool merged with it into one `conv_max_pool` step
+    (SqueezeNet's stem), whose parts are the two steps: the numba engine pools each band of the conv
+    output while it is in cache (fused.conv_max_pool); the numpy engine runs the parts."""
+    readers = {}
+    for step in steps:
+        for v in step.vals.values():
+            if v is not None:
+                readers[v.index] = readers.get(v.index, 0) + 1
+    out = []
+    for step in steps:
+        prev = out[-1] if out else None
+        if (step.op == "max_pool" and prev is not None and prev.op == "conv" and prev.vals["y"] is step.vals["x"]
+                and readers[step.vals["x"].index] == 2 and prev.vals["res"] is None and prev.params["col0"] == 0
+                and prev.params["width"] == prev.params["weights"].shape[-1]):
+            out[-1] = Step("conv_max_pool", prev.name, dict(x=prev.vals["x"], y=step.vals["y"]), dict(parts=[prev, step]))
+        else:
+            out.append(step)
+    return out
 
 
 class Unsupported(ValueError):
