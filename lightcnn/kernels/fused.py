@@ -7,7 +7,10 @@ xs is
   - x itself for a pointwise (1x1) conv: x (N,H,W,K) viewed as (M, K);
   - x * s[n] for a pointwise conv after squeeze-excitation: s (N, K) scales the input
     channels of image n, which is the SE block's multiply folded into the next GEMM;
-  - the im2col rows of x for a KxK conv (K = KH*KW*C, column order (p, q, c) = w's).
+  - the im2col rows of x for a KxK conv (K = KH*KW*C, column order (p, q, c) = w's), which
+    the plan never materialises: conv_implicit_bias_act's tile reads each row's KH kernel rows
+    (KW*C contiguous floats each in NHWC) straight from x (gemm.conv_rows); conv_im2col_bias_act,
+    the im2col + GEMM version it replaced, stays as the baseline bench/conv_gflops.py measures.
 col0 lets two convs write side by side into one (M, O1 + O2) buffer: Fire's concat
 costs nothing. res is a skip connection (MobileNet's residual, Fire's bypass), added
 after the activation as in the layers.
@@ -24,12 +27,18 @@ How (why it is shaped like this):
     inside the element loop would stop LLVM from vectorising it).
 Cost: 2*K FLOPs per output element in BLAS; the epilogue is 2-4 FLOPs per element.
 
+Whole blocks, band by band of output rows so the intermediate tensors stay in cache: a
+MobileNet bottleneck (inverted_residual_band), a SqueezeNet Fire module (fire_band) and a
+conv followed by a max pool (conv_max_pool, SqueezeNet's stem).
+
 Also here, for the same inference plan (lightcnn.layers.plan): a squeeze-excitation gate
 (global average -> dense+ReLU -> dense+hard-sigmoid) and a max pool that does not record the
 argmax that only training needs. A dense layer is a pointwise conv on (N, F): gemm_bias_act.
 
 Deliberately absent: backward passes (training uses conv.py and friends), float16/int8,
-and Winograd. Results equal conv2d_forward/pointwise_conv_forward up to float32 GEMM
+and Winograd (not tried: F(2,3) saves 2.25x multiplies on the 3x3 expands, but its transforms
+are extra passes and its rounding differs from a direct sum; the implicit GEMM reaches ~70%
+of a core's FMA peak on them, bench/README.md). Results equal conv2d_forward/pointwise_conv_forward up to float32 GEMM
 summation order (the tests compare them at 1e-5).
 """
 
