@@ -58,6 +58,14 @@ __all__ = ["gemm_bias_act", "gemm_bias_act_serial", "gemm_packed_bias_act", "gem
 _TILE_ROWS = 256
 
 
+# Typed, non-literal 0 and False for calls into gemm_rows / conv_rows: Numba compiles a callee once per
+# argument signature and types a literal argument (0, False) apart from a variable's (int64, bool), so
+# `gemm_rows(..., 0, ...)` would compile gemm_rows again (~3-4 s each) instead of reusing the version the
+# other kernels call.
+ZERO = np.int64(0)
+NO = np.bool_(False)
+
+
 def choose_tile(m, threads):
     """Rows per tile for an M-row GEMM on `threads` threads: a multiple of `threads` tiles of
     about _TILE_ROWS rows (at least one tile per thread), so the threads get equal shares."""
@@ -125,7 +133,7 @@ def _gemm_packed_bias_act(x2d, wp, n_out, b, res, use_res, scale, rows_per_image
         p_hi = (g + 1) * n_panels // groups
         acc = np.empty((MR, NR), dtype=y.dtype)
         if use_scale:
-            gemm_rows(_scaled_rows(x2d, r0, r1, scale, rows_per_image), 0, r1 - r0, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, r0, col0, acc)
+            gemm_rows(_scaled_rows(x2d, r0, r1, scale, rows_per_image), ZERO, r1 - r0, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, r0, col0, acc)
         else:
             gemm_rows(x2d, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, r0, col0, acc)
 
@@ -310,7 +318,7 @@ def conv_max_pool(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, act, alpha, p
         c1 = min(ho, (q1 - 1) * psh - ptop + pkh)
         conv = np.empty(((c1 - c0) * wo, n_out), dtype=y.dtype)
         acc = np.empty((MR, NR), dtype=y.dtype)
-        _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, conv, False, act, alpha, n, c0, c1, conv, 0, 0,
+        _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, conv, NO, act, alpha, n, c0, c1, conv, ZERO, ZERO,
                    acc)
         for i in range(q0, q1):
             h0 = max(i * psh - ptop, 0)
@@ -367,8 +375,8 @@ def fire_band(x, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act3, res, use_res, alp
         hi = min(h, i1 + 1)
         acc = np.empty((MR, NR), dtype=y.dtype)
         sq = np.empty(((hi - lo) * w, s_ch), dtype=y.dtype)
-        gemm_rows(x2d, (n * h + lo) * w, (n * h + hi) * w, wsp, s_ch, 0, n_ps, bs, sq, False, act_s, alpha, sq, 0, 0,
-                  acc)
+        gemm_rows(x2d, (n * h + lo) * w, (n * h + hi) * w, wsp, s_ch, ZERO, n_ps, bs, sq, NO, act_s, alpha, sq, ZERO,
+                  ZERO, acc)
         buf = np.zeros((i1 - i0 + 2) * wb * s_ch, dtype=y.dtype)  # buffer row rb = image row i0 - 1 + rb
         for hh in range(lo, hi):
             src = sq[(hh - lo) * w:(hh - lo + 1) * w].reshape(-1)
@@ -388,7 +396,7 @@ def fire_band(x, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act3, res, use_res, alp
         for p in range(3):
             taps[p] = p * wb * s_ch
         yr0 = (n * h + i0) * w
-        conv_rows(buf, rows, m, centre, s_ch, w1p, e1, b1, res, use_res, act1, alpha, y, yr0, 0, acc)
+        conv_rows(buf, rows, m, centre, s_ch, w1p, e1, b1, res, use_res, act1, alpha, y, yr0, ZERO, acc)
         conv_rows(buf, rows, m, taps, 3 * s_ch, w3p, e3, b3, res, use_res, act3, alpha, y, yr0, e1, acc)
 
 

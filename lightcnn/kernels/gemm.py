@@ -38,7 +38,7 @@ from lightcnn._jit import kernel, lowlevel
 from lightcnn.kernels.activation import (ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, act_scalar,
                                          hard_swish_scalar, relu6_scalar, relu_scalar)
 
-__all__ = ["MR", "NR", "pack_panels", "panel_count", "tile_fma", "tile_fma_store", "tile_conv", "tile_conv_store",
+__all__ = ["MR", "NR", "pack_panels", "panel_count", "tile_fma", "tile_fma_store", "tile_conv_store",
            "gemm_rows", "conv_rows", "bias_act_inplace", "bias_act_store", "epilogue_tile"]
 
 MR = 12  # rows per tile: 2*MR accumulators + 2 weight vectors + 1 broadcast <= 32 zmm registers
@@ -323,33 +323,12 @@ def _build_tiles(numba):
         return results
 
     def conv_operands(context, builder, signature, args):
+        """tile_conv_store's k-loop operands: (a, rows + rows_off, segs, n_seg, seg_len, w + w_off, mr, nr)."""
         (a_data, rows_data, segs_data, w_data), ints = arrays_and_ints(
             context, builder, signature, args, (0, 1, 3, 6), (2, 4, 5, 7, 8, 9))
         rows_off_v, n_seg_v, seg_len_v, w_off_v, mr_v, nr_v = ints
         rows_ptr, w_ptr = builder.gep(rows_data, [rows_off_v]), builder.gep(w_data, [w_off_v])
         return a_data, rows_ptr, segs_data, n_seg_v, seg_len_v, w_ptr, mr_v, nr_v
-
-    @intrinsic
-    def tile_conv(typingctx, a, rows, rows_off, segs, n_seg, seg_len, w, w_off, mr, nr, acc):
-        sig = types.void(a, rows, rows_off, segs, n_seg, seg_len, w, w_off, mr, nr, acc)
-
-        def codegen(context, builder, signature, args):
-            a_data, rows_ptr, segs_ptr, n_seg_v, seg_len_v, w_ptr, mr_v, nr_v = conv_operands(
-                context, builder, signature, args)
-            acc_ptr = context.make_array(signature.args[10])(context, builder, args[10]).data
-            fma = fma_of(builder)
-
-            def emit(m, nv):
-                results = k_loop_segments(builder, fma, a_data, rows_ptr, segs_ptr, n_seg_v, seg_len_v, w_ptr, m, nv)
-                for t, value in enumerate(results):
-                    i, v = divmod(t, nv)
-                    dst = builder.gep(acc_ptr, [ir.Constant(i64, i * NR + 16 * v)])
-                    builder.store(value, builder.bitcast(dst, vec.as_pointer()), align=4)
-
-            switch_cases(builder, mr_v, nr_v, emit)
-            return context.get_dummy_value()
-
-        return sig, codegen
 
     @intrinsic
     def tile_conv_store(typingctx, a, rows, rows_off, segs, n_seg, seg_len, w, w_off, mr, nr, b, nv, act, res,
@@ -372,7 +351,7 @@ def _build_tiles(numba):
 
         return sig, codegen
 
-    return tile_fma, tile_fma_store, tile_conv, tile_conv_store
+    return tile_fma, tile_fma_store, tile_conv_store
 
 
 @lowlevel
@@ -403,25 +382,20 @@ def tile_fma_store(numba):
 
 
 @lowlevel
-def tile_conv(numba):
-    """The implicit-GEMM tile of a KxK convolution (no im2col matrix):
+def tile_conv_store(numba):
+    """The implicit-GEMM tile of a KxK convolution (no im2col matrix), with tile_fma_store's epilogue:
 
-        acc[i, 0:nr] = sum_{s < n_seg, u < seg_len} a[rows[rows_off + i] + segs[s] + u] * w[w_off + (s*seg_len + u)*nr + 0:nr]
+        y[y_off + i*ldy + c] = act(sum_{s < n_seg, u < seg_len} a[rows[rows_off + i] + segs[s] + u]
+                                       * w[w_off + (s*seg_len + u)*nr + c] + b[c]) (+ res[res_off + i*ldres + c])
 
-    for i < mr. tile_conv(a, rows, rows_off, segs, n_seg, seg_len, w, w_off, mr, nr, acc): a a
-    float32 array read at the element offsets given (an NHWC image, flat: row i's window starts at
-    rows[rows_off + i], and segment s of it, one kernel row of KW*C contiguous floats, at
-    + segs[s]); rows, segs int64 arrays; w packed as pack_panels of (n_seg*seg_len, O); mr, nr, acc
-    as tile_fma's. No bounds checks: the caller keeps every read inside a.
+    for i < mr, c < nv. Arguments: (a, rows, rows_off, segs, n_seg, seg_len, w, w_off, mr, nr, b, nv, act,
+    res, res_off, ldres, use_res, y, y_off, ldy). a is a float32 array read at the element offsets given (an
+    NHWC image, flat: row i's window starts at rows[rows_off + i], and segment s of it, one kernel row of
+    KW*C contiguous floats, at + segs[s]); rows, segs int64 arrays; w packed as pack_panels of
+    (n_seg*seg_len, O); mr, nr, b, nv, act, res, y as tile_fma_store's. No bounds checks: the caller keeps
+    every read inside a.
     """
     return _build_tiles(numba)[2]
-
-
-@lowlevel
-def tile_conv_store(numba):
-    """tile_conv with tile_fma_store's epilogue: (a, rows, rows_off, segs, n_seg, seg_len, w, w_off, mr, nr,
-    b, nv, act, res, res_off, ldres, use_res, y, y_off, ldy); output row i at y_off + i*ldy."""
-    return _build_tiles(numba)[3]
 
 
 # --------------------------------------------------------------------------- the epilogue
@@ -551,6 +525,7 @@ def conv_rows(a, rows, n_rows, segs, seg_len, wp, n_out, b, res, use_res, act, a
     last_width = 16 if n_out - (n_panels - 1) * NR <= 16 else NR
     in_ir = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
     ldy, ldres = y.shape[1], res.shape[1]
+    no_bias = np.zeros(NR, dtype=y.dtype)
     for r0 in range(0, n_rows, CONV_CHUNK_ROWS):
         r1 = min(n_rows, r0 + CONV_CHUNK_ROWS)
         for p in range(n_panels):
@@ -561,10 +536,14 @@ def conv_rows(a, rows, n_rows, segs, seg_len, wp, n_out, b, res, use_res, act, a
             for i0 in range(r0, r1, MR):
                 mr = min(MR, r1 - i0)
                 row = yr0 + i0
+                # One call site of the tile (each inlines all 24 (mr, nr) cases, which is compile time):
+                # an activation the IR lacks gets the raw sums in acc and the Numba epilogue after.
                 if in_ir:
-                    tile_conv_store(a, rows, i0, segs, n_seg, seg_len, wp, c0 * k, mr, nr, bp, nv, act, res,
-                                    row * ldres + col0 + c0, ldres, use_res, y, row * ldy + col0 + c0, ldy)
+                    tb, out, out_off, ld, tile_act, tile_res = bp, y, row * ldy + col0 + c0, ldy, act, use_res
                 else:
-                    tile_conv(a, rows, i0, segs, n_seg, seg_len, wp, c0 * k, mr, nr, acc)
+                    tb, out, out_off, ld, tile_act, tile_res = no_bias[:nv], acc, 0, NR, ACT_NONE, False
+                tile_conv_store(a, rows, i0, segs, n_seg, seg_len, wp, c0 * k, mr, nr, tb, nv, tile_act, res,
+                                row * ldres + col0 + c0, ldres, tile_res, out, out_off, ld)
+                if not in_ir:
                     for i in range(mr):
                         _epilogue_row(acc[i], bp, res, use_res, act, alpha, y, row + i, col0 + c0, nv)
