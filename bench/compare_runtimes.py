@@ -317,7 +317,8 @@ def interleaved(fns, runs, warmup, gap_s, burst=1):
     return {name: (first[name], rest[name] or first[name]) for name in fns}
 
 
-def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, random=False, log=print, burst=5):
+def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, random=False, log=print, burst=5,
+            use_numpy=True):
     from lightcnn._jit import set_num_threads
 
     set_num_threads(threads)
@@ -325,8 +326,10 @@ def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, rand
     for arch in models:
         model, source = load_lightcnn(arch, random)
         model.engine = "numba"
-        numpy_model, _ = load_lightcnn(arch, random)  # the same weights on the NumPy engine
-        numpy_model.engine = "numpy"
+        numpy_model = None
+        if use_numpy:
+            numpy_model, _ = load_lightcnn(arch, random)  # the same weights on the NumPy engine
+            numpy_model.engine = "numpy"
         ort_run = ort_session(model, threads)
         torch_run = torch_runner(model, threads) if use_torch else None
         macs = model.count_macs()
@@ -340,8 +343,10 @@ def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, rand
                 x = np.ascontiguousarray(np.resize(xin, (batch,) + xin.shape[1:]), np.float32)
             y = model.forward(x)
             diffs = {"ort": float(np.abs(ort_run(x) - y).max())}
-            diffs["numpy"] = float(np.abs(numpy_model.forward(x) - y).max())
-            fns = {"lightcnn": (model.forward, x), "numpy": (numpy_model.forward, x), "ort": (ort_run, x)}
+            fns = {"lightcnn": (model.forward, x), "ort": (ort_run, x)}
+            if numpy_model is not None:
+                diffs["numpy"] = float(np.abs(numpy_model.forward(x) - y).max())
+                fns["numpy"] = (numpy_model.forward, x)
             if torch_run is not None:
                 import torch
 
@@ -363,8 +368,9 @@ def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, rand
                 "lightcnn_p90_ms": p90["lightcnn"], "ort_p90_ms": p90["ort"], "torch_p90_ms": p90.get("torch"),
                 "lightcnn_idle_ms": idle["lightcnn"], "ort_idle_ms": idle["ort"], "torch_idle_ms": idle.get("torch"),
                 "ratio_ort_idle": idle["lightcnn"] / idle["ort"],
-                "numpy_ms": med["numpy"], "ratio_numpy_numba": med["numpy"] / med["lightcnn"],
-                "ratio_numpy_ort": med["numpy"] / med["ort"],
+                "numpy_ms": med.get("numpy"),
+                "ratio_numpy_numba": med["numpy"] / med["lightcnn"] if "numpy" in med else None,
+                "ratio_numpy_ort": med["numpy"] / med["ort"] if "numpy" in med else None,
                 "lightcnn_gflops": 2.0 * macs * batch / (med["lightcnn"] * 1e6),
                 "ort_gflops": 2.0 * macs * batch / (med["ort"] * 1e6),
                 "weights": source,
@@ -388,7 +394,7 @@ def _format_row(arch, batch, threads, r):
             f"{r['ort_ms']:7.2f} {r['ort_p90_ms']:6.2f} | {_fmt(r['torch_ms'], '8.2f')} {_fmt(r['torch_p90_ms'], '6.2f')} | "
             f"{r['ratio_ort']:6.2f} {_fmt(r['ratio_torch'], '7.2f')} | {r['lightcnn_gflops']:7.1f} {r['ort_gflops']:5.0f} | "
             f"{r['max_abs_diff']:9.1e} | {r['lightcnn_idle_ms']:7.2f} {r['ort_idle_ms']:6.2f} {r['ratio_ort_idle']:6.2f} | "
-            f"{r['numpy_ms']:8.2f} {r['ratio_numpy_numba']:7.2f}")
+            f"{_fmt(r['numpy_ms'], '8.2f')} {_fmt(r['ratio_numpy_numba'], '7.2f')}")
 
 
 # --------------------------------------------------------------------------- whole process
@@ -528,6 +534,8 @@ def main(argv=None):
                         help="timed calls per engine per round (default 5): the first is 'after idle', the rest "
                              "'sustained'")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-numpy", action="store_true",
+                        help="skip the NumPy engine (under load its batch-8 calls make a run many minutes longer)")
     parser.add_argument("--random", action="store_true", help="random weights even when fixtures exist")
     parser.add_argument("--json", action="store_true", help="print one JSON object {model: {batch: {...}}}")
     parser.add_argument("--process", action="store_true", help="also time python -m lightcnn.predict (subprocess)")
@@ -553,7 +561,8 @@ def main(argv=None):
     results = {}
     for threads in args.threads:
         res = compare(args.models, args.batch, threads, args.runs, args.warmup, args.gap_ms,
-                      use_torch=not args.no_torch, random=args.random, log=log, burst=args.burst)
+                      use_torch=not args.no_torch, random=args.random, log=log, burst=args.burst,
+                      use_numpy=not args.no_numpy)
         for arch, per_batch in res.items():
             for batch, row in per_batch.items():
                 key = batch if len(args.threads) == 1 else f"{batch}@{threads}t"

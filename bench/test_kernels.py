@@ -4,7 +4,8 @@ Groups (``--benchmark-group-by=group``, the default here):
   pointwise         1x1 conv as one GEMM: public kernel (layer path), the OpenBLAS tile kernel (`fused`) and the
                     packed-weight GEMM the plan runs (`packed`, lightcnn.kernels.gemm)
   depthwise-3x3-s1, depthwise-3x3-s2, depthwise-5x5
-  conv-3x3          the stems (3 -> 32 / 16 / 64 channels, stride 2) and a Fire expand 3x3
+  conv-3x3          the stems (3 -> 32 / 16 / 64 channels, stride 2) and a Fire expand 3x3: public kernel, im2col +
+                    packed GEMM (`fused`), implicit GEMM (`implicit`, what the plan runs)
   fire              a whole Fire module: layer path vs inference plan
   inverted-residual a whole MobileNetV2 bottleneck: layer path vs inference plan (fused band kernel)
   transpose-conv    covid_squeezenet's 4x4 stride-4 upsampling
@@ -102,7 +103,7 @@ def test_depthwise_5x5(benchmark, rng, name, h, c, s):
 
 
 @pytest.mark.benchmark(group="conv-3x3")
-@pytest.mark.parametrize("path", ["kernel", "fused"])
+@pytest.mark.parametrize("path", ["kernel", "fused", "implicit"])
 @pytest.mark.parametrize("name,h,c,o,k,s,p", CONV, ids=[c[0] for c in CONV])
 def test_conv(benchmark, rng, name, h, c, o, k, s, p, path):
     x, w, b = _x(rng, 1, h, c), _w(rng, k, k, c, o), _w(rng, o)
@@ -115,6 +116,12 @@ def test_conv(benchmark, rng, name, h, c, o, k, s, p, path):
     ho = (h + 2 * p - k) // s + 1
     y = np.empty((ho * ho, o), np.float32)
     dummy = np.zeros((1, 1), np.float32)
+    if path == "implicit":  # what the plan runs
+        from lightcnn.layers.plan_numba import conv_bands
+
+        run(benchmark, fused.conv_implicit_bias_act, x, gemm.pack_panels(w.reshape(-1, o)), o, k, k, s, s, p, p, ho, ho,
+            b, dummy, False, RELU6, np.float32(1.0), conv_bands(1, ho, ho, get_num_threads()), y, 0)
+        return
     tile = fused.choose_tile(ho * ho, get_num_threads())
     run(benchmark, fused.conv_im2col_bias_act, x, gemm.pack_panels(w.reshape(-1, o)), o, k, k, s, s, p, p, ho, ho, b,
         dummy, False, RELU6, np.float32(1.0), tile, y, 0)

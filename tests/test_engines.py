@@ -221,9 +221,9 @@ def test_one_specialisation_per_kernel_for_a_forward(rng):
     model.engine = "numba"
     for batch in (1, 2):
         model.forward(rng.standard_normal((batch, 96, 96, 3)).astype(np.float32))
-    for kern in (fused.gemm_packed_bias_act, fused.gemm_packed_bias_act_serial, fused.conv_im2col_bias_act,
+    for kern in (fused.gemm_packed_bias_act, fused.gemm_packed_bias_act_serial, fused.conv_implicit_bias_act,
                  fused.inverted_residual_band, depthwise.dw_forward, depthwise.dw_forward_serial, gemm.gemm_rows,
-                 gemm._epilogue_row, depthwise.dw_output_row):
+                 gemm.conv_rows, gemm._epilogue_row, depthwise.dw_output_row):
         if kern.compiled:  # (other tests may compile float64 variants: one per dtype is the rule)
             float32 = [sig for sig in kern.dispatcher.signatures if "float32" in str(sig[0])]
             assert len(float32) <= 1, (kern.key, float32)

@@ -5,6 +5,14 @@ rows around MR (1, MR - 1, MR, MR + 1, 49), columns around the 16/32-wide panels
 24, 31, 33, 144), K = 1, residual and squeeze-excitation inputs, an output window inside a wider
 buffer (nothing outside it may be written), and the activations the IR applies itself (none, ReLU,
 ReLU6) beside ones that go through the Numba epilogue (hard-swish, ELU).
+
+The implicit-GEMM convolution (fused.conv_implicit_bias_act over gemm.conv_rows) is checked against
+tests/reference_conv.conv2d_naive, a scalar float64 loop: both of its paths (reading the image
+itself when no window touches the padding; a zero-bordered band copy when one does), strides 1 and 2,
+kernels 1, 3, 5, 7, asymmetric padding, bands of 0-1 rows up to the whole image, batch 1 and 3, and
+row counts that leave tile remainders. The fused Fire module (fused.fire_band) is checked against the
+same oracle composed: squeeze, expand 1x1 and expand 3x3 with their activations, concatenated; the
+conv + max pool stem (fused.conv_max_pool) against conv2d_naive then reference_depthwise_pool's max_pool2d_naive.
 """
 
 import numpy as np
@@ -12,6 +20,9 @@ import pytest
 
 from lightcnn.kernels import activation as act_k
 from lightcnn.kernels import fused, gemm
+
+from .reference_conv import conv2d_naive, pointwise_naive
+from .reference_depthwise_pool import max_pool2d_naive
 
 RTOL = 1e-5
 
@@ -117,3 +128,108 @@ def test_lowlevel_stand_in_refuses_python_calls():
 
     with pytest.raises(TypeError, match="LLVM IR"):
         tile(1, 2)
+
+
+# (x shape, kernel, stride, pad (top, bottom, left, right), bands per image)
+CONV_CASES = [
+    ((1, 7, 9, 3), 3, 2, (1, 1, 1, 1), 2),      # MobileNet stem geometry, padded
+    ((3, 6, 5, 4), 3, 1, (0, 1, 0, 1), 4),      # bottom/right padding only (TF SAME), batch 3
+    ((1, 13, 13, 2), 7, 2, (0, 0, 0, 0), 3),    # SqueezeNet 1.0 stem geometry: no padding, reads x itself
+    ((2, 15, 15, 3), 3, 2, (0, 0, 0, 0), 1),    # SqueezeNet 1.1 stem geometry, one band per image
+    ((1, 4, 4, 5), 1, 1, (1, 1, 1, 1), 4),      # 1x1 with padding: the border outputs are bias only
+    ((2, 9, 11, 16), 3, 1, (1, 1, 1, 1), 3),    # a Fire expand: 99 rows per image (tile remainders)
+    ((1, 5, 6, 7), 5, 1, (2, 2, 2, 2), 9),      # more bands than output rows: empty items
+    ((1, 8, 7, 3), 3, 1, (0, 0, 0, 0), 2),      # unpadded stride 1
+]
+
+
+@pytest.mark.parametrize("shape,k,stride,pad,bands", CONV_CASES)
+@pytest.mark.parametrize("act", [act_k.ACT_NONE, act_k.ACT_RELU, act_k.ACT_RELU6, act_k.ACT_HARD_SWISH,
+                                 act_k.ACT_ELU])
+def test_implicit_conv_matches_naive_conv(shape, k, stride, pad, bands, act, rng):
+    x = rng.standard_normal(shape).astype(np.float32) * 2
+    n_out = 37  # a 32-wide panel and a 16-wide one with 5 columns used
+    w = rng.standard_normal((k, k, shape[3], n_out)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    ref = _oracle_act(conv2d_naive(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
+                                   (stride, stride), pad), act)
+    n, ho, wo, _ = ref.shape
+    y = np.full((n * ho * wo, n_out + 5), np.nan, np.float32)  # columns 2 .. 2+O are the output
+    dummy = np.zeros((1, 1), np.float32)
+    fused.conv_implicit_bias_act(x, gemm.pack_panels(w.reshape(-1, n_out)), n_out, k, k, stride, stride, pad[0],
+                                 pad[2], ho, wo, b, dummy, False, act, np.float32(1.0), bands, y, 2)
+    _close(y[:, 2:2 + n_out], ref.reshape(-1, n_out))
+    assert np.isnan(y[:, :2]).all() and np.isnan(y[:, 2 + n_out:]).all()
+
+
+@pytest.mark.parametrize("act", [act_k.ACT_RELU, act_k.ACT_ELU])
+def test_implicit_conv_residual(act, rng):
+    """Fire's bypass: the skip joins after the activation, read from the output's own columns."""
+    x = rng.standard_normal((2, 7, 6, 8)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 8, 20)).astype(np.float32)
+    b = rng.standard_normal(20).astype(np.float32)
+    ref = _oracle_act(conv2d_naive(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), (1, 1),
+                                   (1, 1, 1, 1)), act).reshape(-1, 20)
+    res = rng.standard_normal((2 * 7 * 6, 24)).astype(np.float32)
+    y = np.full((2 * 7 * 6, 24), np.nan, np.float32)
+    fused.conv_implicit_bias_act(x, gemm.pack_panels(w.reshape(-1, 20)), 20, 3, 3, 1, 1, 1, 1, 7, 6, b, res, True,
+                                 act, np.float32(1.0), 2, y, 4)
+    _close(y[:, 4:], ref + res[:, 4:])
+    assert np.isnan(y[:, :4]).all()
+
+
+# (N, H, W, C, squeeze, e1, e3, bands per image, bypass)
+FIRE_CASES = [
+    (1, 13, 13, 32, 16, 24, 40, 2, False),   # a 13x13 SqueezeNet map at batch 1: two bands of 7 and 6 rows
+    (2, 7, 9, 64, 20, 32, 32, 3, True),      # the bypass (in_ch = e1 + e3), batch 2
+    (1, 3, 4, 5, 3, 17, 7, 5, False),        # more bands than rows; 17 and 7 columns: panel remainders
+    (3, 1, 1, 4, 2, 3, 5, 1, False),         # a 1x1 map: the 3x3 reads only padding around its centre
+]
+
+
+@pytest.mark.parametrize("n,h,w,c,s_ch,e1,e3,bands,bypass", FIRE_CASES)
+@pytest.mark.parametrize("act", [act_k.ACT_RELU, act_k.ACT_RELU6, act_k.ACT_ELU])
+def test_fire_band_matches_naive_fire(n, h, w, c, s_ch, e1, e3, bands, bypass, act, rng):
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    ws, bs = rng.standard_normal((c, s_ch)).astype(np.float32), rng.standard_normal(s_ch).astype(np.float32)
+    w1, b1 = rng.standard_normal((s_ch, e1)).astype(np.float32), rng.standard_normal(e1).astype(np.float32)
+    w3, b3 = rng.standard_normal((3, 3, s_ch, e3)).astype(np.float32), rng.standard_normal(e3).astype(np.float32)
+    f64 = [a.astype(np.float64) for a in (x, ws, bs, w1, b1, w3, b3)]
+    sq = _oracle_act(pointwise_naive(f64[0], f64[1], f64[2]), act)
+    ref = np.concatenate([_oracle_act(pointwise_naive(sq, f64[3], f64[4]), act),
+                          _oracle_act(conv2d_naive(sq, f64[5], f64[6], (1, 1), (1, 1, 1, 1)), act)], axis=-1)
+    ref = ref.reshape(-1, e1 + e3)
+    if bypass:
+        ref = ref + f64[0].reshape(-1, c)
+    res = x.reshape(-1, c) if bypass else np.zeros((1, 1), np.float32)
+    y = np.full((n * h * w, e1 + e3), np.nan, np.float32)
+    pack = gemm.pack_panels
+    fused.fire_band(x, pack(ws), bs, act, pack(w1), b1, act, pack(w3.reshape(-1, e3)), b3, act, res, bypass,
+                    np.float32(1.0), bands, y)
+    _close(y, ref)
+
+
+# (x shape, conv kernel, conv stride, conv pad, pool kernel, pool stride, pool pad, ceil mode, bands per image)
+CONV_POOL_CASES = [
+    ((1, 23, 23, 3), 3, 2, (0, 0, 0, 0), 3, 2, (0, 0, 0, 0), True, 2),   # SqueezeNet 1.1's stem, ceil mode
+    ((2, 25, 21, 3), 7, 2, (0, 0, 0, 0), 3, 2, (0, 0, 0, 0), True, 3),   # SqueezeNet 1.0's, batch 2
+    ((1, 12, 12, 4), 3, 1, (1, 1, 1, 1), 3, 2, (1, 1, 1, 1), False, 4),  # padded conv and padded pool
+    ((1, 9, 10, 2), 3, 1, (1, 1, 1, 1), 2, 2, (0, 0, 0, 0), False, 9),   # 2x2 pool, more bands than rows
+]
+
+
+@pytest.mark.parametrize("shape,k,stride,pad,pk,ps,ppad,ceil,bands", CONV_POOL_CASES)
+@pytest.mark.parametrize("act", [act_k.ACT_NONE, act_k.ACT_RELU, act_k.ACT_ELU])
+def test_conv_max_pool_matches_naive(shape, k, stride, pad, pk, ps, ppad, ceil, bands, act, rng):
+    x = rng.standard_normal(shape).astype(np.float32)
+    n_out = 20
+    w = rng.standard_normal((k, k, shape[3], n_out)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    conv = _oracle_act(conv2d_naive(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
+                                    (stride, stride), pad), act)
+    ref, _ = max_pool2d_naive(conv, (pk, pk), (ps, ps), ppad, ceil_mode=ceil)
+    _, ho, wo, _ = conv.shape
+    y = np.full(ref.shape, np.nan, np.float32)
+    fused.conv_max_pool(x, gemm.pack_panels(w.reshape(-1, n_out)), n_out, k, k, stride, stride, pad[0], pad[2], ho, wo,
+                        b, act, np.float32(1.0), pk, pk, ps, ps, ppad[0], ppad[2], bands, y)
+    _close(y, ref)

@@ -7,7 +7,10 @@ xs is
   - x itself for a pointwise (1x1) conv: x (N,H,W,K) viewed as (M, K);
   - x * s[n] for a pointwise conv after squeeze-excitation: s (N, K) scales the input
     channels of image n, which is the SE block's multiply folded into the next GEMM;
-  - the im2col rows of x for a KxK conv (K = KH*KW*C, column order (p, q, c) = w's).
+  - the im2col rows of x for a KxK conv (K = KH*KW*C, column order (p, q, c) = w's), which
+    the plan never materialises: conv_implicit_bias_act's tile reads each row's KH kernel rows
+    (KW*C contiguous floats each in NHWC) straight from x (gemm.conv_rows); conv_im2col_bias_act,
+    the im2col + GEMM version it replaced, stays as the baseline bench/conv_gflops.py measures.
 col0 lets two convs write side by side into one (M, O1 + O2) buffer: Fire's concat
 costs nothing. res is a skip connection (MobileNet's residual, Fire's bypass), added
 after the activation as in the layers.
@@ -24,12 +27,18 @@ How (why it is shaped like this):
     inside the element loop would stop LLVM from vectorising it).
 Cost: 2*K FLOPs per output element in BLAS; the epilogue is 2-4 FLOPs per element.
 
+Whole blocks, band by band of output rows so the intermediate tensors stay in cache: a
+MobileNet bottleneck (inverted_residual_band), a SqueezeNet Fire module (fire_band) and a
+conv followed by a max pool (conv_max_pool, SqueezeNet's stem).
+
 Also here, for the same inference plan (lightcnn.layers.plan): a squeeze-excitation gate
 (global average -> dense+ReLU -> dense+hard-sigmoid) and a max pool that does not record the
 argmax that only training needs. A dense layer is a pointwise conv on (N, F): gemm_bias_act.
 
 Deliberately absent: backward passes (training uses conv.py and friends), float16/int8,
-and Winograd. Results equal conv2d_forward/pointwise_conv_forward up to float32 GEMM
+and Winograd (not tried: F(2,3) saves 2.25x multiplies on the 3x3 expands, but its transforms
+are extra passes and its rounding differs from a direct sum; the implicit GEMM reaches ~70%
+of a core's FMA peak on them, bench/README.md). Results equal conv2d_forward/pointwise_conv_forward up to float32 GEMM
 summation order (the tests compare them at 1e-5).
 """
 
@@ -38,15 +47,23 @@ import numpy as np
 from lightcnn._jit import kernel, prange
 from lightcnn.kernels.activation import ACT_RELU, act_forward_flat
 from lightcnn.kernels.depthwise import dw_output_row
-from lightcnn.kernels.gemm import MR, NR, epilogue_tile, gemm_rows
+from lightcnn.kernels.gemm import MR, NR, conv_rows, epilogue_tile, gemm_rows
 
 __all__ = ["gemm_bias_act", "gemm_bias_act_serial", "gemm_packed_bias_act", "gemm_packed_bias_act_serial",
-           "conv_im2col_bias_act", "inverted_residual_band", "se_gate", "max_pool_inference", "choose_tile"]
+           "conv_im2col_bias_act", "conv_implicit_bias_act", "conv_max_pool", "fire_band", "inverted_residual_band", "se_gate", "max_pool_inference", "choose_tile"]
 
 # Rows of one GEMM tile. Each BLAS call packs the whole weight matrix, so tiles must not be
 # small (measured on MobileNetV2 shapes: 25-row tiles of a 49-row GEMM cost 25% more than one
 # call; 64..512-row tiles of a 12544-row GEMM all run within 5% of each other).
 _TILE_ROWS = 256
+
+
+# Typed, non-literal 0 and False for calls into gemm_rows / conv_rows: Numba compiles a callee once per
+# argument signature and types a literal argument (0, False) apart from a variable's (int64, bool), so
+# `gemm_rows(..., 0, ...)` would compile gemm_rows again (~3-4 s each) instead of reusing the version the
+# other kernels call.
+ZERO = np.int64(0)
+NO = np.bool_(False)
 
 
 def choose_tile(m, threads):
@@ -116,7 +133,7 @@ def _gemm_packed_bias_act(x2d, wp, n_out, b, res, use_res, scale, rows_per_image
         p_hi = (g + 1) * n_panels // groups
         acc = np.empty((MR, NR), dtype=y.dtype)
         if use_scale:
-            gemm_rows(_scaled_rows(x2d, r0, r1, scale, rows_per_image), 0, r1 - r0, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, r0, col0, acc)
+            gemm_rows(_scaled_rows(x2d, r0, r1, scale, rows_per_image), ZERO, r1 - r0, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, r0, col0, acc)
         else:
             gemm_rows(x2d, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, r0, col0, acc)
 
@@ -196,6 +213,191 @@ def conv_im2col_bias_act(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res, u
         _im2col_tile(x, kh, kw, sh, sw, pt, pl, ho, wo, r0, cols)
         acc = np.empty((MR, NR), dtype=y.dtype)
         gemm_rows(cols, 0, r1 - r0, wp, n_out, 0, n_panels, b, res, use_res, act, alpha, y, r0, col0, acc)
+
+
+@kernel(parallel=True)
+def conv_implicit_bias_act(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res, use_res, act, alpha, bands, y,
+                           col0):
+    """KxK conv as an implicit GEMM (gemm.conv_rows): the packed tile reads its rows straight from the image.
+
+    x (N,H,W,C); wp = gemm.pack_panels(w2d (KH*KW*C, O)) (HWIO reshaped); y (N*Ho*Wo, >= col0 + O)
+    as rows; res likewise (a dummy when not use_res). Each image's Ho output rows are cut into
+    `bands` bands of equal height (+-1), one work item each. Only the top/left padding is passed:
+    Ho and Wo imply the rest.
+
+    Why no im2col: in NHWC the KW*C values of one kernel row of a receptive field are contiguous in
+    x, so the tile needs only where each output pixel's window starts (`rows`) and where its KH
+    kernel rows start (`segs`) to read the K = KH*KW*C column straight from x. Without padding
+    (SqueezeNet's stems) it reads x itself; with padding, each item first copies the input rows its
+    band reads into a zero-bordered buffer ((band-1)*SH + KH rows of (Wo-1)*SW + KW pixels, a few
+    KB to tens of KB, so it stays in L1/L2) and reads that. The im2col matrix it replaces is
+    KH*KW times larger than that buffer (9x for a 3x3 conv): written, then read once per panel.
+    """
+    n_img = x.shape[0]
+    for it in prange(n_img * bands):
+        n = it // bands
+        band = it - n * bands
+        i0 = band * ho // bands
+        i1 = (band + 1) * ho // bands
+        if i1 > i0:
+            acc = np.empty((MR, NR), dtype=y.dtype)
+            _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res, use_res, act, alpha, n, i0, i1, y,
+                       (n * ho + i0) * wo, col0, acc)
+
+
+@kernel
+def _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res, use_res, act, alpha, n, i0, i1, y, yr0, col0,
+               acc):
+    """Output rows i0..i1-1 of image n of conv_implicit_bias_act, into y (rows, >= col0 + O) from row yr0 on."""
+    n_img, h_in, w_in, c_in = x.shape
+    seg_len = kw * c_in
+    xflat = x.reshape(-1)
+    m = (i1 - i0) * wo
+    rows = np.empty(m, np.int64)
+    segs = np.empty(kh, np.int64)
+    if not (pt > 0 or pl > 0 or (ho - 1) * sh + kh > h_in or (wo - 1) * sw + kw > w_in):  # no window reads padding
+        for p in range(kh):
+            segs[p] = p * w_in * c_in
+        r = 0
+        for i in range(i0, i1):
+            start = (n * h_in + i * sh) * w_in
+            for j in range(wo):
+                rows[r] = (start + j * sw) * c_in
+                r += 1
+        conv_rows(xflat, rows, m, segs, seg_len, wp, n_out, b, res, use_res, act, alpha, y, yr0, col0, acc)
+        return
+    wb = (wo - 1) * sw + kw  # the band buffer's width in pixels: column u holds input column u - pl
+    hb = (i1 - i0 - 1) * sh + kh
+    buf = np.empty(hb * wb * c_in, dtype=x.dtype)
+    span = max(0, min(wb, pl + w_in) - pl) * c_in  # floats of a row that come from x; the rest is padding
+    for rb in range(hb):
+        h = i0 * sh - pt + rb
+        row = buf[rb * wb * c_in:(rb + 1) * wb * c_in]
+        if 0 <= h < h_in:
+            # zero only the border and copy the rest as one slice: zeroing the whole buffer and
+            # copying element by element made MobileNetV2's stem 0.29 ms instead of 0.20 (one core)
+            row[:pl * c_in] = 0.0
+            row[pl * c_in:pl * c_in + span] = xflat[((n * h_in + h) * w_in) * c_in:((n * h_in + h) * w_in) * c_in + span]
+            row[pl * c_in + span:] = 0.0
+        else:
+            row[:] = 0.0
+    for p in range(kh):
+        segs[p] = p * wb * c_in
+    r = 0
+    for i in range(i0, i1):
+        start = (i - i0) * sh * wb
+        for j in range(wo):
+            rows[r] = (start + j * sw) * c_in
+            r += 1
+    conv_rows(buf, rows, m, segs, seg_len, wp, n_out, b, res, use_res, act, alpha, y, yr0, col0, acc)
+
+
+@kernel(parallel=True)
+def conv_max_pool(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, act, alpha, pkh, pkw, psh, psw, ptop, pleft, bands,
+                  y):
+    """conv_implicit_bias_act followed by a max pool (SqueezeNet's stem: conv, ReLU, 3x3/2 max pool), band by band.
+
+    x (N,H,W,C), wp as conv_implicit_bias_act's, conv output (N,Ho,Wo,O) never written whole;
+    y (N,Po,Qo,O) the pooled output: y[n,i,j] = max over the pool window (PKH x PKW, stride PSH x PSW,
+    top/left padding PTOP/PLEFT, clipped to the conv output: padding is -inf) of the conv output.
+    Each work item (`bands` per image, in pooled rows) computes the conv rows its pool windows read
+    into a buffer that stays in L2 (neighbouring items recompute the PKH - PSH rows they share) and
+    pools from it: the conv output, the largest tensor of SqueezeNet (3.2 MB per image), is neither
+    written to memory nor read back. A NaN wins, as in max_pool_inference.
+    """
+    n_img = x.shape[0]
+    _, p_out, q_out, _ = y.shape
+    for it in prange(n_img * bands):
+        n = it // bands
+        band = it - n * bands
+        q0 = band * p_out // bands
+        q1 = (band + 1) * p_out // bands
+        if q1 == q0:
+            continue
+        c0 = max(0, q0 * psh - ptop)
+        c1 = min(ho, (q1 - 1) * psh - ptop + pkh)
+        conv = np.empty(((c1 - c0) * wo, n_out), dtype=y.dtype)
+        acc = np.empty((MR, NR), dtype=y.dtype)
+        _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, conv, NO, act, alpha, n, c0, c1, conv, ZERO, ZERO,
+                   acc)
+        for i in range(q0, q1):
+            h0 = max(i * psh - ptop, 0)
+            h1 = min(i * psh - ptop + pkh, ho)
+            for j in range(q_out):
+                w0 = max(j * psw - pleft, 0)
+                w1 = min(j * psw - pleft + pkw, wo)
+                yo = y[n, i, j]
+                first = conv[(h0 - c0) * wo + w0]
+                for c in range(n_out):
+                    yo[c] = first[c]
+                for ih in range(h0, h1):
+                    for iw in range(w0, w1):
+                        ci = conv[(ih - c0) * wo + iw]
+                        for c in range(n_out):
+                            v = ci[c]
+                            m = yo[c]
+                            # a NaN wins (v != v) and then stays (m == m fails)
+                            yo[c] = v if (v > m or v != v) and m == m else m
+
+
+@kernel(parallel=True)
+def fire_band(x, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act3, res, use_res, alpha, bands, y):
+    """A whole SqueezeNet Fire module, band by band of rows:
+
+        s = act_s(x @ ws + bs)                                     squeeze 1x1, (N,H,W,S)
+        y[..., :E1] = act1(s @ w1 + b1) (+ x[..., :E1])            expand 1x1
+        y[..., E1:] = act3(conv3x3(s, w3, pad 1) + b3) (+ x[..., E1:])   expand 3x3 (+ the bypass when use_res)
+
+    x (N,H,W,C); wsp, w1p, w3p = gemm.pack_panels of ws (C,S), w1 (S,E1), w3 (3*3*S,E3) (HWIO
+    reshaped); bs (S,), b1 (E1,), b3 (E3,); res (N*H*W, E1+E3) (x as rows, a dummy when not
+    use_res); y (N*H*W, E1+E3) as rows. Each image's H rows are cut into `bands` bands (+-1 row).
+
+    Why one kernel: at batch 1 the squeeze and the expand 1x1 are ~3 M multiply-accumulates each,
+    too small to split over threads as separate GEMMs, so as separate steps they ran on one thread
+    while the other waited. Here each work item squeezes the rows its band reads (its rows and one
+    halo row above and below, recomputed by the neighbouring band), places them in a zero-bordered
+    buffer, and runs both expands from it with gemm.conv_rows (the expand 1x1 reads the centre tap
+    only): the squeezed tensor never leaves the cache and all three convs share the threads.
+    """
+    n_img, h, w, c_in = x.shape
+    s_ch, e1, e3 = bs.shape[0], b1.shape[0], b3.shape[0]
+    x2d = x.reshape(n_img * h * w, c_in)
+    wb = w + 2  # the band buffer's width: column u holds image column u - 1, 0 and w + 1 are padding
+    n_ps = (s_ch + NR - 1) // NR
+    for it in prange(n_img * bands):
+        n = it // bands
+        band = it - n * bands
+        i0 = band * h // bands
+        i1 = (band + 1) * h // bands
+        if i1 == i0:
+            continue
+        lo = max(0, i0 - 1)
+        hi = min(h, i1 + 1)
+        acc = np.empty((MR, NR), dtype=y.dtype)
+        sq = np.empty(((hi - lo) * w, s_ch), dtype=y.dtype)
+        gemm_rows(x2d, (n * h + lo) * w, (n * h + hi) * w, wsp, s_ch, ZERO, n_ps, bs, sq, NO, act_s, alpha, sq, ZERO,
+                  ZERO, acc)
+        buf = np.zeros((i1 - i0 + 2) * wb * s_ch, dtype=y.dtype)  # buffer row rb = image row i0 - 1 + rb
+        for hh in range(lo, hi):
+            src = sq[(hh - lo) * w:(hh - lo + 1) * w].reshape(-1)
+            dst = ((hh - i0 + 1) * wb + 1) * s_ch
+            for e in range(w * s_ch):
+                buf[dst + e] = src[e]
+        m = (i1 - i0) * w
+        rows = np.empty(m, np.int64)
+        r = 0
+        for i in range(i1 - i0):
+            for j in range(w):
+                rows[r] = (i * wb + j) * s_ch
+                r += 1
+        centre = np.empty(1, np.int64)
+        centre[0] = (wb + 1) * s_ch
+        taps = np.empty(3, np.int64)
+        for p in range(3):
+            taps[p] = p * wb * s_ch
+        yr0 = (n * h + i0) * w
+        conv_rows(buf, rows, m, centre, s_ch, w1p, e1, b1, res, use_res, act1, alpha, y, yr0, ZERO, acc)
+        conv_rows(buf, rows, m, taps, 3 * s_ch, w3p, e3, b3, res, use_res, act3, alpha, y, yr0, e1, acc)
 
 
 # --------------------------------------------------------------------------- inverted residual, fused

@@ -38,11 +38,12 @@ from lightcnn._jit import kernel, lowlevel
 from lightcnn.kernels.activation import (ACT_ELU, ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, act_scalar,
                                          elu_scalar, hard_swish_scalar, relu6_scalar, relu_scalar)
 
-__all__ = ["MR", "NR", "pack_panels", "panel_count", "tile_fma", "gemm_rows", "bias_act_inplace", "bias_act_store",
-           "epilogue_tile"]
+__all__ = ["MR", "NR", "pack_panels", "panel_count", "tile_fma", "tile_fma_store", "tile_conv_store",
+           "gemm_rows", "conv_rows", "bias_act_inplace", "bias_act_store", "epilogue_tile"]
 
 MR = 12  # rows per tile: 2*MR accumulators + 2 weight vectors + 1 broadcast <= 32 zmm registers
 NR = 32  # columns per panel (two 16-float vectors)
+CONV_CHUNK_ROWS = 20 * MR  # conv_rows' rows per pass of the panels
 
 
 def panel_count(n_out):
@@ -179,74 +180,178 @@ def _build_tiles(numba):
 
         return sig, codegen
 
+    def store_epilogue(context, builder, signature, args, at):
+        """The epilogue of tile_fma_store / tile_conv_store: returns emit(results, m, nvec), which
+        stores act(results + b) (+ res) into y. `at` = the argument positions of (b, nv, act, res,
+        res_off, ldres, use_res, y, y_off, ldy)."""
+        (b_data, res_data, y_data), ints = arrays_and_ints(context, builder, signature, args,
+                                                           (at[0], at[3], at[7]), (at[1], at[2], at[4], at[5], at[9]))
+        nv_v, act_v, res_off_v, ldres_v, ldy_v = ints
+        use_res_v = builder.icmp_unsigned("!=", context.cast(builder, args[at[6]], signature.args[at[6]], types.int64),
+                                          ir.Constant(i64, 0))
+        y_off_v = context.cast(builder, args[at[8]], signature.args[at[8]], types.int64)
+        mload = declare(builder.module, "llvm.masked.load.v16f32.p0", vec, [vec.as_pointer(), i32, mask_t, vec])
+        mstore = declare(builder.module, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                         [vec, vec.as_pointer(), i32, mask_t])
+        # ACT_RELU (1) and ACT_RELU6 (2) clamp at 0, ACT_RELU6 also at 6: selects in the order
+        # of relu_scalar / relu6_scalar, so NaN passes through as there.
+        clamp0 = broadcast(builder, builder.or_(builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU)),
+                                                builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU6))),
+                           mask_t)
+        clamp6 = broadcast(builder, builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU6)), mask_t)
+        swish = builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_HARD_SWISH))
+
+        def vptr(base, offset):
+            return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
+
+        def emit(results, m, nvec):
+            masks, biases = [], []
+            for v in range(nvec):
+                left = builder.trunc(builder.sub(nv_v, ir.Constant(i64, 16 * v)), i32)
+                mask = builder.icmp_signed("<", lanes, broadcast(builder, left, ir.VectorType(i32, 16)))
+                masks.append(mask)
+                biases.append(builder.call(mload, [vptr(b_data, ir.Constant(i64, 16 * v)), ir.Constant(i32, 4),
+                                                   mask, zero]))
+
+            def store_all(with_swish):
+                for t, value in enumerate(results):
+                    i, v = divmod(t, nvec)
+                    u = builder.fadd(value, biases[v])
+                    if with_swish:
+                        u = hard_swish(builder, u)
+                    else:
+                        u = builder.select(builder.and_(clamp0, builder.fcmp_ordered("<", u, zero)), zero, u)
+                        u = builder.select(builder.and_(clamp6, builder.fcmp_ordered(">", u, six)), six, u)
+                    col = ir.Constant(i64, 16 * v)
+                    row_res = builder.add(res_off_v, builder.mul(ir.Constant(i64, i), ldres_v))
+                    r = builder.call(mload, [vptr(res_data, builder.add(row_res, col)), ir.Constant(i32, 4),
+                                             builder.and_(masks[v], broadcast(builder, use_res_v, mask_t)), zero])
+                    u = builder.fadd(u, r)
+                    row_y = builder.add(y_off_v, builder.mul(ir.Constant(i64, i), ldy_v))
+                    builder.call(mstore, [u, vptr(y_data, builder.add(row_y, col)), ir.Constant(i32, 4), masks[v]])
+
+            # hard-swish (float64 lanes) on its own path, so the ReLU/none tiles never pay for it
+            with builder.if_else(swish) as (then, otherwise):
+                with then:
+                    store_all(True)
+                with otherwise:
+                    store_all(False)
+
+        return emit
+
     @intrinsic
     def tile_fma_store(typingctx, a, a_off, lda, w, w_off, k, mr, nr, b, nv, act, res, res_off, ldres, use_res, y,
                        y_off, ldy):
         sig = types.void(a, a_off, lda, w, w_off, k, mr, nr, b, nv, act, res, res_off, ldres, use_res, y, y_off, ldy)
 
         def codegen(context, builder, signature, args):
-            (a_data, w_data, b_data, res_data, y_data), ints = arrays_and_ints(
-                context, builder, signature, args, (0, 3, 8, 11, 15), (1, 2, 4, 5, 6, 7, 9, 10, 12, 13, 17))
-            a_off_v, lda_v, w_off_v, k_v, mr_v, nr_v, nv_v, act_v, res_off_v, ldres_v, ldy_v = ints
-            use_res_v = builder.icmp_unsigned("!=", context.cast(builder, args[14], signature.args[14], types.int64),
-                                              ir.Constant(i64, 0))
-            y_off_v = context.cast(builder, args[16], signature.args[16], types.int64)
+            (a_data, w_data), (a_off_v, lda_v, w_off_v, k_v, mr_v, nr_v) = arrays_and_ints(
+                context, builder, signature, args, (0, 3), (1, 2, 4, 5, 6, 7))
             a_ptr, w_ptr, fma = builder.gep(a_data, [a_off_v]), builder.gep(w_data, [w_off_v]), fma_of(builder)
-            mload = declare(builder.module, "llvm.masked.load.v16f32.p0", vec, [vec.as_pointer(), i32, mask_t, vec])
-            mstore = declare(builder.module, "llvm.masked.store.v16f32.p0", ir.VoidType(),
-                             [vec, vec.as_pointer(), i32, mask_t])
-            # ACT_RELU (1) and ACT_RELU6 (2) clamp at 0, ACT_RELU6 also at 6: selects in the order
-            # of relu_scalar / relu6_scalar, so NaN passes through as there.
-            clamp0 = broadcast(builder, builder.or_(builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU)),
-                                                    builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU6))),
-                               mask_t)
-            clamp6 = broadcast(builder, builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU6)), mask_t)
-            swish = builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_HARD_SWISH))
-
-            def vptr(base, offset):
-                return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
+            store = store_epilogue(context, builder, signature, args, range(8, 18))
 
             def emit(m, nvec):
-                results = k_loop(builder, fma, a_ptr, lda_v, w_ptr, k_v, m, nvec)
-                masks, biases = [], []
-                for v in range(nvec):
-                    left = builder.trunc(builder.sub(nv_v, ir.Constant(i64, 16 * v)), i32)
-                    mask = builder.icmp_signed("<", lanes, broadcast(builder, left, ir.VectorType(i32, 16)))
-                    masks.append(mask)
-                    biases.append(builder.call(mload, [vptr(b_data, ir.Constant(i64, 16 * v)), ir.Constant(i32, 4),
-                                                       mask, zero]))
-
-                def store_all(with_swish):
-                    for t, value in enumerate(results):
-                        i, v = divmod(t, nvec)
-                        u = builder.fadd(value, biases[v])
-                        if with_swish:
-                            u = hard_swish(builder, u)
-                        else:
-                            u = builder.select(builder.and_(clamp0, builder.fcmp_ordered("<", u, zero)), zero, u)
-                            u = builder.select(builder.and_(clamp6, builder.fcmp_ordered(">", u, six)), six, u)
-                        col = ir.Constant(i64, 16 * v)
-                        row_res = builder.add(res_off_v, builder.mul(ir.Constant(i64, i), ldres_v))
-                        r = builder.call(mload, [vptr(res_data, builder.add(row_res, col)), ir.Constant(i32, 4),
-                                                 builder.and_(masks[v], broadcast(builder, use_res_v, mask_t)), zero])
-                        u = builder.fadd(u, r)
-                        row_y = builder.add(y_off_v, builder.mul(ir.Constant(i64, i), ldy_v))
-                        builder.call(mstore, [u, vptr(y_data, builder.add(row_y, col)), ir.Constant(i32, 4),
-                                              masks[v]])
-
-                # hard-swish (float64 lanes) on its own path, so the ReLU/none tiles never pay for it
-                with builder.if_else(swish) as (then, otherwise):
-                    with then:
-                        store_all(True)
-                    with otherwise:
-                        store_all(False)
+                store(k_loop(builder, fma, a_ptr, lda_v, w_ptr, k_v, m, nvec), m, nvec)
 
             switch_cases(builder, mr_v, nr_v, emit)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    return tile_fma, tile_fma_store
+    def k_loop_segments(builder, fma, a_ptr, rows_ptr, segs_ptr, n_seg, seg_len, w_ptr, mr, nv):
+        """The k loop of an mr x (16*nv) implicit-GEMM tile: row i of the tile reads, for segment s,
+        the seg_len contiguous floats at a_ptr + rows[i] + segs[s]; the weights run on k-major
+        (k = s*seg_len + u). Returns the accumulators (zero when n_seg or seg_len <= 0)."""
+        entry = builder.block
+        outer = builder.append_basic_block(f"conv{mr}x{16 * nv}.seg")
+        inner = builder.append_basic_block(f"conv{mr}x{16 * nv}.k")
+        latch = builder.append_basic_block(f"conv{mr}x{16 * nv}.next")
+        after = builder.append_basic_block(f"conv{mr}x{16 * nv}.after")
+        row_offs = [builder.load(builder.gep(rows_ptr, [ir.Constant(i64, i)]), align=8) for i in range(mr)]
+        some = builder.and_(builder.icmp_signed(">", n_seg, ir.Constant(i64, 0)),
+                            builder.icmp_signed(">", seg_len, ir.Constant(i64, 0)))
+        builder.cbranch(some, outer, after)
+
+        builder.position_at_end(outer)
+        s = builder.phi(i64)
+        s.add_incoming(ir.Constant(i64, 0), entry)
+        outer_accs = []
+        for _ in range(mr * nv):
+            phi = builder.phi(vec)
+            phi.add_incoming(zero, entry)
+            outer_accs.append(phi)
+        seg_off = builder.load(builder.gep(segs_ptr, [s]), align=8)
+        row_ptrs = [builder.gep(a_ptr, [builder.add(off, seg_off)]) for off in row_offs]
+        w_seg = builder.gep(w_ptr, [builder.mul(builder.mul(s, seg_len), ir.Constant(i64, 16 * nv))])
+        builder.branch(inner)
+
+        builder.position_at_end(inner)
+        kk = builder.phi(i64)
+        kk.add_incoming(ir.Constant(i64, 0), outer)
+        accs = []
+        for t in range(mr * nv):
+            phi = builder.phi(vec)
+            phi.add_incoming(outer_accs[t], outer)
+            accs.append(phi)
+        w_row = builder.gep(w_seg, [builder.mul(kk, ir.Constant(i64, 16 * nv))])
+        wv = [builder.load(builder.bitcast(builder.gep(w_row, [ir.Constant(i64, 16 * v)]), vec.as_pointer()), align=4)
+              for v in range(nv)]
+        new = []
+        for i in range(mr):
+            av = broadcast(builder, builder.load(builder.gep(row_ptrs[i], [kk]), align=4))
+            new += [builder.call(fma, [av, wv[v], accs[i * nv + v]]) for v in range(nv)]
+        k_next = builder.add(kk, ir.Constant(i64, 1))
+        kk.add_incoming(k_next, inner)
+        for phi, value in zip(accs, new):
+            phi.add_incoming(value, inner)
+        builder.cbranch(builder.icmp_signed("<", k_next, seg_len), inner, latch)
+
+        builder.position_at_end(latch)
+        s_next = builder.add(s, ir.Constant(i64, 1))
+        s.add_incoming(s_next, latch)
+        for phi, value in zip(outer_accs, new):
+            phi.add_incoming(value, latch)
+        builder.cbranch(builder.icmp_signed("<", s_next, n_seg), outer, after)
+
+        builder.position_at_end(after)
+        results = []
+        for t in range(mr * nv):
+            phi = builder.phi(vec)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(new[t], latch)
+            results.append(phi)
+        return results
+
+    def conv_operands(context, builder, signature, args):
+        """tile_conv_store's k-loop operands: (a, rows + rows_off, segs, n_seg, seg_len, w + w_off, mr, nr)."""
+        (a_data, rows_data, segs_data, w_data), ints = arrays_and_ints(
+            context, builder, signature, args, (0, 1, 3, 6), (2, 4, 5, 7, 8, 9))
+        rows_off_v, n_seg_v, seg_len_v, w_off_v, mr_v, nr_v = ints
+        rows_ptr, w_ptr = builder.gep(rows_data, [rows_off_v]), builder.gep(w_data, [w_off_v])
+        return a_data, rows_ptr, segs_data, n_seg_v, seg_len_v, w_ptr, mr_v, nr_v
+
+    @intrinsic
+    def tile_conv_store(typingctx, a, rows, rows_off, segs, n_seg, seg_len, w, w_off, mr, nr, b, nv, act, res,
+                        res_off, ldres, use_res, y, y_off, ldy):
+        sig = types.void(a, rows, rows_off, segs, n_seg, seg_len, w, w_off, mr, nr, b, nv, act, res, res_off, ldres,
+                         use_res, y, y_off, ldy)
+
+        def codegen(context, builder, signature, args):
+            a_data, rows_ptr, segs_ptr, n_seg_v, seg_len_v, w_ptr, mr_v, nr_v = conv_operands(
+                context, builder, signature, args)
+            fma = fma_of(builder)
+            store = store_epilogue(context, builder, signature, args, range(10, 20))
+
+            def emit(m, nvec):
+                store(k_loop_segments(builder, fma, a_data, rows_ptr, segs_ptr, n_seg_v, seg_len_v, w_ptr, m, nvec),
+                      m, nvec)
+
+            switch_cases(builder, mr_v, nr_v, emit)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile_fma, tile_fma_store, tile_conv_store
 
 
 @lowlevel
@@ -274,6 +379,23 @@ def tile_fma_store(numba):
     res_off, ldres, use_res, y, y_off, ldy); float32 results equal bias_act_store's.
     """
     return _build_tiles(numba)[1]
+
+
+@lowlevel
+def tile_conv_store(numba):
+    """The implicit-GEMM tile of a KxK convolution (no im2col matrix), with tile_fma_store's epilogue:
+
+        y[y_off + i*ldy + c] = act(sum_{s < n_seg, u < seg_len} a[rows[rows_off + i] + segs[s] + u]
+                                       * w[w_off + (s*seg_len + u)*nr + c] + b[c]) (+ res[res_off + i*ldres + c])
+
+    for i < mr, c < nv. Arguments: (a, rows, rows_off, segs, n_seg, seg_len, w, w_off, mr, nr, b, nv, act,
+    res, res_off, ldres, use_res, y, y_off, ldy). a is a float32 array read at the element offsets given (an
+    NHWC image, flat: row i's window starts at rows[rows_off + i], and segment s of it, one kernel row of
+    KW*C contiguous floats, at + segs[s]); rows, segs int64 arrays; w packed as pack_panels of
+    (n_seg*seg_len, O); mr, nr, b, nv, act, res, y as tile_fma_store's. No bounds checks: the caller keeps
+    every read inside a.
+    """
+    return _build_tiles(numba)[2]
 
 
 # --------------------------------------------------------------------------- the epilogue
@@ -388,3 +510,46 @@ def gemm_rows(a, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, 
                 tile_fma(a, i0 * k, k, wp, c0 * k, k, mr, nr, acc)
                 for i in range(mr):
                     _epilogue_row(acc[i], bp, res, use_res, act, alpha, y, row + i, col0 + c0, nv)
+
+
+@kernel
+def conv_rows(a, rows, n_rows, segs, seg_len, wp, n_out, b, res, use_res, act, alpha, y, yr0, col0, acc):
+    """The implicit-GEMM twin of gemm_rows, for KxK convolutions without an im2col matrix:
+
+        y[yr0 + r, col0 + o] = act(sum_{s, u} a[rows[r] + segs[s] + u] * w[s*seg_len + u, o] + b[o]) (+ res[same])
+
+    for r < n_rows and every o < O. a is the input as a flat float32 array; rows (>= n_rows,) int64
+    holds where output row r's receptive field starts in a, segs (n_seg,) int64 where each of its
+    kernel rows starts relative to that (a kernel row is seg_len = KW*C contiguous floats of an
+    NHWC image); wp = pack_panels(w2d (n_seg*seg_len, O)) (HWIO reshaped); the rest as gemm_rows'.
+    Serial. In chunks of CONV_CHUNK_ROWS rows, each panel by panel as gemm_rows: the input a chunk reads
+    stays in L1 while every panel passes over it (a whole Fire band panel by panel re-read it from L2).
+    """
+    n_seg = segs.shape[0]
+    k = n_seg * seg_len
+    n_panels = (n_out + NR - 1) // NR
+    last_width = 16 if n_out - (n_panels - 1) * NR <= 16 else NR
+    in_ir = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
+    ldy, ldres = y.shape[1], res.shape[1]
+    no_bias = np.zeros(NR, dtype=y.dtype)
+    for r0 in range(0, n_rows, CONV_CHUNK_ROWS):
+        r1 = min(n_rows, r0 + CONV_CHUNK_ROWS)
+        for p in range(n_panels):
+            c0 = p * NR
+            nr = NR if p < n_panels - 1 else last_width
+            nv = min(NR, n_out - c0)
+            bp = b[c0:c0 + nv]
+            for i0 in range(r0, r1, MR):
+                mr = min(MR, r1 - i0)
+                row = yr0 + i0
+                # One call site of the tile (each inlines all 24 (mr, nr) cases, which is compile time):
+                # an activation the IR lacks gets the raw sums in acc and the Numba epilogue after.
+                if in_ir:
+                    tb, out, out_off, ld, tile_act, tile_res = bp, y, row * ldy + col0 + c0, ldy, act, use_res
+                else:
+                    tb, out, out_off, ld, tile_act, tile_res = no_bias[:nv], acc, 0, NR, ACT_NONE, False
+                tile_conv_store(a, rows, i0, segs, n_seg, seg_len, wp, c0 * k, mr, nr, tb, nv, tile_act, res,
+                                row * ldres + col0 + c0, ldres, tile_res, out, out_off, ld)
+                if not in_ir:
+                    for i in range(mr):
+                        _epilogue_row(acc[i], bp, res, use_res, act, alpha, y, row + i, col0 + c0, nv)

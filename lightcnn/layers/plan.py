@@ -10,7 +10,9 @@ of one image that overhead is most of the time. A plan does that work once:
   - every unit becomes one step naming an op and its resolved arguments (padding, output
     views, weights); conv + folded batch norm + activation (+ residual add) is one op;
     squeeze-excitation's channel scale is folded into the next pointwise conv's input;
-    Fire's expand 1x1 and 3x3 write side by side into one buffer (no concat copy);
+    Fire's expand 1x1 and 3x3 write side by side into one buffer (no concat copy), and a Fire
+    module whose 3x3 expand is stride 1, padded by 1 is one step (`fire`), whose parts are those three steps;
+    a KxK conv read only by a max pool is one step with it (`conv_max_pool`);
   - activations live in an arena of flat buffers planned here: a buffer returns to the
     free list when the last step that reads its tensor has been planned, so a network
     needs a handful of buffers, not one per layer, and they stay warm in cache.
@@ -23,7 +25,7 @@ layer types (the lowering); an engine only maps each op to code:
   numpy   lightcnn.layers.plan_numpy: BLAS matmuls and strided NumPy passes; never imports
           numba, so the first result comes without any compilation.
 
-The ops: copy, pointwise, conv, depthwise, inverted_residual, se_gate, scale, gap, dense,
+The ops: copy, pointwise, conv, conv_max_pool, depthwise, inverted_residual, fire, se_gate, scale, gap, dense,
 max_pool, transpose_conv, place (a tensor into a channel range of a wider one, cropped or
 zero-padded at the bottom/right), fake_quant, add, and opaque (a layer the lowering does not know runs its own
 forward; the numba engine only). A layer that simulates a quantised runtime (lightcnn.quantsim
@@ -198,6 +200,7 @@ class InferencePlan:
             out = self._lower(layer, out, name)
         self.output_index = out.index
         self.output_shape = out.shape
+        self.steps = _fuse_conv_max_pool(self.steps)
         for v in self._values:
             if v.buf is not None:
                 v.array = self._arena.buffers[v.buf][:int(np.prod(v.shape))].reshape(v.shape)
@@ -492,6 +495,7 @@ class InferencePlan:
         if fire.bypass:
             x = self._materialise(x, name)
         self._hold(x)  # read by the squeeze conv and (bypass) by both expand epilogues
+        first = len(self.steps)
         s = self._conv_unit(fire.squeeze, x, f"{name}.squeeze")
         n, h, w, _ = s.shape
         y = self._new((n, h, w, fire.out_ch))
@@ -499,6 +503,12 @@ class InferencePlan:
         self._hold(s)
         self._conv_unit(fire.expand1x1, s, f"{name}.expand1x1", res=res, out=y, col0=0)
         self._conv_unit(fire.expand3x3, s, f"{name}.expand3x3", res=res, out=y, col0=fire.expand1x1.out_ch)
+        parts = self.steps[first:]
+        if _fusable_fire(parts, (h, w)):
+            # One step: the numba engine runs the module band by band (fused.fire_band); the numpy
+            # engine runs the parts, so the squeezed tensor s keeps its buffer.
+            del self.steps[first:]
+            self._step("fire", name, dict(x=x, y=y, res=res), parts=parts)
         self._release(x)
         return y
 
@@ -543,6 +553,39 @@ class InferencePlan:
                 times[name].append(t)
         vals[self.input_index] = None
         return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+
+
+def _fusable_fire(parts, hw):
+    """Whether a Fire module's three steps are the squeeze 1x1, the expand 1x1 and a 3x3 stride-1 expand padded
+    by one pixel on every side (what fused.fire_band computes)."""
+    if [step.op for step in parts] != ["pointwise", "pointwise", "conv"] or len({p.params["alpha"] for p in parts}) != 1:
+        return False
+    squeeze, expand3 = parts[0], parts[2]
+    return (squeeze.vals["res"] is None and squeeze.vals["scale"] is None and squeeze.params["col0"] == 0
+            and squeeze.params["width"] == squeeze.params["weights"].shape[-1] and parts[1].vals["scale"] is None
+            and expand3.params["kernel"] == (3, 3) and expand3.params["stride"] == (1, 1)
+            and (expand3.params["top"], expand3.params["left"]) == (1, 1) and expand3.params["out_hw"] == hw)
+
+
+def _fuse_conv_max_pool(steps):
+    """Steps with each KxK conv that feeds only a max pool merged with it into one `conv_max_pool` step
+    (SqueezeNet's stem), whose parts are the two steps: the numba engine pools each band of the conv
+    output while it is in cache (fused.conv_max_pool); the numpy engine runs the parts."""
+    readers = {}
+    for step in steps:
+        for v in step.vals.values():
+            if v is not None:
+                readers[v.index] = readers.get(v.index, 0) + 1
+    out = []
+    for step in steps:
+        prev = out[-1] if out else None
+        if (step.op == "max_pool" and prev is not None and prev.op == "conv" and prev.vals["y"] is step.vals["x"]
+                and readers[step.vals["x"].index] == 2 and prev.vals["res"] is None and prev.params["col0"] == 0
+                and prev.params["width"] == prev.params["weights"].shape[-1]):
+            out[-1] = Step("conv_max_pool", prev.name, dict(x=prev.vals["x"], y=step.vals["y"]), dict(parts=[prev, step]))
+        else:
+            out.append(step)
+    return out
 
 
 class Unsupported(ValueError):
