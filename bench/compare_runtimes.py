@@ -33,6 +33,10 @@ with 50 ms, as fast as alone). Why the burst: after 30 ms idle a sleeping pool m
 parallel loop, and the engines differ most there (lightcnn's ~60 loops per forward at batch 1
 made the first call ~2x a sustained one; ORT's much less): one regime alone would hide that.
 --burst 1 gives the after-idle regime only (the sustained columns then repeat it).
+lightcnn's NumPy engine is timed in rounds of its own after those: its BLAS calls leave OpenBLAS's
+threads spinning for far longer than the pause (measured: MobileNetV2 at batch 1 on 2 threads, the
+numba engine took 7.5 ms in rounds shared with the NumPy engine and 5.1 ms without it, while ORT
+moved from 3.6 to 3.8 ms).
 
 Threads: Numba's pool is set with lightcnn._jit.set_num_threads, ORT's intra-op pool with
 intra_op_num_threads (inter-op 1, sequential), PyTorch with torch.set_num_threads.
@@ -346,7 +350,6 @@ def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, rand
             fns = {"lightcnn": (model.forward, x), "ort": (ort_run, x)}
             if numpy_model is not None:
                 diffs["numpy"] = float(np.abs(numpy_model.forward(x) - y).max())
-                fns["numpy"] = (numpy_model.forward, x)
             if torch_run is not None:
                 import torch
 
@@ -357,6 +360,8 @@ def compare(models, batches, threads, runs, warmup, gap_ms, use_torch=True, rand
             if bad:
                 raise SystemExit(f"{arch} batch {batch}: outputs disagree with lightcnn: {bad} (> {TOL})")
             times = interleaved(fns, runs, warmup, gap_ms / 1e3, burst)
+            if numpy_model is not None:  # in rounds of its own, after the others: see the module docstring
+                times.update(interleaved({"numpy": (numpy_model.forward, x)}, runs, warmup, gap_ms / 1e3, burst))
             med = {k: float(np.median(v[1])) * 1e3 for k, v in times.items()}
             p90 = {k: float(np.percentile(v[1], 90)) * 1e3 for k, v in times.items()}
             idle = {k: float(np.median(v[0])) * 1e3 for k, v in times.items()}
