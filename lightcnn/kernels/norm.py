@@ -331,7 +331,7 @@ def batchnorm_train_backward(dy: np.ndarray, cache: tuple, gamma: np.ndarray, y:
         dy_rows = _rows_with_slot(np.ascontiguousarray(dy, dtype=xhat.dtype), xhat, col0, "dy", fn)
         y_rows = _rows_with_slot(y, xhat, col0, "y", fn)
         if y_rows.shape != dy_rows.shape:
-            raise ValueError(f"{fn}: dy and y must have one shape, got {dy.shape} and {np.shape(y)}")
+            raise ValueError(f"{fn}: dy and y must have one shape, got {dy.shape} and {getattr(y, 'shape', None)}")
     m, c = xhat_rows.shape
     inv_std = _channel_vec(inv_std, c, np.float64, "cache.inv_std")
     gamma = _channel_vec(gamma, c, np.float64, "gamma")
