@@ -88,6 +88,33 @@ def _build_tiles(numba):
         u = ir.Constant(vtype, ir.Undefined)
         return builder.shuffle_vector(builder.insert_element(u, scalar, ir.Constant(i32, 0)), u, splat0)
 
+    def vector_phis(builder, starts, block):
+        """One <16 x float> phi per value in `starts`, each entered from `block` with that value."""
+        phis = []
+        for value in starts:
+            phi = builder.phi(vec)
+            phi.add_incoming(value, block)
+            phis.append(phi)
+        return phis
+
+    def fma_step(builder, fma, w_row, a_values, accs, nv):
+        """One k step of the tile: nv weight vectors from w_row, each of the mr scalars a_values broadcast
+        and multiplied in; returns the new accumulators (row-major: row i, vector v at i * nv + v)."""
+        wv = [builder.load(builder.bitcast(builder.gep(w_row, [ir.Constant(i64, 16 * v)]), vec.as_pointer()), align=4)
+              for v in range(nv)]
+        new = []
+        for i, a_value in enumerate(a_values):
+            av = broadcast(builder, a_value)
+            new += [builder.call(fma, [av, wv[v], accs[i * nv + v]]) for v in range(nv)]
+        return new
+
+    def loop_results(builder, entry, last, new):
+        """After a loop that may run zero times: zero from `entry`, the accumulators `new` from `last`."""
+        results = vector_phis(builder, [zero] * len(new), entry)
+        for phi, value in zip(results, new):
+            phi.add_incoming(value, last)
+        return results
+
     def k_loop(builder, fma, a_ptr, lda, w_ptr, k, mr, nv):
         """The k loop of an mr x (16*nv) tile; returns the accumulators (zero when k <= 0)."""
         entry = builder.block
@@ -97,32 +124,18 @@ def _build_tiles(numba):
         builder.position_at_end(loop)
         kk = builder.phi(i64)
         kk.add_incoming(ir.Constant(i64, 0), entry)
-        accs = []
-        for _ in range(mr * nv):
-            phi = builder.phi(vec)
-            phi.add_incoming(zero, entry)
-            accs.append(phi)
+        accs = vector_phis(builder, [zero] * (mr * nv), entry)
         w_row = builder.gep(w_ptr, [builder.mul(kk, ir.Constant(i64, 16 * nv))])
-        wv = [builder.load(builder.bitcast(builder.gep(w_row, [ir.Constant(i64, 16 * v)]), vec.as_pointer()), align=4)
-              for v in range(nv)]
-        new = []
-        for i in range(mr):
-            ai = builder.load(builder.gep(a_ptr, [builder.add(builder.mul(ir.Constant(i64, i), lda), kk)]), align=4)
-            av = broadcast(builder, ai)
-            new += [builder.call(fma, [av, wv[v], accs[i * nv + v]]) for v in range(nv)]
+        a_values = [builder.load(builder.gep(a_ptr, [builder.add(builder.mul(ir.Constant(i64, i), lda), kk)]), align=4)
+                    for i in range(mr)]
+        new = fma_step(builder, fma, w_row, a_values, accs, nv)
         k_next = builder.add(kk, ir.Constant(i64, 1))
         kk.add_incoming(k_next, loop)
         for phi, value in zip(accs, new):
             phi.add_incoming(value, loop)
         builder.cbranch(builder.icmp_signed("<", k_next, k), loop, after)
         builder.position_at_end(after)
-        results = []
-        for t in range(mr * nv):
-            phi = builder.phi(vec)
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(new[t], loop)
-            results.append(phi)
-        return results
+        return loop_results(builder, entry, loop, new)
 
     def switch_cases(builder, mr_v, nr_v, emit):
         """emit(mr, nv) for the runtime (mr, nr): one inlined loop per case, all joined after."""
@@ -275,11 +288,7 @@ def _build_tiles(numba):
         builder.position_at_end(outer)
         s = builder.phi(i64)
         s.add_incoming(ir.Constant(i64, 0), entry)
-        outer_accs = []
-        for _ in range(mr * nv):
-            phi = builder.phi(vec)
-            phi.add_incoming(zero, entry)
-            outer_accs.append(phi)
+        outer_accs = vector_phis(builder, [zero] * (mr * nv), entry)
         seg_off = builder.load(builder.gep(segs_ptr, [s]), align=8)
         row_ptrs = [builder.gep(a_ptr, [builder.add(off, seg_off)]) for off in row_offs]
         w_seg = builder.gep(w_ptr, [builder.mul(builder.mul(s, seg_len), ir.Constant(i64, 16 * nv))])
@@ -288,18 +297,9 @@ def _build_tiles(numba):
         builder.position_at_end(inner)
         kk = builder.phi(i64)
         kk.add_incoming(ir.Constant(i64, 0), outer)
-        accs = []
-        for t in range(mr * nv):
-            phi = builder.phi(vec)
-            phi.add_incoming(outer_accs[t], outer)
-            accs.append(phi)
+        accs = vector_phis(builder, outer_accs, outer)
         w_row = builder.gep(w_seg, [builder.mul(kk, ir.Constant(i64, 16 * nv))])
-        wv = [builder.load(builder.bitcast(builder.gep(w_row, [ir.Constant(i64, 16 * v)]), vec.as_pointer()), align=4)
-              for v in range(nv)]
-        new = []
-        for i in range(mr):
-            av = broadcast(builder, builder.load(builder.gep(row_ptrs[i], [kk]), align=4))
-            new += [builder.call(fma, [av, wv[v], accs[i * nv + v]]) for v in range(nv)]
+        new = fma_step(builder, fma, w_row, [builder.load(builder.gep(p, [kk]), align=4) for p in row_ptrs], accs, nv)
         k_next = builder.add(kk, ir.Constant(i64, 1))
         kk.add_incoming(k_next, inner)
         for phi, value in zip(accs, new):
@@ -314,13 +314,7 @@ def _build_tiles(numba):
         builder.cbranch(builder.icmp_signed("<", s_next, n_seg), outer, after)
 
         builder.position_at_end(after)
-        results = []
-        for t in range(mr * nv):
-            phi = builder.phi(vec)
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(new[t], latch)
-            results.append(phi)
-        return results
+        return loop_results(builder, entry, latch, new)
 
     def conv_operands(context, builder, signature, args):
         """tile_conv_store's k-loop operands: (a, rows + rows_off, segs, n_seg, seg_len, w + w_off, mr, nr)."""
