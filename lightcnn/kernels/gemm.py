@@ -416,7 +416,7 @@ def bias_act_inplace(a, b, act, alpha):
     elif act == ACT_HARD_SWISH:
         for c in range(n):
             a[c] = hard_swish_scalar(a[c] + b[c])
-    elif act == ACT_ELU:  # seed 000's and seed 001's networks, in training too
+    elif act == ACT_ELU:  # seed 000's and seed 001's networks
         for c in range(n):
             a[c] = elu_scalar(a[c] + b[c], alpha)
     else:
