@@ -1,6 +1,7 @@
 """GFLOP/s of the pointwise-conv GEMMs on one core: the packed-weight GEMM the plan runs vs OpenBLAS.
 
     python bench/gemm_gflops.py                 # MobileNetV2's pointwise shapes at batch 1 and 8
+    python bench/gemm_gflops.py --shapes squeezenet1_1   # its Fire 1x1 convs and classifier
     python bench/gemm_gflops.py --rounds 9 --json
 
 Both run the same fused epilogue (bias + ReLU6) on one thread: `blas` is fused.gemm_bias_act_serial
@@ -33,6 +34,16 @@ MNV2_POINTWISE = [
     ("b14 project 7x7 960->160", 49, 960, 160),
     ("last 7x7 320->1280", 49, 320, 1280),
 ]
+# SqueezeNet 1.1's: Fire squeeze and 1x1 expand convs, and the 1x1 classifier (its largest GEMM)
+SQ11_POINTWISE = [
+    ("fire2 squeeze 55x55 64->16", 3025, 64, 16),
+    ("fire2 expand1x1 55x55 16->64", 3025, 16, 64),
+    ("fire4 squeeze 27x27 128->32", 729, 128, 32),
+    ("fire6 squeeze 13x13 256->48", 169, 256, 48),
+    ("fire9 expand1x1 13x13 64->256", 169, 64, 256),
+    ("classifier 13x13 512->1000", 169, 512, 1000),
+]
+SHAPES = {"mobilenet_v2": MNV2_POINTWISE, "squeezenet1_1": SQ11_POINTWISE}
 
 
 def _time(fn, args, calls):
@@ -45,6 +56,8 @@ def _time(fn, args, calls):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["mobilenet_v2"],
+                        help="whose 1x1 conv shapes (default mobilenet_v2)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--peak", type=float, default=246.0, help="one core's FMA peak, GFLOP/s")
     parser.add_argument("--json", action="store_true")
@@ -62,7 +75,7 @@ def main(argv=None):
     blas, packed = fused.gemm_bias_act_serial.dispatcher, fused.gemm_packed_bias_act_serial.dispatcher
     rows = []
     for batch in args.batch:
-        for name, m1, k, o in MNV2_POINTWISE:
+        for name, m1, k, o in [shape for model in args.shapes for shape in SHAPES[model]]:
             m = m1 * batch
             x = rng.standard_normal((m, k)).astype(np.float32)
             w = (rng.standard_normal((k, o)) * 0.1).astype(np.float32)

@@ -105,6 +105,28 @@ def test_packed_gemm_residual_and_se_scale(act, rng):
     assert np.isnan(y[:, :4]).all()
 
 
+@pytest.mark.parametrize("act", [act_k.ACT_RELU6, act_k.ACT_ELU])
+def test_packed_gemm_spans_several_row_chunks(act, rng):
+    """Inputs larger than GEMM_CHUNK_BYTES go panel by panel per chunk of rows: chunk edges that fall inside a
+    thread's row range and off the MR grid, a residual, every panel and row written once."""
+    k, n_out = 300, 70
+    chunk = gemm.GEMM_CHUNK_BYTES // (4 * k) // gemm.MR * gemm.MR
+    m = 2 * chunk + gemm.MR + 5  # three chunks, the last one not a whole number of tiles
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = (rng.standard_normal((k, n_out)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    res = rng.standard_normal((m, n_out + 3)).astype(np.float32)
+    dummy = np.zeros((1, 1), np.float32)
+    wp = gemm.pack_panels(w)
+    ref = _oracle(x, w, b, act, res=res[:, 3:])
+    for kern, tile, groups in [(fused.gemm_packed_bias_act_serial, m, 1), (fused.gemm_packed_bias_act, chunk + 7, 1),
+                               (fused.gemm_packed_bias_act, m, 2)]:
+        y = np.full((m, n_out + 3), np.nan, np.float32)
+        kern(x, wp, n_out, b, res, True, dummy, 1, False, act, np.float32(1.0), tile, groups, y, 3)
+        _close(y[:, 3:], ref)
+        assert np.isnan(y[:, :3]).all()
+
+
 def test_packed_gemm_nan_passes_the_clamps(rng):
     """ReLU/ReLU6 in the IR epilogue let NaN through, as relu_scalar does (training's NaN check must see it)."""
     x = rng.standard_normal((5, 8)).astype(np.float32)

@@ -44,6 +44,13 @@ __all__ = ["MR", "NR", "pack_panels", "panel_count", "tile_fma", "tile_fma_store
 MR = 12  # rows per tile: 2*MR accumulators + 2 weight vectors + 1 broadcast <= 32 zmm registers
 NR = 32  # columns per panel (two 16-float vectors)
 CONV_CHUNK_ROWS = 20 * MR  # conv_rows' rows per pass of the panels
+# gemm_rows' input rows per pass of the panels, in bytes: a quarter of one core's L2 (2 MB here), so the chunk
+# stays there, beside the panel and the output tiles, while every panel passes over it. One pass over all rows
+# re-read a larger input from L3 once per panel. One core, CPU time, loaded machine (bench/gemm_gflops.py
+# --shapes squeezenet1_1): SqueezeNet's classifier at batch 8 (1352 x 512 floats, 2.7 MB, 32 panels) 115-131
+# GFLOP/s unchunked, 130-141 in 512 KB chunks (256 KB and 1 MB were no better); MobileNetV2's batch-8 56x56
+# expand (25088 x 24 floats) 73-78 -> 80-85. Smaller inputs are one chunk, as before.
+GEMM_CHUNK_BYTES = 512 * 1024
 
 
 def panel_count(n_out):
@@ -481,29 +488,32 @@ def gemm_rows(a, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, 
     a (M, K) C-contiguous; wp = pack_panels(w (K, O)); b (O,); res and y (rows, >= col0 + O)
     (res a dummy when not use_res); acc a (MR, NR) float32 scratch. Serial: the callers split
     rows or panels over threads. Panel by panel, so a panel (K x 32 floats) stays in cache while
-    the rows stream past it.
+    the rows stream past it; rows in chunks of GEMM_CHUNK_BYTES, so they stream from L2, not L3.
     """
     k = a.shape[1]
     n_panels = (n_out + NR - 1) // NR
     last_width = 16 if n_out - (n_panels - 1) * NR <= 16 else NR
     in_ir = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
     ldy, ldres = y.shape[1], res.shape[1]
-    for p in range(p_lo, p_hi):
-        c0 = p * NR
-        nr = NR if p < n_panels - 1 else last_width
-        nv = min(NR, n_out - c0)
-        bp = b[c0:c0 + nv]
-        for i0 in range(r0, r1, MR):
-            mr = min(MR, r1 - i0)
-            row = yr0 + i0 - r0
-            if in_ir:
-                off = row * ldy + col0 + c0
-                tile_fma_store(a, i0 * k, k, wp, c0 * k, k, mr, nr, bp, nv, act, res, row * ldres + col0 + c0, ldres,
-                               use_res, y, off, ldy)
-            else:
-                tile_fma(a, i0 * k, k, wp, c0 * k, k, mr, nr, acc)
-                for i in range(mr):
-                    _epilogue_row(acc[i], bp, res, use_res, act, alpha, y, row + i, col0 + c0, nv)
+    chunk = max(MR, GEMM_CHUNK_BYTES // (4 * k) // MR * MR)
+    for ch0 in range(r0, r1, chunk):
+        ch1 = min(r1, ch0 + chunk)
+        for p in range(p_lo, p_hi):
+            c0 = p * NR
+            nr = NR if p < n_panels - 1 else last_width
+            nv = min(NR, n_out - c0)
+            bp = b[c0:c0 + nv]
+            for i0 in range(ch0, ch1, MR):
+                mr = min(MR, ch1 - i0)
+                row = yr0 + i0 - r0
+                if in_ir:
+                    off = row * ldy + col0 + c0
+                    tile_fma_store(a, i0 * k, k, wp, c0 * k, k, mr, nr, bp, nv, act, res, row * ldres + col0 + c0,
+                                   ldres, use_res, y, off, ldy)
+                else:
+                    tile_fma(a, i0 * k, k, wp, c0 * k, k, mr, nr, acc)
+                    for i in range(mr):
+                        _epilogue_row(acc[i], bp, res, use_res, act, alpha, y, row + i, col0 + c0, nv)
 
 
 @kernel
