@@ -430,6 +430,35 @@ def test_split_gemms_match_float64_products_and_not_the_thread_count(rng):
     np.testing.assert_array_equal(results[1][1], results[2][1])
 
 
+@pytest.mark.parametrize("k, n", [(300, 70), (70, 300)], ids=["rows", "columns"])
+def test_split_weight_gradient_of_a_short_m_cuts_the_output(rng, k, n):
+    # M too short for two chunks of the sum (a 13x13 layer at batch 32): the output is cut into row or
+    # column pieces; against the float64 product, bit-identical on 1 and 2 threads and in the caller thread
+    from lightcnn._jit import get_num_threads, set_num_threads
+    from lightcnn.kernels import _split_blas as _gemm
+
+    m = 5000
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    d = rng.standard_normal((m, n)).astype(np.float32)
+    assert 2.0 * m * k * n > _gemm._SPLIT_FLOPS and m // _gemm._TN_CHUNK_ROWS < 2
+    assert max(k, n) // _gemm._TN_MIN_PIECE >= 2
+    previous = get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2):
+            set_num_threads(threads)
+            results[threads] = _gemm.matmul_tn(a, d)
+        with _gemm.gemm_caller_thread():
+            inside = _gemm.matmul_tn(a, d)
+    finally:
+        set_num_threads(previous)
+    want = a.astype(np.float64).T @ d.astype(np.float64)
+    assert results[2].shape == (k, n) and results[2].dtype == np.float32
+    np.testing.assert_allclose(results[2], want, rtol=RTOL, atol=ATOL * np.sqrt(m))
+    np.testing.assert_array_equal(results[1], results[2])
+    np.testing.assert_array_equal(inside, results[2])
+
+
 @pytest.mark.parametrize("case", CONV_CASES[:3] + [(2, 9, 9, 1, 3, 3, 4, (2, 2), (0, 0, 0, 0))], ids=_ids(
     CONV_CASES[:3] + [(2, 9, 9, 1, 3, 3, 4, (2, 2), (0, 0, 0, 0))]))
 def test_conv2d_backward_without_dx_gives_the_same_weight_gradients(rng, case):
