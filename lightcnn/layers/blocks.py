@@ -258,6 +258,9 @@ class Fire(Layer):
         self.expand1x1 = conv_bn_act(squeeze, e1, 1, act=act, bn=False, alpha=alpha, rng=rng)
         self.expand3x3 = conv_bn_act(squeeze, e3, 3, 1, padding, act=act, bn=False, alpha=alpha, rng=rng)
         self.bypass = bypass
+        # Without the bypass x reaches the squeeze conv only, so a Fire that starts the trained part (SqueezeNet's
+        # last-Fire fine-tune) can skip the squeeze's input gradient (a GEMM nobody reads); with it, never.
+        self.first_child_takes_input = not bypass
 
     def children(self):
         return [("squeeze", self.squeeze), ("expand1x1", self.expand1x1), ("expand3x3", self.expand3x3)]
