@@ -441,7 +441,7 @@ def test_split_weight_gradient_of_a_short_m_cuts_the_output(rng, k, n):
     a = rng.standard_normal((m, k)).astype(np.float32)
     d = rng.standard_normal((m, n)).astype(np.float32)
     assert 2.0 * m * k * n > _gemm._SPLIT_FLOPS and m // _gemm._TN_CHUNK_ROWS < 2
-    assert max(k, n) // _gemm._TN_MIN_PIECE >= 2
+    assert max(k, n) // _gemm._TN_MIN_PIECE >= 2 and _gemm._TN_PIECES >= 2
     previous = get_num_threads()
     try:
         results = {}
