@@ -37,6 +37,7 @@ pointwise_conv_forward(x (N,H,W,C), w (C,O), b (O,)) -> y (N,H,W,O).
 import numpy as np
 
 from lightcnn._jit import kernel, prange
+from lightcnn.kernels import _reuse
 from lightcnn.kernels._args import _act_code, _bias_or_zeros, _images_per_chunk, _like, _nhwc, _pad4, _pair
 from lightcnn.kernels._split_blas import matmul, matmul_tn
 from lightcnn.kernels.activation import ACT_CHUNK, ACT_NONE, act_inplace
@@ -211,10 +212,10 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, st
     kh, kw, _, n_out = w.shape
     k = kh * kw * c_in
     w2d = w.reshape(k, n_out)
-    y = np.empty((n_img, ho, wo, n_out), dtype=x.dtype)
+    y = _reuse.empty((n_img, ho, wo, n_out), x.dtype)
     y2d = y.reshape(-1, n_out)
     step = _images_per_chunk(n_img, ho * wo * k * x.itemsize)
-    cols = np.empty((step * ho * wo, k), dtype=x.dtype)
+    cols = _reuse.empty((step * ho * wo, k), x.dtype)
     for n0 in range(0, n_img, step):
         n1 = min(n0 + step, n_img)
         c = cols[: (n1 - n0) * ho * wo]
@@ -243,12 +244,12 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[
         return dx, dw.reshape(w.shape), db
     k = kh * kw * c_in
     w2d = w.reshape(k, n_out)
-    dx = np.empty_like(x)  # not written (and never touched, so never paged in) without need_dx
+    dx = _reuse.empty_like(x) if need_dx else None
     dw2d = np.zeros((k, n_out), dtype=x.dtype)
     zero_bias = np.zeros(c_in, dtype=x.dtype)
     step = _images_per_chunk(n_img, ho * wo * k * x.itemsize)
-    cols = np.empty((step * ho * wo, k), dtype=x.dtype)
-    dcols = np.empty((step * ho * wo if need_dx else 0, k), dtype=x.dtype)
+    cols = _reuse.empty((step * ho * wo, k), x.dtype)
+    dcols = _reuse.empty((step * ho * wo if need_dx else 0, k), x.dtype)
     for n0 in range(0, n_img, step):
         n1 = min(n0 + step, n_img)
         rows = slice(n0 * ho * wo, n1 * ho * wo)
@@ -259,7 +260,7 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[
             dc = dcols[: (n1 - n0) * ho * wo]
             matmul(dy2d[rows], w2d.T, dc)
             col2im(dc, kh, kw, sh, sw, pt, pl, ho, wo, zero_bias, ACT_NONE, x.dtype.type(0), dx[n0:n1])
-    return (dx if need_dx else None), dw2d.reshape(w.shape), db
+    return dx, dw2d.reshape(w.shape), db
 
 
 # ----------------------------------------------------------------------------- pointwise (1x1)
@@ -284,7 +285,7 @@ def pointwise_conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = 
     code = _act_code(act, fn)
     n_img, h, wd, c_in = x.shape
     n_out = w.shape[1]
-    y = np.empty((n_img, h, wd, n_out), dtype=x.dtype)
+    y = _reuse.empty((n_img, h, wd, n_out), x.dtype)
     y2d = y.reshape(-1, n_out)
     matmul(x.reshape(-1, c_in), w, y2d)
     return _epilogue(y, b, code, alpha, out, col0, fn)
@@ -303,7 +304,7 @@ def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_d
     x2d = x.reshape(-1, c_in)
     dx = None
     if need_dx:
-        dx = np.empty_like(x)
+        dx = _reuse.empty_like(x)
         matmul(dy2d, w.T, dx.reshape(-1, c_in))
     dw = matmul_tn(x2d, dy2d)
     return dx, dw, (dy2d.sum(axis=0) if db is None else db)

@@ -41,6 +41,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lightcnn._jit import kernel, prange
+from lightcnn.kernels import _reuse
 from lightcnn.kernels.activation import (ACT_CHUNK, ACT_NONE, act_backward_from_output_flat, act_forward_flat,
                                          act_inplace, activation_code, grad_from_output)
 
@@ -296,9 +297,9 @@ def batchnorm_train_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, 
     # Two-pass variance around the rounded mean: no catastrophic cancellation of E[x^2]-E[x]^2.
     var64 = _column_sum(rows, mean) / m
     inv_std = (1.0 / np.sqrt(var64 + eps)).astype(x.dtype)
-    xhat = np.empty_like(x)
+    xhat = _reuse.empty_like(x)
     if out is None:
-        y = np.empty_like(x)
+        y = _reuse.empty_like(x)
         y_rows, col0 = y.reshape(rows.shape), 0
     else:
         y_rows, col0 = _rows_with_slot(out, x, col0, "out", fn), int(col0)
@@ -343,7 +344,7 @@ def batchnorm_train_backward(dy: np.ndarray, cache: tuple, gamma: np.ndarray, y:
     _chunk_sums_pair(dy_rows, y_rows, int(col0), code, a, xhat_rows, _ROWS_PER_CHUNK, p_dy, p_dyx)
     dbeta = p_dy.sum(axis=0)
     dgamma = p_dyx.sum(axis=0)
-    dx = np.empty_like(xhat)
+    dx = _reuse.empty_like(xhat)
     _train_dx(dy_rows, y_rows, int(col0), code, a, xhat_rows, (gamma * inv_std).astype(dt), (dbeta / m).astype(dt),
               (dgamma / m).astype(dt), dx.reshape(xhat_rows.shape))
     return dx, dgamma.astype(dt), dbeta.astype(dt)

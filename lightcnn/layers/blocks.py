@@ -10,6 +10,7 @@ Fire             SqueezeNet:  squeeze 1x1 -> [expand 1x1 | expand 3x3] concatena
 
 import numpy as np
 
+from lightcnn.kernels import _reuse
 from lightcnn.kernels import activation as act_k
 from lightcnn.kernels import combine as combine_k
 from lightcnn.kernels import norm as norm_k
@@ -272,7 +273,7 @@ class Fire(Layer):
             return y + x if self.bypass else y
         # Both expand units write their slot of one output: no concatenation pass, and backward reads each
         # slot's gradient straight from dy (no split copies).
-        y = np.empty(s.shape[:3] + (self.out_ch,), s.dtype)
+        y = _reuse.empty(s.shape[:3] + (self.out_ch,), s.dtype)
         self.expand1x1.forward(s, True, out=y, col0=0)
         self.expand3x3.forward(s, True, out=y, col0=self.expand1x1.out_ch)
         return y + x if self.bypass else y
