@@ -479,6 +479,26 @@ def test_conv2d_backward_without_dx_gives_the_same_weight_gradients(rng, case):
     np.testing.assert_array_equal(dbp, dbp_full)
 
 
+@pytest.mark.parametrize("case", CONV_CASES[:3], ids=_ids(CONV_CASES[:3]))
+def test_conv2d_backward_from_the_kept_im2col_matrix(rng, case):
+    # training keeps forward's im2col matrix (built in one piece) for backward: the same y and, with and without
+    # dx, the same gradients bit for bit as rebuilding it; a matrix of another shape is refused
+    from lightcnn.kernels.conv import conv2d_forward_keeping_cols
+
+    x, w, b, stride, pad = _conv_inputs(rng, case)
+    y, cols = conv2d_forward_keeping_cols(x, w, b, stride, pad, "relu")
+    assert cols is not None and cols.shape == (int(np.prod(y.shape[:3])), int(np.prod(w.shape[:3])))
+    np.testing.assert_array_equal(y, conv2d_forward(x, w, b, stride, pad, "relu"))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    for need_dx in (True, False):
+        want = conv2d_backward(g, x, w, stride, pad, need_dx)
+        got = conv2d_backward(g, x, w, stride, pad, need_dx, cols=cols)
+        for a, e in zip(got, want):
+            assert (a is None) == (e is None) and (a is None or np.array_equal(a, e))
+    with pytest.raises(ValueError, match="im2col"):
+        conv2d_backward(g, x, w, stride, pad, cols=cols[1:])
+
+
 @pytest.mark.parametrize("act", ["none", "relu", "elu"])
 @pytest.mark.parametrize("case", [CONV_CASES[1], (2, 5, 4, 3, 1, 1, 4, (1, 1), (0, 0, 0, 0))], ids=["3x3", "1x1"])
 def test_conv2d_forward_into_a_channel_slot(rng, case, act):
