@@ -111,6 +111,7 @@ def compare(case, batch, threads, runs, warmup):
     import torch
 
     from lightcnn._jit import set_num_threads
+    from lightcnn.kernels._reuse import reusing_arrays
 
     set_num_threads(threads)
     torch.set_num_threads(threads)
@@ -118,6 +119,11 @@ def compare(case, batch, threads, runs, warmup):
     model, net, x, y, train_bn = _lightcnn_case(case, batch, rng)
     module = _torch_net(net, x.shape[1:], train_bn)
     ours, theirs = lightcnn_step(net, x, y), torch_step(module, x, y)
+    with reusing_arrays():  # lightcnn's steps reuse their large arrays as under fit() (PyTorch's are untouched)
+        return _timed(case, ours, theirs, runs, warmup)
+
+
+def _timed(case, ours, theirs, runs, warmup):
     first = (ours(), theirs())  # same weights, same batch: the first losses must agree
     if not abs(first[0] - first[1]) <= 1e-4 * max(1.0, abs(first[1])):
         raise SystemExit(f"{case}: first-step losses differ: lightcnn {first[0]:.6f}, torch {first[1]:.6f}")

@@ -525,6 +525,37 @@ def test_batchnorm_train_fused_activation(rng, act, slot):
         B.batchnorm_train_forward(x, gamma, beta, 1e-5, "hard_swish")
 
 
+@pytest.mark.parametrize("act", ["relu", "elu"])
+def test_batchnorm_train_fused_activation_over_many_blocks(rng, act):
+    # 6000 rows: three reduction chunks and three blocks of rows (the last ones partial) in the flat path the
+    # backward takes outside a concatenation; against the row-by-row path of the same values in a slot, and
+    # against torch autograd of act(batch_norm(x))
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    shape, c = (5, 40, 30, 6), 6
+    assert shape[0] * shape[1] * shape[2] > 2 * max(B._ROWS_PER_CHUNK, B.ACT_CHUNK // c)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    y, cache, _, _ = B.batchnorm_train_forward(x, gamma, beta, 1e-5, act, 0.8)
+    dx, dgamma, dbeta = B.batchnorm_train_backward(g, cache, gamma, y, act, 0.8)
+
+    wide, g_wide = np.zeros(shape[:3] + (c + 3,), np.float32), np.zeros(shape[:3] + (c + 3,), np.float32)
+    _, cache_slot, _, _ = B.batchnorm_train_forward(x, gamma, beta, 1e-5, act, 0.8, wide, 1)
+    g_wide[..., 1:1 + c] = g
+    dx_slot, dgamma_slot, dbeta_slot = B.batchnorm_train_backward(g_wide, cache_slot, gamma, wide, act, 0.8, 1)
+    np.testing.assert_array_equal(dx, dx_slot)
+    np.testing.assert_array_equal(dgamma, dgamma_slot)
+    np.testing.assert_array_equal(dbeta, dbeta_slot)
+
+    xt, gt, bt = _nchw(torch, x), torch.tensor(gamma, requires_grad=True), torch.tensor(beta, requires_grad=True)
+    z = F.batch_norm(xt, None, None, gt, bt, training=True, eps=1e-5)
+    (F.relu(z) if act == "relu" else F.elu(z, 0.8)).backward(_nchw(torch, g, grad=False))
+    assert_close(dx, _nhwc(xt.grad), TORCH_BWD, "dx")
+    assert_close(dgamma, gt.grad.numpy(), TORCH_BWD, "dgamma")
+    assert_close(dbeta, bt.grad.numpy(), TORCH_BWD, "dbeta")
+
+
 def test_batchnorm_inference_gradient(rng):
     x = rng.standard_normal((2, 3, 4, 5))
     scale, shift = rng.standard_normal(5), rng.standard_normal(5)

@@ -430,6 +430,35 @@ def test_split_gemms_match_float64_products_and_not_the_thread_count(rng):
     np.testing.assert_array_equal(results[1][1], results[2][1])
 
 
+@pytest.mark.parametrize("k, n", [(300, 70), (70, 300)], ids=["rows", "columns"])
+def test_split_weight_gradient_of_a_short_m_cuts_the_output(rng, k, n):
+    # M too short for two chunks of the sum (a 13x13 layer at batch 32): the output is cut into row or
+    # column pieces; against the float64 product, bit-identical on 1 and 2 threads and in the caller thread
+    from lightcnn._jit import get_num_threads, set_num_threads
+    from lightcnn.kernels import _split_blas as _gemm
+
+    m = 5000
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    d = rng.standard_normal((m, n)).astype(np.float32)
+    assert 2.0 * m * k * n > _gemm._SPLIT_FLOPS and m // _gemm._TN_CHUNK_ROWS < 2
+    assert max(k, n) // _gemm._TN_MIN_PIECE >= 2 and _gemm._TN_PIECES >= 2
+    previous = get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2):
+            set_num_threads(threads)
+            results[threads] = _gemm.matmul_tn(a, d)
+        with _gemm.gemm_caller_thread():
+            inside = _gemm.matmul_tn(a, d)
+    finally:
+        set_num_threads(previous)
+    want = a.astype(np.float64).T @ d.astype(np.float64)
+    assert results[2].shape == (k, n) and results[2].dtype == np.float32
+    np.testing.assert_allclose(results[2], want, rtol=RTOL, atol=ATOL * np.sqrt(m))
+    np.testing.assert_array_equal(results[1], results[2])
+    np.testing.assert_array_equal(inside, results[2])
+
+
 @pytest.mark.parametrize("case", CONV_CASES[:3] + [(2, 9, 9, 1, 3, 3, 4, (2, 2), (0, 0, 0, 0))], ids=_ids(
     CONV_CASES[:3] + [(2, 9, 9, 1, 3, 3, 4, (2, 2), (0, 0, 0, 0))]))
 def test_conv2d_backward_without_dx_gives_the_same_weight_gradients(rng, case):
@@ -448,6 +477,26 @@ def test_conv2d_backward_without_dx_gives_the_same_weight_gradients(rng, case):
     assert nonep is None
     np.testing.assert_array_equal(dwp, dwp_full)
     np.testing.assert_array_equal(dbp, dbp_full)
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:3], ids=_ids(CONV_CASES[:3]))
+def test_conv2d_backward_from_the_kept_im2col_matrix(rng, case):
+    # training keeps forward's im2col matrix (built in one piece) for backward: the same y and, with and without
+    # dx, the same gradients bit for bit as rebuilding it; a matrix of another shape is refused
+    from lightcnn.kernels.conv import conv2d_forward_keeping_cols
+
+    x, w, b, stride, pad = _conv_inputs(rng, case)
+    y, cols = conv2d_forward_keeping_cols(x, w, b, stride, pad, "relu")
+    assert cols is not None and cols.shape == (int(np.prod(y.shape[:3])), int(np.prod(w.shape[:3])))
+    np.testing.assert_array_equal(y, conv2d_forward(x, w, b, stride, pad, "relu"))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    for need_dx in (True, False):
+        want = conv2d_backward(g, x, w, stride, pad, need_dx)
+        got = conv2d_backward(g, x, w, stride, pad, need_dx, cols=cols)
+        for a, e in zip(got, want):
+            assert (a is None) == (e is None) and (a is None or np.array_equal(a, e))
+    with pytest.raises(ValueError, match="im2col"):
+        conv2d_backward(g, x, w, stride, pad, cols=cols[1:])
 
 
 @pytest.mark.parametrize("act", ["none", "relu", "elu"])

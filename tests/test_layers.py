@@ -265,3 +265,16 @@ def test_input_gradient_skipped_keeps_parameter_gradients(rng):
         np.testing.assert_array_equal(sub.grads[key], full[name], err_msg=name)
     # a block with a skip connection passes its input on twice: its input gradient is never skipped
     assert input_layer(Sequential([("fire", Fire(6, 2, 3, 3, bypass=True, rng=rng))])) is None
+    # without the bypass the squeeze conv is the Fire's input layer: SqueezeNet's last-Fire fine-tune skips its dx
+    fire = Fire(6, 2, 3, 3, rng=rng)
+    assert input_layer(Sequential([("fire", fire)])) is fire.squeeze.conv
+    xf = rng.standard_normal((2, 5, 4, 6)).astype(np.float32)
+    gf = rng.standard_normal((2, 5, 4, 6)).astype(np.float32)
+    fire.forward(xf, True)
+    assert fire.backward(gf) is not None
+    full = {name: sub.grads[key].copy() for name, sub, key, _ in fire.named_parameters()}
+    with input_gradient_skipped(fire):
+        fire.forward(xf, True)
+        assert fire.backward(gf) is None
+    for name, sub, key, _ in fire.named_parameters():
+        np.testing.assert_array_equal(sub.grads[key], full[name], err_msg=name)

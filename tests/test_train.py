@@ -317,3 +317,46 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
                               base_tensors["features.blocks.16.project.conv.weight"])
     assert np.array_equal(a["features.blocks.14.project.conv.weight"],
                           base_tensors["features.blocks.14.project.conv.weight"])
+
+
+def test_reused_arrays_give_the_same_training_steps(monkeypatch):
+    # lightcnn.kernels._reuse with no size floor, so every array of the step goes through the pool: three SGD
+    # steps of seed 001's network (training-mode BN with ELU into Fire's slots, max pool, transpose conv, the
+    # concatenation) give the same weights and logits, bit for bit, as with fresh arrays; buffers are reused,
+    # and never one whose array (or a view of it) is still referenced
+    from lightcnn.kernels import _reuse
+    from lightcnn.kernels.linear import cross_entropy
+    from lightcnn.optim import SGD
+
+    monkeypatch.setattr(_reuse, "_MIN_BYTES", 0)
+    x = np.random.default_rng(1).standard_normal((2, 64, 64, 1)).astype(np.float32)
+    labels = np.array([0, 1])
+
+    def three_steps():
+        model = covid_squeezenet(seed=0)
+        net = Sequential([("features", model.features_net), ("head", model.head_net)])
+        opt = SGD(net, lr=0.01, momentum=0.9)
+        for _ in range(3):
+            logits = net.forward(x, training=True)
+            _, dlogits = cross_entropy(logits, labels)
+            net.backward(dlogits)
+            opt.step()
+        return logits, {name: value.copy() for name, _, _, value in net.named_parameters()}
+
+    fresh_logits, fresh = three_steps()
+    calls = []
+    pooled_empty = _reuse.empty
+    monkeypatch.setattr(_reuse, "empty", lambda *a: calls.append(1) or pooled_empty(*a))
+    with _reuse.reusing_arrays():
+        pooled_logits, pooled = three_steps()
+        buffers = sum(len(same_size) for same_size in _reuse._local.pool.values())
+        kept = _reuse.empty((5, 7), np.float32)
+        view = kept[1:]
+        del kept
+        again = _reuse.empty((5, 7), np.float32)
+        assert not np.shares_memory(again, view)  # the view keeps its buffer taken
+    assert _reuse._local.pool is None  # dropped with the block
+    assert len(calls) > 2 * buffers > 0  # most arrays came back from the pool
+    np.testing.assert_array_equal(pooled_logits, fresh_logits)
+    for name, value in fresh.items():
+        np.testing.assert_array_equal(pooled[name], value, err_msg=name)

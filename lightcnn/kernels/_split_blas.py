@@ -2,7 +2,8 @@
 
     matmul(a, b, out)   out = a @ b     a (M,K), b (K,N) -> out (M,N); one band of rows per thread
     matmul_tn(a, b)     a^T @ b         a (M,K), b (M,N) -> (K,N); M cut into chunks fixed by M alone,
-                                        the partial products summed in chunk order
+                                        the partial products summed in chunk order; when M is too short
+                                        for two chunks, the output cut into row or column pieces instead
 
 Why not NumPy's own threads: OpenBLAS on 2 threads inside a training step collapses when the
 machine is busy. One covid_squeezenet step at batch 32 (load 3.8, another process on a core) took
@@ -31,6 +32,11 @@ from lightcnn._threads import numpy_blas_threads, pin_numpy_blas_threads
 _SPLIT_FLOPS = 2e7  # below this a GEMM takes < ~0.5 ms: not worth a hand-off to another thread
 _TN_CHUNK_ROWS = 4096  # matmul_tn: at least this many rows per chunk ...
 _TN_MAX_CHUNKS = 8  # ... and at most this many chunks
+# M too short to chunk: the output is cut into this many pieces (if each gets >= _TN_MIN_PIECE rows or columns).
+# Two: on 1 thread, two pieces cost 0-8% over one call, eight 10-40% (5408x576 by 256: 13.3 ms whole or in
+# two, 16.2 in eight); a fixed number keeps the result independent of the thread count.
+_TN_PIECES = 2
+_TN_MIN_PIECE = 64
 
 _lock = threading.Lock()
 _pool = {"executor": None, "workers": 0}
@@ -118,8 +124,11 @@ def matmul_tn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a^T @ b.  a (M,K), b (M,N) -> (K,N) in a's dtype: the weight gradient x^T dy of a GEMM layer."""
     m, k = a.shape
     n = b.shape[1]
-    chunks = 1 if 2.0 * m * k * n < _SPLIT_FLOPS else max(1, min(_TN_MAX_CHUNKS, m // _TN_CHUNK_ROWS))
-    bands = _bands(m, chunks)
+    if 2.0 * m * k * n < _SPLIT_FLOPS:
+        return a.T @ b
+    if m // _TN_CHUNK_ROWS < 2:
+        return _tn_pieces(a, b)
+    bands = _bands(m, min(_TN_MAX_CHUNKS, m // _TN_CHUNK_ROWS))
     threads = max(1, min(get_num_threads(), len(bands)))
     # Each thread takes a run of whole chunks; the chunks (not the threads) fix the summation order.
     groups = [bands[lo:hi] for lo, hi in _bands(len(bands), threads)]
@@ -128,6 +137,28 @@ def matmul_tn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     for p in partials[1:]:
         total += p
     return total
+
+
+def _tn_pieces(a, b):
+    """a^T @ b for an M too short to cut into two sums (a weight gradient at 13x13 or 28x28, batch 32):
+    the output is cut instead, into row pieces (along K) or column pieces (along N, whichever is longer),
+    so both threads work and every output element is still one whole sum over M. The pieces depend on
+    the shape alone, so the result does not depend on the thread count."""
+    k, n = a.shape[1], b.shape[1]
+    along_k = k >= n
+    pieces = _bands(k if along_k else n, max(1, min(_TN_PIECES, (k if along_k else n) // _TN_MIN_PIECE)))
+    out = np.empty((k, n), a.dtype)
+    groups = [pieces[lo:hi] for lo, hi in _bands(len(pieces), max(1, min(get_num_threads(), len(pieces))))]
+    _run([(_tn_piece_group, (a, b, out, g, along_k)) for g in groups])
+    return out
+
+
+def _tn_piece_group(a, b, out, pieces, along_k):
+    for lo, hi in pieces:
+        if along_k:
+            np.matmul(a[:, lo:hi].T, b, out=out[lo:hi])  # out's rows lo:hi are contiguous
+        else:
+            out[:, lo:hi] = a.T @ b[:, lo:hi]
 
 
 def _tn_group(a, b, bands):

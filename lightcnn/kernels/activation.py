@@ -48,6 +48,7 @@ import math
 import numpy as np
 
 from lightcnn._jit import kernel, prange
+from lightcnn.kernels import _reuse
 
 ACT_NONE = 0
 ACT_RELU = 1
@@ -434,7 +435,7 @@ def activation_forward(x: np.ndarray, act: int, alpha: float = 1.0) -> np.ndarra
     """
     code = activation_code(act)
     x = _check_float(x, "x")
-    out = np.empty_like(x)
+    out = _reuse.empty_like(x)
     if code == ACT_NONE:
         out[...] = x
         return out
@@ -454,7 +455,7 @@ def activation_backward(dy: np.ndarray, x: np.ndarray, act: int, alpha: float = 
     if dy.shape != x.shape:
         raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
     dy = dy.astype(x.dtype, copy=False)
-    out = np.empty_like(x)
+    out = _reuse.empty_like(x)
     if code == ACT_NONE:
         out[...] = dy
         return out
@@ -480,7 +481,7 @@ def activation_backward_from_output(dy: np.ndarray, y: np.ndarray, act: int, alp
     if dy.shape != y.shape:
         raise ValueError(f"dy must have y's shape {y.shape}, got {dy.shape}")
     dy = dy.astype(y.dtype, copy=False)
-    out = np.empty_like(y)
+    out = _reuse.empty_like(y)
     dyf, yf, of, a = dy.reshape(-1), y.reshape(-1), out.reshape(-1), y.dtype.type(alpha)
     if y.size >= _PARALLEL_MIN_SIZE:
         _act_backward_output_chunks(dyf, yf, code, a, of)
@@ -504,7 +505,7 @@ def activation_backward_from_output_channels(dy: np.ndarray, y: np.ndarray, col0
     if dy.shape != y.shape or y.ndim != 4 or not 0 <= col0 <= y.shape[3] - width or width < 0:
         raise ValueError(f"dy and y must be one (N,H,W,C_total) shape with channels {col0}..{col0 + width} in it, "
                          f"got {dy.shape} and {y.shape}")
-    out = np.empty(y.shape[:3] + (int(width),), y.dtype)
+    out = _reuse.empty(y.shape[:3] + (int(width),), y.dtype)
     total = y.shape[3]
     _act_backward_output_cols(dy.reshape(-1, total), y.reshape(-1, total), int(col0), code, y.dtype.type(alpha),
                               out.reshape(-1, int(width)))
@@ -529,7 +530,7 @@ def activation_backward_from_output_and_sum(dy: np.ndarray, y: np.ndarray, act: 
     if dy.shape != y.shape or y.ndim != 4 or not 0 <= col0 <= y.shape[3] - width or width < 0:
         raise ValueError(f"dy and y must be one (N,H,W,C_total) shape with channels {col0}..{col0 + width} in it, "
                          f"got {dy.shape} and {y.shape}")
-    out = np.empty(y.shape[:3] + (width,), y.dtype)
+    out = _reuse.empty(y.shape[:3] + (width,), y.dtype)
     total = y.shape[3]
     m = out.size // max(width, 1)
     partial = np.empty((-(-m // _SUM_ROWS), width), np.float64)

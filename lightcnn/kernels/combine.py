@@ -19,6 +19,7 @@ layers compose from global average pooling, dense/1x1 convs, relu and hard_sigmo
 import numpy as np
 
 from lightcnn._jit import kernel, prange
+from lightcnn.kernels import _reuse
 
 # --------------------------------------------------------------------------- kernels
 
@@ -62,7 +63,7 @@ def concat_channels(xs):
             raise ValueError(
                 f"xs[{i}] must have shape (N,H,W,C_i) = {nhw + ('C_i',)} and dtype {dtype}, got {x.shape} {x.dtype}"
             )
-    return np.concatenate(xs, axis=-1)
+    return np.concatenate(xs, axis=-1, out=_reuse.empty(nhw + (sum(x.shape[3] for x in xs),), dtype))
 
 
 def concat_channels_backward(dy, channel_sizes):

@@ -24,8 +24,10 @@ activation_backward first):
 
 col2im is written as a gather (each input pixel sums the cols entries that read it)
 rather than a scatter, so rows of dx are independent and the loop runs in parallel
-without atomics.  cols is recomputed in backward rather than cached from forward:
-im2col is a cheap copy, while caching would keep N*H'*W'*KH*KW*C numbers alive per layer.
+without atomics.  cols is recomputed in backward rather than cached from forward when it is
+large (im2col is a cheap copy, while caching would keep N*H'*W'*KH*KW*C numbers alive per layer);
+when forward built it in one piece (<= ~32 MB), training keeps it for backward
+(conv2d_forward_keeping_cols, conv2d_backward(cols=)), one copy pass fewer.
 
 Deliberately absent: dilation and groups (depthwise lives in depthwise.py; no supported
 model uses dilation), Winograd/FFT, ceil-mode output sizes, and in-place outputs.
@@ -37,6 +39,7 @@ pointwise_conv_forward(x (N,H,W,C), w (C,O), b (O,)) -> y (N,H,W,O).
 import numpy as np
 
 from lightcnn._jit import kernel, prange
+from lightcnn.kernels import _reuse
 from lightcnn.kernels._args import _act_code, _bias_or_zeros, _images_per_chunk, _like, _nhwc, _pad4, _pair
 from lightcnn.kernels._split_blas import matmul, matmul_tn
 from lightcnn.kernels.activation import ACT_CHUNK, ACT_NONE, act_inplace
@@ -202,34 +205,49 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, st
     alpha is ELU's.  y has x's dtype.  With `out` (N,H',W',C_total) the result goes into its
     channels col0..col0+O (a channel concatenation without a copy) and that view is returned.
     """
+    return conv2d_forward_keeping_cols(x, w, b, stride, pad, act, alpha, out, col0)[0]
+
+
+def conv2d_forward_keeping_cols(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
+                                stride: tuple[int, ...] = (1, 1), pad: tuple[int, ...] = (0, 0, 0, 0),
+                                act: int = ACT_NONE, alpha: float = 1.0, out: np.ndarray | None = None,
+                                col0: int = 0) -> tuple:
+    """conv2d_forward for training: (y, cols), cols (N*H'*W', KH*KW*C) the im2col matrix when it was built
+    in one piece (at most _images_per_chunk's budget, ~32 MB), else None (and None for a plain 1x1 conv).
+
+    conv2d_backward(cols=cols) then skips rebuilding it for the weight gradient: a layer keeps it from
+    forward to backward only when it is that small (SqueezeNet's 13x13 expand: 12 MB, 1.7 ms a rebuild).
+    """
     fn = "conv2d_forward"
     x, w, (sh, sw), (pt, pb, pl, pr), (ho, wo) = _conv_geometry(x, w, stride, pad, fn)
     code = _act_code(act, fn)
     if _is_plain_1x1(w, (sh, sw), (pt, pb, pl, pr)):
-        return pointwise_conv_forward(x, w[0, 0], b, act=code, alpha=alpha, out=out, col0=col0)
+        return pointwise_conv_forward(x, w[0, 0], b, act=code, alpha=alpha, out=out, col0=col0), None
     n_img, _, _, c_in = x.shape
     kh, kw, _, n_out = w.shape
     k = kh * kw * c_in
     w2d = w.reshape(k, n_out)
-    y = np.empty((n_img, ho, wo, n_out), dtype=x.dtype)
+    y = _reuse.empty((n_img, ho, wo, n_out), x.dtype)
     y2d = y.reshape(-1, n_out)
     step = _images_per_chunk(n_img, ho * wo * k * x.itemsize)
-    cols = np.empty((step * ho * wo, k), dtype=x.dtype)
+    cols = _reuse.empty((step * ho * wo, k), x.dtype)
     for n0 in range(0, n_img, step):
         n1 = min(n0 + step, n_img)
         c = cols[: (n1 - n0) * ho * wo]
         im2col(x[n0:n1], kh, kw, sh, sw, pt, pl, ho, wo, c)
         matmul(c, w2d, y2d[n0 * ho * wo : n1 * ho * wo])
-    return _epilogue(y, b, code, alpha, out, col0, fn)
+    return _epilogue(y, b, code, alpha, out, col0, fn), (cols if step >= n_img else None)
 
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[int, ...] = (1, 1),
-                    pad: tuple[int, ...] = (0, 0, 0, 0), need_dx: bool = True, db: np.ndarray | None = None) -> tuple:
+                    pad: tuple[int, ...] = (0, 0, 0, 0), need_dx: bool = True, db: np.ndarray | None = None,
+                    cols: np.ndarray | None = None) -> tuple:
     """Gradients of conv2d_forward (without activation) given dy = dL/d(conv output + b).
 
     dy (N,H',W',O), x (N,H,W,C), w (KH,KW,C,O) -> dx (N,H,W,C), dw (KH,KW,C,O), db (O,);
     dx is None with need_dx=False (a network's first layer: no GEMM, no col2im). A given `db`
     (already summed, e.g. by activation_backward_from_output_and_sum) is returned as it is.
+    `cols`: x's whole im2col matrix (N*H'*W', KH*KW*C) from conv2d_forward_keeping_cols, used as it is.
     """
     fn = "conv2d_backward"
     x, w, (sh, sw), (pt, pb, pl, pr), (ho, wo) = _conv_geometry(x, w, stride, pad, fn)
@@ -243,23 +261,30 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[
         return dx, dw.reshape(w.shape), db
     k = kh * kw * c_in
     w2d = w.reshape(k, n_out)
-    dx = np.empty_like(x)  # not written (and never touched, so never paged in) without need_dx
+    dx = _reuse.empty_like(x) if need_dx else None
     dw2d = np.zeros((k, n_out), dtype=x.dtype)
     zero_bias = np.zeros(c_in, dtype=x.dtype)
     step = _images_per_chunk(n_img, ho * wo * k * x.itemsize)
-    cols = np.empty((step * ho * wo, k), dtype=x.dtype)
-    dcols = np.empty((step * ho * wo if need_dx else 0, k), dtype=x.dtype)
+    kept = cols is not None
+    if kept and (not isinstance(cols, np.ndarray) or cols.shape != (n_img * ho * wo, k) or cols.dtype != x.dtype
+                 or not cols.flags.c_contiguous):
+        raise ValueError(f"{fn}: cols must be x's C-contiguous {x.dtype} im2col matrix of shape "
+                         f"{(n_img * ho * wo, k)}, got {getattr(cols, 'shape', None)}")
+    step = n_img if kept else step
+    cols = cols if kept else _reuse.empty((step * ho * wo, k), x.dtype)
+    dcols = _reuse.empty((step * ho * wo if need_dx else 0, k), x.dtype)
     for n0 in range(0, n_img, step):
         n1 = min(n0 + step, n_img)
         rows = slice(n0 * ho * wo, n1 * ho * wo)
         c = cols[: (n1 - n0) * ho * wo]
-        im2col(x[n0:n1], kh, kw, sh, sw, pt, pl, ho, wo, c)
+        if not kept:
+            im2col(x[n0:n1], kh, kw, sh, sw, pt, pl, ho, wo, c)
         dw2d += matmul_tn(c, dy2d[rows])
         if need_dx:
             dc = dcols[: (n1 - n0) * ho * wo]
             matmul(dy2d[rows], w2d.T, dc)
             col2im(dc, kh, kw, sh, sw, pt, pl, ho, wo, zero_bias, ACT_NONE, x.dtype.type(0), dx[n0:n1])
-    return (dx if need_dx else None), dw2d.reshape(w.shape), db
+    return dx, dw2d.reshape(w.shape), db
 
 
 # ----------------------------------------------------------------------------- pointwise (1x1)
@@ -284,7 +309,7 @@ def pointwise_conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = 
     code = _act_code(act, fn)
     n_img, h, wd, c_in = x.shape
     n_out = w.shape[1]
-    y = np.empty((n_img, h, wd, n_out), dtype=x.dtype)
+    y = _reuse.empty((n_img, h, wd, n_out), x.dtype)
     y2d = y.reshape(-1, n_out)
     matmul(x.reshape(-1, c_in), w, y2d)
     return _epilogue(y, b, code, alpha, out, col0, fn)
@@ -303,7 +328,7 @@ def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_d
     x2d = x.reshape(-1, c_in)
     dx = None
     if need_dx:
-        dx = np.empty_like(x)
+        dx = _reuse.empty_like(x)
         matmul(dy2d, w.T, dx.reshape(-1, c_in))
     dw = matmul_tn(x2d, dy2d)
     return dx, dw, (dy2d.sum(axis=0) if db is None else db)

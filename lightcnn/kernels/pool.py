@@ -37,6 +37,7 @@ every padding must be smaller than the window, so each window sees at least one 
 import numpy as np
 
 from lightcnn._jit import kernel, prange
+from lightcnn.kernels import _reuse
 from lightcnn.kernels.shapes import conv_output_size
 
 __all__ = [
@@ -137,8 +138,8 @@ def max_pool2d_forward(x: np.ndarray, kernel: tuple[int, ...] = (2, 2), stride: 
     x = _check_nhwc(x)
     kh, kw, sh, sw, pad, ho, wo = _window_args(x.shape, kernel, stride, pad, ceil_mode)
     n, _, _, c = x.shape
-    y = np.empty((n, ho, wo, c), dtype=x.dtype)
-    argmax = np.empty((n, ho, wo, c), dtype=np.int64)
+    y = _reuse.empty((n, ho, wo, c), x.dtype)
+    argmax = _reuse.empty((n, ho, wo, c), np.int64)
     _max_pool_fwd(x, kh, kw, sh, sw, pad[0], pad[2], y, argmax)
     return y, argmax
 
@@ -168,7 +169,8 @@ def max_pool2d_backward(dy: np.ndarray, argmax: np.ndarray, x_shape: tuple[int, 
         raise ValueError(f"dy (N,Ho,Wo,C) = {dy.shape} does not match x_shape (N,H,W,C) = {x_shape}")
     if argmax.size and (argmax.min() < 0 or argmax.max() >= x_shape[1] * x_shape[2]):
         raise ValueError(f"argmax holds indices outside the {x_shape[1]}x{x_shape[2]} input plane")
-    dx = np.zeros(x_shape, dtype=dy.dtype)
+    dx = _reuse.empty(x_shape, dy.dtype)
+    dx.fill(0)  # not np.zeros: its fresh pages would be faulted in by the scatter below
     _max_pool_bwd(dy, argmax, dx)
     return dx
 
@@ -324,6 +326,6 @@ def global_avg_pool_backward(dy: np.ndarray, x_shape: tuple[int, ...]) -> np.nda
         raise ValueError(f"dy must have shape (N,C) = {(x_shape[0], x_shape[3])} for x_shape {x_shape}; got {dy.shape}")
     if dy.dtype not in (np.float32, np.float64):
         raise ValueError(f"dy must be float32 or float64; got {dy.dtype}")
-    dx = np.empty(x_shape, dtype=dy.dtype)
+    dx = _reuse.empty(x_shape, dy.dtype)
     _global_avg_bwd(np.ascontiguousarray(dy * dy.dtype.type(1.0 / (x_shape[1] * x_shape[2]))), dx)
     return dx

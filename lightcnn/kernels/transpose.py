@@ -31,6 +31,7 @@ Shapes: conv_transpose2d_forward(x (N,H,W,C), w (KH,KW,C,O), b (O,)) -> y (N,H',
 
 import numpy as np
 
+from lightcnn.kernels import _reuse
 from lightcnn.kernels.activation import ACT_NONE
 from lightcnn.kernels._args import _act_code, _bias_or_zeros, _images_per_chunk, _like, _nhwc, _pad4, _pair
 from lightcnn.kernels._split_blas import matmul, matmul_tn
@@ -77,10 +78,10 @@ def conv_transpose2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None 
     kh, kw, _, n_out = np.shape(w)
     bias = _bias_or_zeros(b, x, n_out, fn)
     x2d = x.reshape(-1, c_in)
-    y = np.empty((n_img, ho, wo, n_out), dtype=x.dtype)
+    y = _reuse.empty((n_img, ho, wo, n_out), x.dtype)
     hw = h_in * w_in
     step = _images_per_chunk(n_img, hw * wm.shape[1] * x.itemsize)
-    cols = np.empty((step * hw, wm.shape[1]), dtype=x.dtype)
+    cols = _reuse.empty((step * hw, wm.shape[1]), x.dtype)
     for n0 in range(0, n_img, step):
         n1 = min(n0 + step, n_img)
         c = cols[: (n1 - n0) * hw]
@@ -104,12 +105,12 @@ def conv_transpose2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stri
     dy = _like(dy, x, (n_img, ho, wo, n_out), "dy", fn, "(N,H',W',O)")
     db = dy.reshape(-1, n_out).sum(axis=0) if db is None else db
     x2d = x.reshape(-1, c_in)
-    dx = np.empty_like(x)
+    dx = _reuse.empty_like(x)
     dx2d = dx.reshape(-1, c_in)
     dwm = np.zeros_like(wm)
     hw = h_in * w_in
     step = _images_per_chunk(n_img, hw * wm.shape[1] * x.itemsize)
-    dcols = np.empty((step * hw, wm.shape[1]), dtype=x.dtype)
+    dcols = _reuse.empty((step * hw, wm.shape[1]), x.dtype)
     for n0 in range(0, n_img, step):
         n1 = min(n0 + step, n_img)
         rows = slice(n0 * hw, n1 * hw)

@@ -131,26 +131,29 @@ class Conv2d(Layer):
         w = self.params["weight"] if weight is None else weight
         b = self.params.get("bias") if bias is None else bias
         pads = self.pads(x.shape[1], x.shape[2])
+        cols = None
         if self._is_pointwise(pads):
             y = conv_k.pointwise_conv_forward(x, w.reshape(self.in_ch, self.out_ch), b, act, alpha, out, col0)
+        elif training:  # backward reuses the im2col matrix when it is small enough to keep
+            y, cols = conv_k.conv2d_forward_keeping_cols(x, w, b, self.stride, pads, act, alpha, out, col0)
         else:
             y = conv_k.conv2d_forward(x, w, b, self.stride, pads, act, alpha, out, col0)
         if training:
             _check_training_act(self.name, act, alpha)
-            self.cache = (x, pads, w)
+            self.cache = (x, pads, w, cols)
         return y
 
     def backward(self, dy: np.ndarray, db: np.ndarray | None = None) -> np.ndarray:
         """dy w.r.t. the pre-activation output; `db`, when the caller already summed dy (the activation's
         backward did, in the same pass), is taken as the bias gradient."""
-        x, pads, w = self.cache
+        x, pads, w, cols = self.cache
         self.cache = None
         need_dx = not self.skip_input_grad
         if self._is_pointwise(pads):
             dx, dw, db = conv_k.pointwise_conv_backward(dy, x, w.reshape(self.in_ch, self.out_ch), need_dx, db)
             dw = dw.reshape(w.shape)
         else:
-            dx, dw, db = conv_k.conv2d_backward(dy, x, w, self.stride, pads, need_dx, db)
+            dx, dw, db = conv_k.conv2d_backward(dy, x, w, self.stride, pads, need_dx, db, cols)
         if not self.frozen:
             self.grads["weight"] = dw
             if "bias" in self.params:

@@ -10,6 +10,7 @@ Fire             SqueezeNet:  squeeze 1x1 -> [expand 1x1 | expand 3x3] concatena
 
 import numpy as np
 
+from lightcnn.kernels import _reuse
 from lightcnn.kernels import activation as act_k
 from lightcnn.kernels import combine as combine_k
 from lightcnn.kernels import norm as norm_k
@@ -258,6 +259,9 @@ class Fire(Layer):
         self.expand1x1 = conv_bn_act(squeeze, e1, 1, act=act, bn=False, alpha=alpha, rng=rng)
         self.expand3x3 = conv_bn_act(squeeze, e3, 3, 1, padding, act=act, bn=False, alpha=alpha, rng=rng)
         self.bypass = bypass
+        # Without the bypass x reaches the squeeze conv only, so a Fire that starts the trained part (SqueezeNet's
+        # last-Fire fine-tune) can skip the squeeze's input gradient (a GEMM nobody reads); with it, never.
+        self.first_child_takes_input = not bypass
 
     def children(self):
         return [("squeeze", self.squeeze), ("expand1x1", self.expand1x1), ("expand3x3", self.expand3x3)]
@@ -269,7 +273,7 @@ class Fire(Layer):
             return y + x if self.bypass else y
         # Both expand units write their slot of one output: no concatenation pass, and backward reads each
         # slot's gradient straight from dy (no split copies).
-        y = np.empty(s.shape[:3] + (self.out_ch,), s.dtype)
+        y = _reuse.empty(s.shape[:3] + (self.out_ch,), s.dtype)
         self.expand1x1.forward(s, True, out=y, col0=0)
         self.expand3x3.forward(s, True, out=y, col0=self.expand1x1.out_ch)
         return y + x if self.bypass else y

@@ -33,6 +33,7 @@ import numpy as np
 
 from lightcnn.augment import oversample_indices
 from lightcnn.errors import TrainingError
+from lightcnn.kernels._reuse import reusing_arrays
 from lightcnn.kernels._split_blas import gemm_caller_thread
 from lightcnn.kernels.linear import cross_entropy, focal_loss, softmax
 from lightcnn.layers.base import Sequential, input_gradient_skipped
@@ -379,8 +380,10 @@ def fit(net, x_train, y_train, x_val, y_val, config, *, num_classes, state=None,
             return fit(net, x_train, y_train, x_val, y_val, config, num_classes=num_classes, state=state,
                        on_epoch_end=on_epoch_end, progress=progress, eval_batch=eval_batch)
     # nothing upstream of net needs the gradient w.r.t. its input (images or cached activations); the GEMMs
-    # keep BLAS on one thread per thread (lightcnn.kernels._split_blas); divergence is reported below
-    with np.errstate(over="ignore", invalid="ignore"), input_gradient_skipped(net), gemm_caller_thread():
+    # keep BLAS on one thread per thread (lightcnn.kernels._split_blas); the large arrays of one step are
+    # reused by the next instead of being paged in afresh (lightcnn.kernels._reuse); divergence is reported below
+    with (np.errstate(over="ignore", invalid="ignore"), input_gradient_skipped(net), gemm_caller_thread(),
+          reusing_arrays()):
         return _fit(net, x_train, y_train, x_val, y_val, config, num_classes, state, on_epoch_end, progress,
                     eval_batch)
 
