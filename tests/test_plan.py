@@ -162,6 +162,12 @@ def test_plan_sees_parameter_changes(rng):
     y1 = model.forward(x)
     assert not np.allclose(y0, y1)
     _close(y1, _layer_path(model, x))
+    # the squeeze-excitation gate's dense layers, which the numba engine packs into GEMM panels
+    model.features_net["blocks"][3].se.fc2.params["weight"] *= -1.0
+    model.params_changed()
+    y2 = model.forward(x)
+    assert not np.allclose(y1, y2)
+    _close(y2, _layer_path(model, x))
     model.reset_head(3)  # a new head object: the plan is rebuilt
     _close(model.forward(x), _layer_path(model, x))
 

@@ -172,8 +172,10 @@ class Weights:
         return self.wp, b
 
 
-def _dense_weights(layer):
-    return Weights(lambda: (layer.params["weight"], layer.params.get("bias")), (layer.in_features, layer.out_features))
+def _dense_weights(layer, unit=None):
+    """A Dense layer's (in, out) weights; `unit` (whose params_version params_changed() moves) when they get packed."""
+    return Weights(lambda: (layer.params["weight"], layer.params.get("bias")), (layer.in_features, layer.out_features),
+                   unit)
 
 
 class InferencePlan:
@@ -485,7 +487,7 @@ class InferencePlan:
         s = self._new((x.shape[0], x.shape[3]))
         fc1_in, fc1_out = _grids(fc1)
         grids = (fc1_in, fc1_out, _grids(fc2)[1])
-        self._step("se_gate", name, dict(x=x, s=s), fc1=_dense_weights(fc1), fc2=_dense_weights(fc2),
+        self._step("se_gate", name, dict(x=x, s=s), fc1=_dense_weights(fc1, se), fc2=_dense_weights(fc2, se),
                    gate=int(fc2.act), grids=None if grids == (None, None, None) else grids)
         return s
 

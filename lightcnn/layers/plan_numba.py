@@ -248,7 +248,7 @@ def _se_gate(step, plan):
     kern, fc1, fc2, gate, alpha = _dispatch(fused.se_gate), p["fc1"], p["fc2"], p["gate"], _F32(1.0)
 
     def run(vals):
-        (w1, b1), (w2, b2) = fc1(), fc2()
+        (w1, b1), (w2, b2) = fc1.packed(), fc2.packed()
         kern(xa if xa is not None else vals[xi], w1, b1, w2, b2, gate, alpha, sa)
     return run
 
