@@ -334,9 +334,13 @@ def _scale(step, plan):
 
 def _gap(step, plan):
     x, ya = _source(plan, step.vals["x"]), plan.arg(step.vals["y"])[0]
+    n, h, w, c = step.vals["x"].shape
 
     def run(vals):
-        np.mean(x(vals), axis=(1, 2), out=ya)
+        # np.mean's sum and division, in the same order (a sequential sum over the pixels, then / H*W), on
+        # (N, H*W, C): ~2x faster than np.mean over axes (1, 2) for MobileNetV3's (1, 7, 7, 960) head
+        np.add.reduce(x(vals).reshape(n, h * w, c), axis=1, out=ya)
+        np.divide(ya, h * w, out=ya)
     return run
 
 
