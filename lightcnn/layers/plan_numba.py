@@ -246,10 +246,11 @@ def _se_gate(step, plan):
         return plan_numpy.bind(step, plan)
     (xa, xi), sa = plan.arg(v["x"]), plan.arg(v["s"])[0]
     kern, fc1, fc2, gate, alpha = _dispatch(fused.se_gate), p["fc1"], p["fc2"], p["gate"], _F32(1.0)
+    in_place = bool(p["in_place"])
 
     def run(vals):
         (w1, b1), (w2, b2) = fc1.packed(), fc2.packed()
-        kern(xa if xa is not None else vals[xi], w1, b1, w2, b2, gate, alpha, sa)
+        kern(xa if xa is not None else vals[xi], w1, b1, w2, b2, gate, alpha, in_place, sa)
     return run
 
 

@@ -305,12 +305,13 @@ def _inverted_residual(step, plan):
 def _se_gate(step, plan):
     p, v = step.params, step.vals
     x, sa = _source(plan, v["x"]), plan.arg(v["s"])[0]
-    fc1, fc2, gate = p["fc1"], p["fc2"], p["gate"]
+    fc1, fc2, gate, in_place = p["fc1"], p["fc2"], p["gate"], p.get("in_place", False)
     q_pooled, q_hidden, q_gate = p["grids"] or (None, None, None)
 
     def run(vals):
         (w1, b1), (w2, b2) = fc1(), fc2()
-        pooled = np.mean(x(vals), axis=(1, 2), dtype=_F32)
+        xv = x(vals)
+        pooled = np.mean(xv, axis=(1, 2), dtype=_F32)
         if q_pooled is not None:
             fake_quant(pooled, *q_pooled, out=pooled)
         hidden = activate(pooled @ w1 + b1, act_k.ACT_RELU, 1.0)
@@ -320,6 +321,8 @@ def _se_gate(step, plan):
         if q_gate is not None:
             fake_quant(s, *q_gate, out=s)
         sa[...] = s
+        if in_place:
+            np.multiply(xv, sa[:, None, None, :], out=xv)
     return run
 
 
