@@ -182,10 +182,6 @@ class SqueezeExcite(Layer):
         self.channels, self.squeeze_channels = int(channels), int(squeeze_channels)
         self.fc1 = Dense(channels, squeeze_channels, act="relu", rng=rng)
         self.fc2 = Dense(squeeze_channels, channels, act=gate, rng=rng)
-        self.params_version = 0  # counts params_changed(): inference plans repack fc1/fc2 when it moves
-
-    def _on_params_changed(self):
-        self.params_version = getattr(self, "params_version", 0) + 1
 
     def children(self):
         return [("fc1", self.fc1), ("fc2", self.fc2)]

@@ -173,10 +173,10 @@ class Weights:
         return self.wp, b
 
 
-def _dense_weights(layer, unit=None):
-    """A Dense layer's (in, out) weights; `unit` (whose params_version params_changed() moves) when they get packed."""
+def _dense_weights(layer):
+    """A Dense layer's (in, out) weights (packed ones are redone when the layer's params_changed() runs)."""
     return Weights(lambda: (layer.params["weight"], layer.params.get("bias")), (layer.in_features, layer.out_features),
-                   unit)
+                   layer)
 
 
 class InferencePlan:
@@ -486,7 +486,7 @@ class InferencePlan:
         s = self._new((x.shape[0], x.shape[3]))
         fc1_in, fc1_out = _grids(fc1)
         grids = (fc1_in, fc1_out, _grids(fc2)[1])
-        self._step("se_gate", name, dict(x=x, s=s), fc1=_dense_weights(fc1, se), fc2=_dense_weights(fc2, se),
+        self._step("se_gate", name, dict(x=x, s=s), fc1=_dense_weights(fc1), fc2=_dense_weights(fc2),
                    gate=int(fc2.act), grids=None if grids == (None, None, None) else grids, in_place=in_place)
         return s
 
