@@ -33,7 +33,8 @@ conv followed by a max pool (conv_max_pool, SqueezeNet's stem).
 
 Also here, for the same inference plan (lightcnn.layers.plan): a squeeze-excitation gate
 (global average -> dense+ReLU -> dense+hard-sigmoid) and a max pool that does not record the
-argmax that only training needs. A dense layer is a pointwise conv on (N, F): gemm_bias_act.
+argmax that only training needs. A dense layer is a pointwise conv on (N, F): the plan runs it as
+gemm_packed_bias_act_serial (gemm_bias_act, on OpenBLAS, stays for the tests and benchmarks).
 
 Deliberately absent: backward passes (training uses conv.py and friends), float16/int8,
 and Winograd (not tried: F(2,3) saves 2.25x multiplies on the 3x3 expands, but its transforms
