@@ -46,6 +46,9 @@ DEPTHWISE_CASES = [
     (1, 1, 1, 3, (5, 5), (2, 2), (2, 2, 2, 2)),      # 1x1 spatial, 5x5 stride 2
     (1, 9, 12, 40, (3, 3), (2, 2), (1, 1, 1, 1)),    # 3x3 row kernel: two 16-channel vectors + a masked 8
     (2, 5, 20, 32, (3, 3), (1, 1), (0, 0, 1, 1)),    # 3x3 row kernel: whole vectors, no top/bottom padding
+    (1, 7, 7, 40, (5, 5), (1, 1), (2, 2, 2, 2)),     # MobileNetV3's 7x7 blocks: 4 of 7 pixels a row on a border
+    (2, 14, 13, 24, (5, 5), (2, 2), (1, 2, 1, 2)),   # 5x5 row kernel, stride 2, asymmetric padding
+    (1, 4, 3, 17, (5, 5), (1, 1), (2, 2, 2, 2)),     # map smaller than the kernel: no pixel is interior
 ]
 
 
@@ -72,7 +75,8 @@ def test_depthwise_forward_matches_naive(rng, case):
 
 
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS), ids=str)
-@pytest.mark.parametrize("case", [DEPTHWISE_CASES[0], DEPTHWISE_CASES[9], DEPTHWISE_CASES[10]], ids=str)
+@pytest.mark.parametrize("case", [DEPTHWISE_CASES[0], DEPTHWISE_CASES[9], DEPTHWISE_CASES[10], DEPTHWISE_CASES[15],
+                                  DEPTHWISE_CASES[16]], ids=str)
 def test_depthwise_fused_activation(rng, case, act):
     x, w, b, stride, pad = _dw_inputs(rng, case)
     y = depthwise_conv2d_forward(x, w, b, stride, pad, act=ACTIVATIONS[act], alpha=0.7)

@@ -255,3 +255,25 @@ def test_conv_max_pool_matches_naive(shape, k, stride, pad, pk, ps, ppad, ceil, 
     fused.conv_max_pool(x, gemm.pack_panels(w.reshape(-1, n_out)), n_out, k, k, stride, stride, pad[0], pad[2], ho, wo,
                         b, act, np.float32(1.0), pk, pk, ps, ps, ppad[0], ppad[2], bands, y)
     _close(y, ref)
+
+
+@pytest.mark.parametrize("n,h,w,c,s_ch", [(1, 7, 7, 960, 240), (3, 5, 4, 37, 13), (13, 1, 1, 16, 8), (2, 14, 14, 72, 24)])
+@pytest.mark.parametrize("gate", [act_k.ACT_HARD_SIGMOID, act_k.ACT_SIGMOID])
+def test_se_gate_matches_oracle(n, h, w, c, s_ch, gate, rng):
+    """fused.se_gate (mean, two dense layers on packed panels, the optional in-place multiply): rows 1..13
+    (over MR), channels off the 32-wide panels, a gate the IR epilogue does not apply (the Numba one does)."""
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    w1 = (rng.standard_normal((c, s_ch)) / np.sqrt(c)).astype(np.float32)
+    w2 = (rng.standard_normal((s_ch, c)) / np.sqrt(s_ch)).astype(np.float32)
+    b1 = rng.standard_normal(s_ch).astype(np.float32)
+    b2 = rng.standard_normal(c).astype(np.float32)
+    hidden = np.maximum(x.astype(np.float64).mean(axis=(1, 2)) @ w1 + b1, 0.0)
+    z = hidden @ w2 + b2
+    ref = np.clip(z + 3.0, 0.0, 6.0) / 6.0 if gate == act_k.ACT_HARD_SIGMOID else 1.0 / (1.0 + np.exp(-z))
+    x0 = x.copy()
+    for in_place in (False, True):
+        s = np.full((n, c), np.nan, np.float32)
+        fused.se_gate(x, gemm.pack_panels(w1), b1, gemm.pack_panels(w2), b2, gate, np.float32(1.0), in_place, s)
+        _close(s, ref)
+        # in place: x times its image's gate, the float32 products the layer path's multiply makes
+        np.testing.assert_array_equal(x, x0 * s[:, None, None, :] if in_place else x0)

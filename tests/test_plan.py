@@ -87,9 +87,13 @@ def test_dense_and_max_pool(rng):
     w = rng.standard_normal((37, 11)).astype(np.float32)
     b = rng.standard_normal(11).astype(np.float32)
     y = np.empty((3, 11), np.float32)
-    # the plan runs a dense layer as a one-tile GEMM with the activation epilogue
+    # the plan runs a dense layer as a one-tile GEMM on packed weights with the activation epilogue
     dummy = np.zeros((1, 1), np.float32)
     fused.gemm_bias_act_serial(x, w, b, dummy, False, dummy, 1, False, act_k.ACT_HARD_SWISH, np.float32(1.0), 3, y, 0)
+    _close(y, linear_k.dense_forward(x, w, b, act_k.ACT_HARD_SWISH))
+    y[...] = np.nan
+    fused.gemm_packed_bias_act_serial(x, gemm.pack_panels(w), 11, b, dummy, False, dummy, 1, False,
+                                      act_k.ACT_HARD_SWISH, np.float32(1.0), 3, 1, y, 0)
     _close(y, linear_k.dense_forward(x, w, b, act_k.ACT_HARD_SWISH))
     xp = rng.standard_normal((2, 11, 12, 5)).astype(np.float32)
     xp[0, 3, 4, 2] = np.nan
@@ -162,6 +166,12 @@ def test_plan_sees_parameter_changes(rng):
     y1 = model.forward(x)
     assert not np.allclose(y0, y1)
     _close(y1, _layer_path(model, x))
+    # the squeeze-excitation gate's dense layers, which the numba engine packs into GEMM panels
+    model.features_net["blocks"][3].se.fc2.params["weight"] *= -1.0
+    model.params_changed()
+    y2 = model.forward(x)
+    assert not np.allclose(y1, y2)
+    _close(y2, _layer_path(model, x))
     model.reset_head(3)  # a new head object: the plan is rebuilt
     _close(model.forward(x), _layer_path(model, x))
 

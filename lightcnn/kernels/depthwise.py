@@ -15,11 +15,13 @@ it is written the way it is:
   - one thread handles one (image, output row) at a time, with a C-length accumulator that
     stays in L1; the KH input rows it reads are reused by the neighbouring output pixels;
   - padding is never materialised: each output pixel clamps its window to the rows/columns
-    that lie inside the input, so border pixels simply run fewer taps (one pass over C per tap);
-  - interior pixels of 3x3 and 5x5 kernels (all MobileNet depthwise layers) sum every tap in a
-    single pass over C, so the accumulator is stored once rather than once per tap; for float32
-    3x3 kernels a whole row of interior pixels is one call of _row3x3 (LLVM IR: 16 channels per
-    vector, the 9 weight vectors held in registers along the row; 3.4x faster on 112x112x32).
+    that lie inside the input, so border pixels simply run fewer taps;
+  - for float32 3x3 and 5x5 kernels (all MobileNet depthwise layers) a whole output row, borders
+    included, is one call of _row3x3 / _row5x5 (LLVM IR: 16 channels per vector, the K*K weight
+    vectors held in registers along the row, taps outside the input skipped by masked loads;
+    3.4x faster than Numba loops on 112x112x32 3x3, ~1.5x on MobileNetV3's 28x28x120 5x5);
+  - other kernels and dtypes go pixel by pixel (_border_pixels): interior 3x3 / 5x5 windows sum
+    every tap in one pass over C, border pixels run one pass over C per tap inside the input.
 The bias and the activation (an ACT_* code from lightcnn.kernels.activation) are fused into
 the store of each output pixel, so y is written exactly once.
 
@@ -47,6 +49,8 @@ __all__ = ["depthwise_conv2d_forward", "depthwise_conv2d_backward"]
 
 # Partial dw/db buffers for the backward; fixed so the summation order never depends on threads.
 _DW_CHUNKS = 16
+# A typed 0 for callee arguments: a literal 0 would compile the callee once more for Literal[int](0).
+ZERO = np.int64(0)
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -141,22 +145,8 @@ def _window5x5(r0, r1, r2, r3, r4, w, b, acc):
                   + _taps5(r3, w[3], c) + _taps5(r4, w[4], c))
 
 
-@lowlevel
-def _row3x3(numba):
-    """The interior pixels of one output row of a 3x3 depthwise conv, vectorised over channels:
-
-        out[o_off + p*C + c] = act(b[c] + sum_{i,j<3} src[off_i + p*step + j*C + c] * w[(3i + j)*C + c])
-
-    for p < n_px and c < C; _row3x3(src, off0, off1, off2, step, w, b, act, n_px, n_ch, out, o_off)
-    with off_i the offset of input row i's first tapped pixel, step = SW*C; src, w (3,3,C), b and out
-    C-contiguous float32 (any other dtype: returns False and does nothing; True when done). The
-    channels go 16 at a time (the last 16 masked): the 9 weight vectors and the bias stay in
-    registers while the loop walks the row, so each output vector costs 9 loads, 9 FMAs (three
-    chains, one per kernel row, then summed) and one store. act: ACT_NONE, ACT_RELU, ACT_RELU6 are applied here; any other code is left to the
-    caller (the row holds the pre-activation values). LLVM IR for the same reason as
-    lightcnn.kernels.gemm.tile_fma: in Numba loops the per-pixel overhead of a 32-channel
-    loop dominated (~4 GFLOP/s on 112x112x32).
-    """
+def _build_row(numba, k):
+    """The row intrinsic of a KxK depthwise conv (k = 3 or 5): see _row3x3."""
     from llvmlite import ir
     from numba.core import types
     from numba.extending import intrinsic
@@ -164,7 +154,8 @@ def _row3x3(numba):
     i1, i32, i64, f32 = ir.IntType(1), ir.IntType(32), ir.IntType(64), ir.FloatType()
     vec, mask_t, ivec = ir.VectorType(f32, 16), ir.VectorType(i1, 16), ir.VectorType(i32, 16)
     lanes = ir.Constant(ivec, list(range(16)))
-    zero, six = ir.Constant(vec, [0.0] * 16), ir.Constant(vec, [6.0] * 16)
+    zero, three, six = (ir.Constant(vec, [v] * 16) for v in (0.0, 3.0, 6.0))
+    sixth = ir.Constant(vec, [float(np.float32(1.0 / 6.0))] * 16)
     splat0 = ir.Constant(ivec, [0] * 16)
 
     def declare(module, name, ret, args):
@@ -174,17 +165,17 @@ def _row3x3(numba):
         u = ir.Constant(vtype, ir.Undefined)
         return builder.shuffle_vector(builder.insert_element(u, scalar, ir.Constant(i32, 0)), u, splat0)
 
-    @intrinsic
-    def row3x3(typingctx, src, off0, off1, off2, step, w, b, act, n_px, n_ch, out, o_off):
-        sig = types.boolean(src, off0, off1, off2, step, w, b, act, n_px, n_ch, out, o_off)
+    def row(typingctx, src, off0, row_len, sw, i_lo, i_hi, col0, w_in, w, b, act, n_px, n_ch, out, o_off):
+        sig = types.boolean(src, off0, row_len, sw, i_lo, i_hi, col0, w_in, w, b, act, n_px, n_ch, out, o_off)
         if not all(getattr(a, "dtype", None) == types.float32 for a in (src, w, b, out)):
             return sig, lambda context, builder, signature, args: ir.Constant(i1, 0)  # not float32: caller's loop
 
         def codegen(context, builder, signature, args):
             src_p, w_p, b_p, out_p = [context.make_array(signature.args[j])(context, builder, args[j]).data
-                                      for j in (0, 5, 6, 10)]
-            off0_v, off1_v, off2_v, step_v, act_v, n_px_v, n_ch_v, o_off_v = [
-                context.cast(builder, args[j], signature.args[j], types.int64) for j in (1, 2, 3, 4, 7, 8, 9, 11)]
+                                      for j in (0, 8, 9, 13)]
+            (off0_v, row_len_v, sw_v, i_lo_v, i_hi_v, col0_v, w_in_v, act_v, n_px_v, n_ch_v, o_off_v) = [
+                context.cast(builder, args[j], signature.args[j], types.int64) for j in (1, 2, 3, 4, 5, 6, 7, 10, 11,
+                                                                                         12, 14)]
             module = builder.module
             fma = declare(module, "llvm.fma.v16f32", vec, [vec, vec, vec])
             mload = declare(module, "llvm.masked.load.v16f32.p0", vec, [vec.as_pointer(), i32, mask_t, vec])
@@ -193,7 +184,13 @@ def _row3x3(numba):
                                                     builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU6))),
                                mask_t)
             clamp6 = broadcast(builder, builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU6)), mask_t)
+            swish = builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_HARD_SWISH))
             four = ir.Constant(i32, 4)
+            kc = ir.Constant(i64, k)
+            row_ok = [builder.and_(builder.icmp_signed("<=", i_lo_v, ir.Constant(i64, i)),
+                                   builder.icmp_signed(">", i_hi_v, ir.Constant(i64, i))) for i in range(k)]
+            all_rows = builder.and_(builder.icmp_signed("==", i_lo_v, ir.Constant(i64, 0)),
+                                    builder.icmp_signed("==", i_hi_v, kc))
 
             def vptr(base, offset):
                 return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
@@ -201,42 +198,108 @@ def _row3x3(numba):
             entry = builder.block
             c_loop = builder.append_basic_block("dw.c")
             p_loop = builder.append_basic_block("dw.p")
+            inside_b = builder.append_basic_block("dw.inside")
+            border_b = builder.append_basic_block("dw.border")
+            join_b = builder.append_basic_block("dw.join")
+            swish_b = builder.append_basic_block("dw.swish")
+            clamp_b = builder.append_basic_block("dw.clamp")
+            store_b = builder.append_basic_block("dw.store")
             c_next_b = builder.append_basic_block("dw.cnext")
             done = builder.append_basic_block("dw.done")
             ok = builder.and_(builder.icmp_signed(">", n_ch_v, ir.Constant(i64, 0)),
                               builder.icmp_signed(">", n_px_v, ir.Constant(i64, 0)))
             builder.cbranch(ok, c_loop, done)
-            # channel chunks: weights and bias into registers
+            # channel chunks: the K*K weight vectors and the bias into registers
             builder.position_at_end(c_loop)
             c = builder.phi(i64)
             c.add_incoming(ir.Constant(i64, 0), entry)
             left = builder.trunc(builder.sub(n_ch_v, c), i32)
             mask = builder.icmp_signed("<", lanes, broadcast(builder, left, ivec))
             wv = [builder.call(mload, [vptr(w_p, builder.add(builder.mul(ir.Constant(i64, t), n_ch_v), c)), four,
-                                       mask, zero]) for t in range(9)]
+                                       mask, zero]) for t in range(k * k)]
             bv = builder.call(mload, [vptr(b_p, c), four, mask, zero])
-            row_offs = [builder.add(o, c) for o in (off0_v, off1_v, off2_v)]
+            row_offs = [builder.add(builder.add(off0_v, builder.mul(ir.Constant(i64, i), row_len_v)), c)
+                        for i in range(k)]
             o_base = builder.add(o_off_v, c)
+            tap_off = [builder.mul(ir.Constant(i64, j), n_ch_v) for j in range(k)]
             builder.branch(p_loop)
-            # pixels along the row
+            # pixels along the row: a window wholly inside the input sums every tap; one that crosses
+            # the border skips the taps outside (masked loads, so nothing outside is read)
             builder.position_at_end(p_loop)
             px = builder.phi(i64)
             px.add_incoming(ir.Constant(i64, 0), c_loop)
-            base = builder.mul(px, step_v)
-            rows = []
-            for i in range(3):  # three independent FMA chains (one per kernel row), then summed
-                part = bv if i == 0 else zero
-                for j in range(3):
-                    off = builder.add(builder.add(row_offs[i], base), builder.mul(ir.Constant(i64, j), n_ch_v))
-                    x = builder.call(mload, [vptr(src_p, off), four, mask, zero])
-                    part = builder.call(fma, [x, wv[3 * i + j], part])
-                rows.append(part)
-            acc = builder.fadd(builder.fadd(rows[0], rows[1]), rows[2])
-            acc = builder.select(builder.and_(clamp0, builder.fcmp_ordered("<", acc, zero)), zero, acc)
-            acc = builder.select(builder.and_(clamp6, builder.fcmp_ordered(">", acc, six)), six, acc)
-            builder.call(mstore, [acc, vptr(out_p, builder.add(o_base, builder.mul(px, n_ch_v))), four, mask])
+            tap0 = builder.mul(px, sw_v)  # pixel px's first tap column, relative to col0
+            first_col = builder.add(col0_v, tap0)
+            inside = builder.and_(all_rows, builder.and_(
+                builder.icmp_signed(">=", first_col, ir.Constant(i64, 0)),
+                builder.icmp_signed("<=", builder.add(first_col, kc), w_in_v)))
+            builder.cbranch(inside, inside_b, border_b)
+
+            def window(valid):
+                """b + the taps of pixel px, one FMA chain per kernel row, then summed; valid(i, j) -> i1 or None."""
+                rows = []
+                for i in range(k):
+                    part = bv if i == 0 else zero
+                    # Kernel row i of pixel px starts at row_ptr; its taps are row_ptr + j*C. The pointer goes
+                    # through an empty asm statement, so LLVM cannot see the taps as K*K separate affine
+                    # sequences in px: it strength-reduced them into K*K pointers, spilled to the stack and
+                    # incremented there every pixel (3x slower on 5x5 than the FMAs alone).
+                    row_ptr = builder.asm(ir.FunctionType(f32.as_pointer(), [f32.as_pointer()]), "", "=r,0",
+                                          [builder.gep(src_p, [builder.add(row_offs[i], builder.mul(tap0, n_ch_v))])],
+                                          False)
+                    for j in range(k):
+                        tap_ptr = builder.gep(row_ptr, [tap_off[j]])
+                        ok_ij = valid(i, j)
+                        if ok_ij is None:
+                            part = builder.call(fma, [builder.call(mload, [builder.bitcast(tap_ptr, vec.as_pointer()),
+                                                                           four, mask, zero]),
+                                                      wv[k * i + j], part])
+                        else:
+                            m = builder.and_(mask, broadcast(builder, ok_ij, mask_t))
+                            x = builder.call(mload, [builder.bitcast(tap_ptr, vec.as_pointer()), four, m, zero])
+                            part = builder.select(ok_ij, builder.call(fma, [x, wv[k * i + j], part]), part)
+                    rows.append(part)
+                acc = rows[0]
+                for part in rows[1:]:
+                    acc = builder.fadd(acc, part)
+                return acc
+
+            builder.position_at_end(inside_b)
+            acc_in = window(lambda i, j: None)
+            builder.branch(join_b)
+            builder.position_at_end(border_b)
+            col_ok = []
+            for j in range(k):
+                col = builder.add(first_col, ir.Constant(i64, j))
+                col_ok.append(builder.and_(builder.icmp_signed(">=", col, ir.Constant(i64, 0)),
+                                           builder.icmp_signed("<", col, w_in_v)))
+            acc_border = window(lambda i, j: builder.and_(row_ok[i], col_ok[j]))
+            border_end = builder.block
+            builder.branch(join_b)
+
+            builder.position_at_end(join_b)
+            acc = builder.phi(vec)
+            acc.add_incoming(acc_in, inside_b)
+            acc.add_incoming(acc_border, border_end)
+            builder.cbranch(swish, swish_b, clamp_b)
+            # hard-swish in float32, as gemm's tile epilogue computes it (float64 divisions cost as much as the taps)
+            builder.position_at_end(swish_b)
+            t = builder.fadd(acc, three)
+            t = builder.select(builder.fcmp_ordered("<", t, zero), zero, t)
+            t = builder.select(builder.fcmp_ordered(">", t, six), six, t)
+            y_swish = builder.fmul(builder.fmul(acc, t), sixth)
+            builder.branch(store_b)
+            builder.position_at_end(clamp_b)
+            y_clamp = builder.select(builder.and_(clamp0, builder.fcmp_ordered("<", acc, zero)), zero, acc)
+            y_clamp = builder.select(builder.and_(clamp6, builder.fcmp_ordered(">", y_clamp, six)), six, y_clamp)
+            builder.branch(store_b)
+            builder.position_at_end(store_b)
+            y = builder.phi(vec)
+            y.add_incoming(y_swish, swish_b)
+            y.add_incoming(y_clamp, clamp_b)
+            builder.call(mstore, [y, vptr(out_p, builder.add(o_base, builder.mul(px, n_ch_v))), four, mask])
             px_next = builder.add(px, ir.Constant(i64, 1))
-            px.add_incoming(px_next, p_loop)
+            px.add_incoming(px_next, store_b)
             builder.cbranch(builder.icmp_signed("<", px_next, n_px_v), p_loop, c_next_b)
             builder.position_at_end(c_next_b)
             c_next = builder.add(c, ir.Constant(i64, 16))
@@ -247,7 +310,41 @@ def _row3x3(numba):
 
         return sig, codegen
 
-    return row3x3
+    row.__name__ = row.__qualname__ = f"row{k}x{k}"
+    return intrinsic(row)
+
+
+@lowlevel
+def _row3x3(numba):
+    """One output row of a 3x3 depthwise conv, vectorised over channels, borders included:
+
+        out[o_off + p*C + c] = act(b[c] + sum over the taps (i, j) inside the input of
+                                   src[off0 + i*row_len + (p*sw + j)*C + c] * w[(3i + j)*C + c])
+
+    for p < n_px, c < C, where tap (i, j) of pixel p is inside when i_lo <= i < i_hi (the kernel rows
+    that lie in the image) and 0 <= col0 + p*sw + j < w_in (col0: the input column of pixel 0's first
+    tap, negative on a padded left border). _row3x3(src, off0, row_len, sw, i_lo, i_hi, col0, w_in, w, b,
+    act, n_px, n_ch, out, o_off); src, w (3,3,C), b and out C-contiguous float32 (any other dtype: returns
+    False and does nothing; True when done). Taps outside are never read (masked loads), so off0 may
+    point before src's first element on a padded border. The channels go 16 at a time (the last 16
+    masked): the 9 weight vectors and the bias stay in registers while the loop walks the row, so an
+    interior output vector costs 9 loads, 9 FMAs (three chains, one per kernel row, then summed) and one
+    store. act: ACT_NONE, ACT_RELU, ACT_RELU6 and ACT_HARD_SWISH are applied here; any other code is left
+    to the caller (the row holds the pre-activation values). LLVM IR for the same reason as
+    lightcnn.kernels.gemm.tile_fma: in Numba loops the per-pixel overhead of a 32-channel loop dominated
+    (~4 GFLOP/s on 112x112x32).
+    """
+    return _build_row(numba, 3)
+
+
+@lowlevel
+def _row5x5(numba):
+    """_row3x3 for 5x5 kernels (MobileNetV3's), w (5,5,C): 25 weight vectors in registers, five chains.
+
+    Why borders are in it too: at 7x7 and 14x14, a 5x5 window with padding 2 crosses the border at 4 of 7
+    (8 of 14) pixels a row; per pixel in Numba, one pass over C per tap, those cost more than the interior.
+    """
+    return _build_row(numba, 5)
 
 
 @kernel
@@ -266,22 +363,19 @@ def dw_output_row(src, r_base, h_in, w, b, sh, sw, top, left, act, alpha, oh, ac
     i_lo = max(0, -h0)
     i_hi = min(kh, h_in - h0)
     r0 = h0 - r_base  # src row of input row h0
-    ow = np.int64(0)  # not the literal 0: a literal argument is typed Literal[int](0), a callee specialisation of its own
-    if kh == 3 and kw == 3 and i_lo == 0 and i_hi == 3:
-        # Interior columns ow_first .. ow_last (windows inside the input) in one vectorised call.
-        ow_first = (left + sw - 1) // sw
-        ow_last = min(w_out - 1, (w_in - 3 + left) // sw)  # last ow whose window ends inside the input
-        n_px = ow_last - ow_first + 1
-        if n_px > 0:
-            _border_pixels(src, r0, i_lo, i_hi, w_in, n_ch, w, b, sw, left, act, alpha, ow, ow_first, acc, out)
-            c0 = (ow_first * sw - left) * n_ch
-            row_len = w_in * n_ch
-            if _row3x3(src, r0 * row_len + c0, (r0 + 1) * row_len + c0, (r0 + 2) * row_len + c0, sw * n_ch, w, b,
-                       act, n_px, n_ch, out, ow_first * n_ch):
-                if act != ACT_NONE and act != ACT_RELU and act != ACT_RELU6:
-                    act_inplace(out[ow_first:ow_first + n_px].reshape(-1), act, alpha)
-                ow = ow_first + n_px
-    _border_pixels(src, r0, i_lo, i_hi, w_in, n_ch, w, b, sw, left, act, alpha, ow, w_out, acc, out)
+    if kh == kw and (kh == 3 or kh == 5):
+        # The whole row, borders included, in one vectorised call (float32; other dtypes fall through).
+        row_len = w_in * n_ch
+        off0 = r0 * row_len - left * n_ch
+        if kh == 3:
+            done = _row3x3(src, off0, row_len, sw, i_lo, i_hi, -left, w_in, w, b, act, w_out, n_ch, out, ZERO)
+        else:
+            done = _row5x5(src, off0, row_len, sw, i_lo, i_hi, -left, w_in, w, b, act, w_out, n_ch, out, ZERO)
+        if done:
+            if act != ACT_NONE and act != ACT_RELU and act != ACT_RELU6 and act != ACT_HARD_SWISH:
+                act_inplace(out.reshape(-1), act, alpha)
+            return
+    _border_pixels(src, r0, i_lo, i_hi, w_in, n_ch, w, b, sw, left, act, alpha, ZERO, w_out, acc, out)
 
 
 @kernel

@@ -33,7 +33,8 @@ conv followed by a max pool (conv_max_pool, SqueezeNet's stem).
 
 Also here, for the same inference plan (lightcnn.layers.plan): a squeeze-excitation gate
 (global average -> dense+ReLU -> dense+hard-sigmoid) and a max pool that does not record the
-argmax that only training needs. A dense layer is a pointwise conv on (N, F): gemm_bias_act.
+argmax that only training needs. A dense layer is a pointwise conv on (N, F): the plan runs it as
+gemm_packed_bias_act_serial (gemm_bias_act, on OpenBLAS, stays for the tests and benchmarks).
 
 Deliberately absent: backward passes (training uses conv.py and friends), float16/int8,
 and Winograd (not tried: F(2,3) saves 2.25x multiplies on the 3x3 expands, but its transforms
@@ -45,7 +46,7 @@ summation order (the tests compare them at 1e-5).
 import numpy as np
 
 from lightcnn._jit import kernel, prange
-from lightcnn.kernels.activation import ACT_RELU, act_forward_flat
+from lightcnn.kernels.activation import ACT_RELU
 from lightcnn.kernels.depthwise import dw_output_row
 from lightcnn.kernels.gemm import MR, NR, conv_rows, epilogue_tile, gemm_rows
 
@@ -64,6 +65,7 @@ _TILE_ROWS = 256
 # other kernels call.
 ZERO = np.int64(0)
 NO = np.bool_(False)
+RELU = np.int64(ACT_RELU)
 
 
 def choose_tile(m, threads):
@@ -492,44 +494,47 @@ def band_layout(n_img, h_out, w_in, e_ch, kh, sh, threads, buffer_bytes=1 << 18,
 
 
 @kernel
-def se_gate(x, w1, b1, w2, b2, gate, alpha, s):
-    """s[n] = gate(relu(mean_hw(x[n]) @ w1 + b1) @ w2 + b2).  x (N,H,W,C), w1 (C,S), w2 (S,C), s (N,C).
+def se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s):
+    """s[n] = gate(relu(mean_hw(x[n]) @ w1 + b1) @ w2 + b2), then x[n] *= s[n] when in_place.
+    x (N,H,W,C), s (N,C); w1p = gemm.pack_panels(w1 (C,S)), w2p = gemm.pack_panels(w2 (S,C)); b1 (S,), b2 (C,).
 
-    Tiny (2*C*S MACs per image): serial, float32, bias added after the sum as the layer path does.
+    in_place is squeeze-excitation's multiply, done here so the next pointwise conv reads x as it is:
+    the alternative, scaling rows into a scratch copy per GEMM tile (use_scale of gemm_packed_bias_act),
+    allocated and wrote a second (rows, C) array per call (~30 us of a 14x14x672 project at batch 1).
+
+    Serial, float32, bias added after the sum as the layer path does. The two dense layers are
+    GEMMs of N rows on packed panels (gemm_rows), accumulators in registers: as Numba loops over
+    the unpacked weights they ran at ~2 GFLOP/s (MobileNetV3-Large's 960 -> 240 -> 960 gate took
+    ~240 us of a ~9 ms forward, with 0.46 M multiply-accumulates).
     """
     n_img, h, w, c_in = x.shape
-    sq = w1.shape[1]
+    sq = b1.shape[0]
     inv = 1.0 / (h * w)
-    pooled = np.empty(c_in, dtype=x.dtype)
-    hidden = np.empty(sq, dtype=x.dtype)
+    x3 = x.reshape(n_img, h * w, c_in)
+    pooled = np.empty((n_img, c_in), dtype=x.dtype)
     for n in range(n_img):
-        pooled[:] = 0.0
-        for i in range(h):
-            for j in range(w):
-                xi = x[n, i, j]
-                for c in range(c_in):
-                    pooled[c] += xi[c]
-        for c in range(c_in):
-            pooled[c] *= inv
-        hidden[:] = 0.0
-        for c in range(c_in):
-            v = pooled[c]
-            wr = w1[c]
-            for o in range(sq):
-                hidden[o] += v * wr[o]
-        for o in range(sq):
-            hidden[o] += b1[o]
-        act_forward_flat(hidden, ACT_RELU, alpha, hidden)
-        sn = s[n]
-        sn[:] = 0.0
-        for o in range(sq):
-            v = hidden[o]
-            wr = w2[o]
+        # the sum in a local array: LLVM cannot prove pooled does not alias x and kept this loop scalar
+        total = np.zeros(c_in, dtype=x.dtype)
+        for p in range(h * w):
+            xp = x3[n, p]
             for c in range(c_in):
-                sn[c] += v * wr[c]
+                total[c] += xp[c]
+        pn = pooled[n]
         for c in range(c_in):
-            sn[c] += b2[c]
-        act_forward_flat(sn, gate, alpha, sn)
+            pn[c] = total[c] * inv
+    hidden = np.empty((n_img, sq), dtype=x.dtype)
+    acc = np.empty((MR, NR), dtype=x.dtype)
+    gemm_rows(pooled, ZERO, n_img, w1p, sq, ZERO, (sq + NR - 1) // NR, b1, hidden, NO, RELU, alpha, hidden, ZERO,
+              ZERO, acc)
+    gemm_rows(hidden, ZERO, n_img, w2p, c_in, ZERO, (c_in + NR - 1) // NR, b2, s, NO, gate, alpha, s, ZERO, ZERO,
+              acc)
+    if in_place:
+        for n in range(n_img):
+            sn = s[n]
+            for p in range(h * w):
+                xp = x3[n, p]
+                for c in range(c_in):
+                    xp[c] = xp[c] * sn[c]
 
 
 @kernel(parallel=True)

@@ -166,16 +166,17 @@ def _build_tiles(numba):
         ints = [context.cast(builder, args[j], signature.args[j], types.int64) for j in int_at]
         return arrays, ints
 
-    dvec = ir.VectorType(ir.DoubleType(), 16)
-    d_zero, d_three, d_six = (ir.Constant(dvec, [v] * 16) for v in (0.0, 3.0, 6.0))
+    three, sixth = ir.Constant(vec, [3.0] * 16), ir.Constant(vec, [float(np.float32(1.0 / 6.0))] * 16)
 
     def hard_swish(builder, u):
-        """hard_swish_scalar on 16 lanes, in float64 as that kernel computes it (same rounding)."""
-        d = builder.fpext(u, dvec)
-        t = builder.fadd(d, d_three)
-        t = builder.select(builder.fcmp_ordered("<", t, d_zero), d_zero, t)
-        t = builder.select(builder.fcmp_ordered(">", t, d_six), d_six, t)
-        return builder.fptrunc(builder.fdiv(builder.fmul(d, t), d_six), vec)
+        """u * relu6(u + 3) / 6 on 16 float32 lanes, as (u * t) * float32(1/6). hard_swish_scalar computes it in
+        float64 with a division: that costs two 8-lane float64 divisions per vector, which made the epilogue
+        ~10% of a 14x14 expand GEMM (K = 112) and most of what the stem's GEMM costs beyond K = 27.
+        The result is within 2 float32 ulps of hard_swish_scalar's (PyTorch's hardswish is float32 too)."""
+        t = builder.fadd(u, three)
+        t = builder.select(builder.fcmp_ordered("<", t, zero), zero, t)
+        t = builder.select(builder.fcmp_ordered(">", t, six), six, t)
+        return builder.fmul(builder.fmul(u, t), sixth)
 
     def fma_of(builder):
         return declare(builder.module, "llvm.fma.v16f32", vec, [vec, vec, vec])
@@ -374,10 +375,10 @@ def tile_fma_store(numba):
         y[y_off + i*ldy + c] = act(sum_k a[..] * w[..] + b[c]) (+ res[res_off + i*ldres + c])
 
     for i < mr, c < nv (nv <= nr; the columns past nv are neither read nor written), act one of
-    ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH (in float64 as hard_swish_scalar does; others:
+    ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH (in float32, see hard_swish above; others:
     tile_fma and the Numba epilogue). b starts at the
     tile's first column. Arguments: (a, a_off, lda, w, w_off, k, mr, nr, b, nv, act, res,
-    res_off, ldres, use_res, y, y_off, ldy); float32 results equal bias_act_store's.
+    res_off, ldres, use_res, y, y_off, ldy); float32 results equal bias_act_store's (hard-swish: within 2 ulps).
     """
     return _build_tiles(numba)[1]
 
@@ -495,16 +496,20 @@ def gemm_rows(a, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, 
     last_width = 16 if n_out - (n_panels - 1) * NR <= 16 else NR
     in_ir = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
     ldy, ldres = y.shape[1], res.shape[1]
+    # Row tiles of equal height (+-1), at most MR: a 49-row GEMM (7x7 at batch 1) as 9 + 4 x 10 rows, not
+    # 4 x 12 + 1, whose one-row tile waits on the FMA latency and costs a third of a full tile.
     chunk = max(MR, GEMM_CHUNK_BYTES // (4 * k) // MR * MR)
     for ch0 in range(r0, r1, chunk):
-        ch1 = min(r1, ch0 + chunk)
+        m = min(r1, ch0 + chunk) - ch0
+        n_tiles = (m + MR - 1) // MR
         for p in range(p_lo, p_hi):
             c0 = p * NR
             nr = NR if p < n_panels - 1 else last_width
             nv = min(NR, n_out - c0)
             bp = b[c0:c0 + nv]
-            for i0 in range(ch0, ch1, MR):
-                mr = min(MR, ch1 - i0)
+            for t in range(n_tiles):
+                i0 = ch0 + t * m // n_tiles
+                mr = ch0 + (t + 1) * m // n_tiles - i0
                 row = yr0 + i0 - r0
                 if in_ir:
                     off = row * ldy + col0 + c0

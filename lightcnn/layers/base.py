@@ -113,7 +113,8 @@ class Layer:
             layer._on_params_changed()
 
     def _on_params_changed(self):
-        pass
+        # counted so inference plans repack the weights they keep packed (lightcnn.layers.plan.Weights.packed)
+        self.params_version = getattr(self, "params_version", 0) + 1
 
     def clear_cache(self):
         for _, layer in self.named_layers():

@@ -9,7 +9,8 @@ of one image that overhead is most of the time. A plan does that work once:
 
   - every unit becomes one step naming an op and its resolved arguments (padding, output
     views, weights); conv + folded batch norm + activation (+ residual add) is one op;
-    squeeze-excitation's channel scale is folded into the next pointwise conv's input;
+    squeeze-excitation's channel scale is applied in place by the gate step (the project conv then
+    reads the scaled tensor: no scaled copy of it per GEMM tile);
     Fire's expand 1x1 and 3x3 write side by side into one buffer (no concat copy), and a Fire
     module whose 3x3 expand is stride 1, padded by 1 is one step (`fire`), whose parts are those three steps;
     a KxK conv read only by a max pool is one step with it (`conv_max_pool`);
@@ -173,7 +174,9 @@ class Weights:
 
 
 def _dense_weights(layer):
-    return Weights(lambda: (layer.params["weight"], layer.params.get("bias")), (layer.in_features, layer.out_features))
+    """A Dense layer's (in, out) weights (packed ones are redone when the layer's params_changed() runs)."""
+    return Weights(lambda: (layer.params["weight"], layer.params.get("bias")), (layer.in_features, layer.out_features),
+                   layer)
 
 
 class InferencePlan:
@@ -426,12 +429,11 @@ class InferencePlan:
         if block.expand is not None:
             y = self._lower(block.expand, y, f"{name}.expand")
         y = self._lower(block.dw, y, f"{name}.dw")
-        scale = None
         if block.se is not None:
-            if rounding:  # the runtime rounds x * s: no folding into the project GEMM
+            if rounding:  # the runtime rounds x * s: its own step
                 y = self._lower(block.se, y, f"{name}.se")
-            else:
-                scale = self._se_gate(block.se, y, f"{name}.se")
+            else:  # the gate step scales y in place: y is read by the project conv only
+                self._release(self._se_gate(block.se, y, f"{name}.se", in_place=True))
         if block.use_residual and _grids(block.project)[1] is not None:
             y = self._lower(block.project, y, f"{name}.project")  # rounded before the residual joins
             out = self._new(y.shape)
@@ -440,9 +442,7 @@ class InferencePlan:
             y = out
         else:
             res = x if block.use_residual else None
-            y = self._conv_unit(block.project, y, f"{name}.project", res=res, scale=scale)
-        if scale is not None:
-            self._release(scale)
+            y = self._conv_unit(block.project, y, f"{name}.project", res=res)
         self._release(x)
         return y
 
@@ -475,8 +475,9 @@ class InferencePlan:
         self._release(x)
         return y
 
-    def _se_gate(self, se, x, name):
-        """s (N,C) = the SE gate of x; x stays alive (a later step scales it by s)."""
+    def _se_gate(self, se, x, name, in_place=False):
+        """s (N,C) = the SE gate of x; x stays alive, and is scaled by s in place when `in_place` (else a later
+        step scales it)."""
         fc1, fc2 = se.fc1, se.fc2
         if "bias" not in fc1.params or "bias" not in fc2.params or fc1.act != act_k.ACT_RELU:
             raise Unsupported(f"{name}: squeeze-excitation without biases or ReLU")
@@ -486,7 +487,7 @@ class InferencePlan:
         fc1_in, fc1_out = _grids(fc1)
         grids = (fc1_in, fc1_out, _grids(fc2)[1])
         self._step("se_gate", name, dict(x=x, s=s), fc1=_dense_weights(fc1), fc2=_dense_weights(fc2),
-                   gate=int(fc2.act), grids=None if grids == (None, None, None) else grids)
+                   gate=int(fc2.act), grids=None if grids == (None, None, None) else grids, in_place=in_place)
         return s
 
     def _fire(self, fire, x, name):

@@ -305,12 +305,13 @@ def _inverted_residual(step, plan):
 def _se_gate(step, plan):
     p, v = step.params, step.vals
     x, sa = _source(plan, v["x"]), plan.arg(v["s"])[0]
-    fc1, fc2, gate = p["fc1"], p["fc2"], p["gate"]
+    fc1, fc2, gate, in_place = p["fc1"], p["fc2"], p["gate"], p.get("in_place", False)
     q_pooled, q_hidden, q_gate = p["grids"] or (None, None, None)
 
     def run(vals):
         (w1, b1), (w2, b2) = fc1(), fc2()
-        pooled = np.mean(x(vals), axis=(1, 2), dtype=_F32)
+        xv = x(vals)
+        pooled = np.mean(xv, axis=(1, 2), dtype=_F32)
         if q_pooled is not None:
             fake_quant(pooled, *q_pooled, out=pooled)
         hidden = activate(pooled @ w1 + b1, act_k.ACT_RELU, 1.0)
@@ -320,6 +321,8 @@ def _se_gate(step, plan):
         if q_gate is not None:
             fake_quant(s, *q_gate, out=s)
         sa[...] = s
+        if in_place:
+            np.multiply(xv, sa[:, None, None, :], out=xv)
     return run
 
 
@@ -334,9 +337,13 @@ def _scale(step, plan):
 
 def _gap(step, plan):
     x, ya = _source(plan, step.vals["x"]), plan.arg(step.vals["y"])[0]
+    n, h, w, c = step.vals["x"].shape
 
     def run(vals):
-        np.mean(x(vals), axis=(1, 2), out=ya)
+        # np.mean's sum and division, in the same order (a sequential sum over the pixels, then / H*W), on
+        # (N, H*W, C): ~2x faster than np.mean over axes (1, 2) for MobileNetV3's (1, 7, 7, 960) head
+        np.add.reduce(x(vals).reshape(n, h * w, c), axis=1, out=ya)
+        np.divide(ya, h * w, out=ya)
     return run
 
 
