@@ -25,9 +25,10 @@ _DUMMY2 = np.zeros((1, 1), _F32)  # stands in for "no residual" / "no SE scale" 
 # Small layers run on one thread: GEMMs of fewer multiply-accumulates than SERIAL_MAX_MACS (the 1x1
 # convs of Fire modules and MobileNet blocks on 7x7 maps at batch 1: ~30 us of work, where waking a
 # second thread and packing the weights twice cost about what the split saves) and depthwise
-# layers with fewer output pixels than SERIAL_MAX_ROWS.
+# layers of fewer than SERIAL_MAX_DW_MACS (by output rows: 14x14 and 7x7 maps with many channels,
+# 40-80 us each in MobileNetV3-Large, are split, the 14x14x184 ones are not).
 SERIAL_MAX_MACS = 4_000_000
-SERIAL_MAX_ROWS = 256
+SERIAL_MAX_DW_MACS = 400_000
 
 
 def _pointwise_kernel(step):
@@ -75,7 +76,9 @@ def kernels_for(step, plan):
     if op == "conv":
         return [fused.conv_implicit_bias_act]
     if op == "depthwise":
-        return [dw_k.dw_forward_serial if step.params["rows"] < SERIAL_MAX_ROWS else dw_k.dw_forward]
+        w = step.params["weights"]
+        macs = step.params["rows"] * w.shape[0] * w.shape[1] * w.shape[2]
+        return [dw_k.dw_forward_serial if macs < SERIAL_MAX_DW_MACS or plan.threads <= 1 else dw_k.dw_forward]
     if op == "inverted_residual":
         return [fused.inverted_residual_band]
     if op == "fire":
@@ -85,7 +88,7 @@ def kernels_for(step, plan):
     if op == "se_gate":
         return [] if step.params["grids"] else [fused.se_gate]
     if op == "dense":
-        return [fused.gemm_packed_bias_act_serial]
+        return [fused.gemm_packed_bias_act_serial if plan.threads <= 1 else fused.gemm_packed_bias_act]
     if op == "max_pool":
         return [fused.max_pool_inference]
     if op == "transpose_conv":
@@ -260,13 +263,16 @@ def _dense(step, plan):
     p, v = step.params, step.vals
     (xa, xi), ya = plan.arg(v["x"]), plan.arg(v["y"])[0]
     rows = v["x"].shape[0]
-    kern, weights, act, alpha = _dispatch(fused.gemm_packed_bias_act_serial), p["weights"], p["act"], p["alpha"]
+    kern = kernels_for(step, plan)[0]
+    # the weights are the work (a GEMV at batch 1, 4.9 MB for 960 -> 1280): on 2 threads each streams half the panels
+    tile, groups = gemm_split(rows, 1 if kern is fused.gemm_packed_bias_act_serial else plan.threads)
+    kern, weights, act, alpha = _dispatch(kern), p["weights"], p["act"], p["alpha"]
     n_out = ya.shape[1]
 
     def run(vals):
         wp, b = weights.packed()
         xv = xa if xa is not None else np.ascontiguousarray(vals[xi], dtype=_F32)
-        kern(xv, wp, n_out, b, _DUMMY2, False, _DUMMY2, 1, False, act, alpha, rows, 1, ya, 0)
+        kern(xv, wp, n_out, b, _DUMMY2, False, _DUMMY2, 1, False, act, alpha, tile, groups, ya, 0)
     return run
 
 
