@@ -8,10 +8,10 @@ a fresh array against 75 ms into one already mapped. Smaller arrays come from gl
 
 Inside ``reusing_arrays()`` (the block lightcnn.train.loop.fit runs its epochs in) ``empty(shape, dtype)`` of
 at least _MIN_BYTES hands back the memory of an array of about the same byte size (up to _SLACK times it) that
-an earlier call made and that nothing references any more. Every array and view made from a pool buffer holds a reference to it, so
-a buffer whose only reference is the pool's (sys.getrefcount tells) is free: reuse never overwrites an array
-still in use (an activation a layer cached for backward, a view the caller kept). Outside the block
-``empty`` is np.empty. The pool is per thread and is dropped when the outermost block ends.
+an earlier call made and that nothing references any more. Every array and view made from a pool buffer holds
+a reference to it, so a buffer whose only reference is the pool's (sys.getrefcount tells) is free: reuse never
+overwrites an array still in use (an activation a layer cached for backward, a view the caller kept). Outside
+the block ``empty`` is np.empty. The pool is per thread and is dropped when the outermost block ends.
 
 Memory: the pool keeps every buffer it made until the block ends, so a training step's peak grows by the
 buffers that are free while others of other sizes are in use: covid_squeezenet at batch 32, 1.10 -> ~1.6 GB
@@ -63,7 +63,8 @@ def empty(shape, dtype) -> np.ndarray:
     if pool is None or nbytes < _MIN_BYTES:
         return np.empty(shape, dtype)
     # The smallest free buffer that fits without wasting more than _SLACK of itself: sizes a few per cent apart
-    # (an activation and its slot-less twin, 98 and 100 MB) share buffers instead of each keeping their own.
+    # (the first conv's 113x113x64 output and the skip concatenation's 56x56x256 at batch 32: 99.8 and 98 MiB)
+    # share buffers instead of each keeping their own.
     best = -1
     for i in range(len(pool)):
         size = pool[i].size
