@@ -349,13 +349,22 @@ def test_reused_arrays_give_the_same_training_steps(monkeypatch):
     monkeypatch.setattr(_reuse, "empty", lambda *a: calls.append(1) or pooled_empty(*a))
     with _reuse.reusing_arrays():
         pooled_logits, pooled = three_steps()
-        buffers = sum(len(same_size) for same_size in _reuse._local.pool.values())
+        buffers = len(_reuse._local.pool)
         kept = _reuse.empty((5, 7), np.float32)
         view = kept[1:]
         del kept
         again = _reuse.empty((5, 7), np.float32)
         assert not np.shares_memory(again, view)  # the view keeps its buffer taken
     assert _reuse._local.pool is None  # dropped with the block
+    with _reuse.reusing_arrays():  # a free buffer serves a request up to _SLACK times smaller, not more
+        big = _reuse.empty((1000,), np.float32)
+        where = big.__array_interface__["data"][0]
+        del big
+        smaller = _reuse.empty((900,), np.float32)
+        assert smaller.__array_interface__["data"][0] == where and smaller.shape == (900,)
+        del smaller
+        assert not np.shares_memory(_reuse.empty((500,), np.float32), _reuse.empty((1000,), np.float32))
+        assert len(_reuse._local.pool) == 2
     assert len(calls) > 2 * buffers > 0  # most arrays came back from the pool
     np.testing.assert_array_equal(pooled_logits, fresh_logits)
     for name, value in fresh.items():

@@ -271,16 +271,16 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[
         raise ValueError(f"{fn}: cols must be x's C-contiguous {x.dtype} im2col matrix of shape "
                          f"{(n_img * ho * wo, k)}, got {getattr(cols, 'shape', None)}")
     step = n_img if kept else step
-    cols = cols if kept else _reuse.empty((step * ho * wo, k), x.dtype)
+    buf = cols if cols is not None else _reuse.empty((step * ho * wo, k), x.dtype)
     dcols = _reuse.empty((step * ho * wo if need_dx else 0, k), x.dtype)
     for n0 in range(0, n_img, step):
         n1 = min(n0 + step, n_img)
         rows = slice(n0 * ho * wo, n1 * ho * wo)
-        c = cols[: (n1 - n0) * ho * wo]
+        c = buf[: (n1 - n0) * ho * wo]
         if not kept:
             im2col(x[n0:n1], kh, kw, sh, sw, pt, pl, ho, wo, c)
         dw2d += matmul_tn(c, dy2d[rows])
-        if need_dx:
+        if dx is not None:
             dc = dcols[: (n1 - n0) * ho * wo]
             matmul(dy2d[rows], w2d.T, dc)
             col2im(dc, kh, kw, sh, sw, pt, pl, ho, wo, zero_bias, ACT_NONE, x.dtype.type(0), dx[n0:n1])
