@@ -4,6 +4,7 @@
     clf = lightcnn.load("mobilenet_v2")            # or a path to any lightcnn .h5
     clf.topk("cat.jpg", k=5)                        # -> [[Prediction(index, wnid, label, score), ...]]
     clf.predict(frame)                              # a uint8 (H,W,3) array, e.g. a video frame -> (1, K)
+    clf.predict("cat.jpg", tta="flip")              # test-time augmentation: flip or ten-crop (lightcnn.tta)
     clf.cam("cat.jpg").maps                         # -> (1, h, w) class activation map of the decided class
     clf.pooled(images)                              # -> (N, F) embeddings (timm's forward_features + pooling)
     clf.reset_head(3, ["a", "b", "c"])              # a new classifier on the same trunk (timm's reset_classifier)
@@ -108,11 +109,18 @@ class Classifier:
         Arrays are pixels in RGB order, C = 1 (grey), 3 (RGB) or 4 (RGBA, composited on black), exactly as the
         decoded image file would be. Any other array raises ShapeError.
         """
+        items = self._decoded(images)
+        if not items and isinstance(images, np.ndarray):  # an empty (0,H,W,C) pixel array
+            return np.zeros((0, *self.input_shape), np.float32)
+        return np.stack([preprocess_image(image, self.preprocessing) for image in items])
+
+    def _decoded(self, images: Images) -> list[Any]:
+        """Images (see `preprocess`) -> a list of decoded PIL images or uint8 (H,W,C) arrays, one per image."""
         if isinstance(images, np.ndarray):
             if not _is_pixels(images, 3, 4):
                 raise self._refuse(images)
             if images.ndim == 4 and len(images) == 0:
-                return np.zeros((0, *self.input_shape), np.float32)
+                return []
             items: Sequence[Any] = [images] if images.ndim == 3 else list(images)
         elif isinstance(images, (str, os.PathLike, bytes)) or hasattr(images, "mode"):
             items = [images]
@@ -124,8 +132,27 @@ class Classifier:
                 raise self._refuse(image)
             if not isinstance(image, np.ndarray) and not hasattr(image, "mode"):
                 image = load_image(image, **self.preprocessing.load_options())
-            out.append(preprocess_image(image, self.preprocessing))
-        return np.stack(out)
+            out.append(image)
+        return out
+
+    def views(self, images: Images, tta: str = "none") -> np.ndarray:
+        """Images -> (N*V,H,W,C) float32: the V test-time views of each image, consecutive (see lightcnn.tta;
+        V = 1 for "none", 2 for "flip", 10 for "ten-crop"). "none" and "flip" also take a preprocessed float
+        batch (see `batch`); "ten-crop" resizes the original image, so it needs the images themselves."""
+        from lightcnn.tta import check_mode, flip_views, image_views
+
+        check_mode(tta)
+        if tta == "none":
+            return self.batch(images)
+        if tta == "flip":
+            return flip_views(self.batch(images))
+        if isinstance(images, np.ndarray) and images.dtype in (np.float32, np.float64):
+            raise ShapeError(f"tta='ten-crop' needs the images (paths, bytes, PIL images or uint8 pixels), not a "
+                             f"preprocessed float batch {images.shape}: each image is resized again before cropping")
+        items = self._decoded(images)
+        if not items:
+            return np.zeros((0, *self.input_shape), np.float32)
+        return np.concatenate([image_views(image, self.preprocessing, tta) for image in items])
 
     def batch(self, images: Images) -> np.ndarray:
         """What `predict`, `topk` and `cam` accept -> the (N,H,W,C) float32 batch the network runs on.
@@ -146,15 +173,25 @@ class Classifier:
         outs = [self.model.forward(batch[i:i + batch_size]) for i in range(0, len(batch), batch_size)]
         return np.concatenate(outs) if outs else np.zeros((0, len(self.class_names)), np.float32)
 
-    def predict(self, images: Images, batch_size: int = 32) -> np.ndarray:
+    def predict(self, images: Images, batch_size: int = 32, tta: str = "none") -> np.ndarray:
         """Images or a preprocessed batch (see `batch` for what is accepted) -> (N,K) probabilities.
 
+        tta: test-time augmentation (lightcnn.tta): "none" (default), "flip" (the image and its mirror, 2 forward
+        passes per image) or "ten-crop" (4 corners + centre of the image resized to round(size / 0.875), and their
+        mirrors, 10 passes; needs images, not a preprocessed batch). The probabilities are the mean of each view's
+        softmax; the views run through the network in chunks of `batch_size`.
         Raises CheckpointError when the network produces a non-finite score (weights that overflow)."""
-        return finite_scores(softmax(self.logits(self.batch(images), batch_size)), self.weights_path)
+        if tta == "none":
+            return finite_scores(softmax(self.logits(self.batch(images), batch_size)), self.weights_path)
+        from lightcnn.tta import VIEWS, mean_over_views
 
-    def topk(self, images: Images, k: int = 5, batch_size: int = 32) -> list[list[Prediction]]:
-        """Images or a preprocessed batch (see `batch`) -> per image, the k most probable classes."""
-        return topk(self.predict(images, batch_size), k, self.class_names, self.class_ids)
+        probs = finite_scores(softmax(self.logits(self.views(images, tta), batch_size)), self.weights_path)
+        return mean_over_views(probs, VIEWS[tta])
+
+    def topk(self, images: Images, k: int = 5, batch_size: int = 32, tta: str = "none") -> list[list[Prediction]]:
+        """Images or a preprocessed batch (see `batch`) -> per image, the k most probable classes (tta: see
+        `predict`)."""
+        return topk(self.predict(images, batch_size, tta), k, self.class_names, self.class_ids)
 
     def _chunks(self, run: Callable[[np.ndarray], np.ndarray], images: Images, batch_size: int) -> np.ndarray | None:
         batch = self.batch(images)
@@ -232,7 +269,7 @@ class Classifier:
         `class_index` (None = each image's decided class, see `decide`: the top-1, or the class chosen at the
         stored operating point; Explanation.class_index says which). method "auto" is CAM for GAP+linear (and
         SqueezeNet conv) heads when no layer is named, else Grad-CAM at `layer` (default model.cam_layer); see
-        lightcnn.explain."""
+        lightcnn.explain. Maps are always of the plain view (no test-time augmentation)."""
         from lightcnn.explain import explain
 
         batch = self.batch(images)

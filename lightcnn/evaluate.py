@@ -1,4 +1,4 @@
-"""python -m lightcnn.evaluate MODEL.h5 DATA [--split test] [--positive CLASS] [--json]
+"""python -m lightcnn.evaluate MODEL.h5 DATA [--split test] [--positive CLASS] [--tta flip|ten-crop] [--json]
 
 Evaluate a (fine-tuned) lightcnn model on one split of an image folder and print the report: accuracy,
 sensitivity, specificity, precision, f1 and ROC-AUC with bootstrap 95 % confidence intervals, the per-class
@@ -17,6 +17,13 @@ maximised Youden's J on its validation split. The report then also gives the met
 matplotlib, the `plot` extra) and DIR/report.html, one self-contained page; --cam adds cam_grid.png, the three
 highest- and lowest-scoring images with their class activation maps. --window / --hu-offset override the model's
 CT window for DICOM and 16-bit images (see lightcnn.dicom).
+
+--tta flip|ten-crop averages the softmax probabilities over test-time views of each image (lightcnn.tta): flip
+is the image and its left-right mirror (2 forward passes per image); ten-crop is the four corners and the centre
+of the image resized with the model's resize rule to round(size / 0.875), and their mirrors (10 passes). Every
+metric, curve, plot and the operating-point report is computed from the averaged probabilities (the stored
+threshold is applied to them as it is); report.json and report.html record the mode ("tta"). The CAM grid
+always shows the plain view. Default none: exactly the plain prediction.
 
 Exit codes: 0 done; 1 expected failure (one line "error: ..."); 2 usage error.
 """
@@ -55,6 +62,10 @@ def build_parser():
     p.add_argument("--window", metavar="W", help="CT window for DICOM / 16-bit CT images: lung, mediastinum, bone, "
                    "auto or CENTER,WIDTH (default: the model's)")
     p.add_argument("--hu-offset", type=float, metavar="N", help="16-bit PNG/TIFF CT exports: HU = pixel + N")
+    p.add_argument("--tta", choices=("none", "flip", "ten-crop"), default="none",
+                   help="test-time augmentation: flip (image + mirror, 2 passes per image) or ten-crop (4 corners + "
+                        "centre of the image resized to size/0.875, + mirrors, 10 passes); probabilities are the mean "
+                        "of the views' softmax; --cam uses the plain view (default none)")
     p.add_argument("--bootstrap", type=_nonneg_int, default=1000, metavar="N", help="resamples for the CIs (1000)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (16)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="threads for Numba kernels and BLAS")
@@ -65,10 +76,12 @@ def build_parser():
 
 def evaluate(model_path, data, split="test", split_method=None, seed=None, fractions=None, csv=None,
              positive=None, n_bootstrap=1000, batch_size=16, warn=None, threshold=None, engine=None, window=None,
-             hu_offset=None, out=None, cam=False):
+             hu_offset=None, out=None, cam=False, tta="none"):
     """Returns (report dict, info dict). `report` is metrics.classification_report on the chosen split (argmax
     decisions); with a threshold (given, or the model's stored operating point) report["at_operating_point"]
-    is the same at that threshold."""
+    is the same at that threshold. tta "flip" or "ten-crop": the probabilities are the mean of the softmax over
+    each image's test-time views (lightcnn.tta), every number of the report comes from them; info["tta"] says
+    which mode ran."""
     import numpy as np
 
     from lightcnn.api import load
@@ -79,7 +92,13 @@ def evaluate(model_path, data, split="test", split_method=None, seed=None, fract
     from dataclasses import replace
 
     from lightcnn.metrics import report_curves
+    from lightcnn.preprocess import load_image
+    from lightcnn.tta import VIEWS, check_mode, image_views, mean_over_views
 
+    try:
+        check_mode(tta)
+    except ValueError as exc:
+        raise LightCNNError(str(exc)) from None
     clf = load(model_path, engine=engine)
     try:
         if window is not None:
@@ -116,10 +135,21 @@ def evaluate(model_path, data, split="test", split_method=None, seed=None, fract
         raise LightCNNError(f"{data}: the {split} split is empty")
     to_model = np.array([clf.class_names.index(c) for c in ds.class_names])
     y = to_model[ds.labels[idx]]
+    spec = clf.preprocessing
+
+    def views(path):  # one image's test-time views (V,S,S,C), the plain view first for flip
+        if tta == "ten-crop":
+            return image_views(load_image(path, **spec.load_options()), spec, tta)
+        return image_views(None, spec, tta, plain=load_view(path, spec))
+
     probs = []
     for start in range(0, len(idx), batch_size):
-        batch = np.stack([load_view(ds.items[i].path, clf.preprocessing) for i in idx[start:start + batch_size]])
-        probs.append(clf.predict(batch, batch_size))
+        if tta == "none":
+            batch = np.stack([load_view(ds.items[i].path, spec) for i in idx[start:start + batch_size]])
+            probs.append(clf.predict(batch, batch_size))
+        else:  # batch_size images x V views, through the network in chunks of batch_size views
+            batch = np.concatenate([views(ds.items[i].path) for i in idx[start:start + batch_size]])
+            probs.append(mean_over_views(clf.predict(batch, batch_size), VIEWS[tta]))
     probs = np.concatenate(probs)
     report = classification_report(y, probs, clf.class_names, positive=positive, n_bootstrap=n_bootstrap, seed=seed)
     report["curves"] = report_curves(y, probs, clf.class_names, positive)
@@ -131,7 +161,7 @@ def evaluate(model_path, data, split="test", split_method=None, seed=None, fract
         report["at_operating_point"] = classification_report(y, probs, clf.class_names, positive=positive,
                                                              n_bootstrap=n_bootstrap, seed=seed, threshold=threshold)
     info = {"model": str(model_path), "data": str(data), "split": split, "split_method": method, "seed": seed,
-            "images": int(len(idx)), "positive": positive, "engine": clf.model.last_engine}
+            "images": int(len(idx)), "positive": positive, "engine": clf.model.last_engine, "tta": tta}
     if warn is not None and clf.model.engine == "auto" and clf.model.last_engine == "numpy" and len(idx) > 50:
         from lightcnn.engine import compile_hint
 
@@ -149,6 +179,7 @@ def _write_outputs(out, clf, report, info, ds, idx, probs, positive, cam, warn):
     from lightcnn.checkpoint import atomic_write_text
     from lightcnn.plots import matplotlib_available
     from lightcnn.run_report import cam_rows, caveats, class_counts, write_html, write_plots
+    from lightcnn.tta import describe
 
     out = Path(out)
     try:
@@ -169,9 +200,14 @@ def _write_outputs(out, clf, report, info, ds, idx, probs, positive, cam, warn):
                   "ungrouped_items": 0 if grouped else len(idx), "warnings": []}
     model_rows = [["model", html.escape(info["model"])], ["SHA-256", clf.weights_sha256 or "-"],
                   ["architecture", html.escape(clf.model.arch)], ["engine", html.escape(str(info["engine"]))],
-                  ["preprocessing", html.escape(json.dumps(clf.preprocessing.to_dict()))]]
+                  ["preprocessing", html.escape(json.dumps(clf.preprocessing.to_dict()))],
+                  ["test-time augmentation", html.escape(describe(info["tta"]) if info["tta"] != "none" else
+                                                         "none (1 view per image)")]]
     notes = [f"{info['images']} images of {info['data']}, {split} split ({info['split_method']}, seed "
              f"{info['seed']}); " + ("patient/group IDs present" if ds.has_groups else "no patient/group IDs")]
+    if info["tta"] != "none":
+        notes.append(f"test-time augmentation: {describe(info['tta'])}, the mean of the views' softmax "
+                     "probabilities; the CAM grid shows the plain view")
     write_html(out / "report.html", title=f"Evaluation of {Path(info['model']).name}",
                data_rows=class_counts({split: report}, clf.class_names), data_notes=notes, model_rows=model_rows,
                config=info, splits={split: report}, at_operating_point={split: at} if at else None,
@@ -199,7 +235,7 @@ def main(argv=None):
                                 args.csv, args.positive, args.bootstrap, args.batch_size,
                                 warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True),
                                 threshold=args.threshold, engine=args.engine, window=args.window,
-                                hu_offset=args.hu_offset, out=args.out, cam=args.cam)
+                                hu_offset=args.hu_offset, out=args.out, cam=args.cam, tta=args.tta)
     except LightCNNError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 1
@@ -207,6 +243,10 @@ def main(argv=None):
         print(json.dumps({**info, **report}, indent=2))
     else:
         pos = f", positive class {info['positive']}" if info["positive"] else ", macro averages over classes"
+        if info["tta"] != "none":
+            from lightcnn.tta import describe
+
+            pos += f", test-time augmentation {describe(info['tta'])}"
         print(f"{info['model']} on {info['data']}: {info['split']} split ({info['split_method']}, "
               f"seed {info['seed']}), {info['images']} images{pos}")
         print(format_report(report))

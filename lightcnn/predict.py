@@ -1,4 +1,5 @@
-"""python -m lightcnn.predict IMAGE... [--model NAME | --weights FILE.h5] [--topk 5] [--json] [--cam DIR] [--threads N]
+"""python -m lightcnn.predict IMAGE... [--model NAME | --weights FILE.h5] [--topk 5] [--tta flip|ten-crop] [--json]
+    [--cam DIR] [--threads N]
 
 Classify images with a converted (or fine-tuned) lightcnn model.
 
@@ -8,6 +9,11 @@ IMAGE    a file; a directory (walked recursively in sorted order, image files on
 --model  a registered name (``python -m lightcnn.weights list``); default mobilenet_v2
 --weights  any lightcnn .h5 file, e.g. a fine-tuned model (its class names and preprocessing come with it)
 --topk   classes per image (default 5)
+--tta MODE  test-time augmentation (lightcnn.tta): flip = the image and its left-right mirror (2 forward passes
+         per image), ten-crop = the four corners and the centre of the image resized with the model's resize rule
+         to round(size / 0.875), and their mirrors (10 passes); the scores are the mean of the views' softmax
+         probabilities. Default none (the plain prediction). --cam maps are of the plain view; with --json every
+         record carries "tta" (only when a mode other than none ran)
 --json   JSON Lines on stdout, one object per image: file, model, arch, weights, weights_sha256,
          topk [{index, wnid, label, score}], decode_ms, preprocess_ms, inference_ms (the batch's time divided by
          its size), and with --cam a "cam" object
@@ -80,6 +86,10 @@ def build_parser():
     source.add_argument("--model", metavar="NAME", help="registered model name (default: mobilenet_v2)")
     source.add_argument("--weights", metavar="FILE.h5", help="a lightcnn .h5 weight file")
     parser.add_argument("--topk", type=_positive_int, default=5, metavar="K", help="classes per image (default 5)")
+    parser.add_argument("--tta", choices=("none", "flip", "ten-crop"), default="none",
+                        help="test-time augmentation: flip (image + mirror, 2 passes per image) or ten-crop (4 "
+                        "corners + centre of the image resized to size/0.875, + mirrors, 10 passes); scores are the "
+                        "mean of the views' softmax; --cam uses the plain view (default none)")
     parser.add_argument("--json", action="store_true", help="JSON Lines output, one object per image")
     parser.add_argument("--cam", metavar="DIR", help="write a class activation map (PNG overlay + .npy) per image")
     parser.add_argument("--cam-layer", metavar="LAYER", help="with --cam: Grad-CAM at this layer (names as in "
@@ -297,9 +307,25 @@ def _cam_stem(cam_dir, source, used):
     return os.path.join(cam_dir, stem)
 
 
-def run_meta(clf, sha):
-    """The fields every JSON record of a run shares (what the client knows about the weights)."""
-    return {"model": clf.name, "arch": clf.model.arch, "weights": str(clf.weights_path), "weights_sha256": sha}
+def run_meta(clf, sha, tta="none"):
+    """The fields every JSON record of a run shares (what the client knows about the weights; "tta" when a
+    test-time augmentation other than none ran)."""
+    meta = {"model": clf.name, "arch": clf.model.arch, "weights": str(clf.weights_path), "weights_sha256": sha}
+    if tta != "none":
+        meta["tta"] = tta
+    return meta
+
+
+def tta_probs(clf, views, tta):
+    """(N*V,S,S,C) test-time views, each image's V consecutive -> (N,K) the mean of their softmax probabilities;
+    the network runs on BATCH_SIZE views at a time (lightcnn.tta)."""
+    import numpy as np
+
+    from lightcnn.postprocess import softmax
+    from lightcnn.tta import VIEWS, mean_over_views
+
+    logits = np.concatenate([clf.model.forward(views[i:i + BATCH_SIZE]) for i in range(0, len(views), BATCH_SIZE)])
+    return mean_over_views(softmax(logits), VIEWS[tta])
 
 
 def json_record(meta, result, cam=None):
@@ -328,21 +354,24 @@ def print_result(args, meta, result, printed, cam=None):
         print(("\n" if printed else "") + _format_text(label, result["preds"], cam, result["decision"]))
 
 
-def predict_batch(clf, paths, topk_k, on_error):
-    """Predict up to BATCH_SIZE images; returns per image, in order, a result dict or {"file", "error"}."""
+def predict_batch(clf, paths, topk_k, on_error, tta="none"):
+    """Predict up to BATCH_SIZE images; returns per image, in order, a result dict or {"file", "error"}.
+    tta: see lightcnn.tta (the views of the images run BATCH_SIZE at a time)."""
     import numpy as np
 
     from lightcnn.postprocess import softmax, topk
 
     errors = {}
-    good, xs, _, times, _ = _prepare_chunk(paths, clf.preprocessing, None,
-                                           on_error=lambda p, m: errors.setdefault(p, []).append(m))
+    good, xs, _, times, _, views = _prepare_chunk(paths, clf.preprocessing, None,
+                                                  on_error=lambda p, m: errors.setdefault(p, []).append(m), tta=tta)
     out = {}
     if good:
         t0 = time.perf_counter()
-        logits = clf.model.forward(np.stack(xs))
+        if tta == "none":
+            probs = softmax(clf.model.forward(np.stack(xs)))
+        else:
+            probs = tta_probs(clf, np.concatenate(views), tta)
         infer_ms = (time.perf_counter() - t0) * 1e3 / len(good)
-        probs = softmax(logits)
         preds = topk(probs, topk_k, clf.class_names, clf.class_ids)
         decisions = _decisions(probs, clf)
         finite = np.isfinite(probs).all(axis=1)  # an error for that image, never a NaN score
@@ -391,9 +420,11 @@ def _load_classifier(args):
     return None, 1
 
 
-def _prepare(source, spec, stdin_bytes):
-    """Decode + preprocess one image; returns (pixels uint8, x float32, decode_ms, preprocess_ms)."""
+def _prepare(source, spec, stdin_bytes, tta="none"):
+    """Decode + preprocess one image; returns (pixels uint8, x float32, decode_ms, preprocess_ms, views): views
+    are the (V,S,S,C) test-time views of lightcnn.tta (None for tta "none"); preprocess_ms includes them."""
     from lightcnn.preprocess import load_image, normalise_pixels, preprocess_uint8
+    from lightcnn.tta import image_views
 
     source = _as_source(source)
     t0 = time.perf_counter()
@@ -405,8 +436,9 @@ def _prepare(source, spec, stdin_bytes):
     t1 = time.perf_counter()
     pixels = preprocess_uint8(img, spec)
     x = normalise_pixels(pixels, spec)
+    views = None if tta == "none" else image_views(img, spec, tta, plain=x)
     t2 = time.perf_counter()
-    return pixels, x, (t1 - t0) * 1e3, (t2 - t1) * 1e3
+    return pixels, x, (t1 - t0) * 1e3, (t2 - t1) * 1e3, views
 
 
 def _where(path):
@@ -427,13 +459,13 @@ def non_finite_line(path, clf):
             "for float32?)")
 
 
-def _prepare_chunk(chunk, spec, stdin_bytes, on_error=None):
+def _prepare_chunk(chunk, spec, stdin_bytes, on_error=None, tta="none"):
     """Decode + preprocess a chunk; failures print one line each (or go to on_error(path, message)).
-    Returns (good paths, xs, pixels, times, failed)."""
-    good, xs, pixels, times, failed = [], [], [], [], 0
+    Returns (good paths, xs, pixels, times, failed, views): views per good image as _prepare gives them."""
+    good, xs, pixels, times, failed, views = [], [], [], [], 0, []
     for path in chunk:
         try:
-            pix, x, dec_ms, pre_ms = _prepare(path, spec, stdin_bytes)  # path: a Source
+            pix, x, dec_ms, pre_ms, v = _prepare(path, spec, stdin_bytes, tta)  # path: a Source
         except (LightCNNError, OSError, ValueError, MemoryError) as exc:
             failed += 1  # one line for this image; the rest of the chunk is still predicted
             if on_error is None:
@@ -445,7 +477,8 @@ def _prepare_chunk(chunk, spec, stdin_bytes, on_error=None):
         xs.append(x)
         pixels.append(pix)
         times.append((dec_ms, pre_ms))
-    return good, xs, pixels, times, failed
+        views.append(v)
+    return good, xs, pixels, times, failed, views
 
 
 def _explain_chunk(clf, method, layer, batch, feats, classes):
@@ -494,15 +527,17 @@ def _run(args, paths, clf):
     printed = 0
     for start in range(0, len(paths), BATCH_SIZE):
         chunk = paths[start:start + BATCH_SIZE]
-        good, xs, pixels, times, failed = _prepare_chunk(chunk, spec, stdin_bytes)
+        good, xs, pixels, times, failed, views = _prepare_chunk(chunk, spec, stdin_bytes, tta=args.tta)
         failures += failed
         if good:
             batch = np.stack(xs)
             t0 = time.perf_counter()
-            feats = clf.model.features(batch) if cam_method == "cam" else None
-            logits = clf.model.head(feats) if feats is not None else clf.model.forward(batch)
+            feats = clf.model.features(batch) if cam_method == "cam" else None  # the plain view's, for CAM
+            if args.tta != "none":
+                probs = tta_probs(clf, np.concatenate(views), args.tta)
+            else:
+                probs = softmax(clf.model.head(feats) if feats is not None else clf.model.forward(batch))
             infer_ms = (time.perf_counter() - t0) * 1e3 / len(good)
-            probs = softmax(logits)
             finite = np.isfinite(probs).all(axis=1)  # weights that overflow float32: an error, never a NaN score
             preds = topk(np.where(finite[:, None], probs, 0.0), args.topk, clf.class_names, clf.class_ids)
             decisions = _decisions(probs, clf)
@@ -531,7 +566,7 @@ def _run(args, paths, clf):
                     cams[i] = {"png": str(png), "npy": str(npy), "method": cam_method, "layer": layer,
                                "class_index": int(explained[i]), "class": clf.class_names[int(explained[i])],
                                "ms": round(cam_ms, 3)}
-            meta = run_meta(clf, sha)
+            meta = run_meta(clf, sha, args.tta)
             for i, path in enumerate(good):
                 if not finite[i]:
                     failures += 1

@@ -39,16 +39,17 @@ def part_name(index):
     return f"part-{index:05d}.jsonl"
 
 
-def predict_chunk(index, paths, weights, engine, topk, meta, threads=1, out_dir=None):
+def predict_chunk(index, paths, weights, engine, topk, meta, threads=1, out_dir=None, tta="none"):
     """One task: predict `paths` in batches of BATCH_SIZE (as one process would); returns the per-image results
-    (see predict.predict_batch). With out_dir, also writes out_dir/part-<index>.jsonl atomically."""
+    (see predict.predict_batch; tta: lightcnn.tta). With out_dir, also writes out_dir/part-<index>.jsonl
+    atomically."""
     from lightcnn.cluster import pin_threads, worker_classifier
 
     with pin_threads(threads):
         clf = worker_classifier(weights, engine)
         results = []
         for start in range(0, len(paths), BATCH_SIZE):
-            results += predict_batch(clf, paths[start:start + BATCH_SIZE], topk, on_error=None)
+            results += predict_batch(clf, paths[start:start + BATCH_SIZE], topk, on_error=None, tta=tta)
     if out_dir is not None:
         from lightcnn.checkpoint import atomic_write_text
 
@@ -68,9 +69,12 @@ def _read_part(path, n):
 
 
 def _job(args, paths, sha):
-    return {"format": JOB_FORMAT, "chunk_size": args.chunk_size, "images": len(paths),
-            "paths_sha256": hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest(),
-            "weights_sha256": sha, "topk": args.topk}
+    job = {"format": JOB_FORMAT, "chunk_size": args.chunk_size, "images": len(paths),
+           "paths_sha256": hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest(),
+           "weights_sha256": sha, "topk": args.topk}
+    if args.tta != "none":  # absent for none, so the folders of runs made before --tta existed still resume
+        job["tta"] = args.tta
+    return job
 
 
 def _open_out(args, paths, sha):
@@ -87,7 +91,7 @@ def _open_out(args, paths, sha):
                 saved = json.load(f)
         except (OSError, ValueError) as exc:
             return f"{job_path}: cannot read it ({exc})"
-        diff = sorted(k for k in job if saved.get(k) != job[k])
+        diff = sorted(k for k in set(job) | set(saved) if saved.get(k) != job.get(k))
         if diff:
             return (f"{args.out}: --resume with a different image list or options than the earlier run "
                     f"({', '.join(diff)})")
@@ -108,7 +112,7 @@ def run_chunked(args, paths, clf):
     size = args.chunk_size
     chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
     sha = clf.weights_sha256
-    meta = run_meta(clf, sha)
+    meta = run_meta(clf, sha, args.tta)
     if args.out is not None:
         problem = _open_out(args, paths, sha)
         if problem:
@@ -140,7 +144,7 @@ def run_chunked(args, paths, clf):
 
     def run(run_fn, ref, engine):
         progress.start = time.perf_counter()  # images/s of the chunks that run now (not the cluster's start-up)
-        jobs = [(i, chunks[i], ref, engine, args.topk, meta, threads, args.out) for i in todo]
+        jobs = [(i, chunks[i], ref, engine, args.topk, meta, threads, args.out, args.tta) for i in todo]
         ready, next_i = dict(done_parts), 0
         while next_i in ready:  # resumed chunks at the front come out before any task finishes
             emit(next_i, ready.pop(next_i))

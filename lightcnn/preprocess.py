@@ -44,8 +44,10 @@ Decisions a reader should know about (each is also said where it is made):
 * mean and std are given in the *output* channel order (CAFFE's (104, 117, 123) is B, G, R) and in the units of
   [0, input_range].
 
-This module does not augment (random crops and flips belong to training code) and never changes Pillow's global
-settings: truncated files are found by a full decode, not by `ImageFile.LOAD_TRUNCATED_IMAGES`.
+This module does not augment (random crops and flips belong to training code); the fixed views of test-time
+augmentation's ten-crop are cut here (`ten_crop_uint8`, same geometry code as the plain path) and averaged in
+lightcnn.tta. It never changes Pillow's global settings: truncated files are found by a full decode, not by
+`ImageFile.LOAD_TRUNCATED_IMAGES`.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ __all__ = [
     "normalise_pixels",
     "preprocess_image",
     "preprocess_batch",
+    "ten_crop_uint8",
+    "ten_crop_resize",
+    "five_crop_boxes",
     "gaussian_blur_3x3",
     "gaussian_kernel_1d",
     "central_fraction_box",
@@ -531,6 +536,58 @@ def _geometry(img, spec):
         img = img.crop(central_fraction_box(img.width, img.height, spec.crop_fraction))
         return img.resize((size, size), resample)
     return img.resize((size, size), resample)  # "stretch"
+
+
+def ten_crop_resize(size):
+    """R = round(size / 0.875): the side the image is resized to before ten-crop (256 for 224, as torchvision's
+    Resize(256) + TenCrop(224) evaluation)."""
+    return int(round(size / 0.875))
+
+
+def five_crop_boxes(width, height, size):
+    """Pillow boxes (left, top, right, bottom) of torchvision's FiveCrop, in its order: top-left, top-right,
+    bottom-left, bottom-right, centre. The centre box rounds like CenterCrop: int(round((extent - size) / 2.0))."""
+    if size > width or size > height:
+        raise ValueError(f"five_crop_boxes: a {size} x {size} crop does not fit a {width} x {height} image")
+    return [(0, 0, size, size), (width - size, 0, width, size), (0, height - size, size, height),
+            (width - size, height - size, width, height), centre_crop_box(width, height, size, "torchvision")]
+
+
+def _ten_crop_geometry(img, spec):
+    """Resize with the model's own rule, but to R = ten_crop_resize(size) instead of size / resize_size."""
+    resample = _RESAMPLE[spec.interpolation]
+    side = ten_crop_resize(spec.size)
+    if spec.resize == "shorter":
+        return img.resize(shorter_side_size(img.width, img.height, side), resample)
+    if spec.resize == "central_fraction":  # the central fraction first, as the plain path does
+        img = img.crop(central_fraction_box(img.width, img.height, spec.crop_fraction))
+    return img.resize((side, side), resample)  # "square", "stretch", "central_fraction"
+
+
+def ten_crop_uint8(image, spec):
+    """The ten test-time views of one image: uint8 pixels (10, size, size, C), channels in spec.channel_order.
+
+    The image is resized with the model's resize rule to R = ten_crop_resize(size) ("shorter": shorter side
+    -> R, aspect kept; "square" and "stretch": R x R; "central_fraction": its central crop, then R x R), then
+    cut into the four corner crops and the centre crop of size x size (`five_crop_boxes`, torchvision's FiveCrop
+    order and rounding), followed by the left-right mirror of each of those five crops. normalise_pixels turns
+    the stack into network inputs exactly as it does the plain view.
+    (torchvision's TenCrop crops the mirrored image instead; that gives the same ten views except, when R' - size
+    is odd along the width (R' the resized width), a mirrored centre crop one pixel to the side.)
+    """
+    name = printable(getattr(image, "filename", None) or "<image>")
+    img = _as_pil(image, name, spec)
+    img = img.convert("L" if spec.channel_order == "L" else "RGB")
+    img = _ten_crop_geometry(img, spec)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    crops = [arr[top:bottom, left:right] for left, top, right, bottom in five_crop_boxes(img.width, img.height,
+                                                                                         spec.size)]
+    views = np.stack(crops + [c[:, ::-1] for c in crops])
+    if spec.channel_order == "BGR":
+        views = views[..., ::-1]
+    return np.ascontiguousarray(views)
 
 
 def _as_pil(image, name, spec=None):
