@@ -19,7 +19,7 @@ Validation and test images are never augmented.
 
 `Augmenter(config)` chains the ops named in `config` in the fixed order above; `to_dict()` gives back the full
 config (defaults filled in) to store next to a checkpoint. `oversample_indices` balances classes by repetition.
-Not here: mixup/cutmix, elastic deformation, test-time augmentation.
+Not here: mixup/cutmix, elastic deformation. Test-time augmentation (flip, ten-crop) is lightcnn.tta.
 """
 
 from __future__ import annotations
