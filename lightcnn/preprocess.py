@@ -570,10 +570,10 @@ def ten_crop_uint8(image, spec):
     The image is resized with the model's resize rule to R = ten_crop_resize(size) ("shorter": shorter side
     -> R, aspect kept; "square" and "stretch": R x R; "central_fraction": its central crop, then R x R), then
     cut into the four corner crops and the centre crop of size x size (`five_crop_boxes`, torchvision's FiveCrop
-    order and rounding), followed by the left-right mirror of each of those five crops. normalise_pixels turns
-    the stack into network inputs exactly as it does the plain view.
-    (torchvision's TenCrop crops the mirrored image instead; that gives the same ten views except, when R' - size
-    is odd along the width (R' the resized width), a mirrored centre crop one pixel to the side.)
+    order and rounding), followed by the same five crops of the left-right mirrored image, as torchvision's
+    TenCrop does. (That is the mirror of each first crop, except that when R' - size is odd along the width,
+    R' the resized width, the mirrored image's centre crop sits one pixel to the side: both round the same way.)
+    normalise_pixels turns the stack into network inputs exactly as it does the plain view.
     """
     name = printable(getattr(image, "filename", None) or "<image>")
     img = _as_pil(image, name, spec)
@@ -582,9 +582,8 @@ def ten_crop_uint8(image, spec):
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    crops = [arr[top:bottom, left:right] for left, top, right, bottom in five_crop_boxes(img.width, img.height,
-                                                                                         spec.size)]
-    views = np.stack(crops + [c[:, ::-1] for c in crops])
+    boxes = five_crop_boxes(img.width, img.height, spec.size)
+    views = np.stack([a[top:bottom, left:right] for a in (arr, arr[:, ::-1]) for left, top, right, bottom in boxes])
     if spec.channel_order == "BGR":
         views = views[..., ::-1]
     return np.ascontiguousarray(views)

@@ -10,7 +10,8 @@ The modes (fixed definitions: docs/notes/ct-attempt-3-preregistration.md depends
   flip      the preprocessed image and its left-right mirror, x[:, :, ::-1, :] in NHWC; 2 views
   ten-crop  the image resized with the model's own resize rule to R = round(size / 0.875) (256 for 224),
             the four corner crops and the centre crop of size x size (torchvision FiveCrop's order and
-            rounding), and the mirror of each crop; 10 views (lightcnn.preprocess.ten_crop_uint8)
+            rounding), and the same five crops of the mirrored image (torchvision's TenCrop); 10 views
+            (lightcnn.preprocess.ten_crop_uint8)
 
 The probability of each class is the mean of the softmax probabilities over the views, not the softmax of the
 mean logits. A forward pass costs V times as much; CAM and Grad-CAM keep using the plain view. Decisions at a
