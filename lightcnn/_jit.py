@@ -108,7 +108,9 @@ class Kernel:
                         try:
                             dispatcher._cache = _kernel_cache_class()(self.py_func)  # what cache=True would set
                         except RuntimeError:  # defined where numba cannot cache (stdin, exec): compile, keep nothing
-                            pass
+                            _before_compiling()
+                    else:
+                        _before_compiling()
                     self._dispatcher = dispatcher
                 d = self._dispatcher
         return d
@@ -251,7 +253,10 @@ def _kernel_cache_class():
         def load_overload(self, sig, target_context):
             _nrt_symbols()
             with self._guard_against_spurious_io_errors():
-                return self._load_overload(sig, target_context)
+                cres = self._load_overload(sig, target_context)
+            if cres is None:  # not cached: numba compiles it next
+                _before_compiling()
+            return cres
 
         def _load_overload(self, sig, target_context):
             # numba's, with a way for rebuild to read the entry again instead of keeping its IR
@@ -265,6 +270,15 @@ def _kernel_cache_class():
 
     _state["cache_class"] = KernelCache
     return KernelCache
+
+
+def _before_compiling():
+    """Run before numba's compiler does: its first run imports SciPy's BLAS (numba.np.arraymath checks for it),
+    which must load with lightcnn's settings (lightcnn._blas: one thread, else an idle OpenBLAS pool and its
+    buffers, +12 MB in `lightcnn.compile`). A process that only loads cached kernels never loads that BLAS."""
+    from lightcnn import _blas
+
+    _blas.prepare()
 
 
 def _nrt_symbols():

@@ -102,7 +102,8 @@ def run_context(plan):
 
 def bind(step, plan):
     # No lightcnn._blas.prepare() here: no kernel above calls BLAS since the packed GEMM replaced OpenBLAS
-    # tiles, and loading SciPy's BLAS for nothing cost the warm predict process 1.6 MB.
+    # tiles, and loading SciPy's BLAS for nothing cost the warm predict process 1.6 MB. (numba's compiler loads
+    # it when it runs: lightcnn._jit prepares it then.)
     return _BINDERS[step.op](step, plan)
 
 
