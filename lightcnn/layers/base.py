@@ -89,6 +89,8 @@ class Layer:
         copy the numba kernels read: the plain array is dropped (a predict-only model then holds its GEMM
         weights once, not twice; MobileNetV2: 13 MB). The next access to `params` unpacks it back."""
         value = self._params[key]
+        if value is None:  # held already (another thread's plan got there first)
+            return
         self._held[key] = (panels, value.shape)
         self._params[key] = None  # the key keeps its place: state_dict and optimisers see the same order
 
