@@ -61,6 +61,8 @@ FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "reassoc", "afn"})
 
 _lock = threading.RLock()
 _state = {"numba": None, "cache_dir": None, "threads": None}
+# the library kind of lightcnn's cache entries: numba's "object" plus the names of the symbols it defines
+KERNEL_CACHE_KIND = "object+symbols"
 
 
 def prange(*args):
@@ -106,7 +108,9 @@ class Kernel:
                         try:
                             dispatcher._cache = _kernel_cache_class()(self.py_func)  # what cache=True would set
                         except RuntimeError:  # defined where numba cannot cache (stdin, exec): compile, keep nothing
-                            pass
+                            _before_compiling()
+                    else:
+                        _before_compiling()
                     self._dispatcher = dispatcher
                 d = self._dispatcher
         return d
@@ -212,7 +216,7 @@ def _kernel_cache_class():
     class KernelCacheImpl(CompileResultCacheImpl):
         # numba's entry is (library, ...) with library = (name, 'object', (machine code, IR bitcode));
         # lightcnn's adds the names of the symbols the machine code defines: (name, KIND, (code, IR, names)).
-        KIND = "object+symbols"
+        KIND = KERNEL_CACHE_KIND
 
         def reduce(self, cres):
             payload = super().reduce(cres)
@@ -225,7 +229,10 @@ def _kernel_cache_class():
                                  if not g.is_declaration))
             return ((name, self.KIND, data + (names,)),) + tuple(payload[1:])
 
-        def rebuild(self, target_context, payload):
+        def rebuild(self, target_context, payload, read_again=None):
+            """numba's rebuild, without parsing the entry's IR. read_again() -> the entry, read from its
+            file again: then the IR (~2x the machine code: 1.3 MB for MobileNetV2's kernels) is not kept
+            either, but read back if a compilation links the kernel."""
             name, kind, data = payload[0]
             if kind != self.KIND:
                 return super().rebuild(target_context, payload)
@@ -233,7 +240,7 @@ def _kernel_cache_class():
             target_context.codegen()._engine._defined_symbols.update(names)  # what parsing the IR was for
             payload = ((name, "object", (code, _empty_bitcode())),) + tuple(payload[1:])
             cres = super().rebuild(target_context, payload)
-            _parse_on_demand(cres.library, bitcode)
+            _parse_on_demand(cres.library, _kept(bitcode) if read_again is None else _bitcode_reader(read_again, name))
             return cres
 
     class KernelCache(FunctionCache):
@@ -246,10 +253,32 @@ def _kernel_cache_class():
         def load_overload(self, sig, target_context):
             _nrt_symbols()
             with self._guard_against_spurious_io_errors():
-                return self._load_overload(sig, target_context)
+                cres = self._load_overload(sig, target_context)
+            if cres is None:  # not cached: numba compiles it next
+                _before_compiling()
+            return cres
+
+        def _load_overload(self, sig, target_context):
+            # numba's, with a way for rebuild to read the entry again instead of keeping its IR
+            if not self._enabled:
+                return None
+            key = self._index_key(sig, target_context.codegen())
+            data = self._cache_file.load(key)
+            if data is not None:
+                data = self._impl.rebuild(target_context, data, lambda: self._cache_file.load(key))
+            return data
 
     _state["cache_class"] = KernelCache
     return KernelCache
+
+
+def _before_compiling():
+    """Run before numba's compiler does: its first run imports SciPy's BLAS (numba.np.arraymath checks for it),
+    which must load with lightcnn's settings (lightcnn._blas: one thread, else an idle OpenBLAS pool and its
+    buffers, +12 MB in `lightcnn.compile`). A process that only loads cached kernels never loads that BLAS."""
+    from lightcnn import _blas
+
+    _blas.prepare()
 
 
 def _nrt_symbols():
@@ -272,13 +301,32 @@ def _empty_bitcode():
     return _state["empty_bitcode"]
 
 
+def _kept(bitcode):
+    """The IR source of an entry held in memory."""
+    return lambda: bitcode
+
+
+def _bitcode_reader(read_again, name):
+    """The IR source of an entry read back from its cache file (read_again() -> the entry as KernelCacheImpl wrote
+    it, or None)."""
+
+    def bitcode():
+        entry = read_again()
+        library = entry[0] if entry is not None else None
+        if library is None or library[1] != KERNEL_CACHE_KIND:
+            raise RuntimeError(f"{name}: its kernel cache entry disappeared after it was loaded; run again "
+                               "(it is compiled anew)")
+        return library[2][1]
+    return bitcode
+
+
 def _parse_on_demand(library, bitcode):
-    """Give a loaded library its IR (`bitcode`) when a compilation links the library in, not before."""
+    """Give a loaded library its IR (`bitcode()` -> its bitcode) when a compilation links the library in, not before."""
     from llvmlite import binding as llvm
 
     def module_for_linking():
         if library._shared_module is None:
-            library._shared_module = llvm.parse_bitcode(bitcode)
+            library._shared_module = llvm.parse_bitcode(bitcode())
         return library._shared_module
 
     library._shared_module = None

@@ -397,6 +397,8 @@ def predict_batch(clf, paths, topk_k, on_error, tta="none"):
 
 def _load_classifier(args):
     """The Classifier, or (None, exit code) after printing one line."""
+    from dataclasses import replace
+
     from lightcnn.api import Classifier, model_from_checkpoint
     from lightcnn.checkpoint import read_checkpoint
     from lightcnn.registry import DEFAULT_MODEL, REGISTRY
@@ -412,7 +414,10 @@ def _load_classifier(args):
         return None, (2 if unknown else 1)
     try:
         ckpt = read_checkpoint(path)
-        return Classifier(model_from_checkpoint(ckpt, simulate_quantization=None), ckpt), 0  # the file's default
+        model = model_from_checkpoint(ckpt, simulate_quantization=None)  # the file's default
+        # The model holds the tensors now: without the checkpoint's references to them, a predict-only model
+        # can let go of the plain copy of each weight it keeps packed (main: Model.weights_packed_only).
+        return Classifier(model, replace(ckpt, tensors={})), 0
     except LightCNNError as exc:
         _err(str(exc))
     except (ValueError, KeyError, TypeError) as exc:  # bad config or preprocessing record inside the file
@@ -650,6 +655,8 @@ def main(argv=None):
     from lightcnn.engine import engine_for_job
 
     clf.model.engine = engine_for_job(args.engine or clf.model.engine, len(paths))
+    # Only forward passes follow (CAM and Grad-CAM read the weights themselves): keep the GEMM weights packed only.
+    clf.model.weights_packed_only = not args.cam
     detail(f"weights {clf.weights_path}: {clf.model.arch}, {len(clf.class_names)} classes, engine {clf.model.engine}")
     if args.cam_layer and args.cam_layer not in {name for name, _ in clf.model.named_layers() if name}:
         print(f"error: --cam-layer {args.cam_layer!r}: no such layer in {clf.model.arch}; "

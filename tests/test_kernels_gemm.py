@@ -277,3 +277,12 @@ def test_se_gate_matches_oracle(n, h, w, c, s_ch, gate, rng):
         _close(s, ref)
         # in place: x times its image's gate, the float32 products the layer path's multiply makes
         np.testing.assert_array_equal(x, x0 * s[:, None, None, :] if in_place else x0)
+
+
+@pytest.mark.parametrize("shape", [(5, 1), (5, 16), (5, 17), (3, 33), (1, 1, 24, 144), (3, 3, 4, 40)])
+def test_unpack_panels_inverts_pack_panels(shape, rng):
+    """A predict-only model's weights come back from their panels (Layer.hold_packed) bit for bit."""
+    w = rng.standard_normal(shape).astype(np.float32)
+    back = gemm.unpack_panels(gemm.pack_panels(w.reshape(-1, shape[-1])), shape)
+    assert back.dtype == np.float32 and back.flags.c_contiguous
+    np.testing.assert_array_equal(back, w)

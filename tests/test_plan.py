@@ -216,3 +216,47 @@ def test_profile_rows_use_plan_times(rng):
     rows = model.trace(np.zeros((1, 64, 64, 3), np.float32), profile=True, repeats=2)
     assert [r["name"] for r in rows][:3] == ["features.stem", "features.blocks.0.dw", "features.blocks.0.project"]
     assert all(r["ms"] >= 0 for r in rows) and sum(r["ms"] for r in rows) > 0
+
+
+def test_weights_packed_only_releases_and_restores(rng):
+    """A predict-only model (Model.weights_packed_only) keeps its GEMM weights only as the numba engine's
+    packed panels; its logits do not change, and whatever asks for params gets the arrays back bit-identical
+    (after which training runs exactly as on a model that never released them)."""
+    from lightcnn.kernels.linear import cross_entropy
+    from lightcnn.optim import SGD
+
+    model = build("mobilenet_v2", width_mult=0.35, num_classes=10, bn=False, seed=0)
+    model.engine = "numba"
+    twin = copy.deepcopy(model)
+    saved = {name: value.copy() for name, value in model.state_dict().items()}
+    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    ref = twin.forward(x)
+
+    model.weights_packed_only = True
+    np.testing.assert_array_equal(model.forward(x), ref)
+    held = [name for name, layer in model.named_layers() if layer.held_panels("weight") is not None]
+    assert "head.classifier" in held and "features.blocks.3.project.conv" in held and len(held) > 30
+    classifier = model.head_net["classifier"]
+    assert classifier.peek_param("weight") is None  # the plain array is gone, not merely shadowed
+    np.testing.assert_array_equal(model.forward(x[:1]), ref[:1])  # a second plan reads the same panels
+    assert classifier.peek_param("weight") is None
+
+    state = model.state_dict()  # asking for params unpacks them
+    assert not any(layer.held_panels("weight") is not None for _, layer in model.named_layers())
+    assert list(state) == list(saved)  # same names in the same order
+    for name, value in saved.items():
+        assert state[name].dtype == value.dtype and state[name].shape == value.shape
+        np.testing.assert_array_equal(state[name], value, err_msg=name)
+    np.testing.assert_array_equal(model.forward(x), ref)
+
+    model2 = build("mobilenet_v2", width_mult=0.35, num_classes=10, bn=False, seed=0)
+    model2.engine, model2.weights_packed_only = "numba", True
+    model2.forward(x)  # released, then trained: the optimiser's named_parameters() brings them back
+    labels = np.array([3, 7])
+    for net in (model2, twin):
+        opt = SGD(net, lr=0.01, momentum=0.9)
+        net.backward(cross_entropy(net.forward(x, training=True), labels)[1])
+        opt.step()
+    for (name, _, _, a), (_, _, _, b) in zip(model2.named_parameters(), twin.named_parameters()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    np.testing.assert_array_equal(model2.forward(x), twin.forward(x))

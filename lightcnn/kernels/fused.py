@@ -99,7 +99,8 @@ def _gemm_bias_act(x2d, w2d, b, res, use_res, scale, rows_per_image, use_scale, 
 
     x2d (M, K) C-contiguous; w2d (K, O); b (O,); res (M, >= col0+O) or a dummy when not use_res;
     scale (N, K) (squeeze-excitation, rows_per_image = H*W) or a dummy when not use_scale;
-    y (M, >= col0 + O).
+    y (M, >= col0 + O). The one kernel here that calls BLAS (np.dot: SciPy's OpenBLAS): call
+    lightcnn._blas.prepare() first for its one-thread, AVX-512 settings (the benchmarks do; plans never run it).
     """
     m = x2d.shape[0]
     n_out = w2d.shape[1]

@@ -38,7 +38,7 @@ from lightcnn._jit import kernel, lowlevel
 from lightcnn.kernels.activation import (ACT_ELU, ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, act_scalar,
                                          elu_scalar, hard_swish_scalar, relu6_scalar, relu_scalar)
 
-__all__ = ["MR", "NR", "pack_panels", "panel_count", "tile_fma", "tile_fma_store", "tile_conv_store",
+__all__ = ["MR", "NR", "pack_panels", "unpack_panels", "panel_count", "tile_fma", "tile_fma_store", "tile_conv_store",
            "gemm_rows", "conv_rows", "bias_act_inplace", "bias_act_store", "epilogue_tile"]
 
 MR = 12  # rows per tile: 2*MR accumulators + 2 weight vectors + 1 broadcast <= 32 zmm registers
@@ -72,6 +72,20 @@ def pack_panels(w2d):
         panel = packed[p * NR * k:p * NR * k + k * width].reshape(k, width)
         panel[:, :cols.shape[1]] = cols
     return packed
+
+
+def unpack_panels(packed, shape):
+    """The inverse of pack_panels: packed (1-D) -> the float32 weight of `shape` (..., O), whose reshape to
+    (K, O) was packed. Bit-identical to it (packing only copies, and pads with zeros)."""
+    n_out = shape[-1]
+    k = int(np.prod(shape[:-1], dtype=np.int64))
+    w2d = np.empty((k, n_out), np.float32)
+    for p in range(panel_count(n_out)):
+        c0 = p * NR
+        width = min(NR, n_out - c0)
+        stored = NR if p < panel_count(n_out) - 1 else (16 if width <= 16 else NR)
+        w2d[:, c0:c0 + width] = packed[c0 * k:c0 * k + k * stored].reshape(k, stored)[:, :width]
+    return w2d.reshape(shape)
 
 
 def _build_tiles(numba):

@@ -61,13 +61,55 @@ class Layer:
     first_child_takes_input = False
 
     def __init__(self):
-        self.params = {}
+        self._params = {}
+        self._held = {}  # key -> (packed panels, shape) of params held only packed (hold_packed)
         self.buffers = {}
         self.grads = {}
         self.frozen = False
         self.cache = None
         self.name = type(self).__name__
         self.skip_input_grad = False  # backward() may return None: nothing upstream needs dx
+
+    # -- parameters, and the predict-only packed form ----------------------------------
+    @property
+    def params(self):
+        """name -> array, the trainable tensors. A weight held only as packed GEMM panels (hold_packed: a
+        predict-only model on the numba engine) is unpacked back first, bit-identical, so whoever asks for
+        params (training, export, summaries, Grad-CAM, the NumPy engine) sees the plain arrays."""
+        if self.__dict__.get("_held"):
+            self._unpack_held()
+        return self._params
+
+    @params.setter
+    def params(self, value):
+        self._params, self._held = value, {}
+
+    def hold_packed(self, key, panels):
+        """Keep params[key] only as `panels` = lightcnn.kernels.gemm.pack_panels(params[key] as (K, O)), the
+        copy the numba kernels read: the plain array is dropped (a predict-only model then holds its GEMM
+        weights once, not twice; MobileNetV2: 13 MB). The next access to `params` unpacks it back."""
+        value = self._params[key]
+        if value is None:  # held already (another thread's plan got there first)
+            return
+        self._held[key] = (panels, value.shape)
+        self._params[key] = None  # the key keeps its place: state_dict and optimisers see the same order
+
+    def held_panels(self, key):
+        """The panels params[key] is held as (hold_packed), or None when it is a plain array."""
+        entry = self.__dict__.get("_held", {}).get(key)
+        return None if entry is None else entry[0]
+
+    def peek_param(self, key):
+        """params.get(key) without unpacking held weights (None for a held one): for the inference plan."""
+        return self._params.get(key)
+
+    def _unpack_held(self):
+        from lightcnn.kernels.gemm import unpack_panels
+
+        # each array is in place before the held entry goes: another thread never sees a None parameter
+        for key, (panels, shape) in list(self._held.items()):
+            self._params[key] = unpack_panels(panels, shape)
+        self._held = {}
 
     # -- the protocol ---------------------------------------------------------------
     def forward(self, x, training=False):

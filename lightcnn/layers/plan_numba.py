@@ -13,7 +13,6 @@ import contextlib
 
 import numpy as np
 
-from lightcnn import _blas
 from lightcnn.kernels import conv as conv_k
 from lightcnn.kernels import depthwise as dw_k
 from lightcnn.kernels import transpose as tconv_k
@@ -97,13 +96,14 @@ def kernels_for(step, plan):
 
 
 def run_context(plan):
-    """Nothing to set around a run: the kernels' BLAS calls are already single-threaded (lightcnn._blas)."""
+    """Nothing to set around a run: no kernel of this engine calls BLAS (they run the packed GEMM, kernels/gemm.py)."""
     return contextlib.nullcontext
 
 
 def bind(step, plan):
-    if step.op in ("pointwise", "conv", "conv_max_pool", "depthwise", "inverted_residual", "fire"):
-        _blas.prepare()  # before any kernel that calls BLAS runs (picks SciPy's BLAS settings)
+    # No lightcnn._blas.prepare() here: no kernel above calls BLAS since the packed GEMM replaced OpenBLAS
+    # tiles, and loading SciPy's BLAS for nothing cost the warm predict process 1.6 MB. (numba's compiler loads
+    # it when it runs: lightcnn._jit prepares it then.)
     return _BINDERS[step.op](step, plan)
 
 

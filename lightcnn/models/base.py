@@ -83,6 +83,20 @@ class Model(Layer):
         self.__dict__["_prefix_plans"] = {}
 
     @property
+    def weights_packed_only(self):
+        """Predict-only memory saving, off by default (the predict CLI turns it on): each weight the numba
+        engine reads as packed GEMM panels (pointwise and KxK convs without a batch norm to fold, dense
+        layers) is kept only as those panels once a plan has packed it, not also as the plain array
+        (Layer.hold_packed; MobileNetV2: 13 MB of its 14). Nothing else changes: whatever asks a layer for
+        its params (training, export, summaries, Grad-CAM, the NumPy engine) gets them unpacked back,
+        bit-identical, and from then on the layer holds both again."""
+        return bool(self.__dict__.get("_weights_packed_only"))
+
+    @weights_packed_only.setter
+    def weights_packed_only(self, on):
+        self.__dict__["_weights_packed_only"] = bool(on)
+
+    @property
     def last_engine(self):
         """"numba" or "numpy": the engine of the most recently built inference plan (None before any)."""
         return self.__dict__.get("_last_engine")
@@ -96,6 +110,10 @@ class Model(Layer):
         """
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 4) or _NO_PLAN:
             return None
+        return self._plan(x.shape, part)
+
+    def _plan(self, shape, part):
+        """inference_plan for a float32 (N,H,W,C) batch of `shape`."""
         net = self.features_net if part == "features" else self.head_net
         if net is None:
             return None
@@ -103,16 +121,22 @@ class Model(Layer):
 
         plans = self.__dict__.setdefault("_plans", {})
         engine = self.engine
-        key = (threading.get_ident(), x.shape, get_num_threads(), part, engine)
+        key = (threading.get_ident(), shape, get_num_threads(), part, engine)
         entry = plans.get(key)
         if entry is not None and entry[0] is net:
             return entry[1]
         from lightcnn.layers.plan import InferencePlan
 
         try:
-            plan = InferencePlan([(part, net)], x.shape, engine=engine)
+            plan = InferencePlan([(part, net)], shape, engine=engine)
         except ValueError:  # includes ShapeError: let the layer path raise its own message
             return None
+        if self.weights_packed_only:
+            plan.hold_weights_packed()
+            if part == "features" and len(plan.output_shape) == 4:
+                # the head's plan now too: its weights (MobileNetV2's classifier, 5 MB) are packed while the
+                # process is small; packed after the trunk's first run, plain copy and panels topped its peak
+                self._plan(plan.output_shape, "head")
         with _PLANS_LOCK:  # threads share the dict (each has its own plans in it)
             while len(plans) >= self.MAX_PLANS:
                 plans.pop(next(iter(plans)), None)
