@@ -62,9 +62,12 @@ _F32 = np.float32
 # the expanded tensor) when that tensor is at least _FUSE_MIN_BYTES for the batch or
 # _FUSE_MIN_IMAGE_BYTES for one image; smaller ones stay in cache anyway and parallelise better as
 # GEMMs. The per-image rule only matters at batch 1-3: it fuses MobileNetV2's 56x56x144 blocks
-# (arena 7.6 -> 3.0 MB, batch-1 forward ~4.5 -> ~3.9 ms in back-to-back runs, noisy).
+# (arena 7.6 -> 3.0 MB, batch-1 forward ~4.5 -> ~3.9 ms in back-to-back runs, noisy) and, since it is
+# 512 KB rather than 1 MB, MobileNetV2's 28x28x192 blocks and MobileNetV3-Large's 112x112x16 and
+# 56x56x72 ones (batch 1, 2 threads, interleaved: MobileNetV2 4.82-4.89 -> 4.60-4.63 ms, MobileNetV3-Large
+# 4.73-4.92 -> 4.50-4.57 ms; one thread the fused blocks take 0.72-0.89x their unfused time).
 _FUSE_MIN_BYTES = 1 << 22
-_FUSE_MIN_IMAGE_BYTES = 1 << 20
+_FUSE_MIN_IMAGE_BYTES = 1 << 19
 
 _KNOWN = (Sequential, Dropout, ConvBNAct, InvertedResidual, Fire, GlobalAvgPool, Dense, MaxPool2d, Flatten, Conv2d,
           DepthwiseConv2d, SqueezeExcite)

@@ -21,12 +21,14 @@ from lightcnn.kernels import gemm
 
 _F32 = np.float32
 _DUMMY2 = np.zeros((1, 1), _F32)  # stands in for "no residual" / "no SE scale" (typed arguments)
-# Small layers run on one thread: GEMMs of fewer multiply-accumulates than SERIAL_MAX_MACS (the 1x1
-# convs of Fire modules and MobileNet blocks on 7x7 maps at batch 1: ~30 us of work, where waking a
-# second thread and packing the weights twice cost about what the split saves) and depthwise
-# layers of fewer than SERIAL_MAX_DW_MACS (by output rows: 14x14 and 7x7 maps with many channels,
-# 40-80 us each in MobileNetV3-Large, are split, the 14x14x184 ones are not).
-SERIAL_MAX_MACS = 4_000_000
+# Small layers run on one thread: GEMMs of fewer multiply-accumulates than SERIAL_MAX_MACS (~6 us of work,
+# where waking a second thread costs about what the split saves) and depthwise layers of fewer than
+# SERIAL_MAX_DW_MACS (by output rows: 14x14 and 7x7 maps with many channels, 40-80 us each in
+# MobileNetV3-Large, are split, the 14x14x184 ones are not). SERIAL_MAX_MACS was 4 M, which kept
+# MobileNetV3-Large's 28x28 and 14x14 pointwise convs at batch 1 (1.4-3.7 M each, 30-70 us) on one thread:
+# at 1 M its batch-1 forward on 2 threads went 4.50-4.57 -> 4.29-4.39 ms (interleaved with ORT; 250 k and
+# 500 k measured the same as 1 M within the noise).
+SERIAL_MAX_MACS = 1_000_000
 SERIAL_MAX_DW_MACS = 400_000
 
 
