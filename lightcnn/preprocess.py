@@ -575,14 +575,8 @@ def ten_crop_uint8(image, spec):
     R' the resized width, the mirrored image's centre crop sits one pixel to the side: both round the same way.)
     normalise_pixels turns the stack into network inputs exactly as it does the plain view.
     """
-    name = printable(getattr(image, "filename", None) or "<image>")
-    img = _as_pil(image, name, spec)
-    img = img.convert("L" if spec.channel_order == "L" else "RGB")
-    img = _ten_crop_geometry(img, spec)
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    boxes = five_crop_boxes(img.width, img.height, spec.size)
+    arr = _uint8_pixels(image, spec, _ten_crop_geometry)
+    boxes = five_crop_boxes(arr.shape[1], arr.shape[0], spec.size)
     views = np.stack([a[top:bottom, left:right] for a in (arr, arr[:, ::-1]) for left, top, right, bottom in boxes])
     if spec.channel_order == "BGR":
         views = views[..., ::-1]
@@ -612,16 +606,18 @@ def preprocess_uint8(image, spec):
     This is the exact input of the uint8 TFLite models. blur_sigma and mean/std are not applied here
     (they need float arithmetic; see `normalise_pixels`).
     """
-    name = printable(getattr(image, "filename", None) or "<image>")
-    img = _as_pil(image, name, spec)
-    img = img.convert("L" if spec.channel_order == "L" else "RGB")
-    img = _geometry(img, spec)
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
+    arr = _uint8_pixels(image, spec, _geometry)
     if spec.channel_order == "BGR":
         arr = arr[:, :, ::-1]
     return np.ascontiguousarray(arr)
+
+
+def _uint8_pixels(image, spec, geometry):
+    """image -> (H, W, C) uint8 pixels after geometry(PIL image, spec) (a resize rule), RGB or L (C = 1)."""
+    name = printable(getattr(image, "filename", None) or "<image>")
+    img = _as_pil(image, name, spec).convert("L" if spec.channel_order == "L" else "RGB")
+    arr = np.asarray(geometry(img, spec), dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def normalise_pixels(pixels, spec):
