@@ -273,10 +273,18 @@ def test_se_gate_matches_oracle(n, h, w, c, s_ch, gate, rng):
     x0 = x.copy()
     for in_place in (False, True):
         s = np.full((n, c), np.nan, np.float32)
-        fused.se_gate(x, gemm.pack_panels(w1), b1, gemm.pack_panels(w2), b2, gate, np.float32(1.0), in_place, s)
+        fused.se_gate(x, gemm.pack_panels(w1), b1, gemm.pack_panels(w2), b2, gate, np.float32(1.0), in_place, s, 1)
         _close(s, ref)
         # in place: x times its image's gate, the float32 products the layer path's multiply makes
         np.testing.assert_array_equal(x, x0 * s[:, None, None, :] if in_place else x0)
+        # split between threads by w2's panels: the same numbers, whatever the number of parts
+        for parts in (2, 3):
+            xs, ss = x0.copy(), np.full((n, c), np.nan, np.float32)
+            fused.se_gate_split(xs, gemm.pack_panels(w1), b1, gemm.pack_panels(w2), b2, gate, np.float32(1.0), in_place,
+                                ss, parts)
+            np.testing.assert_array_equal(ss, s)
+            np.testing.assert_array_equal(xs, x)
+        x[...] = x0
 
 
 @pytest.mark.parametrize("shape", [(5, 1), (5, 16), (5, 17), (3, 33), (1, 1, 24, 144), (3, 3, 4, 40)])

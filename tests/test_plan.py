@@ -134,6 +134,26 @@ def test_plan_matches_layer_path(arch, rng):
             f = ref_unit
 
 
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "mobilenet_v3_large"])
+def test_plan_two_threads_equals_one(arch, rng):
+    """Work split between two threads (GEMM rows or panels, depthwise rows, squeeze-excitation gates by
+    channel groups) gives the one-thread plan's logits bit for bit, at batch 1 and 3."""
+    from lightcnn.layers import plan_numba
+    from lightcnn.kernels import fused
+    from lightcnn.layers.plan import InferencePlan
+
+    model = build(arch)
+    randomise_batchnorm_statistics(model, rng)
+    layers = list(model.features_net.children())
+    for n in (1, 3):
+        x = rng.standard_normal((n,) + tuple(model.input_shape)).astype(np.float32)
+        one, two = InferencePlan(layers, x.shape, threads=1), InferencePlan(layers, x.shape, threads=2)
+        gates = [s for s in two.steps if s.op == "se_gate"]
+        assert any(plan_numba.kernels_for(s, two) == [fused.se_gate_split] for s in gates)
+        assert all(plan_numba.kernels_for(s, one) == [fused.se_gate] for s in gates)
+        np.testing.assert_array_equal(two.run(x), one.run(x))
+
+
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "squeezenet1_0",
                                   "squeezenet1_1"])
 def test_plan_torchvision_fixture_logits(arch, fixtures_dir):

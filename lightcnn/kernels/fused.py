@@ -51,7 +51,7 @@ from lightcnn.kernels.depthwise import dw_output_row
 from lightcnn.kernels.gemm import MR, NR, conv_rows, epilogue_tile, gemm_rows
 
 __all__ = ["gemm_bias_act", "gemm_bias_act_serial", "gemm_packed_bias_act", "gemm_packed_bias_act_serial",
-           "conv_im2col_bias_act", "conv_implicit_bias_act", "conv_max_pool", "fire_band", "inverted_residual_band", "se_gate", "max_pool_inference", "choose_tile"]
+           "conv_im2col_bias_act", "conv_implicit_bias_act", "conv_max_pool", "fire_band", "inverted_residual_band", "se_gate", "se_gate_split", "max_pool_inference", "choose_tile"]
 
 # Rows of one GEMM tile. Each BLAS call packs the whole weight matrix, so tiles must not be
 # small (measured on MobileNetV2 shapes: 25-row tiles of a 49-row GEMM cost 25% more than one
@@ -494,8 +494,7 @@ def band_layout(n_img, h_out, w_in, e_ch, kh, sh, threads, buffer_bytes=1 << 18,
 # --------------------------------------------------------------------------- squeeze-excitation, max pool
 
 
-@kernel
-def se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s):
+def _se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s, parts):
     """s[n] = gate(relu(mean_hw(x[n]) @ w1 + b1) @ w2 + b2), then x[n] *= s[n] when in_place.
     x (N,H,W,C), s (N,C); w1p = gemm.pack_panels(w1 (C,S)), w2p = gemm.pack_panels(w2 (S,C)); b1 (S,), b2 (C,).
 
@@ -503,19 +502,28 @@ def se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s):
     the alternative, scaling rows into a scratch copy per GEMM tile (use_scale of gemm_packed_bias_act),
     allocated and wrote a second (rows, C) array per call (~30 us of a 14x14x672 project at batch 1).
 
-    Serial, float32, bias added after the sum as the layer path does. The two dense layers are
-    GEMMs of N rows on packed panels (gemm_rows), accumulators in registers: as Numba loops over
-    the unpacked weights they ran at ~2 GFLOP/s (MobileNetV3-Large's 960 -> 240 -> 960 gate took
-    ~240 us of a ~9 ms forward, with 0.46 M multiply-accumulates).
+    Float32, bias added after the sum as the layer path does. The two dense layers are GEMMs of N rows
+    on packed panels (gemm_rows), accumulators in registers: as Numba loops over the unpacked weights
+    they ran at ~2 GFLOP/s (MobileNetV3-Large's 960 -> 240 -> 960 gate took ~240 us of a ~9 ms forward).
+
+    `parts` > 1 (the parallel build, se_gate_split): the gate's channels are cut into `parts` groups of
+    w2's panels, one work item each, with no step between items. A gate at batch 1 is bound by streaming
+    its weights (1.8 MB for 960 -> 240 -> 960, read from L3), and the second layer's panels and the
+    multiply divide; x is pooled first, once, and every item runs the first layer whole (C*S
+    multiply-accumulates, what its panels' S inputs need) rather than wait on the others for it. Each output is computed by the same
+    code on any number of parts, so the results are bit-identical.
     """
     n_img, h, w, c_in = x.shape
     sq = b1.shape[0]
     inv = 1.0 / (h * w)
     x3 = x.reshape(n_img, h * w, c_in)
+    # Pooled once, before any item scales x in place. No np.zeros out here: in the parallel build
+    # Numba would make each its own parallel region (the loops below stay serial code).
     pooled = np.empty((n_img, c_in), dtype=x.dtype)
+    total = np.empty(c_in, dtype=x.dtype)  # the sum in a local array: LLVM cannot prove pooled does not alias x
     for n in range(n_img):
-        # the sum in a local array: LLVM cannot prove pooled does not alias x and kept this loop scalar
-        total = np.zeros(c_in, dtype=x.dtype)
+        for c in range(c_in):
+            total[c] = 0.0
         for p in range(h * w):
             xp = x3[n, p]
             for c in range(c_in):
@@ -523,19 +531,28 @@ def se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s):
         pn = pooled[n]
         for c in range(c_in):
             pn[c] = total[c] * inv
-    hidden = np.empty((n_img, sq), dtype=x.dtype)
-    acc = np.empty((MR, NR), dtype=x.dtype)
-    gemm_rows(pooled, ZERO, n_img, w1p, sq, ZERO, (sq + NR - 1) // NR, b1, hidden, NO, RELU, alpha, hidden, ZERO,
-              ZERO, acc)
-    gemm_rows(hidden, ZERO, n_img, w2p, c_in, ZERO, (c_in + NR - 1) // NR, b2, s, NO, gate, alpha, s, ZERO, ZERO,
-              acc)
-    if in_place:
-        for n in range(n_img):
-            sn = s[n]
-            for p in range(h * w):
-                xp = x3[n, p]
-                for c in range(c_in):
-                    xp[c] = xp[c] * sn[c]
+    n_panels = (c_in + NR - 1) // NR
+    for part in prange(parts):
+        p_lo = part * n_panels // parts
+        p_hi = (part + 1) * n_panels // parts
+        hidden = np.empty((n_img, sq), dtype=x.dtype)
+        acc = np.empty((MR, NR), dtype=x.dtype)
+        gemm_rows(pooled, ZERO, n_img, w1p, sq, ZERO, (sq + NR - 1) // NR, b1, hidden, NO, RELU, alpha, hidden, ZERO,
+                  ZERO, acc)
+        gemm_rows(hidden, ZERO, n_img, w2p, c_in, p_lo, p_hi, b2, s, NO, gate, alpha, s, ZERO, ZERO, acc)
+        if in_place:
+            c_lo = p_lo * NR
+            c_hi = min(c_in, p_hi * NR)
+            for n in range(n_img):
+                sn = s[n]
+                for p in range(h * w):
+                    xp = x3[n, p]
+                    for c in range(c_lo, c_hi):
+                        xp[c] = xp[c] * sn[c]
+
+
+se_gate = kernel(_se_gate)
+se_gate_split = kernel(parallel=True)(_se_gate)
 
 
 @kernel(parallel=True)

@@ -30,6 +30,10 @@ _DUMMY2 = np.zeros((1, 1), _F32)  # stands in for "no residual" / "no SE scale" 
 # 500 k measured the same as 1 M within the noise).
 SERIAL_MAX_MACS = 1_000_000
 SERIAL_MAX_DW_MACS = 400_000
+# Squeeze-excitation gates whose two dense layers hold at least this many weights are split between the
+# threads (fused.se_gate_split): MobileNetV3-Large's 14x14 and 7x7 gates (480-960 channels, 0.5-1.8 MB).
+# Smaller ones (its 28x28 gates, 120 channels, 30 KB) take ~15 us serially, about what a split costs.
+SPLIT_MIN_SE_WEIGHTS = 64 * 1024
 
 
 def _pointwise_kernel(step):
@@ -87,7 +91,7 @@ def kernels_for(step, plan):
     if op == "conv_max_pool":
         return [fused.conv_max_pool]
     if op == "se_gate":
-        return [] if step.params["grids"] else [fused.se_gate]
+        return [] if step.params["grids"] else [_se_gate_kernel(step, plan)]
     if op == "dense":
         return [fused.gemm_packed_bias_act_serial if plan.threads <= 1 else fused.gemm_packed_bias_act]
     if op == "max_pool":
@@ -243,6 +247,11 @@ def _fire(step, plan):
     return run
 
 
+def _se_gate_kernel(step, plan):
+    w1 = step.params["fc1"].shape
+    return fused.se_gate_split if plan.threads > 1 and 2 * w1[0] * w1[1] >= SPLIT_MIN_SE_WEIGHTS else fused.se_gate
+
+
 def _se_gate(step, plan):
     p, v = step.params, step.vals
     if p["grids"]:  # a simulated quantised runtime rounds inside the gate: the NumPy op does that
@@ -250,12 +259,14 @@ def _se_gate(step, plan):
 
         return plan_numpy.bind(step, plan)
     (xa, xi), sa = plan.arg(v["x"]), plan.arg(v["s"])[0]
-    kern, fc1, fc2, gate, alpha = _dispatch(fused.se_gate), p["fc1"], p["fc2"], p["gate"], _F32(1.0)
+    kern = _se_gate_kernel(step, plan)
+    parts = plan.threads if kern is fused.se_gate_split else 1
+    kern, fc1, fc2, gate, alpha = _dispatch(kern), p["fc1"], p["fc2"], p["gate"], _F32(1.0)
     in_place = bool(p["in_place"])
 
     def run(vals):
         (w1, b1), (w2, b2) = fc1.packed(), fc2.packed()
-        kern(xa if xa is not None else vals[xi], w1, b1, w2, b2, gate, alpha, in_place, sa)
+        kern(xa if xa is not None else vals[xi], w1, b1, w2, b2, gate, alpha, in_place, sa, parts)
     return run
 
 
