@@ -294,3 +294,31 @@ def test_unpack_panels_inverts_pack_panels(shape, rng):
     back = gemm.unpack_panels(gemm.pack_panels(w.reshape(-1, shape[-1])), shape)
     assert back.dtype == np.float32 and back.flags.c_contiguous
     np.testing.assert_array_equal(back, w)
+
+
+@pytest.mark.parametrize("n,h,w,c,s_ch,e1,e3,pool,bands,chunk", [
+    (2, 11, 9, 20, 6, 10, 12, (3, 2, 0, True), 1, 2),    # SqueezeNet's ceil-mode 3x3/2 pool, chunks of 2 rows
+    (1, 13, 13, 40, 16, 32, 32, (3, 2, 0, True), 3, 1),  # bands of uneven height, one pooled row at a time
+    (3, 8, 7, 9, 5, 7, 33, (2, 2, 1, False), 2, 100),    # padded pool, whole bands, E3 over a 32-wide panel
+])
+def test_fire_max_pool_matches_naive(n, h, w, c, s_ch, e1, e3, pool, bands, chunk, rng):
+    """fused.fire_max_pool: fire_band's output, max-pooled, chunk by chunk of pooled rows, against the float64
+    Fire (squeeze, expand 1x1, expand 3x3 pad 1, ReLU) then max_pool2d_naive."""
+    pk, ps, ppad, ceil = pool
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    ws, bs = (rng.standard_normal((c, s_ch)) * 0.3).astype(np.float32), rng.standard_normal(s_ch).astype(np.float32)
+    w1, b1 = (rng.standard_normal((s_ch, e1)) * 0.3).astype(np.float32), rng.standard_normal(e1).astype(np.float32)
+    w3 = (rng.standard_normal((3, 3, s_ch, e3)) * 0.2).astype(np.float32)
+    b3 = rng.standard_normal(e3).astype(np.float32)
+    relu = act_k.ACT_RELU
+    f64 = np.float64
+    sq = np.maximum(x.astype(f64) @ ws + bs, 0.0)
+    fire = np.concatenate([np.maximum(sq @ w1 + b1, 0.0),
+                           _oracle_act(conv2d_naive(sq, w3.astype(f64), b3.astype(f64), (1, 1), (1, 1, 1, 1)), relu)],
+                          axis=-1)
+    ref, _ = max_pool2d_naive(fire, (pk, pk), (ps, ps), (ppad,) * 4, ceil_mode=ceil)
+    y = np.full(ref.shape, np.nan, np.float32)
+    pack = gemm.pack_panels
+    fused.fire_max_pool(x, pack(ws), bs, relu, pack(w1), b1, relu, pack(w3.reshape(-1, e3)), b3, relu, np.float32(1.0),
+                        pk, pk, ps, ps, ppad, ppad, bands, chunk, y)
+    _close(y, ref)

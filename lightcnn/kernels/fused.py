@@ -51,7 +51,7 @@ from lightcnn.kernels.depthwise import dw_output_row
 from lightcnn.kernels.gemm import MR, NR, conv_rows, epilogue_tile, gemm_rows
 
 __all__ = ["gemm_bias_act", "gemm_bias_act_serial", "gemm_packed_bias_act", "gemm_packed_bias_act_serial",
-           "conv_im2col_bias_act", "conv_implicit_bias_act", "conv_max_pool", "fire_band", "inverted_residual_band", "se_gate", "se_gate_split", "max_pool_inference", "choose_tile"]
+           "conv_im2col_bias_act", "conv_implicit_bias_act", "conv_max_pool", "fire_band", "fire_max_pool", "inverted_residual_band", "se_gate", "se_gate_split", "max_pool_inference", "choose_tile"]
 
 # Rows of one GEMM tile. Each BLAS call packs the whole weight matrix, so tiles must not be
 # small (measured on MobileNetV2 shapes: 25-row tiles of a 49-row GEMM cost 25% more than one
@@ -323,24 +323,33 @@ def conv_max_pool(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, act, alpha, p
         acc = np.empty((MR, NR), dtype=y.dtype)
         _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, conv, NO, act, alpha, n, c0, c1, conv, ZERO, ZERO,
                    acc)
-        for i in range(q0, q1):
-            h0 = max(i * psh - ptop, 0)
-            h1 = min(i * psh - ptop + pkh, ho)
-            for j in range(q_out):
-                w0 = max(j * psw - pleft, 0)
-                w1 = min(j * psw - pleft + pkw, wo)
-                yo = y[n, i, j]
-                first = conv[(h0 - c0) * wo + w0]
-                for c in range(n_out):
-                    yo[c] = first[c]
-                for ih in range(h0, h1):
-                    for iw in range(w0, w1):
-                        ci = conv[(ih - c0) * wo + iw]
-                        for c in range(n_out):
-                            v = ci[c]
-                            m = yo[c]
-                            # a NaN wins (v != v) and then stays (m == m fails)
-                            yo[c] = v if (v > m or v != v) and m == m else m
+        _pool_rows(conv, c0, ho, wo, pkh, pkw, psh, psw, ptop, pleft, n, q0, q1, y)
+
+
+@kernel
+def _pool_rows(conv, c0, ho, wo, pkh, pkw, psh, psw, ptop, pleft, n, q0, q1, y):
+    """Pooled rows q0..q1-1 of image n: y[n, i, j] = max over the pool window, clipped to the (Ho, Wo) map
+    (padding is -inf), of conv, which holds that map's rows c0.. as ((rows) * Wo, C). A NaN wins, as in
+    max_pool_inference."""
+    q_out, n_out = y.shape[2], y.shape[3]
+    for i in range(q0, q1):
+        h0 = max(i * psh - ptop, 0)
+        h1 = min(i * psh - ptop + pkh, ho)
+        for j in range(q_out):
+            w0 = max(j * psw - pleft, 0)
+            w1 = min(j * psw - pleft + pkw, wo)
+            yo = y[n, i, j]
+            first = conv[(h0 - c0) * wo + w0]
+            for c in range(n_out):
+                yo[c] = first[c]
+            for ih in range(h0, h1):
+                for iw in range(w0, w1):
+                    ci = conv[(ih - c0) * wo + iw]
+                    for c in range(n_out):
+                        v = ci[c]
+                        m = yo[c]
+                        # a NaN wins (v != v) and then stays (m == m fails)
+                        yo[c] = v if (v > m or v != v) and m == m else m
 
 
 @kernel(parallel=True)
@@ -363,44 +372,80 @@ def fire_band(x, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act3, res, use_res, alp
     only): the squeezed tensor never leaves the cache and all three convs share the threads.
     """
     n_img, h, w, c_in = x.shape
-    s_ch, e1, e3 = bs.shape[0], b1.shape[0], b3.shape[0]
     x2d = x.reshape(n_img * h * w, c_in)
-    wb = w + 2  # the band buffer's width: column u holds image column u - 1, 0 and w + 1 are padding
-    n_ps = (s_ch + NR - 1) // NR
     for it in prange(n_img * bands):
         n = it // bands
         band = it - n * bands
         i0 = band * h // bands
         i1 = (band + 1) * h // bands
-        if i1 == i0:
-            continue
-        lo = max(0, i0 - 1)
-        hi = min(h, i1 + 1)
-        acc = np.empty((MR, NR), dtype=y.dtype)
-        sq = np.empty(((hi - lo) * w, s_ch), dtype=y.dtype)
-        gemm_rows(x2d, (n * h + lo) * w, (n * h + hi) * w, wsp, s_ch, ZERO, n_ps, bs, sq, NO, act_s, alpha, sq, ZERO,
-                  ZERO, acc)
-        buf = np.zeros((i1 - i0 + 2) * wb * s_ch, dtype=y.dtype)  # buffer row rb = image row i0 - 1 + rb
-        for hh in range(lo, hi):
-            src = sq[(hh - lo) * w:(hh - lo + 1) * w].reshape(-1)
-            dst = ((hh - i0 + 1) * wb + 1) * s_ch
-            for e in range(w * s_ch):
-                buf[dst + e] = src[e]
-        m = (i1 - i0) * w
-        rows = np.empty(m, np.int64)
-        r = 0
-        for i in range(i1 - i0):
-            for j in range(w):
-                rows[r] = (i * wb + j) * s_ch
-                r += 1
-        centre = np.empty(1, np.int64)
-        centre[0] = (wb + 1) * s_ch
-        taps = np.empty(3, np.int64)
-        for p in range(3):
-            taps[p] = p * wb * s_ch
-        yr0 = (n * h + i0) * w
-        conv_rows(buf, rows, m, centre, s_ch, w1p, e1, b1, res, use_res, act1, alpha, y, yr0, ZERO, acc)
-        conv_rows(buf, rows, m, taps, 3 * s_ch, w3p, e3, b3, res, use_res, act3, alpha, y, yr0, e1, acc)
+        if i1 > i0:
+            _fire_rows(x2d, h, w, n, i0, i1, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act3, res, use_res, alpha, y,
+                       (n * h + i0) * w)
+
+
+@kernel
+def _fire_rows(x2d, h, w, n, i0, i1, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act3, res, use_res, alpha, y, yr0):
+    """Rows i0..i1-1 of image n's Fire output into y[yr0:yr0 + (i1 - i0) * W] (with res's same rows added when
+    use_res), from x2d (N*H*W, C): the rows squeezed with one halo row above and below into a zero-bordered
+    buffer, both expands read from it (fire_band's docstring)."""
+    s_ch, e1, e3 = bs.shape[0], b1.shape[0], b3.shape[0]
+    wb = w + 2  # the band buffer's width: column u holds image column u - 1, 0 and w + 1 are padding
+    n_ps = (s_ch + NR - 1) // NR
+    lo = max(0, i0 - 1)
+    hi = min(h, i1 + 1)
+    acc = np.empty((MR, NR), dtype=y.dtype)
+    sq = np.empty(((hi - lo) * w, s_ch), dtype=y.dtype)
+    gemm_rows(x2d, (n * h + lo) * w, (n * h + hi) * w, wsp, s_ch, ZERO, n_ps, bs, sq, NO, act_s, alpha, sq, ZERO,
+              ZERO, acc)
+    buf = np.zeros((i1 - i0 + 2) * wb * s_ch, dtype=y.dtype)  # buffer row rb = image row i0 - 1 + rb
+    for hh in range(lo, hi):
+        src = sq[(hh - lo) * w:(hh - lo + 1) * w].reshape(-1)
+        dst = ((hh - i0 + 1) * wb + 1) * s_ch
+        for e in range(w * s_ch):
+            buf[dst + e] = src[e]
+    m = (i1 - i0) * w
+    rows = np.empty(m, np.int64)
+    r = 0
+    for i in range(i1 - i0):
+        for j in range(w):
+            rows[r] = (i * wb + j) * s_ch
+            r += 1
+    centre = np.empty(1, np.int64)
+    centre[0] = (wb + 1) * s_ch
+    taps = np.empty(3, np.int64)
+    for p in range(3):
+        taps[p] = p * wb * s_ch
+    conv_rows(buf, rows, m, centre, s_ch, w1p, e1, b1, res, use_res, act1, alpha, y, yr0, ZERO, acc)
+    conv_rows(buf, rows, m, taps, 3 * s_ch, w3p, e3, b3, res, use_res, act3, alpha, y, yr0, e1, acc)
+
+
+@kernel(parallel=True)
+def fire_max_pool(x, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act3, alpha, pkh, pkw, psh, psw, ptop, pleft, bands,
+                  chunk, y):
+    """fire_band (without bypass) followed by a max pool (SqueezeNet's Fire before each 3x3/2 pool), band by band.
+
+    x (N,H,W,C) and the weights as fire_band's; y (N,Po,Qo,E1+E3) the pooled output (pool window PKH x PKW,
+    stride PSH x PSW, top/left padding PTOP/PLEFT, clipped to the Fire output: padding is -inf).
+    Each work item (`bands` per image, in pooled rows) walks its pooled rows `chunk` at a time: the Fire
+    rows their windows read go into a scratch of a few hundred KB that stays in L2, and are pooled from
+    there. The Fire output, 12-25 MB at batch 8, is neither written to memory nor read back; the price is
+    the PKH - PSH Fire rows neighbouring chunks share, computed twice. A NaN wins, as in max_pool_inference.
+    """
+    n_img, h, w, c_in = x.shape
+    _, p_out, _, width = y.shape
+    x2d = x.reshape(n_img * h * w, c_in)
+    for it in prange(n_img * bands):
+        n = it // bands
+        band = it - n * bands
+        q0 = band * p_out // bands
+        q1 = (band + 1) * p_out // bands
+        for k0 in range(q0, q1, chunk):
+            k1 = min(q1, k0 + chunk)
+            c0 = max(0, k0 * psh - ptop)
+            c1 = min(h, (k1 - 1) * psh - ptop + pkh)
+            rows = np.empty(((c1 - c0) * w, width), dtype=y.dtype)
+            _fire_rows(x2d, h, w, n, c0, c1, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act3, rows, NO, alpha, rows, ZERO)
+            _pool_rows(rows, c0, h, w, pkh, pkw, psh, psw, ptop, pleft, n, k0, k1, y)
 
 
 # --------------------------------------------------------------------------- inverted residual, fused

@@ -90,6 +90,8 @@ def kernels_for(step, plan):
         return [fused.fire_band]
     if op == "conv_max_pool":
         return [fused.conv_max_pool]
+    if op == "fire_max_pool":
+        return [fused.fire_max_pool]
     if op == "se_gate":
         return [] if step.params["grids"] else [_se_gate_kernel(step, plan)]
     if op == "dense":
@@ -247,6 +249,35 @@ def _fire(step, plan):
     return run
 
 
+# fire_max_pool: the Fire rows one chunk of pooled rows reads, at most this many bytes (a part of L2).
+FIRE_POOL_BUFFER_BYTES = 1 << 20
+
+
+def _fire_max_pool(step, plan):
+    fire, pool = step.params["parts"]
+    squeeze, expand1, expand3 = (part.params for part in fire.params["parts"])
+    v = step.vals
+    xa, xi = plan.arg(v["x"])
+    ya = plan.arg(v["y"])[0]
+    n, h, w, _ = v["x"].shape
+    p_out, width = v["y"].shape[1], v["y"].shape[3]
+    p = pool.params
+    (pkh, pkw), (psh, psw), ptop, pleft = p["kernel"], p["stride"], p["top"], p["left"]
+    bands = int(min(p_out, -(-max(1, plan.threads) // n)))  # as few as give every thread an item (fire_bands)
+    fire_rows_fit = max(pkh, FIRE_POOL_BUFFER_BYTES // (w * width * 4))
+    chunk = int(max(1, (fire_rows_fit - pkh) // psh + 1))
+    acts = [q["act"] for q in (squeeze, expand1, expand3)]
+    alpha = squeeze["alpha"]
+    weights = [q["weights"] for q in (squeeze, expand1, expand3)]
+    kern = _dispatch(fused.fire_max_pool)
+
+    def run(vals):
+        (ws, bs), (w1, b1), (w3, b3) = (wt.packed() for wt in weights)
+        kern(xa if xa is not None else vals[xi], ws, bs, acts[0], w1, b1, acts[1], w3, b3, acts[2], alpha, pkh, pkw,
+             psh, psw, ptop, pleft, bands, chunk, ya)
+    return run
+
+
 def _se_gate_kernel(step, plan):
     w1 = step.params["fc1"].shape
     return fused.se_gate_split if plan.threads > 1 and 2 * w1[0] * w1[1] >= SPLIT_MIN_SE_WEIGHTS else fused.se_gate
@@ -331,7 +362,7 @@ def _numpy_op(step, plan):
 
 
 _BINDERS = dict(copy=_copy, pointwise=_pointwise, conv=_conv, conv_max_pool=_conv_max_pool, depthwise=_depthwise,
-                inverted_residual=_inverted_residual, fire=_fire, se_gate=_se_gate, dense=_dense, max_pool=_max_pool,
+                inverted_residual=_inverted_residual, fire=_fire, fire_max_pool=_fire_max_pool, se_gate=_se_gate, dense=_dense, max_pool=_max_pool,
                 opaque=_opaque, transpose_conv=_transpose_conv, place=_numpy_op, gap=_numpy_op, scale=_numpy_op, add=_numpy_op, fake_quant=_numpy_op)
 
 __all__ = ["bind", "kernels_for"]
