@@ -71,7 +71,8 @@ def test_pack_panels_layout(n_out, rng):
 
 
 @pytest.mark.parametrize("m", [1, gemm.MR - 1, gemm.MR, gemm.MR + 1, 49])
-@pytest.mark.parametrize("k,n_out", [(1, 17), (24, 144), (7, 1), (33, 16), (16, 24), (40, 33)])
+# k around the tile loop's 4-step passes (gemm.K_UNROLL, for tiles of >= 8 rows): none, one, one plus the rest
+@pytest.mark.parametrize("k,n_out", [(1, 17), (24, 144), (7, 1), (33, 16), (16, 24), (40, 33), (3, 40), (4, 33), (5, 32)])
 @pytest.mark.parametrize("act", [act_k.ACT_NONE, act_k.ACT_RELU, act_k.ACT_RELU6, act_k.ACT_HARD_SWISH,
                                  act_k.ACT_ELU])
 def test_packed_gemm_matches_oracle(m, k, n_out, act, rng):
