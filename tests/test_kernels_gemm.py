@@ -323,3 +323,22 @@ def test_fire_max_pool_matches_naive(n, h, w, c, s_ch, e1, e3, pool, bands, chun
     fused.fire_max_pool(x, pack(ws), bs, relu, pack(w1), b1, relu, pack(w3.reshape(-1, e3)), b3, relu, np.float32(1.0),
                         pk, pk, ps, ps, ppad, ppad, bands, chunk, y)
     _close(y, ref)
+
+
+@pytest.mark.parametrize("n,hw,k,n_out,groups", [(3, 13, 40, 1000, 1), (1, 7, 64, 100, 2), (2, 5, 9, 33, 3)])
+@pytest.mark.parametrize("act", [act_k.ACT_RELU, act_k.ACT_NONE, act_k.ACT_ELU])
+def test_gemm_bias_act_mean_matches_oracle_and_the_two_steps(n, hw, k, n_out, groups, act, rng):
+    """fused.gemm_bias_act_mean (a pointwise conv and the global average pool after it) against float64, and bit
+    for bit against the two steps it replaces: gemm_packed_bias_act, then np.add.reduce over the pixels / H*W."""
+    x = rng.standard_normal((n * hw * hw, k)).astype(np.float32)
+    w = (rng.standard_normal((k, n_out)) / np.sqrt(k)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    ref = _oracle(x, w, b, act).reshape(n, hw * hw, n_out).mean(axis=1)
+    wp, dummy = gemm.pack_panels(w), np.zeros((1, 1), np.float32)
+    y = np.full((n, n_out), np.nan, np.float32)
+    fused.gemm_bias_act_mean(x, wp, n_out, b, act, np.float32(1.0), hw * hw, groups, y)
+    _close(y, ref)
+    conv = np.empty((n * hw * hw, n_out), np.float32)
+    fused.gemm_packed_bias_act(x, wp, n_out, b, dummy, False, dummy, 1, False, act, np.float32(1.0), 37, 1, conv, 0)
+    pooled = np.add.reduce(conv.reshape(n, hw * hw, n_out), axis=1)
+    np.testing.assert_array_equal(y, np.divide(pooled, hw * hw))

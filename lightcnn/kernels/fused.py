@@ -51,7 +51,7 @@ from lightcnn.kernels.depthwise import dw_output_row
 from lightcnn.kernels.gemm import MR, NR, conv_rows, epilogue_tile, gemm_rows
 
 __all__ = ["gemm_bias_act", "gemm_bias_act_serial", "gemm_packed_bias_act", "gemm_packed_bias_act_serial",
-           "conv_im2col_bias_act", "conv_implicit_bias_act", "conv_max_pool", "fire_band", "fire_max_pool", "inverted_residual_band", "se_gate", "se_gate_split", "max_pool_inference", "choose_tile"]
+           "conv_im2col_bias_act", "conv_implicit_bias_act", "conv_max_pool", "fire_band", "fire_max_pool", "gemm_bias_act_mean", "inverted_residual_band", "se_gate", "se_gate_split", "max_pool_inference", "choose_tile"]
 
 # Rows of one GEMM tile. Each BLAS call packs the whole weight matrix, so tiles must not be
 # small (measured on MobileNetV2 shapes: 25-row tiles of a 49-row GEMM cost 25% more than one
@@ -446,6 +446,44 @@ def fire_max_pool(x, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act3, alpha, pkh, p
             rows = np.empty(((c1 - c0) * w, width), dtype=y.dtype)
             _fire_rows(x2d, h, w, n, c0, c1, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act3, rows, NO, alpha, rows, ZERO)
             _pool_rows(rows, c0, h, w, pkh, pkw, psh, psw, ptop, pleft, n, k0, k1, y)
+
+
+@kernel(parallel=True)
+def gemm_bias_act_mean(x2d, wp, n_out, b, act, alpha, rows_per_image, groups, y):
+    """y[n, o] = mean over image n's rows r of act(x2d[r] @ w[:, o] + b[o]): a pointwise conv and the global
+    average pool after it (SqueezeNet's classifier conv, ReLU and pool) in one pass.
+
+    x2d (N*R, K) with R = rows_per_image (H*W); wp = gemm.pack_panels(w (K, O)); b (O,); y (N, O). Work items:
+    (image, group of panels), `groups` per image (more than one when there are fewer images than threads).
+    Each item's conv output goes to a scratch of R x O floats (676 KB for 13x13x1000) that stays in L2 and is
+    summed from there; the conv output of the whole batch (5.4 MB at batch 8) is never written. The sum runs
+    over the pixels in order and is then divided by R in float32, as the pool step (np.add.reduce, np.divide)
+    does, and each conv output is the same FMA chain as in gemm_packed_bias_act: the results are bit-identical.
+    """
+    n_img = y.shape[0]
+    n_panels = (n_out + NR - 1) // NR
+    count = np.float32(rows_per_image)
+    for it in prange(n_img * groups):
+        n = it // groups
+        g = it - n * groups
+        p_lo = g * n_panels // groups
+        p_hi = (g + 1) * n_panels // groups
+        c_lo = p_lo * NR
+        c_hi = min(n_out, p_hi * NR)
+        acc = np.empty((MR, NR), dtype=y.dtype)
+        conv = np.empty((rows_per_image, n_out), dtype=y.dtype)
+        gemm_rows(x2d, n * rows_per_image, (n + 1) * rows_per_image, wp, n_out, p_lo, p_hi, b, conv, NO, act, alpha,
+                  conv, ZERO, ZERO, acc)
+        total = np.empty(c_hi - c_lo, dtype=y.dtype)
+        for c in range(c_hi - c_lo):
+            total[c] = conv[0, c_lo + c]
+        for r in range(1, rows_per_image):
+            row = conv[r]
+            for c in range(c_hi - c_lo):
+                total[c] += row[c_lo + c]
+        yn = y[n]
+        for c in range(c_hi - c_lo):
+            yn[c_lo + c] = total[c] / count
 
 
 # --------------------------------------------------------------------------- inverted residual, fused

@@ -14,6 +14,7 @@ of one image that overhead is most of the time. A plan does that work once:
     Fire's expand 1x1 and 3x3 write side by side into one buffer (no concat copy), and a Fire
     module whose 3x3 expand is stride 1, padded by 1 is one step (`fire`), whose parts are those three steps;
     a KxK conv read only by a max pool is one step with it (`conv_max_pool`), and so is a Fire (`fire_max_pool`);
+    a pointwise conv read only by a global average pool is one step with it (`pointwise_gap`);
   - activations live in an arena of flat buffers planned here: a buffer returns to the
     free list when the last step that reads its tensor has been planned, so a network
     needs a handful of buffers, not one per layer, and they stay warm in cache.
@@ -26,7 +27,7 @@ layer types (the lowering); an engine only maps each op to code:
   numpy   lightcnn.layers.plan_numpy: BLAS matmuls and strided NumPy passes; never imports
           numba, so the first result comes without any compilation.
 
-The ops: copy, pointwise, conv, conv_max_pool, fire_max_pool, depthwise, inverted_residual, fire, se_gate, scale, gap, dense,
+The ops: copy, pointwise, pointwise_gap, conv, conv_max_pool, fire_max_pool, depthwise, inverted_residual, fire, se_gate, scale, gap, dense,
 max_pool, transpose_conv, place (a tensor into a channel range of a wider one, cropped or
 zero-padded at the bottom/right), fake_quant, add, and opaque (a layer the lowering does not know runs its own
 forward; the numba engine only). A layer that simulates a quantised runtime (lightcnn.quantsim
@@ -611,9 +612,10 @@ def _fusable_fire(parts, hw):
 
 def _fuse_conv_max_pool(steps):
     """Steps with each KxK conv that feeds only a max pool merged with it into one `conv_max_pool` step
-    (SqueezeNet's stem), and each Fire without bypass that does into one `fire_max_pool` step, whose parts
-    are the two steps: the numba engine pools each band of the conv or Fire output while it is in cache
-    (fused.conv_max_pool, fused.fire_max_pool); the numpy engine runs the parts."""
+    (SqueezeNet's stem), each Fire without bypass that does into one `fire_max_pool` step, and a pointwise
+    conv read only by a global average pool (SqueezeNet's classifier) into one `pointwise_gap` step, whose
+    parts are the two steps: the numba engine pools the conv or Fire output while it is in cache
+    (fused.conv_max_pool, fused.fire_max_pool, fused.gemm_bias_act_mean); the numpy engine runs the parts."""
     readers = {}
     for step in steps:
         for v in step.vals.values():
@@ -629,6 +631,10 @@ def _fuse_conv_max_pool(steps):
         elif (step.op == "max_pool" and prev is not None and prev.op == "fire" and prev.vals["y"] is step.vals["x"]
               and readers[step.vals["x"].index] == 2 and prev.vals["res"] is None):
             out[-1] = Step("fire_max_pool", prev.name, dict(x=prev.vals["x"], y=step.vals["y"]), dict(parts=[prev, step]))
+        elif (step.op == "gap" and prev is not None and prev.op == "pointwise" and prev.vals["y"] is step.vals["x"]
+              and readers[step.vals["x"].index] == 2 and prev.vals["res"] is None and prev.vals["scale"] is None
+              and prev.params["col0"] == 0 and prev.params["width"] == prev.params["weights"].shape[-1]):
+            out[-1] = Step("pointwise_gap", prev.name, dict(x=prev.vals["x"], y=step.vals["y"]), dict(parts=[prev, step]))
         else:
             out.append(step)
     return out

@@ -92,6 +92,8 @@ def kernels_for(step, plan):
         return [fused.conv_max_pool]
     if op == "fire_max_pool":
         return [fused.fire_max_pool]
+    if op == "pointwise_gap":
+        return [fused.gemm_bias_act_mean]
     if op == "se_gate":
         return [] if step.params["grids"] else [_se_gate_kernel(step, plan)]
     if op == "dense":
@@ -278,6 +280,25 @@ def _fire_max_pool(step, plan):
     return run
 
 
+def _pointwise_gap(step, plan):
+    conv = step.params["parts"][0].params
+    v = step.vals
+    n, h, w, k = v["x"].shape
+    xa, xi = plan.arg(v["x"], (n * h * w, k))
+    ya = plan.arg(v["y"])[0]
+    weights, act, alpha = conv["weights"], conv["act"], conv["alpha"]
+    n_out = weights.shape[-1]
+    # images shared out; at batch 1, each thread takes half the panels (the weights are most of the work)
+    groups = int(min(gemm.panel_count(n_out), -(-max(1, plan.threads) // n)))
+    kern, rows_per_image = _dispatch(fused.gemm_bias_act_mean), h * w
+
+    def run(vals):
+        wp, b = weights.packed()
+        xv = xa if xa is not None else np.ascontiguousarray(vals[xi], dtype=_F32).reshape(n * h * w, k)
+        kern(xv, wp, n_out, b, act, alpha, rows_per_image, groups, ya)
+    return run
+
+
 def _se_gate_kernel(step, plan):
     w1 = step.params["fc1"].shape
     return fused.se_gate_split if plan.threads > 1 and 2 * w1[0] * w1[1] >= SPLIT_MIN_SE_WEIGHTS else fused.se_gate
@@ -362,7 +383,7 @@ def _numpy_op(step, plan):
 
 
 _BINDERS = dict(copy=_copy, pointwise=_pointwise, conv=_conv, conv_max_pool=_conv_max_pool, depthwise=_depthwise,
-                inverted_residual=_inverted_residual, fire=_fire, fire_max_pool=_fire_max_pool, se_gate=_se_gate, dense=_dense, max_pool=_max_pool,
+                inverted_residual=_inverted_residual, fire=_fire, fire_max_pool=_fire_max_pool, pointwise_gap=_pointwise_gap, se_gate=_se_gate, dense=_dense, max_pool=_max_pool,
                 opaque=_opaque, transpose_conv=_transpose_conv, place=_numpy_op, gap=_numpy_op, scale=_numpy_op, add=_numpy_op, fake_quant=_numpy_op)
 
 __all__ = ["bind", "kernels_for"]

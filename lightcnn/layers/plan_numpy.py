@@ -13,7 +13,7 @@ How each op runs (x NHWC float32; the (N*H*W, C) view of x is free):
               the taps are summed in NumPy's inner loop, no temporary per tap;
   inverted_residual  expand, depthwise, project band by band of output rows, so the expanded
               tensor is never written whole (as the numba engine's fused kernel);
-  fire, conv_max_pool, fire_max_pool  their parts (squeeze, expand 1x1, expand 3x3; conv, max pool) as the ops here;
+  fire, conv_max_pool, fire_max_pool, pointwise_gap  their parts (squeeze, expand 1x1, expand 3x3; conv, max pool) as the ops here;
   se_gate, gap, dense, max_pool, scale, add, fake_quant, copy: a few NumPy calls each.
 Work buffers (padded copies, im2col columns, expanded tensors) are shared by all steps of a plan
 (`Scratch`), since steps run one after another: a few MB instead of one set per layer.
@@ -451,5 +451,5 @@ def _parts(step, plan):
 
 
 _BINDERS = dict(copy=_copy, pointwise=_pointwise, conv=_conv, depthwise=_depthwise,
-                inverted_residual=_inverted_residual, fire=_parts, conv_max_pool=_parts, fire_max_pool=_parts, se_gate=_se_gate, scale=_scale, gap=_gap, dense=_dense,
+                inverted_residual=_inverted_residual, fire=_parts, conv_max_pool=_parts, fire_max_pool=_parts, pointwise_gap=_parts, se_gate=_se_gate, scale=_scale, gap=_gap, dense=_dense,
                 max_pool=_max_pool, transpose_conv=_transpose_conv, place=_place, add=_add, fake_quant=_fake_quant)
