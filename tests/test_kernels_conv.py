@@ -486,9 +486,10 @@ def test_conv2d_backward_from_the_kept_im2col_matrix(rng, case):
     from lightcnn.kernels.conv import conv2d_forward_keeping_cols
 
     x, w, b, stride, pad = _conv_inputs(rng, case)
-    y, cols = conv2d_forward_keeping_cols(x, w, b, stride, pad, "relu")
+    # ELU: an activation outside the packed GEMM's epilogue, so float32 takes the im2col route (seed 001's convs)
+    y, cols = conv2d_forward_keeping_cols(x, w, b, stride, pad, "elu")
     assert cols is not None and cols.shape == (int(np.prod(y.shape[:3])), int(np.prod(w.shape[:3])))
-    np.testing.assert_array_equal(y, conv2d_forward(x, w, b, stride, pad, "relu"))
+    np.testing.assert_array_equal(y, conv2d_forward(x, w, b, stride, pad, "elu"))
     g = rng.standard_normal(y.shape).astype(np.float32)
     for need_dx in (True, False):
         want = conv2d_backward(g, x, w, stride, pad, need_dx)
@@ -597,9 +598,9 @@ def test_conv2d_implicit_input_gradient_is_the_same_in_bands_and_on_any_thread_c
     previous = get_num_threads()
     try:
         results = []
-        for threads, band_bytes in ((1, conv_mod._DX_BAND_BYTES), (2, conv_mod._DX_BAND_BYTES), (1, 1)):
+        for threads, band_bytes in ((1, conv_mod._BAND_BYTES), (2, conv_mod._BAND_BYTES), (1, 1)):
             set_num_threads(threads)
-            monkeypatch.setattr(conv_mod, "_DX_BAND_BYTES", band_bytes)
+            monkeypatch.setattr(conv_mod, "_BAND_BYTES", band_bytes)
             results.append(conv2d_backward(g, x, w, stride, pad)[0].copy())
     finally:
         set_num_threads(previous)
@@ -619,3 +620,30 @@ def test_conv2d_input_gradient_falls_back_to_col2im(rng, case, monkeypatch):
     assert calls == [False]
     x64, w64, b64, g64 = _f64(x, w, b, g)
     assert_gradient(dx, lambda: float(np.sum(conv2d_forward(x64, w64, b64, stride, pad) * g64)), x64, "dx", rtol=RTOL)
+
+
+def test_float32_convs_run_on_the_packed_gemm(rng, monkeypatch):
+    # float32 with no activation, ReLU or ReLU6 takes the packed GEMM (forward: pointwise and KxK); float64,
+    # other activations and the pointwise backward the BLAS route, so the float64 gradient checks above cover
+    # that route and the float32 twin and torch tests above cover this one
+    from lightcnn.kernels import fused
+
+    seen = []
+    for name in ("gemm_packed_bias_act", "conv_implicit_bias_act"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name: seen.append(_name) or _real(*a))
+    x, w, b, stride, pad = _conv_inputs(rng, CONV_CASES[1])
+    xp, wp = x[..., :2], rng.standard_normal((2, 3)).astype(np.float32)
+    for act in ("none", "relu", "relu6"):
+        seen.clear()
+        conv2d_forward(x, w, b, stride, pad, act)
+        pointwise_conv_forward(xp, wp, None, act)
+        assert seen == ["conv_implicit_bias_act", "gemm_packed_bias_act"], act
+    seen.clear()
+    pointwise_conv_backward(np.ones(xp.shape[:3] + (3,), np.float32), xp, wp)
+    conv2d_forward(x, w, b, stride, pad, "elu")
+    conv2d_forward(*_f64(x, w, b), stride, pad, "relu")
+    pointwise_conv_forward(*_f64(xp, wp), None, "relu")
+    pointwise_conv_backward(np.ones(xp.shape[:3] + (3,)), *_f64(xp, wp))
+    assert seen == []
+
