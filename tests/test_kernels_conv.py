@@ -647,3 +647,16 @@ def test_float32_convs_run_on_the_packed_gemm(rng, monkeypatch):
     pointwise_conv_backward(np.ones(xp.shape[:3] + (3,)), *_f64(xp, wp))
     assert seen == []
 
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_an_empty_batch_gives_empty_results(dtype):
+    # N = 0 (the packed routes split work per image: no division by the image count)
+    x = np.zeros((0, 5, 5, 3), dtype)
+    w = np.ones((3, 3, 3, 4), dtype)
+    y = conv2d_forward(x, w, None, 1, 1, "relu")
+    dx, dw, db = conv2d_backward(np.zeros((0, 5, 5, 4), dtype), x, w, 1, 1)
+    assert y.shape == (0, 5, 5, 4) and dx.shape == x.shape
+    np.testing.assert_array_equal(dw, 0.0)
+    np.testing.assert_array_equal(db, 0.0)
+    assert pointwise_conv_forward(x, np.ones((3, 2), dtype)).shape == (0, 5, 5, 2)

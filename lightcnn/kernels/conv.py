@@ -380,7 +380,8 @@ def _bands(n_img, h_out, sh, kh, row_bytes):
     """Bands per image of an implicit conv with h_out output rows: buffers of at most _BAND_BYTES (input rows
     of row_bytes, (band - 1)*sh + kh per band), and at least two work items per thread."""
     band_rows = max(1, (_BAND_BYTES // max(row_bytes, 1) - kh) // sh + 1)
-    return min(h_out, max(-(-h_out // band_rows), -(-2 * get_num_threads() // n_img)))
+    per_image = -(-2 * get_num_threads() // max(n_img, 1))  # an empty batch (N = 0) runs no item at all
+    return min(h_out, max(-(-h_out // band_rows), per_image))
 
 
 def _rows_of(shape3, n_out, out, col0, fn):
