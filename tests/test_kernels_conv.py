@@ -486,9 +486,10 @@ def test_conv2d_backward_from_the_kept_im2col_matrix(rng, case):
     from lightcnn.kernels.conv import conv2d_forward_keeping_cols
 
     x, w, b, stride, pad = _conv_inputs(rng, case)
-    y, cols = conv2d_forward_keeping_cols(x, w, b, stride, pad, "relu")
+    # ELU: an activation outside the packed GEMM's epilogue, so float32 takes the im2col route (seed 001's convs)
+    y, cols = conv2d_forward_keeping_cols(x, w, b, stride, pad, "elu")
     assert cols is not None and cols.shape == (int(np.prod(y.shape[:3])), int(np.prod(w.shape[:3])))
-    np.testing.assert_array_equal(y, conv2d_forward(x, w, b, stride, pad, "relu"))
+    np.testing.assert_array_equal(y, conv2d_forward(x, w, b, stride, pad, "elu"))
     g = rng.standard_normal(y.shape).astype(np.float32)
     for need_dx in (True, False):
         want = conv2d_backward(g, x, w, stride, pad, need_dx)
@@ -533,3 +534,129 @@ def test_split_gemms_follow_the_callers_errstate(rng):
     assert np.all(np.isinf(out))
     with pytest.raises(FloatingPointError), np.errstate(over="raise"):
         _gemm.matmul(a, b, np.empty((20011, 48), np.float32))
+
+
+# ----------------------------------------------------------------------------- stride-1 input gradient as a conv
+
+# (N, H, W, C, KH, KW, O, pad (top, bottom, left, right)), stride 1: conv2d_backward computes float32 dx as a
+# convolution of dy with the flipped kernel on packed weights (conv._implicit_input_gradient)
+IMPLICIT_DX_CASES = [
+    (2, 9, 7, 5, 3, 3, 6, (1, 1, 1, 1)),  # "same" 3x3, SqueezeNet's expand
+    (2, 9, 7, 2, 5, 5, 3, (2, 2, 2, 2)),  # 5x5
+    (1, 6, 7, 3, 3, 2, 2, (0, 0, 1, 0)),  # non-square kernel, padding on one side
+    (3, 3, 5, 1, 2, 3, 2, (1, 0, 0, 2)),  # even kernel height, right padding = KW - 1
+    (1, 4, 4, 2, 4, 4, 3, (0, 0, 0, 0)),  # kernel covers the input: a 1x1 dy
+    (1, 1, 1, 3, 3, 3, 4, (1, 1, 1, 1)),  # 1x1 spatial, all taps but one in padding
+    (2, 6, 5, 37, 3, 3, 9, (1, 1, 1, 1)),  # C = 37: dx in a 32-wide and a 16-wide packed panel
+    (1, 5, 6, 50, 3, 3, 7, (2, 1, 0, 2)),  # C = 50: the last panel 32 wide, zero-padded; asymmetric
+]
+
+
+def _spy_implicit(monkeypatch):
+    import lightcnn.kernels.conv as conv_mod
+
+    calls, real = [], conv_mod._implicit_input_gradient
+    monkeypatch.setattr(conv_mod, "_implicit_input_gradient", lambda *a: calls.append(real(*a)) or calls[-1])
+    return calls
+
+
+@pytest.mark.parametrize("case", IMPLICIT_DX_CASES, ids=_ids(IMPLICIT_DX_CASES))
+def test_conv2d_input_gradient_as_a_convolution(rng, case, monkeypatch):
+    # the float32 dx of the implicit path against float64 central differences of the float64 forward (the im2col
+    # GEMM path, itself checked against the loop twin above) and against torch autograd in float64
+    torch = pytest.importorskip("torch")
+    n, h, wd, c, kh, kw, o, pad = case
+    x, w, b, stride, pad = _conv_inputs(rng, (n, h, wd, c, kh, kw, o, (1, 1), pad))
+    g = rng.standard_normal(conv2d_forward(x, w, b, stride, pad).shape).astype(np.float32)
+    calls = _spy_implicit(monkeypatch)
+    dx, dw, db = conv2d_backward(g, x, w, stride, pad)
+    assert calls == [True] and dx.dtype == np.float32
+    x64, w64, b64, g64 = _f64(x, w, b, g)
+    assert_gradient(dx, lambda: float(np.sum(conv2d_forward(x64, w64, b64, stride, pad) * g64)), x64, "dx", rtol=RTOL)
+    F = torch.nn.functional
+    pt, pb, pl, pr = pad
+    xt = torch.tensor(_nchw(x64), requires_grad=True)
+    yt = F.conv2d(F.pad(xt, (pl, pr, pt, pb)), torch.tensor(w64.transpose(3, 2, 0, 1)))
+    yt.backward(torch.tensor(_nchw(g64)))
+    assert _rel(dx, _nhwc(xt.grad)) <= RTOL
+    # dw and db are untouched by the shortcut: the same as without dx
+    _, dw2, db2 = conv2d_backward(g, x, w, stride, pad, need_dx=False)
+    np.testing.assert_array_equal(dw, dw2)
+    np.testing.assert_array_equal(db, db2)
+
+
+@pytest.mark.parametrize("case", [IMPLICIT_DX_CASES[0], IMPLICIT_DX_CASES[7]], ids=["3x3", "asymmetric"])
+def test_conv2d_implicit_input_gradient_is_the_same_in_bands_and_on_any_thread_count(rng, case, monkeypatch):
+    # every dx element is one FMA chain over (p, q, o) in order: one-row bands (each its own zero-bordered
+    # buffer) and 1 or 2 threads give the same bits
+    import lightcnn.kernels.conv as conv_mod
+    from lightcnn._jit import get_num_threads, set_num_threads
+
+    n, h, wd, c, kh, kw, o, pad = case
+    x, w, b, stride, pad = _conv_inputs(rng, (n, h, wd, c, kh, kw, o, (1, 1), pad))
+    g = rng.standard_normal(conv2d_forward(x, w, b, stride, pad).shape).astype(np.float32)
+    previous = get_num_threads()
+    try:
+        results = []
+        for threads, band_bytes in ((1, conv_mod._BAND_BYTES), (2, conv_mod._BAND_BYTES), (1, 1)):
+            set_num_threads(threads)
+            monkeypatch.setattr(conv_mod, "_BAND_BYTES", band_bytes)
+            results.append(conv2d_backward(g, x, w, stride, pad)[0].copy())
+    finally:
+        set_num_threads(previous)
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
+
+
+@pytest.mark.parametrize("case", [
+    (2, 5, 4, 3, 1, 1, 4, (1, 1), (1, 1, 1, 1)),  # padding as large as the kernel: the im2col route
+    (2, 7, 5, 2, 3, 3, 4, (2, 1), (1, 1, 1, 1)),  # stride 2 along H
+], ids=["pad-ge-kernel", "stride"])
+def test_conv2d_input_gradient_falls_back_to_col2im(rng, case, monkeypatch):
+    x, w, b, stride, pad = _conv_inputs(rng, case)
+    g = rng.standard_normal(conv2d_forward(x, w, b, stride, pad).shape).astype(np.float32)
+    calls = _spy_implicit(monkeypatch)
+    dx = conv2d_backward(g, x, w, stride, pad)[0]
+    assert calls == [False]
+    x64, w64, b64, g64 = _f64(x, w, b, g)
+    assert_gradient(dx, lambda: float(np.sum(conv2d_forward(x64, w64, b64, stride, pad) * g64)), x64, "dx", rtol=RTOL)
+
+
+def test_float32_convs_run_on_the_packed_gemm(rng, monkeypatch):
+    # float32 with no activation, ReLU or ReLU6 takes the packed GEMM (forward: pointwise and KxK); float64,
+    # other activations and the pointwise backward the BLAS route, so the float64 gradient checks above cover
+    # that route and the float32 twin and torch tests above cover this one
+    from lightcnn.kernels import fused
+
+    seen = []
+    for name in ("gemm_packed_bias_act", "conv_implicit_bias_act"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name: seen.append(_name) or _real(*a))
+    x, w, b, stride, pad = _conv_inputs(rng, CONV_CASES[1])
+    xp, wp = x[..., :2], rng.standard_normal((2, 3)).astype(np.float32)
+    for act in ("none", "relu", "relu6"):
+        seen.clear()
+        conv2d_forward(x, w, b, stride, pad, act)
+        pointwise_conv_forward(xp, wp, None, act)
+        assert seen == ["conv_implicit_bias_act", "gemm_packed_bias_act"], act
+    seen.clear()
+    pointwise_conv_backward(np.ones(xp.shape[:3] + (3,), np.float32), xp, wp)
+    conv2d_forward(x, w, b, stride, pad, "elu")
+    conv2d_forward(*_f64(x, w, b), stride, pad, "relu")
+    pointwise_conv_forward(*_f64(xp, wp), None, "relu")
+    pointwise_conv_backward(np.ones(xp.shape[:3] + (3,)), *_f64(xp, wp))
+    assert seen == []
+
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_an_empty_batch_gives_empty_results(dtype):
+    # N = 0 (the packed routes split work per image: no division by the image count)
+    x = np.zeros((0, 5, 5, 3), dtype)
+    w = np.ones((3, 3, 3, 4), dtype)
+    y = conv2d_forward(x, w, None, 1, 1, "relu")
+    dx, dw, db = conv2d_backward(np.zeros((0, 5, 5, 4), dtype), x, w, 1, 1)
+    assert y.shape == (0, 5, 5, 4) and dx.shape == x.shape
+    np.testing.assert_array_equal(dw, 0.0)
+    np.testing.assert_array_equal(db, 0.0)
+    assert pointwise_conv_forward(x, np.ones((3, 2), dtype)).shape == (0, 5, 5, 2)

@@ -8,7 +8,9 @@ where xp is x zero-padded by (top, bottom, left, right) = pad.  Output size per 
     H' = (H + top + bottom - KH) // sh + 1          W' = (W + left + right - KW) // sw + 1
 
 Cost: 2*KH*KW*C FLOPs per output element (2*C for pointwise), all of it in one BLAS
-GEMM per chunk of images (split over threads by _split_blas.py, each thread's BLAS on one thread).
+GEMM per chunk of images (split over threads by _split_blas.py, each thread's BLAS on one thread),
+or, for float32 with no activation, ReLU or ReLU6, in the inference's packed-weight GEMM (see
+"packed GEMMs" below: the same sums in another order).
 
 How: a Numba kernel (`im2col`) copies every receptive field into one row of a
 preallocated matrix cols (N*H'*W', KH*KW*C), whose column order (p, q, c) is exactly
@@ -24,7 +26,8 @@ activation_backward first):
 
 col2im is written as a gather (each input pixel sums the cols entries that read it)
 rather than a scatter, so rows of dx are independent and the loop runs in parallel
-without atomics.  cols is recomputed in backward rather than cached from forward when it is
+without atomics.  For a stride-1 float32 conv, dx skips both: it is a convolution of dy
+with the flipped kernel, run on the inference's packed implicit GEMM (`_implicit_input_gradient`).  cols is recomputed in backward rather than cached from forward when it is
 large (im2col is a cheap copy, while caching would keep N*H'*W'*KH*KW*C numbers alive per layer);
 when forward built it in one piece (<= ~32 MB), training keeps it for backward
 (conv2d_forward_keeping_cols, conv2d_backward(cols=)), one copy pass fewer.
@@ -38,11 +41,12 @@ pointwise_conv_forward(x (N,H,W,C), w (C,O), b (O,)) -> y (N,H,W,O).
 
 import numpy as np
 
-from lightcnn._jit import kernel, prange
-from lightcnn.kernels import _reuse
+from lightcnn._jit import get_num_threads, kernel, prange
+from lightcnn.kernels import _reuse, fused
 from lightcnn.kernels._args import _act_code, _bias_or_zeros, _images_per_chunk, _like, _nhwc, _pad4, _pair
 from lightcnn.kernels._split_blas import matmul, matmul_tn
-from lightcnn.kernels.activation import ACT_CHUNK, ACT_NONE, act_inplace
+from lightcnn.kernels.activation import ACT_CHUNK, ACT_NONE, ACT_RELU, ACT_RELU6, act_inplace
+from lightcnn.kernels.gemm import pack_panels
 from lightcnn.kernels.shapes import conv_output_size
 
 
@@ -148,6 +152,14 @@ def bias_act_into(z, bias, act, alpha, out, col0):
             act_inplace(row, act, alpha)
 
 
+def _check_slot(out, col0, shape3, n_out, dtype, fn):
+    if (not isinstance(out, np.ndarray) or out.ndim != 4 or out.shape[:3] != tuple(shape3) or out.dtype != dtype
+            or not out.flags.c_contiguous or not 0 <= col0 <= out.shape[3] - n_out):
+        raise ValueError(f"{fn}: out must be a C-contiguous {dtype} (N,H',W',C_total) with (N,H',W') = "
+                         f"{tuple(shape3)} and room for {n_out} channels from col0 = {col0}, "
+                         f"got {getattr(out, 'shape', None)}")
+
+
 def _epilogue(y, b, code, alpha, out, col0, fn):
     """Bias + activation on a GEMM result y (N,H',W',O): in place, or into channels col0.. of `out`
     (N,H',W',C_total) when given; returns y or that slot of out (a view)."""
@@ -156,10 +168,7 @@ def _epilogue(y, b, code, alpha, out, col0, fn):
         if b is not None or code != ACT_NONE:
             bias_act_epilogue(_bias_or_zeros(b, y, n_out, fn), code, y.dtype.type(alpha), y.reshape(-1, n_out))
         return y
-    if (not isinstance(out, np.ndarray) or out.ndim != 4 or out.shape[:3] != y.shape[:3] or out.dtype != y.dtype
-            or not out.flags.c_contiguous or not 0 <= col0 <= out.shape[3] - n_out):
-        raise ValueError(f"{fn}: out must be a C-contiguous {y.dtype} (N,H',W',C_total) with (N,H',W') = {y.shape[:3]} "
-                         f"and room for {n_out} channels from col0 = {col0}, got {getattr(out, 'shape', None)}")
+    _check_slot(out, col0, y.shape[:3], n_out, y.dtype, fn)
     bias_act_into(y.reshape(-1, n_out), _bias_or_zeros(b, y, n_out, fn), code, y.dtype.type(alpha),
                   out.reshape(-1, out.shape[3]), int(col0))
     return out[..., col0:col0 + n_out]
@@ -213,7 +222,8 @@ def conv2d_forward_keeping_cols(x: np.ndarray, w: np.ndarray, b: np.ndarray | No
                                 act: int = ACT_NONE, alpha: float = 1.0, out: np.ndarray | None = None,
                                 col0: int = 0) -> tuple:
     """conv2d_forward for training: (y, cols), cols (N*H'*W', KH*KW*C) the im2col matrix when it was built
-    in one piece (at most _images_per_chunk's budget, ~32 MB), else None (and None for a plain 1x1 conv).
+    in one piece (at most _images_per_chunk's budget, ~32 MB), else None (and None for a plain 1x1 conv, and
+    for float32 with an activation the packed GEMM's epilogue has: that path builds no im2col matrix).
 
     conv2d_backward(cols=cols) then skips rebuilding it for the weight gradient: a layer keeps it from
     forward to backward only when it is that small (SqueezeNet's 13x13 expand: 12 MB, 1.7 ms a rebuild).
@@ -227,6 +237,8 @@ def conv2d_forward_keeping_cols(x: np.ndarray, w: np.ndarray, b: np.ndarray | No
     kh, kw, _, n_out = w.shape
     k = kh * kw * c_in
     w2d = w.reshape(k, n_out)
+    if _packed(x, code):
+        return _packed_conv(x, w, b, (sh, sw), (pt, pl), (ho, wo), code, out, col0, fn), None
     y = _reuse.empty((n_img, ho, wo, n_out), x.dtype)
     y2d = y.reshape(-1, n_out)
     step = _images_per_chunk(n_img, ho * wo * k * x.itemsize)
@@ -272,7 +284,9 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[
                          f"{(n_img * ho * wo, k)}, got {getattr(cols, 'shape', None)}")
     step = n_img if kept else step
     buf = cols if cols is not None else _reuse.empty((step * ho * wo, k), x.dtype)
-    dcols = _reuse.empty((step * ho * wo if need_dx else 0, k), x.dtype)
+    # dx written here (stride 1, float32) leaves the loop below the weight gradient only
+    dx_cols = None if dx is None or _implicit_input_gradient(dy, w, (sh, sw), (pt, pl), dx) else dx
+    dcols = _reuse.empty((step * ho * wo if dx_cols is not None else 0, k), x.dtype)
     for n0 in range(0, n_img, step):
         n1 = min(n0 + step, n_img)
         rows = slice(n0 * ho * wo, n1 * ho * wo)
@@ -280,11 +294,12 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: tuple[
         if not kept:
             im2col(x[n0:n1], kh, kw, sh, sw, pt, pl, ho, wo, c)
         dw2d += matmul_tn(c, dy2d[rows])
-        if dx is not None:
+        if dx_cols is not None:
             dc = dcols[: (n1 - n0) * ho * wo]
             matmul(dy2d[rows], w2d.T, dc)
-            col2im(dc, kh, kw, sh, sw, pt, pl, ho, wo, zero_bias, ACT_NONE, x.dtype.type(0), dx[n0:n1])
+            col2im(dc, kh, kw, sh, sw, pt, pl, ho, wo, zero_bias, ACT_NONE, x.dtype.type(0), dx_cols[n0:n1])
     return dx, dw2d.reshape(w.shape), db
+
 
 
 # ----------------------------------------------------------------------------- pointwise (1x1)
@@ -309,6 +324,8 @@ def pointwise_conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = 
     code = _act_code(act, fn)
     n_img, h, wd, c_in = x.shape
     n_out = w.shape[1]
+    if _packed(x, code):
+        return _packed_pointwise(x, w, b, code, out, col0, fn)
     y = _reuse.empty((n_img, h, wd, n_out), x.dtype)
     y2d = y.reshape(-1, n_out)
     matmul(x.reshape(-1, c_in), w, y2d)
@@ -332,3 +349,96 @@ def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_d
         matmul(dy2d, w.T, dx.reshape(-1, c_in))
     dw = matmul_tn(x2d, dy2d)
     return dx, dw, (dy2d.sum(axis=0) if db is None else db)
+
+
+# ----------------------------------------------------------------------------- packed GEMMs (float32)
+#
+# Training's float32 GEMMs with fixed weights run on the inference's packed-weight GEMM (lightcnn.kernels.gemm,
+# driven by fused.gemm_packed_bias_act / fused.conv_implicit_bias_act): the weights are packed once per call
+# (they change every step; packing is a copy of K*O floats), the bias and activation go in the tile's epilogue,
+# straight into a channel slot of `out`, and a KxK conv reads its input in place instead of an im2col matrix.
+# Measured in one process, one thread, SqueezeNet's last Fire at batch 32: OpenBLAS + a separate epilogue pass
+# 14.1 ms (3x3 expand: im2col 0.6, GEMM 12.2, epilogue into the slot 1.3) against 12.1 ms. Each output element
+# is one FMA chain over k in order, so the result does not depend on the thread count or the tiling.
+# Float64 (the gradient checks) and activations outside the tile's epilogue keep the BLAS route. The pointwise
+# input gradient dy @ w^T stays on BLAS too: on the packed GEMM it won at K >= O and lost up to 14% where the
+# output is wide and K short (MobileNetV2's 14x14 project, 576 <- 96: 14.5 against 12.7 ms dx + dw, batch 32).
+
+_PACKED_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6)
+# A KxK conv's work item copies its band of input rows, zero-bordered, into a buffer: bands of at most this much
+# buffer, so it stays in L2 (a whole 13x13x256 image is 230 KB: one band; thinner bands re-copy the KH-1 rows
+# they share: 13 one-row bands took 16.2 ms there instead of 11.7 for an input gradient).
+_BAND_BYTES = 512 * 1024
+
+
+def _packed(x, code):
+    """True when a float32 GEMM of x runs on the packed GEMM with activation `code` in its epilogue."""
+    return x.dtype == np.float32 and code in _PACKED_ACTS
+
+
+def _bands(n_img, h_out, sh, kh, row_bytes):
+    """Bands per image of an implicit conv with h_out output rows: buffers of at most _BAND_BYTES (input rows
+    of row_bytes, (band - 1)*sh + kh per band), and at least two work items per thread."""
+    band_rows = max(1, (_BAND_BYTES // max(row_bytes, 1) - kh) // sh + 1)
+    per_image = -(-2 * get_num_threads() // max(n_img, 1))  # an empty batch (N = 0) runs no item at all
+    return min(h_out, max(-(-h_out // band_rows), per_image))
+
+
+def _rows_of(shape3, n_out, out, col0, fn):
+    """Where a packed GEMM writes: (result (N,H',W',O) or out's slot, the (M, C_total) row view, col0)."""
+    if out is None:
+        y = _reuse.empty(tuple(shape3) + (n_out,), np.float32)
+        return y, y.reshape(-1, n_out), 0
+    _check_slot(out, col0, shape3, n_out, np.float32, fn)
+    return out[..., col0:col0 + n_out], out.reshape(-1, out.shape[3]), int(col0)
+
+
+def _packed_pointwise(x, w, b, code, out, col0, fn):
+    """act(x @ w + b) on the packed GEMM: x (N,H,W,C) float32, w (C,O) (any strides) -> (N,H,W,O) or out's slot."""
+    n_out = w.shape[1]
+    y, rows, col0 = _rows_of(x.shape[:3], n_out, out, col0, fn)
+    m = rows.shape[0]
+    fused.gemm_packed_bias_act(x.reshape(m, x.shape[3]), pack_panels(w), n_out, _bias_or_zeros(b, x, n_out, fn),
+                               rows, fused.NO, rows, 1, fused.NO, np.int64(code), np.float32(1.0),
+                               fused.choose_tile(m, get_num_threads()), 1, rows, np.int64(col0))
+    return y
+
+
+def _packed_conv(x, w, b, stride, top_left, out_hw, code, out, col0, fn):
+    """act(conv(x, w) + b) as an implicit GEMM: x (N,H,W,C) float32, w (KH,KW,C,O) -> (N,H',W',O) or out's slot."""
+    kh, kw, c_in, n_out = w.shape
+    (sh, sw), (pt, pl), (ho, wo) = stride, top_left, out_hw
+    y, rows, col0 = _rows_of((x.shape[0], ho, wo), n_out, out, col0, fn)
+    bands = _bands(x.shape[0], ho, sh, kh, ((wo - 1) * sw + kw) * c_in * x.itemsize)
+    fused.conv_implicit_bias_act(x, pack_panels(w.reshape(-1, n_out)), n_out, kh, kw, sh, sw, pt, pl, ho, wo,
+                                 _bias_or_zeros(b, x, n_out, fn), rows, fused.NO, np.int64(code), np.float32(1.0),
+                                 bands, rows, np.int64(col0))
+    return y
+
+
+def _implicit_input_gradient(dy, w, stride, top_left, dx):
+    """dx = the input gradient of a stride-1 float32 conv, as a convolution of dy on packed weights; True when
+    written, False (nothing written) when the shortcut does not apply (another stride or dtype, padding >= the kernel).
+
+    dy (N,H',W',O), w (KH,KW,C,O), dx (N,H,W,C) written. With stride 1,
+        dx[n,h,v,c] = sum_{p,q,o} dy[n, h + pt - p, v + pl - q, o] * w[p,q,c,o]
+    is a KHxKW convolution of dy (zero outside it) with w flipped in both spatial axes and its channel axes
+    swapped, wf[p',q',o,c] = w[KH-1-p', KW-1-q', c, o], padded by KH-1-pt on top and KW-1-pl on the left;
+    the output size H, W implies the bottom and right. Why: the im2col route's GEMM (dy2d @ w2d^T, into an
+    (N*H'*W', KH*KW*C) matrix that col2im then sums) cost SqueezeNet's last 3x3 expand 13.9 + 0.75 ms on one
+    core at batch 32; the implicit GEMM (fused.conv_implicit_bias_act, the inference kernel, reading dy in
+    place through a zero-bordered band buffer) does it in ~11.7 ms, and no 12 MB dcols is written and re-read.
+    Every dx element is one FMA chain over (p', q', o) in order, whatever the thread count.
+    """
+    kh, kw, c_in, n_out = w.shape
+    (sh, sw), (pt, pl) = stride, top_left
+    if dy.dtype != np.float32 or (sh, sw) != (1, 1) or not (0 <= pt < kh and 0 <= pl < kw):
+        return False
+    n_img, h_in, w_in, _ = dx.shape
+    flipped = pack_panels(w[::-1, ::-1].transpose(0, 1, 3, 2).reshape(kh * kw * n_out, c_in))
+    dx2d = dx.reshape(-1, c_in)
+    bands = _bands(n_img, h_in, 1, kh, (w_in + kw - 1) * n_out * dy.itemsize)
+    fused.conv_implicit_bias_act(dy, flipped, c_in, kh, kw, 1, 1, kh - 1 - pt, kw - 1 - pl, h_in, w_in,
+                                 np.zeros(c_in, np.float32), dx2d, fused.NO, ACT_NONE, np.float32(1.0), bands, dx2d,
+                                 fused.ZERO)
+    return True

@@ -26,8 +26,9 @@ correct everywhere, fast where AVX-512 exists. Each output is one FMA chain over
 order: results equal a float32 GEMM up to summation order (the tests compare at 1e-5).
 
 Deliberately absent: packing of the activations (rows are read in place with stride K),
-blocking over K (K <= a few thousand keeps a panel in L2), and a backward pass (training
-uses conv.py's BLAS GEMMs).
+blocking over K (K <= a few thousand keeps a panel in L2), and a backward pass of its own
+(training runs its float32 forward convs and stride-1 input gradients, a convolution of dy, on
+these kernels; its weight gradients, long sums over the batch's pixels, on conv.py's BLAS GEMMs).
 
 Shapes: a (M, K) C-contiguous rows; packed w 1-D (see above); b (O,); res, y (rows, >= col0 + O).
 """
