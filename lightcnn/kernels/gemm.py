@@ -46,7 +46,7 @@ MR = 12  # rows per tile: 2*MR accumulators + 2 weight vectors + 1 broadcast <= 
 NR = 32  # columns per panel (two 16-float vectors)
 # tile_fma_store's k loop runs K_UNROLL steps a pass for tiles of at least UNROLL_MIN_ROWS rows (see counted_loop).
 # One core, CPU time, loaded machine: SqueezeNet's classifier GEMM (1352 x 512 @ 512 x 1000) 129-135 -> 156-165
-# GFLOP/s, MobileNetV2's batch-8 forward 59.7-63.4 -> 53.3-58.6 ms. Compile time +4 s (MobileNetV2 and SqueezeNet
+# GFLOP/s, MobileNetV2's batch-8 forward 59.7-63.4 -> 53.3-60.4 ms. Compile time +4 s (MobileNetV2 and SqueezeNet
 # 1.1: 52 -> 56 s CPU), since each (rows, width) case of the tile is inlined twice; shorter tiles (the last of a
 # GEMM) and the implicit-GEMM convs' k loops (conv_rows: +6 s more, no clear gain) stay single-step.
 K_UNROLL = 4
