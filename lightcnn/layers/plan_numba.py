@@ -229,9 +229,16 @@ def _inverted_residual(step, plan):
     return run
 
 
+def _fire_parts(fire):
+    """A fire step's squeeze params, and the (act, alpha, Weights) its kernels take for its three convs."""
+    squeeze, expand1, expand3 = (part.params for part in fire.params["parts"])
+    return squeeze, [q["act"] for q in (squeeze, expand1, expand3)], squeeze["alpha"], [
+        q["weights"] for q in (squeeze, expand1, expand3)]
+
+
 def _fire(step, plan):
     v = step.vals
-    squeeze, expand1, expand3 = (part.params for part in step.params["parts"])
+    squeeze, acts, alpha, weights = _fire_parts(step)
     xa, xi = plan.arg(v["x"])
     n, h, w, c = v["x"].shape
     width = v["y"].shape[-1]
@@ -239,9 +246,6 @@ def _fire(step, plan):
     use_res = v["res"] is not None
     ra = plan.arg(v["res"], (n * h * w, width))[0] if use_res else _DUMMY2
     bands = fire_bands(n, h, w, squeeze["weights"].shape[-1], plan.threads)
-    acts = [p["act"] for p in (squeeze, expand1, expand3)]
-    alpha = squeeze["alpha"]
-    weights = [p["weights"] for p in (squeeze, expand1, expand3)]
     kern = _dispatch(fused.fire_band)
 
     def run(vals):
@@ -257,7 +261,7 @@ FIRE_POOL_BUFFER_BYTES = 1 << 20
 
 def _fire_max_pool(step, plan):
     fire, pool = step.params["parts"]
-    squeeze, expand1, expand3 = (part.params for part in fire.params["parts"])
+    _, acts, alpha, weights = _fire_parts(fire)
     v = step.vals
     xa, xi = plan.arg(v["x"])
     ya = plan.arg(v["y"])[0]
@@ -268,9 +272,6 @@ def _fire_max_pool(step, plan):
     bands = int(min(p_out, -(-max(1, plan.threads) // n)))  # as few as give every thread an item (fire_bands)
     fire_rows_fit = max(pkh, FIRE_POOL_BUFFER_BYTES // (w * width * 4))
     chunk = int(max(1, (fire_rows_fit - pkh) // psh + 1))
-    acts = [q["act"] for q in (squeeze, expand1, expand3)]
-    alpha = squeeze["alpha"]
-    weights = [q["weights"] for q in (squeeze, expand1, expand3)]
     kern = _dispatch(fused.fire_max_pool)
 
     def run(vals):
