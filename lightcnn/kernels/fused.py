@@ -624,14 +624,24 @@ def _se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s, parts):
                   ZERO, acc)
         gemm_rows(hidden, ZERO, n_img, w2p, c_in, p_lo, p_hi, b2, s, NO, gate, alpha, s, ZERO, ZERO, acc)
         if in_place:
-            c_lo = p_lo * NR
-            c_hi = min(c_in, p_hi * NR)
-            for n in range(n_img):
-                sn = s[n]
-                for p in range(h * w):
-                    xp = x3[n, p]
-                    for c in range(c_lo, c_hi):
-                        xp[c] = xp[c] * sn[c]
+            _scale_channels(x3, s, p_lo * NR, min(c_in, p_hi * NR))
+
+
+@kernel
+def _scale_channels(x3, s, c_lo, c_hi):
+    """x3[n, p, c] *= s[n, c] for channels c_lo <= c < c_hi; x3 (N,P,C), s (N,C).
+
+    The gate is first copied into a local array: multiplying by s[n] directly, LLVM could not rule out that
+    x3 and s overlap and kept the loop scalar (51 us for 28x28x120 on one core, against 7 us vectorised).
+    """
+    gate = np.empty(c_hi - c_lo, dtype=x3.dtype)
+    for n in range(x3.shape[0]):
+        for c in range(c_lo, c_hi):
+            gate[c - c_lo] = s[n, c]
+        for p in range(x3.shape[1]):
+            xp = x3[n, p, c_lo:c_hi]
+            for c in range(c_hi - c_lo):
+                xp[c] *= gate[c]
 
 
 se_gate = kernel(_se_gate)
