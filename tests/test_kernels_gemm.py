@@ -278,8 +278,9 @@ def test_se_gate_matches_oracle(n, h, w, c, s_ch, gate, rng):
         _close(s, ref)
         # in place: x times its image's gate, the float32 products the layer path's multiply makes
         np.testing.assert_array_equal(x, x0 * s[:, None, None, :] if in_place else x0)
-        # split between threads by w2's panels: the same numbers, whatever the number of parts
-        for parts in (2, 3):
+        # the parallel build (images shared out for the pooling and, at batch > 1, the multiply; w2's panels
+        # split in `groups`): the same numbers, whatever the number of groups
+        for parts in (1, 2, 3):
             xs, ss = x0.copy(), np.full((n, c), np.nan, np.float32)
             fused.se_gate_split(xs, gemm.pack_panels(w1), b1, gemm.pack_panels(w2), b2, gate, np.float32(1.0), in_place,
                                 ss, parts)

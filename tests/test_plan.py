@@ -134,6 +134,69 @@ def test_plan_matches_layer_path(arch, rng):
             f = ref_unit
 
 
+@pytest.mark.parametrize("h,k,stride,items,sub_rows", [(9, 3, 1, 1, 2), (12, 5, 2, 2, 1), (7, 5, 1, 3, 3), (10, 3, 2, 1, 5)])
+def test_inverted_residual_band_without_project_matches_oracle(h, k, stride, items, sub_rows, rng):
+    """inverted_residual_band without its project conv (a bottleneck with squeeze-excitation, whose gate reads the
+    depthwise output whole): y = act2(depthwise(act1(x @ w1 + b1)) + bd), against float64 naive references, over
+    bands that share input rows (sub_rows < band) and several items per image."""
+    from tests.reference_conv import pointwise_naive
+    from tests.reference_depthwise_pool import depthwise_conv2d_naive
+
+    n, c, e = 2, 5, 37
+    x = rng.standard_normal((n, h, h + 1, c)).astype(np.float32)
+    w1 = (rng.standard_normal((c, e)) / np.sqrt(c)).astype(np.float32)
+    b1 = rng.standard_normal(e).astype(np.float32)
+    wd = rng.standard_normal((k, k, e)).astype(np.float32)
+    bd = rng.standard_normal(e).astype(np.float32)
+    pad = k // 2
+    expanded = np.clip(pointwise_naive(x.astype(np.float64), w1.astype(np.float64), b1), 0.0, 6.0)  # ReLU6
+    ref = depthwise_conv2d_naive(expanded, wd.astype(np.float64), bd.astype(np.float64), (stride, stride),
+                                 (pad, pad, pad, pad), act=int(act_k.ACT_HARD_SWISH))
+    y = np.full(ref.shape, np.nan, np.float32)
+    dummy = np.zeros(1, np.float32)
+    fused.inverted_residual_band(x, True, gemm.pack_panels(w1), b1, act_k.ACT_RELU6, wd, bd, stride, stride, pad, pad,
+                                 act_k.ACT_HARD_SWISH, False, dummy, dummy, act_k.ACT_NONE, False, np.float32(1.0),
+                                 items, sub_rows, y)
+    _close(y, ref)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "mobilenet_v3_large"])
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
+def test_se_bottlenecks_fuse_expand_and_depthwise(arch, engine, rng, monkeypatch):
+    """A bottleneck with squeeze-excitation runs its expand and depthwise convs as one step (NAME.expand+dw), and
+    its output equals the two steps', at batch 1 and 3, on 1 and 2 threads: bit for bit on the numba engine (the
+    same FMA chains), within float32 rounding on the numpy one (BLAS sums a band's rows in another order)."""
+    from lightcnn.layers import plan as plan_mod
+    from lightcnn.layers.plan import InferencePlan
+
+    model = build(arch)
+    randomise_batchnorm_statistics(model, rng)
+    layers = list(model.features_net.children())
+    blocks = dict(model.features_net.children())["blocks"]
+    with_expand = [f"blocks.{name}" for name, b in blocks.children() if b.se is not None and b.expand is not None]
+    fuse = plan_mod.InferencePlan._inverted_residual_fused
+
+    def only_without_se(self, block, x, name, project=True):
+        return fuse(self, block, x, name, project) if project else None
+
+    for n in (1, 3):
+        x = rng.standard_normal((n,) + tuple(model.input_shape)).astype(np.float32)
+        for threads in (1, 2):
+            plan = InferencePlan(layers, x.shape, engine=engine, threads=threads)
+            fused_steps = [s.name for s in plan.steps if s.name.endswith(".expand+dw")]
+            if threads == 1:  # every one; on 2 threads not those whose bands would leave a thread idle
+                assert fused_steps == [f"{b}.expand+dw" for b in with_expand]
+            assert fused_steps
+            monkeypatch.setattr(plan_mod.InferencePlan, "_inverted_residual_fused", only_without_se)
+            unfused = InferencePlan(layers, x.shape, engine=engine, threads=threads)
+            monkeypatch.undo()
+            assert not any(s.name.endswith(".expand+dw") for s in unfused.steps)
+            if engine == "numba":
+                np.testing.assert_array_equal(plan.run(x), unfused.run(x))
+            else:
+                _close(plan.run(x), unfused.run(x))
+
+
 @pytest.mark.parametrize("arch", ["mobilenet_v3_small", "mobilenet_v3_large"])
 def test_plan_two_threads_equals_one(arch, rng):
     """Work split between two threads (GEMM rows or panels, depthwise rows, squeeze-excitation gates by
@@ -236,6 +299,19 @@ def test_profile_rows_use_plan_times(rng):
     rows = model.trace(np.zeros((1, 64, 64, 3), np.float32), profile=True, repeats=2)
     assert [r["name"] for r in rows][:3] == ["features.stem", "features.blocks.0.dw", "features.blocks.0.project"]
     assert all(r["ms"] >= 0 for r in rows) and sum(r["ms"] for r in rows) > 0
+
+
+def test_profile_gives_a_fused_expand_and_depthwise_step_to_the_expand_row():
+    """A step named NAME.expand+dw (a bottleneck with squeeze-excitation) is timed as one: its time goes to the
+    expand row and the depthwise row says where it went; the gate and project rows keep their own."""
+    from lightcnn.models.base import _attribute_plan_times
+
+    names = ["f.blocks.3.expand", "f.blocks.3.dw", "f.blocks.3.se", "f.blocks.3.project", "f.blocks.4.expand"]
+    rows = [dict(name=name) for name in names]
+    _attribute_plan_times(rows, {"f.blocks.3.expand+dw": 0.5, "f.blocks.3.se": 0.125, "f.blocks.3.project": 0.25,
+                                 "f.blocks.4.expand": 1.0})
+    assert [r["ms"] for r in rows] == [0.5, 0.0, 0.125, 0.25, 1.0]
+    assert [r.get("fused_into") for r in rows] == [None, "f.blocks.3.expand", None, None, None]
 
 
 def test_weights_packed_only_releases_and_restores(rng):

@@ -490,8 +490,8 @@ def gemm_bias_act_mean(x2d, wp, n_out, b, act, alpha, rows_per_image, groups, y)
 
 
 @kernel(parallel=True)
-def inverted_residual_band(x, has_expand, w1p, b1, act1, wd, bd, sh, sw, top, left, act2, w3p, b3, act3, use_res,
-                           alpha, items_per_image, sub_rows, y):
+def inverted_residual_band(x, has_expand, w1p, b1, act1, wd, bd, sh, sw, top, left, act2, has_project, w3p, b3, act3,
+                           use_res, alpha, items_per_image, sub_rows, y):
     """A whole MobileNet bottleneck without squeeze-excitation, band by band:
 
         e = act1(x @ w1 + b1)            expand 1x1   (skipped when not has_expand: e = x)
@@ -499,6 +499,9 @@ def inverted_residual_band(x, has_expand, w1p, b1, act1, wd, bd, sh, sw, top, le
         y = act3(d @ w3 + b3) (+ x)      project 1x1 (+ residual when use_res)
 
     x (N,H,W,C), w1p/w3p = gemm.pack_panels of w1 (C,E) / w3 (E,O), wd (KH,KW,E), y (N,Ho,Wo,O).
+    Without has_project, y = d (N,Ho,Wo,E): a bottleneck with squeeze-excitation, whose gate needs all of d
+    before the project conv can start, still never writes e (e.g. MobileNetV3-Large's 56x56x72 expand
+    before its 28x28 gate: 7 MB at batch 8, written, then read by the depthwise conv).
     The expanded tensor e is E/C (6x) larger than x and is never written to memory: each
     work item (a band of output rows of one image; items_per_image per image) walks down its
     band `sub_rows` output rows at a time, expanding only the input rows the depthwise
@@ -519,7 +522,7 @@ def inverted_residual_band(x, has_expand, w1p, b1, act1, wd, bd, sh, sw, top, le
         oh_start = (it - n * items_per_image) * rows_per_item
         oh_end = min(h_out, oh_start + rows_per_item)
         ebuf = np.empty((cap if has_expand else 1, w_in, e_ch), dtype=y.dtype)
-        dbuf = np.empty((sub_rows, w_out, e_ch), dtype=y.dtype)
+        dbuf = np.empty((sub_rows if has_project else 1, w_out, e_ch), dtype=y.dtype)
         acc = np.empty((MR, NR), dtype=y.dtype)
         n_p1 = (e_ch + NR - 1) // NR
         n_p3 = (c_out + NR - 1) // NR
@@ -550,10 +553,14 @@ def inverted_residual_band(x, has_expand, w1p, b1, act1, wd, bd, sh, sw, top, le
                 buf_lo = lo
                 buf_hi = hi
                 for oh in range(oh0, oh1):
-                    dw_output_row(ebuf, lo, h_in, wd, bd, sh, sw, top, left, act2, alpha, oh, dacc, dbuf[oh - oh0])
+                    dw_output_row(ebuf, lo, h_in, wd, bd, sh, sw, top, left, act2, alpha, oh, dacc,
+                                  dbuf[oh - oh0] if has_project else y[n, oh])
             else:
                 for oh in range(oh0, oh1):
-                    dw_output_row(x[n], np.int64(0), h_in, wd, bd, sh, sw, top, left, act2, alpha, oh, dacc, dbuf[oh - oh0])
+                    dw_output_row(x[n], np.int64(0), h_in, wd, bd, sh, sw, top, left, act2, alpha, oh, dacc,
+                                  dbuf[oh - oh0] if has_project else y[n, oh])
+            if not has_project:
+                continue
             m = (oh1 - oh0) * w_out
             gemm_rows(dbuf[:oh1 - oh0].reshape(m, e_ch), 0, m, w3p, c_out, 0, n_p3, b3, x2d, use_res, act3, alpha, y2d,
                       (n * h_out + oh0) * w_out, 0, acc)
@@ -577,7 +584,7 @@ def band_layout(n_img, h_out, w_in, e_ch, kh, sh, threads, buffer_bytes=1 << 18,
 # --------------------------------------------------------------------------- squeeze-excitation, max pool
 
 
-def _se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s, parts):
+def _se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s, groups):
     """s[n] = gate(relu(mean_hw(x[n]) @ w1 + b1) @ w2 + b2), then x[n] *= s[n] when in_place.
     x (N,H,W,C), s (N,C); w1p = gemm.pack_panels(w1 (C,S)), w2p = gemm.pack_panels(w2 (S,C)); b1 (S,), b2 (C,).
 
@@ -585,26 +592,27 @@ def _se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s, parts):
     the alternative, scaling rows into a scratch copy per GEMM tile (use_scale of gemm_packed_bias_act),
     allocated and wrote a second (rows, C) array per call (~30 us of a 14x14x672 project at batch 1).
 
-    Float32, bias added after the sum as the layer path does. The two dense layers are GEMMs of N rows
-    on packed panels (gemm_rows), accumulators in registers: as Numba loops over the unpacked weights
-    they ran at ~2 GFLOP/s (MobileNetV3-Large's 960 -> 240 -> 960 gate took ~240 us of a ~9 ms forward).
+    Float32, bias added after the sum as the layer path does. The two dense layers are GEMMs on packed panels
+    (gemm_rows), accumulators in registers: as Numba loops over the unpacked weights they ran at ~2 GFLOP/s
+    (MobileNetV3-Large's 960 -> 240 -> 960 gate took ~240 us of a ~9 ms forward).
 
-    `parts` > 1 (the parallel build, se_gate_split): the gate's channels are cut into `parts` groups of
-    w2's panels, one work item each, with no step between items. A gate at batch 1 is bound by streaming
-    its weights (1.8 MB for 960 -> 240 -> 960, read from L3), and the second layer's panels and the
-    multiply divide; x is pooled first, once, and every item runs the first layer whole (C*S
-    multiply-accumulates, what its panels' S inputs need) rather than wait on the others for it. Each output is computed by the same
-    code on any number of parts, so the results are bit-identical.
+    The parallel build (se_gate_split) runs up to three loops of work items. First each image is pooled, one
+    item per image. Then the two dense layers, in `groups` items, each taking a group of w2's panels: a gate
+    at batch 1 is bound by streaming its weights (1.8 MB for 960 -> 240 -> 960, read from L3), and the second
+    layer's panels divide; every item runs the first layer whole (C*S multiply-accumulates per image, what
+    its panels' S inputs need) rather than wait on the others for it. At batch 1 each item also scales its
+    channels of x; at larger batches a third loop does, one item per image, as the pooling does, since
+    these two passes over x are most of a gate's time there. Each output is computed by the same code on
+    any number of items, so the results are bit-identical to the serial build's.
     """
     n_img, h, w, c_in = x.shape
     sq = b1.shape[0]
     inv = 1.0 / (h * w)
     x3 = x.reshape(n_img, h * w, c_in)
-    # Pooled once, before any item scales x in place. No np.zeros out here: in the parallel build
-    # Numba would make each its own parallel region (the loops below stay serial code).
+    # No np.zeros out here: in the parallel build Numba would make each its own parallel region.
     pooled = np.empty((n_img, c_in), dtype=x.dtype)
-    total = np.empty(c_in, dtype=x.dtype)  # the sum in a local array: LLVM cannot prove pooled does not alias x
-    for n in range(n_img):
+    for n in prange(n_img):
+        total = np.empty(c_in, dtype=x.dtype)  # a local sum: LLVM cannot prove pooled does not alias x
         for c in range(c_in):
             total[c] = 0.0
         for p in range(h * w):
@@ -615,33 +623,35 @@ def _se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s, parts):
         for c in range(c_in):
             pn[c] = total[c] * inv
     n_panels = (c_in + NR - 1) // NR
-    for part in prange(parts):
-        p_lo = part * n_panels // parts
-        p_hi = (part + 1) * n_panels // parts
+    for g in prange(groups):
+        p_lo = g * n_panels // groups
+        p_hi = (g + 1) * n_panels // groups
         hidden = np.empty((n_img, sq), dtype=x.dtype)
         acc = np.empty((MR, NR), dtype=x.dtype)
         gemm_rows(pooled, ZERO, n_img, w1p, sq, ZERO, (sq + NR - 1) // NR, b1, hidden, NO, RELU, alpha, hidden, ZERO,
                   ZERO, acc)
         gemm_rows(hidden, ZERO, n_img, w2p, c_in, p_lo, p_hi, b2, s, NO, gate, alpha, s, ZERO, ZERO, acc)
-        if in_place:
-            _scale_channels(x3, s, p_lo * NR, min(c_in, p_hi * NR))
+        if in_place and n_img == 1:
+            _scale_channels(x3, s, ZERO, p_lo * NR, min(c_in, p_hi * NR))
+    if in_place and n_img > 1:
+        for n in prange(n_img):
+            _scale_channels(x3, s, n, ZERO, c_in)
 
 
 @kernel
-def _scale_channels(x3, s, c_lo, c_hi):
-    """x3[n, p, c] *= s[n, c] for channels c_lo <= c < c_hi; x3 (N,P,C), s (N,C).
+def _scale_channels(x3, s, n, c_lo, c_hi):
+    """x3[n, p, c] *= s[n, c] for image n's channels c_lo <= c < c_hi; x3 (N,P,C), s (N,C).
 
     The gate is first copied into a local array: multiplying by s[n] directly, LLVM could not rule out that
     x3 and s overlap and kept the loop scalar (51 us for 28x28x120 on one core, against 7 us vectorised).
     """
     gate = np.empty(c_hi - c_lo, dtype=x3.dtype)
-    for n in range(x3.shape[0]):
-        for c in range(c_lo, c_hi):
-            gate[c - c_lo] = s[n, c]
-        for p in range(x3.shape[1]):
-            xp = x3[n, p, c_lo:c_hi]
-            for c in range(c_hi - c_lo):
-                xp[c] *= gate[c]
+    for c in range(c_lo, c_hi):
+        gate[c - c_lo] = s[n, c]
+    for p in range(x3.shape[1]):
+        xp = x3[n, p, c_lo:c_hi]
+        for c in range(c_hi - c_lo):
+            xp[c] *= gate[c]
 
 
 se_gate = kernel(_se_gate)

@@ -69,6 +69,13 @@ _F32 = np.float32
 # 4.73-4.92 -> 4.50-4.57 ms; one thread the fused blocks take 0.72-0.89x their unfused time).
 _FUSE_MIN_BYTES = 1 << 22
 _FUSE_MIN_IMAGE_BYTES = 1 << 19
+# A bottleneck with squeeze-excitation has its expand and depthwise convs fused into one step whatever its
+# size (the gate needs the whole depthwise output before the project conv, so that is written): interleaved
+# A/B of MobileNetV3-Large, 2 threads, sustained medians, batch 1 0.94x and batch 8 0.95-0.97x the unfused
+# plan's time (the 4 MB / 512 KB thresholds above fused only its 56x56x72 and 14x14x672 blocks: 0.98-0.99x
+# and 0.94-0.99x); one thread 0.91x and 0.98x. The expanded tensor of its 56x56x72 block (7 MB at batch 8)
+# was written, then read by the depthwise conv.
+_FUSE_SE_MIN_BYTES = 0
 
 _KNOWN = (Sequential, Dropout, ConvBNAct, InvertedResidual, Fire, GlobalAvgPool, Dense, MaxPool2d, Flatten, Conv2d,
           DepthwiseConv2d, SqueezeExcite)
@@ -467,10 +474,12 @@ class InferencePlan:
             if fused_y is not None:
                 return fused_y
         self._hold(x)  # the residual reads x after the last conv
-        y = x
-        if block.expand is not None:
-            y = self._lower(block.expand, y, f"{name}.expand")
-        y = self._lower(block.dw, y, f"{name}.dw")
+        y = None if rounding or block.se is None else self._inverted_residual_fused(block, x, name, project=False)
+        if y is None:
+            y = x
+            if block.expand is not None:
+                y = self._lower(block.expand, y, f"{name}.expand")
+            y = self._lower(block.dw, y, f"{name}.dw")
         if block.se is not None:
             if rounding:  # the runtime rounds x * s: its own step
                 y = self._lower(block.se, y, f"{name}.se")
@@ -488,33 +497,43 @@ class InferencePlan:
         self._release(x)
         return y
 
-    def _inverted_residual_fused(self, block, x, name):
-        """The whole block as one step, if it has no SE and a large expanded tensor; else None."""
-        dw, pw = block.dw, block.project
+    def _inverted_residual_fused(self, block, x, name, project=True):
+        """The whole block as one step, if it has no SE and a large expanded tensor; else None.
+
+        project=False, for a block with SE and an expand conv: its expand and depthwise convs as one step
+        (named NAME.expand+dw) whose output, the depthwise conv's, the gate and the project conv then read;
+        x stays alive for them (the residual)."""
+        dw, pw = block.dw, block.project if project else None
         units = [u for u in (block.expand, dw, pw) if u is not None]
-        if block.se is not None or not isinstance(dw.conv, DepthwiseConv2d) or x.buf is None:
+        if (block.se is None) != project or not isinstance(dw.conv, DepthwiseConv2d) or x.buf is None:
+            return None
+        if not project and block.expand is None:  # a depthwise conv alone: nothing to fuse
             return None
         if not all(isinstance(u.conv, Conv2d) and u.conv._is_pointwise(u.conv.pads(1, 1)) and
                    u.conv.kernel == (1, 1) for u in units if u is not dw):
             return None
         n, h, w, c = x.shape
         e = dw.in_ch
-        if n * h * w * e * 4 < _FUSE_MIN_BYTES and h * w * e * 4 < _FUSE_MIN_IMAGE_BYTES:
+        min_bytes = _FUSE_MIN_BYTES if project else _FUSE_SE_MIN_BYTES
+        if n * h * w * e * 4 < min_bytes and h * w * e * 4 < _FUSE_MIN_IMAGE_BYTES:
             return None
         pads = dw.conv.pads(h, w)
         (kh, kw), (sh, sw) = dw.conv.kernel, dw.conv.stride
         ho = conv_output_size(h, kh, sh, pads[0], pads[1])
         wo = conv_output_size(w, kw, sw, pads[2], pads[3])
-        y = self._new((n, ho, wo, pw.out_ch))
+        if not project and n * max(1, ho // 4) < (self.threads or 1):
+            return None  # the band kernel would leave a thread idle (bands of >= 4 rows) where two steps do not
+        y = self._new((n, ho, wo, pw.out_ch if project else e))
         has_expand = block.expand is not None
-        self._step("inverted_residual", name, dict(x=x, y=y),
+        self._step("inverted_residual", name if project else f"{name}.expand+dw", dict(x=x, y=y),
                    expand=Weights(block.expand.folded_weights, (c, e), block.expand) if has_expand else None,
                    depthwise=Weights(dw.folded_weights, (kh, kw, e)),
-                   project=Weights(pw.folded_weights, (e, pw.out_ch), pw),
-                   acts=(int(block.expand.act) if has_expand else 0, int(dw.act), int(pw.act)),
+                   project=Weights(pw.folded_weights, (e, pw.out_ch), pw) if project else None,
+                   acts=(int(block.expand.act) if has_expand else 0, int(dw.act), int(pw.act) if project else 0),
                    alpha=_F32(dw.alpha), stride=(sh, sw), top=pads[0], left=pads[2],
-                   use_res=bool(block.use_residual))
-        self._release(x)
+                   use_res=bool(block.use_residual) and project)
+        if project:
+            self._release(x)
         return y
 
     def _se_gate(self, se, x, name, in_place=False):

@@ -30,9 +30,11 @@ _DUMMY2 = np.zeros((1, 1), _F32)  # stands in for "no residual" / "no SE scale" 
 # 500 k measured the same as 1 M within the noise).
 SERIAL_MAX_MACS = 1_000_000
 SERIAL_MAX_DW_MACS = 400_000
-# Squeeze-excitation gates whose two dense layers hold at least this many weights are split between the
-# threads (fused.se_gate_split): MobileNetV3-Large's 14x14 and 7x7 gates (480-960 channels, 0.5-1.8 MB).
-# Smaller ones (its 28x28 gates, 120 channels, 30 KB) take ~15 us serially, about what a split costs.
+# Squeeze-excitation gates run on the threads (fused.se_gate_split) at batch > 1, the images shared out for
+# the pooling and the multiply (serially they were 12% of MobileNetV3-Large's batch-8 forward on 2 threads),
+# and at batch 1 when their two dense layers hold at least SPLIT_MIN_SE_WEIGHTS weights, which are then
+# split by w2's panels: MobileNetV3-Large's 14x14 and 7x7 gates (480-960 channels, 0.5-1.8 MB). Smaller
+# ones (its 28x28 gates, 120 channels, 30 KB) take ~15 us serially, about what a split costs.
 SPLIT_MIN_SE_WEIGHTS = 64 * 1024
 
 
@@ -217,14 +219,15 @@ def _inverted_residual(step, plan):
     has_expand = w_expand is not None
     act1, act2, act3 = p["acts"]
     alpha, use_res = p["alpha"], p["use_res"]
+    has_project = w_project is not None
     dummy_w, dummy_b = np.zeros(1, _F32), np.zeros(1, _F32)
     kern = _dispatch(fused.inverted_residual_band)
 
     def run(vals):
         w1, b1 = w_expand.packed() if has_expand else (dummy_w, dummy_b)
         wd, bd = w_dw()
-        w3, b3 = w_project.packed()
-        kern(xa, has_expand, w1, b1, act1, wd, bd, sh, sw, top, left, act2, w3, b3, act3, use_res, alpha,
+        w3, b3 = w_project.packed() if has_project else (dummy_w, dummy_b)
+        kern(xa, has_expand, w1, b1, act1, wd, bd, sh, sw, top, left, act2, has_project, w3, b3, act3, use_res, alpha,
              items, sub_rows, ya)
     return run
 
@@ -300,9 +303,15 @@ def _pointwise_gap(step, plan):
     return run
 
 
-def _se_gate_kernel(step, plan):
+def _se_gate_groups(step, plan):
+    """Work items for the gate's dense layers: the threads when its weights are worth splitting, else 1."""
     w1 = step.params["fc1"].shape
-    return fused.se_gate_split if plan.threads > 1 and 2 * w1[0] * w1[1] >= SPLIT_MIN_SE_WEIGHTS else fused.se_gate
+    return plan.threads if plan.threads > 1 and 2 * w1[0] * w1[1] >= SPLIT_MIN_SE_WEIGHTS else 1
+
+
+def _se_gate_kernel(step, plan):
+    split = plan.threads > 1 and (step.vals["x"].shape[0] > 1 or _se_gate_groups(step, plan) > 1)
+    return fused.se_gate_split if split else fused.se_gate
 
 
 def _se_gate(step, plan):
@@ -312,14 +321,13 @@ def _se_gate(step, plan):
 
         return plan_numpy.bind(step, plan)
     (xa, xi), sa = plan.arg(v["x"]), plan.arg(v["s"])[0]
-    kern = _se_gate_kernel(step, plan)
-    parts = plan.threads if kern is fused.se_gate_split else 1
+    kern, groups = _se_gate_kernel(step, plan), _se_gate_groups(step, plan)
     kern, fc1, fc2, gate, alpha = _dispatch(kern), p["fc1"], p["fc2"], p["gate"], _F32(1.0)
     in_place = bool(p["in_place"])
 
     def run(vals):
         (w1, b1), (w2, b2) = fc1.packed(), fc2.packed()
-        kern(xa if xa is not None else vals[xi], w1, b1, w2, b2, gate, alpha, in_place, sa, parts)
+        kern(xa if xa is not None else vals[xi], w1, b1, w2, b2, gate, alpha, in_place, sa, groups)
     return run
 
 

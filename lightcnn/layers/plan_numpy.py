@@ -267,7 +267,7 @@ def _inverted_residual(step, plan):
     def run(vals):
         w1, b1 = w_expand() if w_expand is not None else (None, None)
         wd, bd = w_dw()
-        w3, b3 = w_project()
+        w3, b3 = w_project() if w_project is not None else (None, None)
         for i in range(n):
             xi, yi = xa[i:i + 1], ya[i:i + 1]
             for r0 in range(0, ho, rows_out):
@@ -289,10 +289,12 @@ def _inverted_residual(step, plan):
                 else:
                     band[:, a - lo:b - lo, left:left + w] = xi[:, a:b]
                 rows = r1 - r0
-                out = scratch.take("dw_out", (1, rows, wo, e))
+                out = scratch.take("dw_out", (1, rows, wo, e)) if w_project is not None else yi[:, r0:r1]
                 np.einsum("nhwijc,ijc->nhwc", depthwise_windows(band, (kh, kw), (sh, sw), (rows, wo)), wd, out=out)
                 out += bd
                 activate(out, act2, alpha)
+                if w_project is None:  # squeeze-excitation's gate reads the depthwise output whole
+                    continue
                 projected = np.matmul(out.reshape(-1, e), w3).reshape(1, rows, wo, c_out)
                 projected += b3
                 activate(projected, act3, alpha)

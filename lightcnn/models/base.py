@@ -318,12 +318,22 @@ def _attribute_plan_times(rows, times):
 
     A plan step is named after the unit it runs ("features.blocks.3.project"), after a
     container when it runs several units as one fused kernel ("features.blocks.1" =
-    expand + dw + project), or after a part of a unit. A fused step's time goes to the
-    first unit it covers; the others get 0.0 and row["fused_into"] names that unit.
+    expand + dw + project), after the units it fuses ("features.blocks.3.expand+dw"), or
+    after a part of a unit. A fused step's time goes to the first unit it covers; the
+    others get 0.0 and row["fused_into"] names that unit.
     """
     for r in rows:
         r["ms"] = 0.0
     for step, ms in times.items():
+        parent, _, last = step.rpartition(".")
+        if "+" in last:
+            named = [f"{parent}.{part}" for part in last.split("+")]
+            covered = [r for r in rows if r["name"] in named]
+            if covered:
+                covered[0]["ms"] += ms
+                for r in covered[1:]:
+                    r["fused_into"] = covered[0]["name"]
+                continue
         inside = [r for r in rows if step == r["name"] or step.startswith(r["name"] + ".")]
         if inside:
             inside[0]["ms"] += ms
