@@ -134,6 +134,19 @@ def test_plan_matches_layer_path(arch, rng):
             f = ref_unit
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 7, 960), (3, 1, 1, 5), (8, 13, 13, 17)])
+def test_global_avg_pool_kernel_equals_numpy_and_the_mean(shape, rng):
+    """fused.global_avg_pool (the numba engine's global pool at batch > 1): the float64 mean within float32
+    rounding, and NumPy's np.add.reduce + np.divide (what runs at batch 1, and on the numpy engine) bit for bit."""
+    x = rng.standard_normal(shape).astype(np.float32) * 100
+    n, h, w, c = shape
+    y = np.full((n, c), np.nan, np.float32)
+    fused.global_avg_pool(x.reshape(n, h * w, c), y)
+    _close(y, x.astype(np.float64).mean(axis=(1, 2)))
+    ref = np.add.reduce(x.reshape(n, h * w, c), axis=1)
+    np.testing.assert_array_equal(y, np.divide(ref, h * w))
+
+
 @pytest.mark.parametrize("h,k,stride,items,sub_rows", [(9, 3, 1, 1, 2), (12, 5, 2, 2, 1), (7, 5, 1, 3, 3), (10, 3, 2, 1, 5)])
 def test_inverted_residual_band_without_project_matches_oracle(h, k, stride, items, sub_rows, rng):
     """inverted_residual_band without its project conv (a bottleneck with squeeze-excitation, whose gate reads the

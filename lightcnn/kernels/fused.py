@@ -51,7 +51,7 @@ from lightcnn.kernels.depthwise import dw_output_row
 from lightcnn.kernels.gemm import MR, NR, conv_rows, epilogue_tile, gemm_rows
 
 __all__ = ["gemm_bias_act", "gemm_bias_act_serial", "gemm_packed_bias_act", "gemm_packed_bias_act_serial",
-           "conv_im2col_bias_act", "conv_implicit_bias_act", "conv_max_pool", "fire_band", "fire_max_pool", "gemm_bias_act_mean", "inverted_residual_band", "se_gate", "se_gate_split", "max_pool_inference", "choose_tile"]
+           "conv_im2col_bias_act", "conv_implicit_bias_act", "conv_max_pool", "fire_band", "fire_max_pool", "gemm_bias_act_mean", "inverted_residual_band", "se_gate", "se_gate_split", "max_pool_inference", "global_avg_pool", "choose_tile"]
 
 # Rows of one GEMM tile. Each BLAS call packs the whole weight matrix, so tiles must not be
 # small (measured on MobileNetV2 shapes: 25-row tiles of a 49-row GEMM cost 25% more than one
@@ -486,6 +486,27 @@ def gemm_bias_act_mean(x2d, wp, n_out, b, act, alpha, rows_per_image, groups, y)
             yn[c_lo + c] = total[c] / count
 
 
+@kernel(parallel=True)
+def global_avg_pool(x3, y):
+    """y[n, c] = (the sum over p, in order, of x3[n, p, c]) / P; x3 (N,P,C) (an (N,H,W,C) map with P = H*W),
+    y (N,C). One work item per image. The sum starts from the first pixel and runs in order, and is divided by
+    P in float32, as NumPy's np.add.reduce and np.divide (the batch-1 op) do: the same bits."""
+    n_img, n_pix, c_in = x3.shape
+    count = np.float32(n_pix)
+    for n in prange(n_img):
+        total = np.empty(c_in, dtype=y.dtype)  # a local sum: LLVM cannot prove y does not alias x3
+        first = x3[n, 0]
+        for c in range(c_in):
+            total[c] = first[c]
+        for p in range(1, n_pix):
+            xp = x3[n, p]
+            for c in range(c_in):
+                total[c] += xp[c]
+        yn = y[n]
+        for c in range(c_in):
+            yn[c] = total[c] / count
+
+
 # --------------------------------------------------------------------------- inverted residual, fused
 
 
@@ -611,17 +632,11 @@ def _se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s, groups):
     x3 = x.reshape(n_img, h * w, c_in)
     # No np.zeros out here: in the parallel build Numba would make each its own parallel region.
     pooled = np.empty((n_img, c_in), dtype=x.dtype)
-    for n in prange(n_img):
-        total = np.empty(c_in, dtype=x.dtype)  # a local sum: LLVM cannot prove pooled does not alias x
-        for c in range(c_in):
-            total[c] = 0.0
-        for p in range(h * w):
-            xp = x3[n, p]
-            for c in range(c_in):
-                total[c] += xp[c]
-        pn = pooled[n]
-        for c in range(c_in):
-            pn[c] = total[c] * inv
+    if n_img == 1:  # one image: no parallel region to start (a prange of one item still wakes the pool)
+        _pool_image(x3, ZERO, inv, pooled)
+    else:
+        for n in prange(n_img):
+            _pool_image(x3, n, inv, pooled)
     n_panels = (c_in + NR - 1) // NR
     for g in prange(groups):
         p_lo = g * n_panels // groups
@@ -636,6 +651,22 @@ def _se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s, groups):
     if in_place and n_img > 1:
         for n in prange(n_img):
             _scale_channels(x3, s, n, ZERO, c_in)
+
+
+@kernel
+def _pool_image(x3, n, inv, pooled):
+    """pooled[n, c] = sum over p, in order, of x3[n, p, c], times inv; x3 (N,P,C), pooled (N,C)."""
+    c_in = x3.shape[2]
+    total = np.empty(c_in, dtype=x3.dtype)  # a local sum: LLVM cannot prove pooled does not alias x3
+    for c in range(c_in):
+        total[c] = 0.0
+    for p in range(x3.shape[1]):
+        xp = x3[n, p]
+        for c in range(c_in):
+            total[c] += xp[c]
+    pn = pooled[n]
+    for c in range(c_in):
+        pn[c] = total[c] * inv
 
 
 @kernel
