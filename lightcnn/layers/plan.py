@@ -10,7 +10,8 @@ of one image that overhead is most of the time. A plan does that work once:
   - every unit becomes one step naming an op and its resolved arguments (padding, output
     views, weights); conv + folded batch norm + activation (+ residual add) is one op;
     squeeze-excitation's channel scale is applied in place by the gate step (the project conv then
-    reads the scaled tensor: no scaled copy of it per GEMM tile);
+    reads the scaled tensor: no scaled copy of it per GEMM tile), and such a bottleneck's expand and
+    depthwise convs are one `inverted_residual` step without a project conv (NAME.expand+dw);
     Fire's expand 1x1 and 3x3 write side by side into one buffer (no concat copy), and a Fire
     module whose 3x3 expand is stride 1, padded by 1 is one step (`fire`), whose parts are those three steps;
     a KxK conv read only by a max pool is one step with it (`conv_max_pool`), and so is a Fire (`fire_max_pool`);
