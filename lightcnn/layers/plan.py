@@ -72,10 +72,10 @@ _FUSE_MIN_BYTES = 1 << 22
 _FUSE_MIN_IMAGE_BYTES = 1 << 19
 # A bottleneck with squeeze-excitation has its expand and depthwise convs fused into one step whatever its
 # size (the gate needs the whole depthwise output before the project conv, so that is written): interleaved
-# A/B of MobileNetV3-Large, 2 threads, sustained medians, batch 1 0.94x and batch 8 0.95-0.97x the unfused
-# plan's time (the 4 MB / 512 KB thresholds above fused only its 56x56x72 and 14x14x672 blocks: 0.98-0.99x
-# and 0.94-0.99x); one thread 0.91x and 0.98x. The expanded tensor of its 56x56x72 block (7 MB at batch 8)
-# was written, then read by the depthwise conv.
+# A/B of MobileNetV3-Large, 2 threads, sustained medians, batch 1 0.94x and batch 8 0.97x the unfused plan's
+# time (a 1 MB threshold: batch 8 0.94-0.95x; the 4 MB / 512 KB thresholds above, which fuse only its 56x56x72
+# and 14x14x672 blocks: batch 1 0.98-0.99x, batch 8 0.99-1.01x); one thread 0.91x and 0.98x. The expanded
+# tensor of its 56x56x72 block (7 MB at batch 8) was written, then read by the depthwise conv.
 _FUSE_SE_MIN_BYTES = 0
 
 _KNOWN = (Sequential, Dropout, ConvBNAct, InvertedResidual, Fire, GlobalAvgPool, Dense, MaxPool2d, Flatten, Conv2d,
