@@ -70,13 +70,6 @@ _F32 = np.float32
 # 4.73-4.92 -> 4.50-4.57 ms; one thread the fused blocks take 0.72-0.89x their unfused time).
 _FUSE_MIN_BYTES = 1 << 22
 _FUSE_MIN_IMAGE_BYTES = 1 << 19
-# A bottleneck with squeeze-excitation has its expand and depthwise convs fused into one step whatever its
-# size (the gate needs the whole depthwise output before the project conv, so that is written): interleaved
-# A/B of MobileNetV3-Large, 2 threads, sustained medians, batch 1 0.94x and batch 8 0.97x the unfused plan's
-# time (a 1 MB threshold: batch 8 0.94-0.95x; the 4 MB / 512 KB thresholds above, which fuse only its 56x56x72
-# and 14x14x672 blocks: batch 1 0.98-0.99x, batch 8 0.99-1.01x); one thread 0.91x and 0.98x. The expanded
-# tensor of its 56x56x72 block (7 MB at batch 8) was written, then read by the depthwise conv.
-_FUSE_SE_MIN_BYTES = 0
 
 _KNOWN = (Sequential, Dropout, ConvBNAct, InvertedResidual, Fire, GlobalAvgPool, Dense, MaxPool2d, Flatten, Conv2d,
           DepthwiseConv2d, SqueezeExcite)
@@ -515,8 +508,12 @@ class InferencePlan:
             return None
         n, h, w, c = x.shape
         e = dw.in_ch
-        min_bytes = _FUSE_MIN_BYTES if project else _FUSE_SE_MIN_BYTES
-        if n * h * w * e * 4 < min_bytes and h * w * e * 4 < _FUSE_MIN_IMAGE_BYTES:
+        # Without the project conv (a block with squeeze-excitation) whatever the size: interleaved A/B of
+        # MobileNetV3-Large, 2 threads, sustained medians, batch 1 0.94x and batch 8 0.97x the unfused plan's time
+        # (a 1 MB threshold: batch 8 0.94-0.95x; the thresholds below, which fuse only its 56x56x72 and 14x14x672
+        # blocks: batch 1 0.98-0.99x, batch 8 0.99-1.01x); one thread 0.91x and 0.98x. The expanded tensor of its
+        # 56x56x72 block (7 MB at batch 8) was written, then read by the depthwise conv.
+        if project and n * h * w * e * 4 < _FUSE_MIN_BYTES and h * w * e * 4 < _FUSE_MIN_IMAGE_BYTES:
             return None
         pads = dw.conv.pads(h, w)
         (kh, kw), (sh, sw) = dw.conv.kernel, dw.conv.stride
