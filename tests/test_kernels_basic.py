@@ -249,6 +249,20 @@ def test_batchnorm_train_forward_matches_twin(rng, shape):
     np.testing.assert_array_equal(x, x0)
 
 
+@pytest.mark.parametrize("m", [1, 7, 2048, 5000])  # 5000 rows: three reduction chunks, the last partial
+def test_batch_statistics_against_float64(rng, m):
+    """The float64 channel mean and biased variance of float32 rows, written plainly; an offset of 300 makes
+    a one-pass E[x^2] - E[x]^2 in float32 lose every digit of the variance."""
+    rows = (rng.standard_normal((m, 6)) * np.array([1, 0.01, 2, 3, 0.5, 1]) + 300).astype(np.float32)
+    mean, var = B.batch_statistics(rows)
+    x = rows.astype(np.float64)
+    expect_mean = x.sum(0) / m
+    expect_var = ((x - expect_mean) ** 2).sum(0) / m
+    assert mean.dtype == var.dtype == np.float64
+    np.testing.assert_allclose(mean, expect_mean, rtol=1e-13)
+    np.testing.assert_allclose(var, expect_var, rtol=1e-12)
+
+
 def test_update_running_stats_matches_twin(rng):
     c = 5
     rm, rv = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)

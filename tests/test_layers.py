@@ -229,6 +229,22 @@ def test_batchnorm_training_updates_running_stats(rng):
     np.testing.assert_array_equal(bn.buffers["running_mean"], before)
 
 
+def test_batchnorm_measure_track_averages_the_batch_statistics(rng):
+    """track="measure": the output is the running-statistics BN's, and `measured` is the equal-weight average of
+    the batches' means and unbiased variances (float64, computed plainly here)."""
+    bn = BatchNorm(3)
+    bn.buffers["running_mean"] = np.array([1.0, -2.0, 0.5], np.float32)
+    batches = [(rng.standard_normal((2, 4, 5, 3)) * s + 7).astype(np.float32) for s in (1.0, 3.0)]
+    expect = [bn.forward(x) for x in batches]
+    bn.track = "measure"
+    for x, y in zip(batches, expect):
+        np.testing.assert_array_equal(bn.forward(x, training=True), y)
+    bn.track = None
+    rows = [x.reshape(-1, 3).astype(np.float64) for x in batches]
+    np.testing.assert_allclose(bn.measured[0][:3], np.mean([r.mean(0) for r in rows], 0), rtol=1e-12)
+    np.testing.assert_allclose(bn.measured[1], np.mean([r.var(0, ddof=1) for r in rows], 0), rtol=1e-6)
+
+
 def test_skip_initialisation_gives_zero_weights_only_inside_the_block():
     from lightcnn.layers.basic import skip_initialisation
 

@@ -312,8 +312,9 @@ class BatchNorm(Layer):
             return y
         if self.track != "measure":
             raise ValueError(f"{self.name}: track must be None, 'cumulative' or 'measure', got {self.track!r}")
-        rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        mean, var = rows.mean(0), rows.var(0)
+        # the parallel float64 channel sums of training mode: rows.astype(float64).var(0) made unfolding MobileNetV2's
+        # BN on 425 images take 31 s
+        mean, var = norm_k.batch_statistics(np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
         previous = self.measured or (np.zeros_like(mean), np.ones_like(var))
         self.measured = norm_k.update_running_stats(previous[0], previous[1], mean, var, count, factor)
         scale, shift = self.folded()
