@@ -214,12 +214,16 @@ def add_engine_argument(parser):
 
 
 def engine_note(model, images, name):
-    """One stderr line when auto fell back to NumPy for a long job (> LONG_JOB images), else nothing (or -q)."""
-    if model.engine == "auto" and model.last_engine == "numpy" and images > LONG_JOB:
+    """One stderr line when auto fell back to NumPy for a long job (> LONG_JOB images), else nothing (or -q);
+    once per process and model name (a tuning run fills its feature cache for the training, then the validation
+    images, and printed the same hint twice)."""
+    if model.engine == "auto" and model.last_engine == "numpy" and images > LONG_JOB and name not in _HINTED:
         from lightcnn.engine import compile_hint
 
+        _HINTED.add(name)
         note(f"note: {compile_hint(name)}")
 
 
 #: images above which a job is long enough for the compile hint
 LONG_JOB = 50
+_HINTED = set()  # model names engine_note has given the hint for in this process

@@ -118,3 +118,25 @@ def test_quiet_before_the_subcommand_reaches_it():
     quiet = _run("-m", "lightcnn", "-q", "summary", "mobilenet_v2")
     assert "# registered weights 'mobilenet_v2'" in loud.stderr
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == loud.stdout
+
+
+def test_compile_hint_is_given_once_per_model_name(capsys, monkeypatch):
+    """A long job on the auto engine's NumPy fallback gets the one-line compile hint; later long jobs of the same
+    model in the process (a tuning run's validation fill after its training fill) do not repeat it, another
+    model's do, short jobs and other engines never get it."""
+    from types import SimpleNamespace
+
+    from lightcnn import _cli
+
+    monkeypatch.setattr(_cli, "_HINTED", set())
+    monkeypatch.setattr(_cli, "_level", _cli.NORMAL)
+    fallback = SimpleNamespace(engine="auto", last_engine="numpy")
+    _cli.engine_note(fallback, _cli.LONG_JOB, "mobilenet_v2")  # not long
+    _cli.engine_note(SimpleNamespace(engine="numpy", last_engine="numpy"), 500, "mobilenet_v2")
+    _cli.engine_note(SimpleNamespace(engine="auto", last_engine="numba"), 500, "mobilenet_v2")
+    assert capsys.readouterr().err == ""
+    _cli.engine_note(fallback, 2125, "mobilenet_v2")
+    _cli.engine_note(fallback, 118, "mobilenet_v2")
+    _cli.engine_note(fallback, 500, "squeezenet1_1")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and "lightcnn.compile mobilenet_v2" in lines[0] and "squeezenet1_1" in lines[1], lines
