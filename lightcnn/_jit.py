@@ -29,6 +29,10 @@ Every kernel is decorated with `kernel` (or `kernel(parallel=True)`), never with
   constant (`_widen_literal_arguments`), so every call site shares one compilation.
 - ``fastmath`` is off unless a kernel asks for it *and* its parity tests pass with it on;
   the flag set below excludes ``nnan``/``ninf`` so NaN checks in training still work.
+  ``fastmath="contract"`` allows only fused multiply-add (``a * b + c`` rounded once): no
+  reordering, nothing assumed about NaN or Inf. A polynomial written in Horner form then runs
+  on FMA instructions, as exact or more; an inlined callee keeps its own flags, so its callers
+  need none (ELU's exponential: 75 -> 52 ms on 26 M float32 values, one core).
 - ``parallel=True`` only where it pays on 2 cores; ``LIGHTCNN_NO_PARALLEL=1`` turns it off
   everywhere (useful when profiling or debugging); serial builds then have their own names.
 - Kernels call each other (an activation inside an epilogue). Numba resolves a callee from
@@ -58,6 +62,7 @@ PARALLEL_ENABLED = os.environ.get("LIGHTCNN_NO_PARALLEL", "") not in ("1", "true
 # Reassociation and contraction let LLVM vectorise reductions and use FMA;
 # no-NaN/no-Inf assumptions are deliberately absent.
 FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "reassoc", "afn"})
+_FASTMATH_CHOICES = {False: False, True: FASTMATH_FLAGS, "contract": frozenset({"contract"})}
 
 _lock = threading.RLock()
 _state = {"numba": None, "cache_dir": None, "threads": None}
@@ -79,7 +84,9 @@ class Kernel:
 
     def __init__(self, py_func, parallel, fastmath):
         self.parallel = bool(parallel and PARALLEL_ENABLED)
-        self.fastmath = bool(fastmath)
+        if fastmath not in _FASTMATH_CHOICES:
+            raise ValueError(f"fastmath must be False, True or 'contract', got {fastmath!r}")
+        self.fastmath = _FASTMATH_CHOICES[fastmath]  # False or the LLVM flag set
         if self.parallel:
             py_func = _renamed_copy(py_func, py_func.__name__ + "__parallel")
         self.py_func = py_func
@@ -101,7 +108,7 @@ class Kernel:
                     numba = _numba()
                     _bind_prange(self.py_func, numba)
                     options = dict(nogil=True, error_model="numpy", parallel=self.parallel,
-                                   fastmath=set(FASTMATH_FLAGS) if self.fastmath else False)
+                                   fastmath=set(self.fastmath) if self.fastmath else False)
                     dispatcher = numba.njit(**options)(self.py_func)
                     _widen_literal_arguments(dispatcher)
                     if _state["cache_dir"] is not None:
@@ -130,7 +137,8 @@ class Kernel:
 def kernel(fn=None, *, parallel=False, fastmath=False):
     """Decorate a loop-only function as a cached Numba kernel, compiled on first call.
 
-    Use as ``@kernel`` or ``@kernel(parallel=True, fastmath=True)``; ``kernel(parallel=True)(body)``
+    Use as ``@kernel`` or ``@kernel(parallel=True, fastmath=True)`` (or ``fastmath="contract"``: FMA
+    only, see the module docstring); ``kernel(parallel=True)(body)``
     and ``kernel(body)`` give two variants of one body with separate cache entries.
     """
     def wrap(f):

@@ -212,3 +212,23 @@ def test_a_kernel_called_with_constants_is_compiled_once_for_their_types(tmp_pat
                          text=True, check=True).stdout.split("\n")
     assert out[0] == "5.5 6.0"
     assert out[1] == "1 (float64, int64, bool)"
+
+
+def test_fastmath_contract_fuses_multiply_add_and_nothing_else():
+    """fastmath="contract" rounds a * b + c once (an FMA), where plain kernels round the product first; any other
+    value is refused. a * b = 1 - 2**-60 exactly, which rounds to 1.0 before the add: 0.0 without FMA, -2**-60
+    with it. NaN still propagates (no nnan assumption)."""
+    code = ("import math\n"
+            "from lightcnn._jit import kernel\n"
+            "def mad(a, b, c):\n"
+            "    return a * b + c\n"
+            "fused, plain = kernel(fastmath='contract')(mad), kernel(mad)\n"
+            "a, b = 1.0 + 2.0 ** -30, 1.0 - 2.0 ** -30\n"
+            "print(fused(a, b, -1.0) == -2.0 ** -60, plain(a, b, -1.0) == 0.0, math.isnan(fused(math.nan, b, -1.0)))\n"
+            "try:\n"
+            "    kernel(fastmath='fast')(mad)\n"
+            "except ValueError as exc:\n"
+            "    print('refused:', exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "True True True", out
+    assert out[1].startswith("refused: fastmath must be False, True or 'contract'"), out

@@ -114,14 +114,15 @@ def test_activation_rejects_bad_arguments():
 
 def test_expm1_nonpositive_matches_math_expm1():
     # ELU's exponential (a polynomial and doublings, no libm call) against math.expm1 in float64:
-    # relative error <= 2e-15 from -1e-300 to -1000, and the special values pass through.
+    # relative error <= 1e-15 from -1e-300 to -1000 (6.6e-16 measured on 4 M values, with its FMAs), and the
+    # special values pass through.
     import math
 
     u = -np.concatenate([np.logspace(-300, 3, 20001), np.linspace(0, 45, 20001)])
     ours = np.array([A.expm1_nonpositive(float(v)) for v in u[::7]])
     exact = np.array([math.expm1(v) for v in u[::7]])
     rel = np.abs(ours - exact) / np.maximum(np.abs(exact), 1e-300)
-    assert rel.max() <= 2e-15, f"max relative error {rel.max():.3e} at u = {u[::7][rel.argmax()]}"
+    assert rel.max() <= 1e-15, f"max relative error {rel.max():.3e} at u = {u[::7][rel.argmax()]}"
     assert A.expm1_nonpositive(0.0) == 0.0 and A.expm1_nonpositive(-np.inf) == -1.0
     assert np.isnan(A.expm1_nonpositive(np.nan))
 

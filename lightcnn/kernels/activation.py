@@ -87,7 +87,7 @@ _E1, _E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9, _E10, _E11, _E12, _E13, _E14, _E15 
     1.0 / math.factorial(k) for k in range(1, 16))
 
 
-@kernel
+@kernel(fastmath="contract")  # the Horner steps as FMAs: ELU 75 -> 52 ms on 26 M values, one core
 def expm1_nonpositive(u):
     """expm1(u) = exp(u) - 1 for u <= 0 (NaN stays NaN), in float64, with no call and no branch.
 
@@ -95,8 +95,9 @@ def expm1_nonpositive(u):
     degree-15 Taylor polynomial has relative error < 1e-16, and doubled back six times with
     expm1(2t) = m (m + 2), m = expm1(t): no cancellation near 0, and the relative error does not
     grow (the step's condition number 2(m+1)/(m+2) is <= 1 on (-1, 0]). Measured against
-    math.expm1: < 9e-16 relative over 4 M float64 values in [-1000, -1e-300]; float32 results were
-    identical on 26 M normal samples.
+    math.expm1: < 9e-16 relative over 4 M float64 values in [-1000, -1e-300] with separate multiplies and
+    adds, < 4.5e-16 with the FMAs it is compiled with; float32 results were identical on 26 M normal samples
+    either way.
     """
     u = -40.0 if u < -40.0 else u
     t = u * 0.015625
