@@ -433,6 +433,44 @@ def test_concat_channels_matches_twin(rng, sizes, nhw):
         assert part.flags.c_contiguous
 
 
+def _fitted_ref(a, h, w):
+    """a (N,Ha,Wa,C) cropped or zero-padded at the bottom/right to (N,h,w,C), written plainly."""
+    out = np.zeros((a.shape[0], h, w, a.shape[3]), a.dtype)
+    hh, ww = min(h, a.shape[1]), min(w, a.shape[2])
+    out[:, :hh, :ww] = a[:, :hh, :ww]
+    return out
+
+
+@pytest.mark.parametrize("a_hw", [(4, 5), (6, 7), (3, 9), (1, 1)])  # equal, padded, cropped, mixed, tiny
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_concat_fitted_and_its_gradients_match_twin(rng, a_hw, dtype):
+    a = rng.standard_normal((3,) + a_hw + (5,)).astype(dtype)
+    b = rng.standard_normal((3, 4, 5, 2)).astype(dtype)
+    y = C.concat_fitted(a, b)
+    np.testing.assert_array_equal(y, np.concatenate([_fitted_ref(a, 4, 5), b], axis=-1))
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    g = rng.standard_normal(b.shape).astype(dtype)
+    np.testing.assert_array_equal(C.concat_fitted_grad_a(dy, a.shape), _fitted_ref(dy[..., :5], *a_hw))
+    np.testing.assert_array_equal(C.concat_fitted_grad_b(dy, 5), dy[..., 5:])
+    np.testing.assert_array_equal(C.concat_fitted_grad_b(dy, 5, g), dy[..., 5:] + g)
+
+
+def test_concat_fitted_gradient(rng):
+    a, b = rng.standard_normal((2, 3, 6, 2)), rng.standard_normal((2, 4, 4, 3))
+    g = rng.standard_normal((2, 4, 4, 5))
+    assert_gradient(C.concat_fitted_grad_a(g, a.shape), lambda: float(np.sum(C.concat_fitted(a, b) * g)), a, "da")
+    assert_gradient(C.concat_fitted_grad_b(g, 2), lambda: float(np.sum(C.concat_fitted(a, b) * g)), b, "db")
+
+
+def test_concat_fitted_rejects_mismatch():
+    with pytest.raises(ValueError, match="equal N"):
+        C.concat_fitted(np.zeros((1, 2, 2, 3), np.float32), np.zeros((2, 2, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="a_shape"):
+        C.concat_fitted_grad_a(np.zeros((1, 2, 2, 3), np.float32), (1, 2, 2, 4))
+    with pytest.raises(ValueError, match="g must have shape"):
+        C.concat_fitted_grad_b(np.zeros((1, 2, 2, 3), np.float32), 1, np.zeros((1, 2, 2, 1), np.float32))
+
+
 def test_concat_rejects_mismatch():
     with pytest.raises(ValueError, match=r"xs\[1\]"):
         C.concat_channels([np.zeros((1, 2, 2, 3), np.float32), np.zeros((1, 2, 3, 3), np.float32)])

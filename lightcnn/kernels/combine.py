@@ -2,14 +2,20 @@
 
     concat_channels:  y = [x_1 | x_2 | ...] along C     xs (N,H,W,C_i) -> y (N,H,W,sum C_i)
                       backward splits dy back into the C_i slices (copies, C-contiguous)
+    concat_fitted:    y = [fit(a) | b] along C, a cropped or zero-padded at the bottom/right to b's H x W
+                      (seed 001's skip: a 4x transpose conv of 13x13 gives 52x52 against the skip's 56x56);
+                      backward: da = dy's first slot cropped back to a's H x W (concat_fitted_grad_a),
+                      db = dy's second slot, plus b's gradient from another path (concat_fitted_grad_b)
     add:              y = a + b                           (the inverted-residual shortcut)
                       backward hands dy to both branches
     scale_channels:   y[n,h,w,c] = x[n,h,w,c] * s[n,c]   (the multiply at the end of squeeze-excitation)
                       dx = dy * s[n,c];   ds[n,c] = sum_{h,w} dy[n,h,w,c] * x[n,h,w,c]
 
-Costs are one read and one write per element; everything except the ds reduction is a
-single NumPy broadcast or memcpy, which is already memory-bound, so only the reduction
-is a Numba kernel (parallel over the batch, float64 accumulation).
+Costs are one read and one write per element. A whole-array NumPy broadcast or memcpy is already
+memory-bound; a copy into or out of a channel slot is not (NumPy copies it in C-sized pieces, serially):
+concat_fitted and its backward are parallel kernels (seed 001's 2 x 51 MB skip concatenation at batch
+32 on 2 threads: NumPy's zero-pad, crop and concatenate 44.7 ms, the kernel 8.0). So is the ds
+reduction (parallel over the batch, float64 accumulation).
 
 Deliberately absent: broadcasting in add (shapes must match exactly, a mismatch is a bug in
 the graph), concatenation along other axes, and the squeeze-excitation block itself, which the
@@ -35,6 +41,66 @@ def _scale_channels_ds(dy, x, ds):
                 acc[j] += dy[i, p, j] * x[i, p, j]
         for j in range(c):
             ds[i, j] = acc[j]
+
+
+@kernel(parallel=True)
+def _concat_fitted(a, b, y):
+    """y[n,h,w] = [a[n,h,w] (0 outside a) | b[n,h,w]]; y (N,H,W,Ca+Cb) with b's N, H, W."""
+    n_img, h_out, w_out, cb = b.shape
+    ha, wa, ca = a.shape[1], a.shape[2], a.shape[3]
+    for r in prange(n_img * h_out):
+        n = r // h_out
+        h = r - n * h_out
+        for w in range(w_out):
+            o = y[n, h, w]
+            if h < ha and w < wa:
+                src = a[n, h, w]
+                for c in range(ca):
+                    o[c] = src[c]
+            else:
+                for c in range(ca):
+                    o[c] = 0.0
+            src = b[n, h, w]
+            for c in range(cb):
+                o[ca + c] = src[c]
+
+
+@kernel(parallel=True)
+def _first_slot_fitted(dy, da):
+    """da[n,h,w,c] = dy[n,h,w,c] inside dy's H x W, 0 outside (a's rows/columns that were cropped off)."""
+    n_img, ha, wa, ca = da.shape
+    h_dy, w_dy = dy.shape[1], dy.shape[2]
+    for r in prange(n_img * ha):
+        n = r // ha
+        h = r - n * ha
+        for w in range(wa):
+            o = da[n, h, w]
+            if h < h_dy and w < w_dy:
+                src = dy[n, h, w]
+                for c in range(ca):
+                    o[c] = src[c]
+            else:
+                for c in range(ca):
+                    o[c] = 0.0
+
+
+@kernel(parallel=True)
+def _slot_plus(dy, col0, g, use_g, out):
+    """out[n,h,w,c] = dy[n,h,w,col0 + c] (+ g[n,h,w,c] when use_g); out (N,H,W,C)."""
+    n_img, h_out, w_out, c_out = out.shape
+    for r in prange(n_img * h_out):
+        n = r // h_out
+        h = r - n * h_out
+        for w in range(w_out):
+            o = out[n, h, w]
+            src = dy[n, h, w]
+            if use_g:
+                add = g[n, h, w]
+                for c in range(c_out):
+                    o[c] = src[col0 + c] + add[c]
+            else:
+                for c in range(c_out):
+                    o[c] = src[col0 + c]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -77,6 +143,48 @@ def concat_channels_backward(dy, channel_sizes):
         out.append(np.ascontiguousarray(dy[..., start:start + c]))
         start += c
     return out
+
+
+def concat_fitted(a, b):
+    """[fit(a) | b] along C: a (N,Ha,Wa,Ca) cropped or zero-padded at the bottom/right to b's (N,H,W,Cb)
+    -> y (N,H,W,Ca+Cb). Equal to concat_channels([a cropped/padded, b])."""
+    a, b = _float_nhwc(a, "a"), _float_nhwc(b, "b")
+    if a.shape[0] != b.shape[0] or a.dtype != b.dtype:
+        raise ValueError(f"a and b must have equal N and dtype, got {a.shape} {a.dtype} and {b.shape} {b.dtype}")
+    n, h, w, cb = b.shape
+    y = _reuse.empty((n, h, w, a.shape[3] + cb), a.dtype)
+    _concat_fitted(np.ascontiguousarray(a), np.ascontiguousarray(b), y)
+    return y
+
+
+def concat_fitted_grad_a(dy, a_shape):
+    """dy (N,H,W,Ca+Cb) of concat_fitted(a, b), a's shape (N,Ha,Wa,Ca) -> da (N,Ha,Wa,Ca): dy's first Ca
+    channels cropped back to Ha x Wa (zeros where a was cropped off)."""
+    dy = _float_nhwc(dy, "dy")
+    a_shape = tuple(int(v) for v in a_shape)
+    if len(a_shape) != 4 or a_shape[0] != dy.shape[0] or not 0 <= a_shape[3] <= dy.shape[3]:
+        raise ValueError(f"a_shape must be (N,Ha,Wa,Ca) with N = {dy.shape[0]} and Ca <= {dy.shape[3]}, got {a_shape}")
+    da = _reuse.empty(a_shape, dy.dtype)
+    _first_slot_fitted(np.ascontiguousarray(dy), da)
+    return da
+
+
+def concat_fitted_grad_b(dy, ca, g=None):
+    """dy (N,H,W,Ca+Cb) of concat_fitted(a, b) -> db (N,H,W,Cb): dy's channels ca.., plus g (N,H,W,Cb) when
+    given (b's gradient along another path, added in the same pass)."""
+    dy = np.ascontiguousarray(_float_nhwc(dy, "dy"))
+    n, h, w, c = dy.shape
+    if not 0 <= ca <= c:
+        raise ValueError(f"ca must be within 0..{c}, got {ca}")
+    db = _reuse.empty((n, h, w, c - ca), dy.dtype)
+    if g is None:
+        _slot_plus(dy, ca, db, False, db)
+        return db
+    g = np.asarray(g)
+    if g.shape != db.shape:
+        raise ValueError(f"g must have shape {db.shape}, got {g.shape}")
+    _slot_plus(dy, ca, np.ascontiguousarray(g, dtype=dy.dtype), True, db)
+    return db
 
 
 # --------------------------------------------------------------------------- add

@@ -138,8 +138,7 @@ class CovidSqueezeFeatures(Layer):
     def forward(self, x, training=False):
         skip = self.early.forward(x, training)
         up = self.upsample.forward(self.late.forward(skip, training), training)
-        up_fit = _fit_spatial(up, skip.shape[1], skip.shape[2])
-        cat = combine_k.concat_channels([up_fit, skip])
+        cat = combine_k.concat_fitted(up, skip)  # up cropped or zero-padded to the skip's H x W
         if training:  # cat holds `up` itself when no crop/pad was needed: its backward reads it there
             self.cache = (up.shape, skip.shape[3], cat if up.shape[1:3] == skip.shape[1:3] else None)
         return self.fuse.forward(cat, training)
@@ -164,20 +163,8 @@ class CovidSqueezeFeatures(Layer):
         if cat is not None:  # the upsampling's gradient straight from its slot of dcat and cat: no split copies
             dlate = self.upsample.backward_from_slot(dcat, cat, 0)
         else:
-            dup = _fit_spatial(np.ascontiguousarray(dcat[..., :up_ch]), up_shape[1], up_shape[2])
-            dlate = self.upsample.backward(dup)
-        dskip = np.add(dcat[..., up_ch:], self.late.backward(dlate))
-        return self.early.backward(dskip)
-
-
-def _fit_spatial(x, height, width):
-    """Crop or zero-pad x (N,H,W,C) at the bottom/right to (N,height,width,C)."""
-    x = x[:, :height, :width, :]
-    if x.shape[1] == height and x.shape[2] == width:
-        return np.ascontiguousarray(x)
-    out = np.zeros((x.shape[0], height, width, x.shape[3]), x.dtype)
-    out[:, :x.shape[1], :x.shape[2], :] = x
-    return out
+            dlate = self.upsample.backward(combine_k.concat_fitted_grad_a(dcat, up_shape))
+        return self.early.backward(combine_k.concat_fitted_grad_b(dcat, up_ch, self.late.backward(dlate)))
 
 
 class _TransposeAct(Layer):
