@@ -181,6 +181,31 @@ def test_pool_rejects_bad_arguments():
         global_avg_pool_backward(np.zeros((2, 3), np.float32), x.shape)
 
 
+def test_max_pool_backward_rejects_argmax_outside_the_plane():
+    dy = np.ones((2, 2, 2, 3), np.float32)
+    for bad in (-1, 16):  # the 4x4 plane's indices are 0..15
+        argmax = np.zeros(dy.shape, np.int64)
+        argmax[1, 1, 0, 2] = bad
+        with pytest.raises(ValueError, match="outside the 4x4 input plane"):
+            max_pool2d_backward(dy, argmax, (2, 4, 4, 3))
+
+
+def test_max_pool_backward_zeroes_a_reused_buffer(rng):
+    # Inside training's reusing_arrays() dx comes from a freed buffer holding old values: the kernel zeroes it.
+    from lightcnn.kernels import _reuse
+
+    x = _distinct(rng, (2, 40, 40, 400)).astype(np.float32)  # dx 5 MB, above the pool's 4 MiB threshold
+    y, argmax = max_pool2d_forward(x, 3, 2)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    expected = np.zeros(x.shape, np.float32)  # the scatter written plainly
+    n, _, _, c = np.indices(argmax.shape)
+    np.add.at(expected, (n, argmax // x.shape[2], argmax % x.shape[2], c), g)
+    with _reuse.reusing_arrays():
+        _reuse.empty(x.shape, np.float32).fill(np.nan)  # freed at once, handed out again below
+        dx = max_pool2d_backward(g, argmax, x.shape)
+    np.testing.assert_array_equal(dx, expected)
+
+
 # --------------------------------------------------------------------------- gradient checks (float64)
 
 GRAD_DW_CASES = [
