@@ -468,6 +468,22 @@ def test_fresh_augmentation_differs_per_epoch_and_repeats_per_seed(workspace):
     assert config["views"] == 0 and config["augment"]["hflip"] == {"p": 0.5}
 
 
+def test_fresh_views_do_not_depend_on_the_loader_threads(workspace, monkeypatch):
+    """The threaded loader gives, in item order, exactly the views a plain loop over load_view gives."""
+    import lightcnn
+    from lightcnn.train import features as F
+
+    clf = lightcnn.load(str(workspace / "tiny.h5"))
+    items = sorted((workspace / "data").rglob("*.png"))[:9]
+    prep = clf.preprocessing
+    augmenter = F.make_augmenter(F.augment_config("light"), prep)
+    plain_loop = np.stack([F.load_view(p, prep, augmenter, F.epoch_view_rng(p, 3, 7)) for p in items])
+    for threads in (1, 3):
+        monkeypatch.setattr(F, "_LOADER_THREADS", threads)
+        views = F.fresh_views(clf.model, items, prep, "light", 7, "all", batch_size=4)(3)
+        np.testing.assert_array_equal(views, plain_loop)
+
+
 def test_input_size_travels_to_best_h5(workspace):
     """--input-size 48 on 32-pixel weights: best.h5 preprocesses to 48 (resize side scaled 36 -> 54) and
     predicts at that size."""

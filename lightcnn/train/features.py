@@ -39,7 +39,9 @@ import sys
 import time
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +148,9 @@ def epoch_view_rng(path, epoch, seed):
     return np.random.default_rng([int(seed), int(epoch), h, 1])
 
 
+_LOADER_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
 def fresh_views(model, dataset_items, preprocessing, augment, seed, unfreeze, batch_size=16):
     """A callable epoch -> (N, ...) float32: every item augmented anew for that epoch (epoch_view_rng) and run
     through the frozen part (unfreeze as in split_backbone; "all": the images themselves). Nothing is cached:
@@ -154,12 +159,18 @@ def fresh_views(model, dataset_items, preprocessing, augment, seed, unfreeze, ba
     augmenter = make_augmenter(augment_config(augment), preprocessing)
     prefix, _ = split_backbone(model, unfreeze)
 
+    def one(path, epoch):
+        return load_view(path, preprocessing, augmenter, epoch_view_rng(path, epoch, seed))
+
     def inputs(epoch):
         out = []
-        for start in range(0, len(paths), batch_size):
-            batch = np.stack([load_view(p, preprocessing, augmenter, epoch_view_rng(p, epoch, seed))
-                              for p in paths[start:start + batch_size]])
-            out.append(np.ascontiguousarray(frozen_output(model, prefix, unfreeze, batch), dtype=np.float32))
+        # Decoding and augmenting run in threads (PIL and most of NumPy release the GIL): seed 001's 425 CT
+        # slices per epoch took 1.8-1.9 s serially, 1.1-1.3 s on 2 threads. Each image has its own generator
+        # (epoch_view_rng), so the views do not depend on the thread count or order.
+        with ThreadPoolExecutor(max_workers=_LOADER_THREADS, thread_name_prefix="lightcnn-load") as pool:
+            for start in range(0, len(paths), batch_size):
+                batch = np.stack(list(pool.map(one, paths[start:start + batch_size], repeat(epoch))))
+                out.append(np.ascontiguousarray(frozen_output(model, prefix, unfreeze, batch), dtype=np.float32))
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     return inputs
