@@ -62,6 +62,9 @@ class ConvBNAct(Layer):
             w, b = self.folded_weights()
             if x.dtype != w.dtype:
                 w, b = w.astype(x.dtype), (None if b is None else b.astype(x.dtype))
+            if out is not None and isinstance(self.conv, Conv2d):  # straight into the slot
+                return self.conv.forward(x, False, weight=w, bias=b, act=self.act, alpha=self.alpha, out=out,
+                                         col0=col0)
             y = self.conv.forward(x, False, weight=w, bias=b, act=self.act, alpha=self.alpha)
             return y if out is None else _into(out, col0, y)
         self._folded = None  # training may move BN statistics and weights
@@ -268,14 +271,12 @@ class Fire(Layer):
 
     def forward(self, x, training=False):
         s = self.squeeze.forward(x, training)
-        if not training:
-            y = combine_k.concat_channels([self.expand1x1.forward(s), self.expand3x3.forward(s)])
-            return y + x if self.bypass else y
-        # Both expand units write their slot of one output: no concatenation pass, and backward reads each
-        # slot's gradient straight from dy (no split copies).
+        # Both expand units write their slot of one output: no concatenation pass (a serial NumPy copy of the
+        # whole output: 0.2 s of seed 001's 1.7 s validation pass), and backward reads each slot's gradient
+        # straight from dy (no split copies).
         y = _reuse.empty(s.shape[:3] + (self.out_ch,), s.dtype)
-        self.expand1x1.forward(s, True, out=y, col0=0)
-        self.expand3x3.forward(s, True, out=y, col0=self.expand1x1.out_ch)
+        self.expand1x1.forward(s, training, out=y, col0=0)
+        self.expand3x3.forward(s, training, out=y, col0=self.expand1x1.out_ch)
         return y + x if self.bypass else y
 
     def backward(self, dy):

@@ -231,16 +231,19 @@ class Model(Layer):
             if not (profile and not fast):
                 original = self._unit_runner(layer, path)
 
-            def traced(inp, training=False, _layer=layer, _path=path, _orig=original):
+            def traced(inp, training=False, out=None, col0=0, _layer=layer, _path=path, _orig=original):
                 start = time.perf_counter()
                 for _ in range(repeats if profile else 1):
-                    out = _orig(inp, training)
+                    y = _orig(inp, training)
                 elapsed = (time.perf_counter() - start) / (repeats if profile else 1)
                 params = sum(v.size for _, _, _, v in _layer.named_parameters())
-                rows.append(dict(name=_path, kind=repr(_layer), in_shape=tuple(inp.shape), out_shape=tuple(out.shape),
-                                 params=params, macs=_layer.macs(inp.shape, out.shape) // max(inp.shape[0], 1),
+                rows.append(dict(name=_path, kind=repr(_layer), in_shape=tuple(inp.shape), out_shape=tuple(y.shape),
+                                 params=params, macs=_layer.macs(inp.shape, y.shape) // max(inp.shape[0], 1),
                                  ms=elapsed * 1e3))
-                return out
+                if out is None:
+                    return y
+                out[..., col0:col0 + y.shape[-1]] = y  # a unit asked to write into its slot (Fire's expands)
+                return out[..., col0:col0 + y.shape[-1]]
 
             layer.forward = traced
             originals.append((path, layer))
