@@ -455,6 +455,16 @@ def test_concat_fitted_and_its_gradients_match_twin(rng, a_hw, dtype):
     np.testing.assert_array_equal(C.concat_fitted_grad_b(dy, 5, g), dy[..., 5:] + g)
 
 
+@pytest.mark.parametrize("x_hw", [(4, 5), (6, 7), (3, 9)])
+def test_place_fitted_writes_only_its_slot(rng, x_hw):
+    x = rng.standard_normal((2,) + x_hw + (3,)).astype(np.float32)
+    y = rng.standard_normal((2, 4, 5, 8)).astype(np.float32)
+    expected = y.copy()
+    expected[..., 2:5] = _fitted_ref(x, 4, 5)
+    C.place_fitted(x, y, 2)
+    np.testing.assert_array_equal(y, expected)
+
+
 def test_concat_fitted_gradient(rng):
     a, b = rng.standard_normal((2, 3, 6, 2)), rng.standard_normal((2, 4, 4, 3))
     g = rng.standard_normal((2, 4, 4, 5))

@@ -172,6 +172,23 @@ def test_conv_transpose_fused_activation(rng, act):
     np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
 
 
+def test_conv_transpose_into_out_with_kept_scratch(rng):
+    """out= and scratch= (an inference plan's buffers, kept between calls) give the plain call's result; the
+    stamp matrix is made once and reused; a wrong `out` is refused."""
+    x, w, b, stride, pad, op = _transpose_inputs(rng, TRANSPOSE_CASES[3])
+    expected = conv_transpose2d_forward(x, w, b, stride, pad, op, act=ACTIVATIONS["elu"])
+    out, scratch = np.full(expected.shape, np.nan, np.float32), {}
+    for _ in range(2):
+        y = conv_transpose2d_forward(x, w, b, stride, pad, op, act=ACTIVATIONS["elu"], out=out, scratch=scratch)
+        assert y is out
+        np.testing.assert_array_equal(out, expected)
+    cols = scratch["cols"]
+    conv_transpose2d_forward(x, w, b, stride, pad, op, out=out, scratch=scratch)
+    assert scratch["cols"] is cols
+    with pytest.raises(ValueError, match="out must be C-contiguous"):
+        conv_transpose2d_forward(x, w, b, stride, pad, op, out=np.zeros(expected.shape[:3] + (1,), np.float32))
+
+
 def test_chunked_equals_unchunked(rng, monkeypatch):
     """A one-image im2col buffer (the large-batch path) gives the same results."""
     x, w, b, stride, pad = _conv_inputs(rng, CONV_CASES[1])

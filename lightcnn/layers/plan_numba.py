@@ -13,6 +13,7 @@ import contextlib
 
 import numpy as np
 
+from lightcnn.kernels import combine as combine_k
 from lightcnn.kernels import conv as conv_k
 from lightcnn.kernels import depthwise as dw_k
 from lightcnn.kernels import transpose as tconv_k
@@ -104,6 +105,8 @@ def kernels_for(step, plan):
         return [fused.max_pool_inference]
     if op == "transpose_conv":
         return [conv_k.col2im]
+    if op == "place":
+        return [combine_k.place_fitted]
     if op == "gap" and step.vals["x"].shape[0] > 1:
         return [fused.global_avg_pool]
     return []  # copy, gap at batch 1, scale, add, fake_quant: NumPy; opaque: the layer's own path
@@ -369,10 +372,22 @@ def _transpose_conv(step, plan):
     weights, stride, pads, op, act, alpha = (p["weights"], p["stride"], p["pads"], p["output_padding"], p["act"],
                                             p["alpha"])
 
+    scratch = {}  # the stamp matrix, kept by the plan's step
+
     def run(vals):
         w, b = weights()
         xv = x[0] if x[0] is not None else vals[x[1]]
-        ya[...] = tconv_k.conv_transpose2d_forward(xv, w, b, stride, pads, op, act, alpha)
+        tconv_k.conv_transpose2d_forward(xv, w, b, stride, pads, op, act, alpha, out=ya, scratch=scratch)
+    return run
+
+
+def _place(step, plan):
+    """A tensor into a channel slot of a wider one (cropped or zero-padded), in parallel rows."""
+    x, ya = plan.arg(step.vals["x"]), plan.arg(step.vals["y"])[0]
+    kern, col0 = _dispatch(combine_k.place_fitted), int(step.params["col0"])
+
+    def run(vals):
+        kern(x[0] if x[0] is not None else np.ascontiguousarray(vals[x[1]], dtype=_F32), ya, col0)
     return run
 
 
@@ -409,6 +424,6 @@ def _numpy_op(step, plan):
 
 _BINDERS = dict(copy=_copy, pointwise=_pointwise, conv=_conv, conv_max_pool=_conv_max_pool, depthwise=_depthwise,
                 inverted_residual=_inverted_residual, fire=_fire, fire_max_pool=_fire_max_pool, pointwise_gap=_pointwise_gap, se_gate=_se_gate, dense=_dense, max_pool=_max_pool,
-                opaque=_opaque, transpose_conv=_transpose_conv, place=_numpy_op, gap=_gap, scale=_numpy_op, add=_numpy_op, fake_quant=_numpy_op)
+                opaque=_opaque, transpose_conv=_transpose_conv, place=_place, gap=_gap, scale=_numpy_op, add=_numpy_op, fake_quant=_numpy_op)
 
 __all__ = ["bind", "kernels_for"]
