@@ -242,7 +242,9 @@ CONV_POOL_CASES = [
 
 
 @pytest.mark.parametrize("shape,k,stride,pad,pk,ps,ppad,ceil,bands", CONV_POOL_CASES)
-@pytest.mark.parametrize("act", [act_k.ACT_NONE, act_k.ACT_RELU, act_k.ACT_ELU])
+# ReLU, ReLU6 and ELU commute with the max and run on the pooled values; hard-swish does not (it dips below 0
+# and rises again) and must stay in the conv's epilogue: its oracle pools the activated conv output.
+@pytest.mark.parametrize("act", [act_k.ACT_NONE, act_k.ACT_RELU, act_k.ACT_RELU6, act_k.ACT_ELU, act_k.ACT_HARD_SWISH])
 def test_conv_max_pool_matches_naive(shape, k, stride, pad, pk, ps, ppad, ceil, bands, act, rng):
     x = rng.standard_normal(shape).astype(np.float32)
     n_out = 20

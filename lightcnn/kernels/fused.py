@@ -46,7 +46,7 @@ summation order (the tests compare them at 1e-5).
 import numpy as np
 
 from lightcnn._jit import kernel, prange
-from lightcnn.kernels.activation import ACT_RELU
+from lightcnn.kernels.activation import ACT_ELU, ACT_HARD_SWISH, ACT_RELU, act_inplace
 from lightcnn.kernels.depthwise import dw_output_row
 from lightcnn.kernels.gemm import MR, NR, conv_rows, epilogue_tile, gemm_rows
 
@@ -310,6 +310,9 @@ def conv_max_pool(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, act, alpha, p
     """
     n_img = x.shape[0]
     _, p_out, q_out, _ = y.shape
+    # A non-decreasing activation commutes with max (act(max v) = max act(v), NaN included), so it runs on the
+    # pooled values: a quarter as many under a 3x3/2 pool (seed 001's ELU stem at batch 8: 12.2 -> 3.2 ms).
+    after = act != 0 and act != ACT_HARD_SWISH and not (act == ACT_ELU and not alpha >= 0)
     for it in prange(n_img * bands):
         n = it // bands
         band = it - n * bands
@@ -321,9 +324,13 @@ def conv_max_pool(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, act, alpha, p
         c1 = min(ho, (q1 - 1) * psh - ptop + pkh)
         conv = np.empty(((c1 - c0) * wo, n_out), dtype=y.dtype)
         acc = np.empty((MR, NR), dtype=y.dtype)
-        _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, conv, NO, act, alpha, n, c0, c1, conv, ZERO, ZERO,
-                   acc)
+        _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, conv, NO, 0 if after else act, alpha, n, c0, c1,
+                   conv, ZERO, ZERO, acc)
         _pool_rows(conv, c0, ho, wo, pkh, pkw, psh, psw, ptop, pleft, n, q0, q1, y)
+        if after:
+            for i in range(q0, q1):
+                for j in range(q_out):
+                    act_inplace(y[n, i, j], act, alpha)
 
 
 @kernel
