@@ -503,11 +503,13 @@ def test_conv2d_backward_from_the_kept_im2col_matrix(rng, case):
     from lightcnn.kernels.conv import conv2d_forward_keeping_cols
 
     x, w, b, stride, pad = _conv_inputs(rng, case)
-    # ELU: an activation outside the packed GEMM's epilogue, so float32 takes the im2col route (seed 001's convs)
+    # float64 (the gradient checks' dtype) takes the im2col route; float32 runs every conv on the packed GEMM
+    x, w, b = (v.astype(np.float64) for v in (x, w, b))
     y, cols = conv2d_forward_keeping_cols(x, w, b, stride, pad, "elu")
     assert cols is not None and cols.shape == (int(np.prod(y.shape[:3])), int(np.prod(w.shape[:3])))
     np.testing.assert_array_equal(y, conv2d_forward(x, w, b, stride, pad, "elu"))
-    g = rng.standard_normal(y.shape).astype(np.float32)
+    assert conv2d_forward_keeping_cols(*(v.astype(np.float32) for v in (x, w, b)), stride, pad, "elu")[1] is None
+    g = rng.standard_normal(y.shape)
     for need_dx in (True, False):
         want = conv2d_backward(g, x, w, stride, pad, need_dx)
         got = conv2d_backward(g, x, w, stride, pad, need_dx, cols=cols)
@@ -640,9 +642,11 @@ def test_conv2d_input_gradient_falls_back_to_col2im(rng, case, monkeypatch):
 
 
 def test_float32_convs_run_on_the_packed_gemm(rng, monkeypatch):
-    # float32 with no activation, ReLU or ReLU6 takes the packed GEMM (forward: pointwise and KxK); float64,
-    # other activations and the pointwise backward the BLAS route, so the float64 gradient checks above cover
-    # that route and the float32 twin and torch tests above cover this one
+    # float32 forward convs (pointwise and KxK) take the packed GEMM whatever the activation (ELU and the
+    # sigmoids in a pass after it), and so does the pointwise input gradient on two or more threads; float64
+    # and the one-thread input gradient the BLAS route, so the float64 gradient checks above cover that route
+    # and the float32 twin and torch tests above cover this one
+    from lightcnn._jit import get_num_threads, set_num_threads
     from lightcnn.kernels import fused
 
     seen = []
@@ -651,19 +655,29 @@ def test_float32_convs_run_on_the_packed_gemm(rng, monkeypatch):
         monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name: seen.append(_name) or _real(*a))
     x, w, b, stride, pad = _conv_inputs(rng, CONV_CASES[1])
     xp, wp = x[..., :2], rng.standard_normal((2, 3)).astype(np.float32)
-    for act in ("none", "relu", "relu6"):
+    for act in ("none", "relu", "relu6", "elu", "hard_swish"):
         seen.clear()
-        conv2d_forward(x, w, b, stride, pad, act)
-        pointwise_conv_forward(xp, wp, None, act)
+        y = conv2d_forward(x, w, b, stride, pad, act)
+        yp = pointwise_conv_forward(xp, wp, None, act)
         assert seen == ["conv_implicit_bias_act", "gemm_packed_bias_act"], act
+        np.testing.assert_allclose(y, act_naive(conv2d_naive(*_f64(x, w, b), stride, pad), act, 1.0), rtol=RTOL,
+                                   atol=ATOL)
+        np.testing.assert_allclose(yp, act_naive(pointwise_naive(*_f64(xp, wp), None), act, 1.0), rtol=RTOL,
+                                   atol=ATOL)
+    threads = get_num_threads()
+    try:
+        for n_threads, route in ((1, []), (2, ["gemm_packed_bias_act"])):
+            set_num_threads(n_threads)
+            seen.clear()
+            pointwise_conv_backward(np.ones(xp.shape[:3] + (3,), np.float32), xp, wp)
+            assert seen == route, n_threads
+    finally:
+        set_num_threads(threads)
     seen.clear()
-    pointwise_conv_backward(np.ones(xp.shape[:3] + (3,), np.float32), xp, wp)
-    conv2d_forward(x, w, b, stride, pad, "elu")
     conv2d_forward(*_f64(x, w, b), stride, pad, "relu")
     pointwise_conv_forward(*_f64(xp, wp), None, "relu")
     pointwise_conv_backward(np.ones(xp.shape[:3] + (3,)), *_f64(xp, wp))
     assert seen == []
-
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -7,10 +7,9 @@ where xp is x zero-padded by (top, bottom, left, right) = pad.  Output size per 
 
     H' = (H + top + bottom - KH) // sh + 1          W' = (W + left + right - KW) // sw + 1
 
-Cost: 2*KH*KW*C FLOPs per output element (2*C for pointwise), all of it in one BLAS
-GEMM per chunk of images (split over threads by _split_blas.py, each thread's BLAS on one thread),
-or, for float32 with no activation, ReLU or ReLU6, in the inference's packed-weight GEMM (see
-"packed GEMMs" below: the same sums in another order).
+Cost: 2*KH*KW*C FLOPs per output element (2*C for pointwise). Float32 runs on the inference's packed-weight
+GEMM (see "packed GEMMs" below); float64 (the gradient checks) in one BLAS GEMM per chunk of images (split
+over threads by _split_blas.py, each thread's BLAS on one thread), as described next.
 
 How: a Numba kernel (`im2col`) copies every receptive field into one row of a
 preallocated matrix cols (N*H'*W', KH*KW*C), whose column order (p, q, c) is exactly
@@ -30,7 +29,8 @@ without atomics.  For a stride-1 float32 conv, dx skips both: it is a convolutio
 with the flipped kernel, run on the inference's packed implicit GEMM (`_implicit_input_gradient`).  cols is recomputed in backward rather than cached from forward when it is
 large (im2col is a cheap copy, while caching would keep N*H'*W'*KH*KW*C numbers alive per layer);
 when forward built it in one piece (<= ~32 MB), training keeps it for backward
-(conv2d_forward_keeping_cols, conv2d_backward(cols=)), one copy pass fewer.
+(conv2d_forward_keeping_cols, conv2d_backward(cols=)), one copy pass fewer (float64 only: float32's forward
+builds no im2col matrix).
 
 Deliberately absent: dilation and groups (depthwise lives in depthwise.py; no supported
 model uses dilation), Winograd/FFT, ceil-mode output sizes, and in-place outputs.
@@ -223,7 +223,7 @@ def conv2d_forward_keeping_cols(x: np.ndarray, w: np.ndarray, b: np.ndarray | No
                                 col0: int = 0) -> tuple:
     """conv2d_forward for training: (y, cols), cols (N*H'*W', KH*KW*C) the im2col matrix when it was built
     in one piece (at most _images_per_chunk's budget, ~32 MB), else None (and None for a plain 1x1 conv, and
-    for float32 with an activation the packed GEMM's epilogue has: that path builds no im2col matrix).
+    for float32, which runs on the packed GEMM: that path builds no im2col matrix).
 
     conv2d_backward(cols=cols) then skips rebuilding it for the weight gradient: a layer keeps it from
     forward to backward only when it is that small (SqueezeNet's 13x13 expand: 12 MB, 1.7 ms a rebuild).
@@ -237,8 +237,10 @@ def conv2d_forward_keeping_cols(x: np.ndarray, w: np.ndarray, b: np.ndarray | No
     kh, kw, _, n_out = w.shape
     k = kh * kw * c_in
     w2d = w.reshape(k, n_out)
-    if _packed(x, code):
-        return _packed_conv(x, w, b, (sh, sw), (pt, pl), (ho, wo), code, out, col0, fn), None
+    if x.dtype == np.float32:
+        y = _packed_conv(x, w, b, (sh, sw), (pt, pl), (ho, wo), code if _packed(x, code) else ACT_NONE, out, col0,
+                         fn)
+        return _act_after_packed(y, code, alpha, out, col0), None
     y = _reuse.empty((n_img, ho, wo, n_out), x.dtype)
     y2d = y.reshape(-1, n_out)
     step = _images_per_chunk(n_img, ho * wo * k * x.itemsize)
@@ -324,8 +326,9 @@ def pointwise_conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = 
     code = _act_code(act, fn)
     n_img, h, wd, c_in = x.shape
     n_out = w.shape[1]
-    if _packed(x, code):
-        return _packed_pointwise(x, w, b, code, out, col0, fn)
+    if x.dtype == np.float32:
+        y = _packed_pointwise(x, w, b, code if _packed(x, code) else ACT_NONE, out, col0, fn)
+        return _act_after_packed(y, code, alpha, out, col0)
     y = _reuse.empty((n_img, h, wd, n_out), x.dtype)
     y2d = y.reshape(-1, n_out)
     matmul(x.reshape(-1, c_in), w, y2d)
@@ -346,7 +349,16 @@ def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_d
     dx = None
     if need_dx:
         dx = _reuse.empty_like(x)
-        matmul(dy2d, w.T, dx.reshape(-1, c_in))
+        if x.dtype == np.float32 and get_num_threads() >= 2:
+            # On two threads the packed GEMM (rows split evenly, no pool hand-off) beat OpenBLAS on every
+            # input-gradient shape measured (0.54-0.98x, bench/README "Session 11"); on one it lost at two
+            # of ten (MobileNetV2's 14x14 project 576 <- 96: 1.21x), so one thread keeps BLAS.
+            rows = dx.reshape(-1, c_in)
+            fused.gemm_packed_bias_act(dy2d, pack_panels(w.T), c_in, np.zeros(c_in, np.float32), rows, fused.NO,
+                                       rows, 1, fused.NO, np.int64(ACT_NONE), np.float32(1.0),
+                                       fused.choose_tile(rows.shape[0], get_num_threads()), 1, rows, fused.ZERO)
+        else:
+            matmul(dy2d, w.T, dx.reshape(-1, c_in))
     dw = matmul_tn(x2d, dy2d)
     return dx, dw, (dy2d.sum(axis=0) if db is None else db)
 
@@ -360,9 +372,11 @@ def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_d
 # Measured in one process, one thread, SqueezeNet's last Fire at batch 32: OpenBLAS + a separate epilogue pass
 # 14.1 ms (3x3 expand: im2col 0.6, GEMM 12.2, epilogue into the slot 1.3) against 12.1 ms. Each output element
 # is one FMA chain over k in order, so the result does not depend on the thread count or the tiling.
-# Float64 (the gradient checks) and activations outside the tile's epilogue keep the BLAS route. The pointwise
-# input gradient dy @ w^T stays on BLAS too: on the packed GEMM it won at K >= O and lost up to 14% where the
-# output is wide and K short (MobileNetV2's 14x14 project, 576 <- 96: 14.5 against 12.7 ms dx + dw, batch 32).
+# Float64 (the gradient checks) keeps the BLAS route. An activation outside the tile's epilogue (ELU, the sigmoids,
+# hard-swish) runs in a pass after the packed GEMM (_act_after_packed): seed 001's stem is K = 9, where OpenBLAS
+# reached 22 GFLOP/s. The pointwise input gradient dy @ w^T runs packed on two or more threads (0.54-0.98x
+# OpenBLAS's time over ten shapes, session 11) and on BLAS on one, where the packed GEMM lost up to 21% where
+# the output is wide and K short (MobileNetV2's 14x14 project, 576 <- 96).
 
 _PACKED_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6)
 # A KxK conv's work item copies its band of input rows, zero-bordered, into a buffer: bands of at most this much
@@ -374,6 +388,25 @@ _BAND_BYTES = 512 * 1024
 def _packed(x, code):
     """True when a float32 GEMM of x runs on the packed GEMM with activation `code` in its epilogue."""
     return x.dtype == np.float32 and code in _PACKED_ACTS
+
+
+@kernel(parallel=True)
+def act_slot_inplace(rows, col0, n_out, act, alpha):
+    """rows[r, col0:col0+n_out] = act(rows[r, col0:col0+n_out]) in place; rows (M, C_total)."""
+    for r in prange(rows.shape[0]):
+        act_inplace(rows[r, col0:col0 + n_out], act, alpha)
+
+
+def _act_after_packed(y, code, alpha, out, col0):
+    """An activation the packed GEMM's epilogue lacks (ELU, the sigmoids, hard-swish), applied in place to its
+    output y (N,H',W',O) or out's slot: the GEMM itself still runs packed (seed 001's ELU convs: the
+    im2col + OpenBLAS route took its stem 21.5 ms at batch 32, K = 9, 22 GFLOP/s)."""
+    if _packed(y, code):
+        return y
+    n_out = y.shape[3]
+    rows = y.reshape(-1, n_out) if out is None else out.reshape(-1, out.shape[3])
+    act_slot_inplace(rows, 0 if out is None else int(col0), n_out, np.int64(code), np.float32(alpha))
+    return y
 
 
 def _bands(n_img, h_out, sh, kh, row_bytes):
