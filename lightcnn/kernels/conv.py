@@ -351,8 +351,8 @@ def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_d
         dx = _reuse.empty_like(x)
         if x.dtype == np.float32 and get_num_threads() >= 2:
             # On two threads the packed GEMM (rows split evenly, no pool hand-off) beat OpenBLAS on every
-            # input-gradient shape measured (0.54-0.98x, bench/README "Session 11"); on one it lost at two
-            # of ten (MobileNetV2's 14x14 project 576 <- 96: 1.21x), so one thread keeps BLAS.
+            # input-gradient shape measured (0.54-0.98x, bench/README "Session 11"); on one it lost at two to
+            # three of ten, by up to 1.28x (MobileNetV2's 14x14 project 576 <- 96: 1.20x), so one keeps BLAS.
             rows = dx.reshape(-1, c_in)
             fused.gemm_packed_bias_act(dy2d, pack_panels(w.T), c_in, np.zeros(c_in, np.float32), rows, fused.NO,
                                        rows, 1, fused.NO, np.int64(ACT_NONE), np.float32(1.0),
@@ -375,7 +375,7 @@ def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_d
 # Float64 (the gradient checks) keeps the BLAS route. An activation outside the tile's epilogue (ELU, the sigmoids,
 # hard-swish) runs in a pass after the packed GEMM (_act_after_packed): seed 001's stem is K = 9, where OpenBLAS
 # reached 22 GFLOP/s. The pointwise input gradient dy @ w^T runs packed on two or more threads (0.54-0.98x
-# OpenBLAS's time over ten shapes, session 11) and on BLAS on one, where the packed GEMM lost up to 21% where
+# OpenBLAS's time over ten shapes, session 11) and on BLAS on one, where the packed GEMM lost up to 28% where
 # the output is wide and K short (MobileNetV2's 14x14 project, 576 <- 96).
 
 _PACKED_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6)
