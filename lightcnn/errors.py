@@ -34,4 +34,5 @@ class ShapeError(LightCNNError, ValueError):
 
 
 class TrainingError(LightCNNError):
-    """Training cannot continue (e.g. the loss became NaN); the last good checkpoint is kept."""
+    """Training cannot continue (e.g. the loss became NaN). finetune keeps the best model so far in best.h5;
+    a tuning trial ends as failed and keeps nothing."""

@@ -18,7 +18,7 @@ Resume. Everything that decides the next epoch is in `TrainState`: the epoch cou
 bit_generator state, every Dropout generator's state, the optimiser's steps and moments, the best weights and
 the early-stopping counter. `fit(..., state=...)` continues from it, and a run stopped after epoch k and resumed
 ends bit-identical to one that never stopped. A non-finite loss raises TrainingError before any update is made
-from it, so the last state handed to `on_epoch_end` (the last good checkpoint) stays valid; the error carries
+from it, so the last state handed to `on_epoch_end` (a caller's last good checkpoint) stays valid; the error carries
 that state (`exc.state`, with the best weights so far) and names the likely cause (`diagnose`).
 """
 
@@ -345,7 +345,9 @@ class TrainState:
 def _diverged(message, state, net):
     """The TrainingError of a diverged run: the message, and the last good state (best weights included)."""
     net.clear_cache()
-    exc = TrainingError(f"{message}; training stopped, last good checkpoint kept")
+    # No "checkpoint kept" here: fit writes none itself (a tuning trial keeps nothing); a caller that saved one
+    # says where (finetune: the best model so far in best.h5).
+    exc = TrainingError(f"{message}; training stopped")
     exc.state = state
     return exc
 
