@@ -666,11 +666,13 @@ def test_float32_convs_run_on_the_packed_gemm(rng, monkeypatch):
                                    atol=ATOL)
     threads = get_num_threads()
     try:
+        gp = rng.standard_normal(xp.shape[:3] + (3,)).astype(np.float32)
         for n_threads, route in ((1, []), (2, ["gemm_packed_bias_act"])):
             set_num_threads(n_threads)
             seen.clear()
-            pointwise_conv_backward(np.ones(xp.shape[:3] + (3,), np.float32), xp, wp)
+            dx = pointwise_conv_backward(gp, xp, wp)[0]
             assert seen == route, n_threads
+            np.testing.assert_allclose(dx, gp.astype(np.float64) @ wp.T.astype(np.float64), rtol=RTOL, atol=ATOL)
     finally:
         set_num_threads(threads)
     seen.clear()
