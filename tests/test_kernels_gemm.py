@@ -4,7 +4,8 @@ The tile is LLVM IR with masked loads and stores at the panel edges, so the grid
 rows around MR (1, MR - 1, MR, MR + 1, 49), columns around the 16/32-wide panels (1, 15, 16, 17,
 24, 31, 33, 144), K = 1, residual and squeeze-excitation inputs, an output window inside a wider
 buffer (nothing outside it may be written), and the activations the IR applies itself (none, ReLU,
-ReLU6) beside ones that go through the Numba epilogue (hard-swish, ELU).
+ReLU6, hard-swish and ELU with alpha 1, both in float32) beside ELU with another alpha, which goes through the
+Numba epilogue. The IR's ELU is held to 1 float32 ulp of math.expm1 on its own, NaN and the infinities included.
 
 The implicit-GEMM convolution (fused.conv_implicit_bias_act over gemm.conv_rows) is checked against
 tests/reference_conv.conv2d_naive, a scalar float64 loop: both of its paths (reading the image
@@ -14,6 +15,8 @@ row counts that leave tile remainders. The fused Fire module (fused.fire_band) i
 same oracle composed: squeeze, expand 1x1 and expand 3x3 with their activations, concatenated; the
 conv + max pool stem (fused.conv_max_pool) against conv2d_naive then reference_depthwise_pool's max_pool2d_naive.
 """
+
+import math
 
 import numpy as np
 import pytest
@@ -129,17 +132,73 @@ def test_packed_gemm_spans_several_row_chunks(act, rng):
 
 
 def test_packed_gemm_nan_passes_the_clamps(rng):
-    """ReLU/ReLU6 in the IR epilogue let NaN through, as relu_scalar does (training's NaN check must see it)."""
+    """ReLU/ReLU6/ELU in the IR epilogue let NaN through, as relu_scalar does (training's NaN check must see it)."""
     x = rng.standard_normal((5, 8)).astype(np.float32)
     x[2, 3] = np.nan
     w = rng.standard_normal((8, 20)).astype(np.float32)
     b = np.zeros(20, np.float32)
     dummy = np.zeros((1, 1), np.float32)
-    for act in (act_k.ACT_RELU, act_k.ACT_RELU6):
+    for act in (act_k.ACT_RELU, act_k.ACT_RELU6, act_k.ACT_ELU):
         y = np.zeros((5, 20), np.float32)
         fused.gemm_packed_bias_act_serial(x, gemm.pack_panels(w), 20, b, dummy, False, dummy, 1, False, act,
                                           np.float32(1.0), 5, 1, y, 0)
         assert np.isnan(y[2]).all() and not np.isnan(np.delete(y, 2, axis=0)).any()
+
+
+def _elu_inputs(rng):
+    """float32 values across ELU's whole negative range and its edges, as an (M, 1) column."""
+    u = np.concatenate([-np.abs(rng.standard_normal(60_000) * 4), -np.exp(rng.uniform(-30, 4.5, 60_000)),
+                        np.linspace(-20, 0, 20_001), rng.standard_normal(5_000)]).astype(np.float32)
+    edges = [np.nan, 0.0, -0.0, np.inf, -np.inf, -40.0, -41.0, -17.5, -1e-30, -1e-40, -88.0, -np.log(2) / 2, 3.0]
+    return np.concatenate([np.array(edges, np.float32), u]).reshape(-1, 1)
+
+
+def _elu_exact(u):
+    """ELU (alpha 1) of float32 values, from math.expm1 in float64, rounded once to float32."""
+    exact = [v if not v < 0 else math.expm1(v) for v in u.astype(np.float64).ravel()]
+    return np.array(exact, np.float64).astype(np.float32).reshape(u.shape)
+
+
+def _ulps(a, b):
+    """Distance in float32 units in the last place between same-signed finite arrays a and b."""
+    return np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
+
+
+def test_ir_elu_is_within_one_ulp_of_expm1(rng):
+    """The tiles' float32 ELU (gemm.py's elu, alpha 1) on its own: K = 1, weight 1, bias 0 make the GEMM exact,
+    so each output is ELU(x) as the epilogue computes it; through the pointwise tile and the implicit conv's."""
+    x = _elu_inputs(rng)
+    exact = _elu_exact(x)
+    one, no_bias, dummy = np.ones((1, 1), np.float32), np.zeros(1, np.float32), np.zeros((1, 1), np.float32)
+    outputs = []
+    y = np.empty_like(x)
+    fused.gemm_packed_bias_act_serial(x, gemm.pack_panels(one), 1, no_bias, dummy, False, dummy, 1, False,
+                                      np.int64(act_k.ACT_ELU), np.float32(1.0), x.shape[0], 1, y, 0)
+    outputs.append(y)
+    y = np.empty_like(x)
+    fused.conv_implicit_bias_act(x.reshape(1, 1, -1, 1), gemm.pack_panels(one), 1, 1, 1, 1, 1, 0, 0, 1, x.shape[0],
+                                 no_bias, dummy, False, np.int64(act_k.ACT_ELU), np.float32(1.0), 2, y, 0)
+    outputs.append(y)
+    for y in outputs:
+        assert np.isnan(y[0, 0]) and y[3, 0] == np.inf and y[4, 0] == -1.0  # NaN, +inf, -inf
+        finite = np.isfinite(exact) & (exact != 0)
+        assert _ulps(y[finite], exact[finite]).max() <= 1
+        assert not y[1:3].any()  # +-0 -> 0 (the bias add makes -0 + 0 = +0 before the activation)
+        assert y[9, 0] == exact[9, 0] and y[9, 0] < 0  # a denormal input keeps its value
+
+
+def test_elu_with_another_alpha_takes_the_numba_epilogue(rng):
+    """The IR takes no alpha: ELU with alpha != 1 runs the float64 elu_scalar, which rounds as math.expm1 does."""
+    x = _elu_inputs(rng)[13:]
+    alpha = np.float32(0.7)
+    one, no_bias, dummy = np.ones((1, 1), np.float32), np.zeros(1, np.float32), np.zeros((1, 1), np.float32)
+    y = np.empty_like(x)
+    fused.gemm_packed_bias_act_serial(x, gemm.pack_panels(one), 1, no_bias, dummy, False, dummy, 1, False,
+                                      np.int64(act_k.ACT_ELU), alpha, x.shape[0], 1, y, 0)
+    u = np.minimum(x, 0).astype(np.float64)
+    np.testing.assert_array_equal(y, np.where(x > 0, x, float(alpha) * np.expm1(u)).astype(np.float32))
+    assert gemm.epilogue_in_ir(np.int64(act_k.ACT_ELU), np.float32(1.0))
+    assert not gemm.epilogue_in_ir(np.int64(act_k.ACT_ELU), alpha)
 
 
 def test_lowlevel_stand_in_refuses_python_calls():

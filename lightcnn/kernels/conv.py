@@ -45,7 +45,7 @@ from lightcnn._jit import get_num_threads, kernel, prange
 from lightcnn.kernels import _reuse, fused
 from lightcnn.kernels._args import _act_code, _bias_or_zeros, _images_per_chunk, _like, _nhwc, _pad4, _pair
 from lightcnn.kernels._split_blas import matmul, matmul_tn
-from lightcnn.kernels.activation import ACT_CHUNK, ACT_NONE, ACT_RELU, ACT_RELU6, act_inplace
+from lightcnn.kernels.activation import ACT_CHUNK, ACT_ELU, ACT_NONE, ACT_RELU, ACT_RELU6, act_inplace
 from lightcnn.kernels.gemm import pack_panels
 from lightcnn.kernels.shapes import conv_output_size
 
@@ -238,8 +238,8 @@ def conv2d_forward_keeping_cols(x: np.ndarray, w: np.ndarray, b: np.ndarray | No
     k = kh * kw * c_in
     w2d = w.reshape(k, n_out)
     if x.dtype == np.float32:
-        y = _packed_conv(x, w, b, (sh, sw), (pt, pl), (ho, wo), code if _packed(x, code) else ACT_NONE, out, col0,
-                         fn)
+        y = _packed_conv(x, w, b, (sh, sw), (pt, pl), (ho, wo), code if _packed(x, code, alpha) else ACT_NONE, out,
+                         col0, fn)
         return _act_after_packed(y, code, alpha, out, col0), None
     y = _reuse.empty((n_img, ho, wo, n_out), x.dtype)
     y2d = y.reshape(-1, n_out)
@@ -327,7 +327,7 @@ def pointwise_conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = 
     n_img, h, wd, c_in = x.shape
     n_out = w.shape[1]
     if x.dtype == np.float32:
-        y = _packed_pointwise(x, w, b, code if _packed(x, code) else ACT_NONE, out, col0, fn)
+        y = _packed_pointwise(x, w, b, code if _packed(x, code, alpha) else ACT_NONE, out, col0, fn)
         return _act_after_packed(y, code, alpha, out, col0)
     y = _reuse.empty((n_img, h, wd, n_out), x.dtype)
     y2d = y.reshape(-1, n_out)
@@ -372,22 +372,23 @@ def pointwise_conv_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_d
 # Measured in one process, one thread, SqueezeNet's last Fire at batch 32: OpenBLAS + a separate epilogue pass
 # 14.1 ms (3x3 expand: im2col 0.6, GEMM 12.2, epilogue into the slot 1.3) against 12.1 ms. Each output element
 # is one FMA chain over k in order, so the result does not depend on the thread count or the tiling.
-# Float64 (the gradient checks) keeps the BLAS route. An activation outside the tile's epilogue (ELU, the sigmoids,
-# hard-swish) runs in a pass after the packed GEMM (_act_after_packed): seed 001's stem is K = 9, where OpenBLAS
-# reached 22 GFLOP/s. The pointwise input gradient dy @ w^T runs packed on two or more threads (0.54-0.98x
-# OpenBLAS's time over ten shapes, session 11) and on BLAS on one, where the packed GEMM lost up to 28% where
-# the output is wide and K short (MobileNetV2's 14x14 project, 576 <- 96).
+# Float64 (the gradient checks) keeps the BLAS route. ELU with alpha 1 is in the epilogue, in float32 (gemm.py's
+# elu: seed 001's step 840 -> 700-730 ms back to back). An activation outside it (the sigmoids, and hard-swish,
+# whose layers keep the pre-activation for backward) runs in a pass after the packed GEMM (_act_after_packed):
+# seed 001's stem is K = 9, where OpenBLAS reached 22 GFLOP/s. The pointwise input gradient dy @ w^T runs packed
+# on two or more threads (0.54-0.98x OpenBLAS's time over ten shapes, session 11) and on BLAS on one, where the
+# packed GEMM lost up to 28% where the output is wide and K short (MobileNetV2's 14x14 project, 576 <- 96).
 
-_PACKED_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6)
+_PACKED_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_ELU)
 # A KxK conv's work item copies its band of input rows, zero-bordered, into a buffer: bands of at most this much
 # buffer, so it stays in L2 (a whole 13x13x256 image is 230 KB: one band; thinner bands re-copy the KH-1 rows
 # they share: 13 one-row bands took 16.2 ms there instead of 11.7 for an input gradient).
 _BAND_BYTES = 512 * 1024
 
 
-def _packed(x, code):
+def _packed(x, code, alpha):
     """True when a float32 GEMM of x runs on the packed GEMM with activation `code` in its epilogue."""
-    return x.dtype == np.float32 and code in _PACKED_ACTS
+    return x.dtype == np.float32 and code in _PACKED_ACTS and (code != ACT_ELU or alpha == 1.0)
 
 
 @kernel(parallel=True)
@@ -401,7 +402,7 @@ def _act_after_packed(y, code, alpha, out, col0):
     """An activation the packed GEMM's epilogue lacks (ELU, the sigmoids, hard-swish), applied in place to its
     output y (N,H',W',O) or out's slot: the GEMM itself still runs packed (seed 001's ELU convs: the
     im2col + OpenBLAS route took its stem 21.5 ms at batch 32, K = 9, 22 GFLOP/s)."""
-    if _packed(y, code):
+    if _packed(y, code, alpha):
         return y
     n_out = y.shape[3]
     rows = y.reshape(-1, n_out) if out is None else out.reshape(-1, out.shape[3])

@@ -33,6 +33,8 @@ these kernels; its weight gradients, long sums over the batch's pixels, on conv.
 Shapes: a (M, K) C-contiguous rows; packed w 1-D (see above); b (O,); res, y (rows, >= col0 + O).
 """
 
+import math
+
 import numpy as np
 
 from lightcnn._jit import kernel, lowlevel
@@ -40,7 +42,7 @@ from lightcnn.kernels.activation import (ACT_ELU, ACT_HARD_SWISH, ACT_NONE, ACT_
                                          elu_scalar, hard_swish_scalar, relu6_scalar, relu_scalar)
 
 __all__ = ["MR", "NR", "pack_panels", "unpack_panels", "panel_count", "tile_fma", "tile_fma_store", "tile_conv_store",
-           "gemm_rows", "conv_rows", "bias_act_inplace", "bias_act_store", "epilogue_tile"]
+           "gemm_rows", "conv_rows", "epilogue_in_ir", "bias_act_inplace", "bias_act_store", "epilogue_tile"]
 
 MR = 12  # rows per tile: 2*MR accumulators + 2 weight vectors + 1 broadcast <= 32 zmm registers
 NR = 32  # columns per panel (two 16-float vectors)
@@ -59,6 +61,9 @@ CONV_CHUNK_ROWS = 20 * MR  # conv_rows' rows per pass of the panels
 # GFLOP/s unchunked, 130-141 in 512 KB chunks (256 KB and 1 MB were no better); MobileNetV2's batch-8 56x56
 # expand (25088 x 24 floats) 73-78 -> 80-85. Smaller inputs are one chunk, as before.
 GEMM_CHUNK_BYTES = 512 * 1024
+# The epilogue's float32 ELU: expm1 on [-ln2/2, ln2/2] by Taylor terms up to r^ELU_DEGREE. 7 was enough for 1 ulp
+# on 6 M values (the truncation is r^8/8! / r = 1.6e-8 relative, a quarter ulp); 8 leaves a margin for one FMA more.
+ELU_DEGREE = 8
 
 
 def panel_count(n_out):
@@ -244,6 +249,51 @@ def _build_tiles(numba):
     def fma_of(builder):
         return declare(builder.module, "llvm.fma.v16f32", vec, [vec, vec, vec])
 
+    def splat(value):
+        return ir.Constant(vec, [float(np.float32(value))] * 16)
+
+    ln2_hi = 0.693145751953125  # 12 significant bits: k * ln2_hi is exact for the |k| <= 58 used here
+    elu_consts = dict(floor=splat(-40.0), inv_ln2=splat(1.0 / math.log(2.0)), neg_ln2_hi=splat(-ln2_hi),
+                      neg_ln2_lo=splat(-(math.log(2.0) - ln2_hi)), one=splat(1.0),
+                      q=[splat(1.0 / math.factorial(j)) for j in range(ELU_DEGREE, 1, -1)])
+
+    def elu(builder, u):
+        """ELU (alpha = 1) on 16 float32 lanes: u if not u < 0 (so +-0 and NaN pass unchanged), else expm1(u),
+        as expm1(u) = 2^k (expm1(r) + 1) - 1 with u = k ln 2 + r, |r| <= ln2 / 2, and expm1(r) = r + r^2 q(r)
+        (q: Taylor to r^(ELU_DEGREE - 2) / ELU_DEGREE!). The float64 expm1_nonpositive that elu_scalar calls
+        runs on 8 lanes with a 27-step dependency chain: ELU was 100 of seed 001's 850 ms training step.
+        Within 1 float32 ulp of math.expm1 rounded (tests/test_kernels_gemm.py); PyTorch's expm1 is float32 too.
+
+        A call to one function per module, never inlined: written out at each of the tiles' 24 (rows, width)
+        cases in every kernel that inlines a tile, it made compiling MobileNetV2 and SqueezeNet 1.1 59 -> 79 s."""
+        fn = builder.module.globals.get("lightcnn_elu_v16")
+        if fn is None:
+            fn = ir.Function(builder.module, ir.FunctionType(vec, [vec]), "lightcnn_elu_v16")
+            fn.linkage = "internal"
+            fn.attributes.add("noinline")
+            _elu_body(ir.IRBuilder(fn.append_basic_block("entry")), fn.args[0])
+        return builder.call(fn, [u])
+
+    def _elu_body(builder, u):
+        c = elu_consts
+        fma = fma_of(builder)
+        rint = declare(builder.module, "llvm.rint.v16f32", vec, [vec])
+        t = builder.select(builder.fcmp_ordered("<", u, zero), u, zero)  # NaN -> 0 here: no NaN reaches fptosi
+        t = builder.select(builder.fcmp_ordered("<", t, c["floor"]), c["floor"], t)  # expm1(-40) = -1 in float32
+        kf = builder.call(rint, [builder.fmul(t, c["inv_ln2"])])
+        r = builder.call(fma, [kf, c["neg_ln2_hi"], t])
+        r = builder.call(fma, [kf, c["neg_ln2_lo"], r])
+        q = c["q"][0]
+        for coefficient in c["q"][1:]:
+            q = builder.call(fma, [q, r, coefficient])
+        e = builder.call(fma, [builder.fmul(r, r), q, r])
+        k = builder.fptosi(kf, ir.VectorType(i32, 16))
+        bits = builder.shl(builder.add(k, ir.Constant(ir.VectorType(i32, 16), [127] * 16)),
+                           ir.Constant(ir.VectorType(i32, 16), [23] * 16))
+        s = builder.bitcast(bits, vec)  # 2^k, k in [-58, 0]: a normal float32
+        em1 = builder.call(fma, [s, e, builder.fsub(s, c["one"])])  # s - 1 is exact for k >= -24
+        builder.ret(builder.select(builder.fcmp_ordered("<", u, zero), em1, u))
+
     @intrinsic
     def tile_fma(typingctx, a, a_off, lda, w, w_off, k, mr, nr, acc):
         sig = types.void(a, a_off, lda, w, w_off, k, mr, nr, acc)
@@ -284,6 +334,7 @@ def _build_tiles(numba):
                            mask_t)
         clamp6 = broadcast(builder, builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_RELU6)), mask_t)
         swish = builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_HARD_SWISH))
+        elu_on = builder.icmp_signed("==", act_v, ir.Constant(i64, ACT_ELU))
 
         def vptr(base, offset):
             return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
@@ -297,12 +348,14 @@ def _build_tiles(numba):
                 biases.append(builder.call(mload, [vptr(b_data, ir.Constant(i64, 16 * v)), ir.Constant(i32, 4),
                                                    mask, zero]))
 
-            def store_all(with_swish):
+            def store_all(kind):
                 for t, value in enumerate(results):
                     i, v = divmod(t, nvec)
                     u = builder.fadd(value, biases[v])
-                    if with_swish:
+                    if kind == "swish":
                         u = hard_swish(builder, u)
+                    elif kind == "elu":
+                        u = elu(builder, u)
                     else:
                         u = builder.select(builder.and_(clamp0, builder.fcmp_ordered("<", u, zero)), zero, u)
                         u = builder.select(builder.and_(clamp6, builder.fcmp_ordered(">", u, six)), six, u)
@@ -314,12 +367,16 @@ def _build_tiles(numba):
                     row_y = builder.add(y_off_v, builder.mul(ir.Constant(i64, i), ldy_v))
                     builder.call(mstore, [u, vptr(y_data, builder.add(row_y, col)), ir.Constant(i32, 4), masks[v]])
 
-            # hard-swish (float64 lanes) on its own path, so the ReLU/none tiles never pay for it
+            # hard-swish and ELU each on their own path, so the ReLU/none tiles never pay for them
             with builder.if_else(swish) as (then, otherwise):
                 with then:
-                    store_all(True)
+                    store_all("swish")
                 with otherwise:
-                    store_all(False)
+                    with builder.if_else(elu_on) as (then_elu, clamps):
+                        with then_elu:
+                            store_all("elu")
+                        with clamps:
+                            store_all("clamps")
 
         return emit
 
@@ -437,10 +494,11 @@ def tile_fma_store(numba):
         y[y_off + i*ldy + c] = act(sum_k a[..] * w[..] + b[c]) (+ res[res_off + i*ldres + c])
 
     for i < mr, c < nv (nv <= nr; the columns past nv are neither read nor written), act one of
-    ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH (in float32, see hard_swish above; others:
-    tile_fma and the Numba epilogue). b starts at the
+    ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH, ACT_ELU with alpha 1 (the last two in float32, see
+    hard_swish and elu above; others: tile_fma and the Numba epilogue). b starts at the
     tile's first column. Arguments: (a, a_off, lda, w, w_off, k, mr, nr, b, nv, act, res,
-    res_off, ldres, use_res, y, y_off, ldy); float32 results equal bias_act_store's (hard-swish: within 2 ulps).
+    res_off, ldres, use_res, y, y_off, ldy); float32 results equal bias_act_store's (hard-swish: within 2 ulps;
+    ELU: within 1 ulp of expm1 correctly rounded, as bias_act_store's is).
     """
     return _build_tiles(numba)[1]
 
@@ -545,6 +603,13 @@ def _epilogue_row(a, b, res, use_res, act, alpha, y, row, col0, n):
 
 
 @kernel
+def epilogue_in_ir(act, alpha):
+    """True when the tiles' IR epilogue applies `act` itself (ELU only with alpha = 1: the IR takes no alpha)."""
+    return (act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
+            or (act == ACT_ELU and alpha == 1.0))
+
+
+@kernel
 def gemm_rows(a, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, yr0, col0, acc):
     """y[yr0 + r - r0, col0 + o] = act(a[r] @ w[:, o] + b[o]) (+ res[same]) for r0 <= r < r1, o in panels [p_lo, p_hi).
 
@@ -556,7 +621,7 @@ def gemm_rows(a, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, 
     k = a.shape[1]
     n_panels = (n_out + NR - 1) // NR
     last_width = 16 if n_out - (n_panels - 1) * NR <= 16 else NR
-    in_ir = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
+    in_ir = epilogue_in_ir(act, alpha)
     ldy, ldres = y.shape[1], res.shape[1]
     # Row tiles of equal height (+-1), at most MR: a 49-row GEMM (7x7 at batch 1) as 9 + 4 x 10 rows, not
     # 4 x 12 + 1, whose one-row tile waits on the FMA latency and costs a third of a full tile.
@@ -600,7 +665,7 @@ def conv_rows(a, rows, n_rows, segs, seg_len, wp, n_out, b, res, use_res, act, a
     k = n_seg * seg_len
     n_panels = (n_out + NR - 1) // NR
     last_width = 16 if n_out - (n_panels - 1) * NR <= 16 else NR
-    in_ir = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
+    in_ir = epilogue_in_ir(act, alpha)
     ldy, ldres = y.shape[1], res.shape[1]
     no_bias = np.zeros(NR, dtype=y.dtype)
     for r0 in range(0, n_rows, CONV_CHUNK_ROWS):
