@@ -485,6 +485,36 @@ def test_fresh_views_do_not_depend_on_the_loader_threads(workspace, monkeypatch)
         np.testing.assert_array_equal(views, plain_loop)
 
 
+def test_fresh_views_keep_the_decoded_images_within_their_budget(workspace, monkeypatch, tmp_path):
+    """The decoded images are kept between epochs (read-only): once epoch 0 has run, the files can be gone and
+    epoch 1 is still exactly what a new loader gives; with a budget of one image only that one is kept."""
+    import shutil
+
+    import lightcnn
+    from lightcnn.train import features as F
+
+    clf = lightcnn.load(str(workspace / "tiny.h5"))
+    prep = clf.preprocessing
+    for crop_preset in ("light", "seed001"):  # random_resized_crop keeps the whole decoded image; seed001 the S x S one
+        copies = []
+        for i, p in enumerate(sorted((workspace / "data").rglob("*.png"))[:5]):
+            copies.append(tmp_path / crop_preset / f"{i}.png")
+            copies[-1].parent.mkdir(exist_ok=True)
+            shutil.copy(p, copies[-1])
+        expected = F.fresh_views(clf.model, copies, prep, crop_preset, 3, "all")(1)
+        one_image = F.augment_source(copies[0], prep, F.make_augmenter(F.augment_config(crop_preset), prep)).nbytes
+        monkeypatch.setattr(F, "_SOURCE_CACHE_BYTES", one_image)
+        budgeted = F.fresh_views(clf.model, copies, prep, crop_preset, 3, "all")
+        monkeypatch.undo()
+        views = F.fresh_views(clf.model, copies, prep, crop_preset, 3, "all")
+        views(0), budgeted(0)
+        for path in copies[1:]:
+            path.unlink()
+        np.testing.assert_array_equal(views(1), expected)
+        with pytest.raises(Exception, match=r"[1-4]\.png: no such file"):  # the budget kept one image, not these
+            budgeted(1)
+
+
 def test_input_size_travels_to_best_h5(workspace):
     """--input-size 48 on 32-pixel weights: best.h5 preprocesses to 48 (resize side scaled 36 -> 54) and
     predicts at that size."""
