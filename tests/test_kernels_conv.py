@@ -121,12 +121,13 @@ def test_conv2d_forward_float64(rng, case):
     np.testing.assert_allclose(y, conv2d_naive(x, w, b, stride, pad), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
-def test_conv2d_fused_activation(rng, act):
+# alpha 1 puts ELU in the packed GEMM's float32 epilogue; any other alpha runs the float64 pass after it
+@pytest.mark.parametrize("act,alpha", [(a, 0.7) for a in sorted(ACTIVATIONS)] + [("elu", 1.0)])
+def test_conv2d_fused_activation(rng, act, alpha):
     x, w, b, stride, pad = _conv_inputs(rng, CONV_CASES[2])
     x *= 2  # spread pre-activations over every kink (-3, 0, 3, 6)
-    y = conv2d_forward(x, w, b, stride=stride, pad=pad, act=ACTIVATIONS[act], alpha=0.7)
-    ref = act_naive(conv2d_naive(*_f64(x, w, b), stride, pad), act, 0.7)
+    y = conv2d_forward(x, w, b, stride=stride, pad=pad, act=ACTIVATIONS[act], alpha=alpha)
+    ref = act_naive(conv2d_naive(*_f64(x, w, b), stride, pad), act, alpha)
     np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
 
 
@@ -143,13 +144,14 @@ def test_pointwise_forward_matches_twin(rng, case, with_bias):
     np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("act", ["relu6", "elu", "hard_swish", "sigmoid"])
-def test_pointwise_fused_activation(rng, act):
+@pytest.mark.parametrize("act,alpha", [("relu6", 1.3), ("elu", 1.3), ("elu", 1.0), ("hard_swish", 1.3),
+                                       ("sigmoid", 1.3)])
+def test_pointwise_fused_activation(rng, act, alpha):
     x = 2 * rng.standard_normal((2, 5, 3, 6)).astype(np.float32)
     wt = rng.standard_normal((6, 4)).astype(np.float32)
     b = rng.standard_normal(4).astype(np.float32)
-    y = pointwise_conv_forward(x, wt, b, act=ACTIVATIONS[act], alpha=1.3)
-    np.testing.assert_allclose(y, act_naive(pointwise_naive(*_f64(x, wt, b)), act, 1.3), rtol=RTOL, atol=ATOL)
+    y = pointwise_conv_forward(x, wt, b, act=ACTIVATIONS[act], alpha=alpha)
+    np.testing.assert_allclose(y, act_naive(pointwise_naive(*_f64(x, wt, b)), act, alpha), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])

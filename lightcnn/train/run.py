@@ -524,8 +524,9 @@ def training_inputs(cfg, start, parts, ds, progress):
     if cfg.augment and not cfg.views:  # backprop modes: views drawn fresh every epoch
         x_train = fresh_views(model, [ds.items[i] for i in parts["train"]], prep, cfg.augment, tcfg.seed, unfreeze)
         if progress:
-            progress(f"augmentation: drawn fresh every epoch ({len(parts['train'])} images through "
-                     + ("the frozen part" if unfreeze != "all" else "the loader") + " per epoch, not cached)")
+            progress(f"augmentation: drawn fresh every epoch ({len(parts['train'])} images augmented"
+                     + (" and run through the frozen part" if unfreeze != "all" else "")
+                     + " per epoch; the decoded images are kept in memory, the views are not)")
     return net, x, stats, x_train
 
 
