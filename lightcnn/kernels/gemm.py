@@ -498,7 +498,7 @@ def tile_fma_store(numba):
     hard_swish and elu above; others: tile_fma and the Numba epilogue). b starts at the
     tile's first column. Arguments: (a, a_off, lda, w, w_off, k, mr, nr, b, nv, act, res,
     res_off, ldres, use_res, y, y_off, ldy); float32 results equal bias_act_store's (hard-swish: within 2 ulps;
-    ELU: within 1 ulp of expm1 correctly rounded, as bias_act_store's is).
+    ELU: within 1 ulp of bias_act_store's, which rounds as math.expm1 does).
     """
     return _build_tiles(numba)[1]
 
