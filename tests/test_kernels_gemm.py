@@ -350,6 +350,30 @@ def test_se_gate_matches_oracle(n, h, w, c, s_ch, gate, rng):
         x[...] = x0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_aligned_arrays_start_on_a_cache_line_and_hold_what_is_written(dtype):
+    """aligned_empty (NumPy side) and scratch (inside kernels) start on an ALIGN_BYTES boundary for sizes that
+    NumPy / Numba alone would place 16 or 32 bytes past one, and every element is the caller's: filling all n with
+    distinct values reads them back (no overlap with the alignment slack, no short array)."""
+    for n in [1, 15, 16, 17, 1000, 300_001]:
+        host = gemm.aligned_empty((n,), dtype)
+        inner = gemm.scratch(n, np.zeros(1, dtype))
+        for a in (host, inner):
+            assert a.shape == (n,) and a.dtype == dtype and a.flags.c_contiguous
+            assert a.ctypes.data % gemm.ALIGN_BYTES == 0
+            a[:] = np.arange(n, dtype=dtype)
+            np.testing.assert_array_equal(a, np.arange(n, dtype=dtype))
+    two_d = gemm.aligned_empty((7, 33))
+    assert two_d.shape == (7, 33) and two_d.ctypes.data % gemm.ALIGN_BYTES == 0
+
+
+def test_packed_panels_start_on_a_cache_line(rng):
+    """Each panel is k x 32 floats, so with the first on a line every 16-float weight vector the tile loads is."""
+    for k, n_out in [(3, 17), (27, 64), (576, 1000)]:
+        wp = gemm.pack_panels(rng.standard_normal((k, n_out)).astype(np.float32))
+        assert wp.ctypes.data % gemm.ALIGN_BYTES == 0
+
+
 @pytest.mark.parametrize("shape", [(5, 1), (5, 16), (5, 17), (3, 33), (1, 1, 24, 144), (3, 3, 4, 40)])
 def test_unpack_panels_inverts_pack_panels(shape, rng):
     """A predict-only model's weights come back from their panels (Layer.hold_packed) bit for bit."""

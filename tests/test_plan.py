@@ -134,6 +134,19 @@ def test_plan_matches_layer_path(arch, rng):
             f = ref_unit
 
 
+def test_plan_tensors_start_on_a_cache_line(rng):
+    """Every tensor the plan keeps in its arena starts on a cache line (the tiles store 16-float vectors)."""
+    from lightcnn.kernels.gemm import ALIGN_BYTES
+
+    model = build("squeezenet1_1")
+    x = rng.standard_normal((1, 64, 64, 3)).astype(np.float32)
+    plan = model.inference_plan(x)
+    model.forward(x)
+    assert plan._arena.buffers
+    for buf in plan._arena.buffers:
+        assert buf.ctypes.data % ALIGN_BYTES == 0
+
+
 @pytest.mark.parametrize("shape", [(2, 7, 7, 960), (3, 1, 1, 5), (8, 13, 13, 17)])
 def test_global_avg_pool_kernel_equals_numpy_and_the_mean(shape, rng):
     """fused.global_avg_pool (the numba engine's global pool at batch > 1): the float64 mean within float32

@@ -48,7 +48,7 @@ import numpy as np
 from lightcnn._jit import kernel, prange
 from lightcnn.kernels.activation import ACT_ELU, ACT_HARD_SWISH, ACT_RELU, act_inplace
 from lightcnn.kernels.depthwise import dw_output_row
-from lightcnn.kernels.gemm import MR, NR, conv_rows, epilogue_tile, gemm_rows
+from lightcnn.kernels.gemm import MR, NR, conv_rows, epilogue_tile, gemm_rows, scratch
 
 __all__ = ["gemm_bias_act", "gemm_bias_act_serial", "gemm_packed_bias_act", "gemm_packed_bias_act_serial",
            "conv_im2col_bias_act", "conv_implicit_bias_act", "conv_max_pool", "fire_band", "fire_max_pool", "gemm_bias_act_mean", "inverted_residual_band", "se_gate", "se_gate_split", "max_pool_inference", "global_avg_pool", "choose_tile"]
@@ -84,7 +84,7 @@ def _scaled_rows(x2d, r0, r1, scale, rows_per_image):
     """Rows r0..r1-1 of x2d (M, K), each multiplied by its image's channel scale (N, K) (squeeze-excite's
     (x * s) @ w), as a new (r1 - r0, K) scratch array; rows_per_image rows belong to one image."""
     k = x2d.shape[1]
-    xs = np.empty((r1 - r0, k), dtype=x2d.dtype)
+    xs = scratch((r1 - r0) * k, x2d).reshape(r1 - r0, k)
     for r in range(r0, r1):
         s = scale[r // rows_per_image]
         xr = x2d[r]
@@ -134,7 +134,7 @@ def _gemm_packed_bias_act(x2d, wp, n_out, b, res, use_res, scale, rows_per_image
         r1 = min(m, r0 + tile)
         p_lo = g * n_panels // groups
         p_hi = (g + 1) * n_panels // groups
-        acc = np.empty((MR, NR), dtype=y.dtype)
+        acc = scratch(MR * NR, y).reshape(MR, NR)
         if use_scale:
             gemm_rows(_scaled_rows(x2d, r0, r1, scale, rows_per_image), ZERO, r1 - r0, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, r0, col0, acc)
         else:
@@ -212,9 +212,9 @@ def conv_im2col_bias_act(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res, u
     for t in prange(n_tiles):
         r0 = t * tile
         r1 = min(m, r0 + tile)
-        cols = np.empty((r1 - r0, k), dtype=x.dtype)
+        cols = scratch((r1 - r0) * k, x).reshape(r1 - r0, k)
         _im2col_tile(x, kh, kw, sh, sw, pt, pl, ho, wo, r0, cols)
-        acc = np.empty((MR, NR), dtype=y.dtype)
+        acc = scratch(MR * NR, y).reshape(MR, NR)
         gemm_rows(cols, 0, r1 - r0, wp, n_out, 0, n_panels, b, res, use_res, act, alpha, y, r0, col0, acc)
 
 
@@ -243,7 +243,7 @@ def conv_implicit_bias_act(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res,
         i0 = band * ho // bands
         i1 = (band + 1) * ho // bands
         if i1 > i0:
-            acc = np.empty((MR, NR), dtype=y.dtype)
+            acc = scratch(MR * NR, y).reshape(MR, NR)
             _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res, use_res, act, alpha, n, i0, i1, y,
                        (n * ho + i0) * wo, col0, acc)
 
@@ -271,7 +271,7 @@ def _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, res, use_res, ac
         return
     wb = (wo - 1) * sw + kw  # the band buffer's width in pixels: column u holds input column u - pl
     hb = (i1 - i0 - 1) * sh + kh
-    buf = np.empty(hb * wb * c_in, dtype=x.dtype)
+    buf = scratch(hb * wb * c_in, x)
     span = max(0, min(wb, pl + w_in) - pl) * c_in  # floats of a row that come from x; the rest is padding
     for rb in range(hb):
         h = i0 * sh - pt + rb
@@ -322,8 +322,8 @@ def conv_max_pool(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, act, alpha, p
             continue
         c0 = max(0, q0 * psh - ptop)
         c1 = min(ho, (q1 - 1) * psh - ptop + pkh)
-        conv = np.empty(((c1 - c0) * wo, n_out), dtype=y.dtype)
-        acc = np.empty((MR, NR), dtype=y.dtype)
+        conv = scratch((c1 - c0) * wo * n_out, y).reshape((c1 - c0) * wo, n_out)
+        acc = scratch(MR * NR, y).reshape(MR, NR)
         _conv_band(x, wp, n_out, kh, kw, sh, sw, pt, pl, ho, wo, b, conv, NO, 0 if after else act, alpha, n, c0, c1,
                    conv, ZERO, ZERO, acc)
         _pool_rows(conv, c0, ho, wo, pkh, pkw, psh, psw, ptop, pleft, n, q0, q1, y)
@@ -400,11 +400,12 @@ def _fire_rows(x2d, h, w, n, i0, i1, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act
     n_ps = (s_ch + NR - 1) // NR
     lo = max(0, i0 - 1)
     hi = min(h, i1 + 1)
-    acc = np.empty((MR, NR), dtype=y.dtype)
-    sq = np.empty(((hi - lo) * w, s_ch), dtype=y.dtype)
+    acc = scratch(MR * NR, y).reshape(MR, NR)
+    sq = scratch((hi - lo) * w * s_ch, y).reshape((hi - lo) * w, s_ch)
     gemm_rows(x2d, (n * h + lo) * w, (n * h + hi) * w, wsp, s_ch, ZERO, n_ps, bs, sq, NO, act_s, alpha, sq, ZERO,
               ZERO, acc)
-    buf = np.zeros((i1 - i0 + 2) * wb * s_ch, dtype=y.dtype)  # buffer row rb = image row i0 - 1 + rb
+    buf = scratch((i1 - i0 + 2) * wb * s_ch, y)  # buffer row rb = image row i0 - 1 + rb
+    buf[:] = 0
     for hh in range(lo, hi):
         src = sq[(hh - lo) * w:(hh - lo + 1) * w].reshape(-1)
         dst = ((hh - i0 + 1) * wb + 1) * s_ch
@@ -450,7 +451,7 @@ def fire_max_pool(x, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act3, alpha, pkh, p
             k1 = min(q1, k0 + chunk)
             c0 = max(0, k0 * psh - ptop)
             c1 = min(h, (k1 - 1) * psh - ptop + pkh)
-            rows = np.empty(((c1 - c0) * w, width), dtype=y.dtype)
+            rows = scratch((c1 - c0) * w * width, y).reshape((c1 - c0) * w, width)
             _fire_rows(x2d, h, w, n, c0, c1, wsp, bs, act_s, w1p, b1, act1, w3p, b3, act3, rows, NO, alpha, rows, ZERO)
             _pool_rows(rows, c0, h, w, pkh, pkw, psh, psw, ptop, pleft, n, k0, k1, y)
 
@@ -477,11 +478,11 @@ def gemm_bias_act_mean(x2d, wp, n_out, b, act, alpha, rows_per_image, groups, y)
         p_hi = (g + 1) * n_panels // groups
         c_lo = p_lo * NR
         c_hi = min(n_out, p_hi * NR)
-        acc = np.empty((MR, NR), dtype=y.dtype)
-        conv = np.empty((rows_per_image, n_out), dtype=y.dtype)
+        acc = scratch(MR * NR, y).reshape(MR, NR)
+        conv = scratch(rows_per_image * n_out, y).reshape(rows_per_image, n_out)
         gemm_rows(x2d, n * rows_per_image, (n + 1) * rows_per_image, wp, n_out, p_lo, p_hi, b, conv, NO, act, alpha,
                   conv, ZERO, ZERO, acc)
-        total = np.empty(c_hi - c_lo, dtype=y.dtype)
+        total = scratch(c_hi - c_lo, y)
         for c in range(c_hi - c_lo):
             total[c] = conv[0, c_lo + c]
         for r in range(1, rows_per_image):
@@ -549,12 +550,14 @@ def inverted_residual_band(x, has_expand, w1p, b1, act1, wd, bd, sh, sw, top, le
         n = it // items_per_image
         oh_start = (it - n * items_per_image) * rows_per_item
         oh_end = min(h_out, oh_start + rows_per_item)
-        ebuf = np.empty((cap if has_expand else 1, w_in, e_ch), dtype=y.dtype)
-        dbuf = np.empty((sub_rows if has_project else 1, w_out, e_ch), dtype=y.dtype)
-        acc = np.empty((MR, NR), dtype=y.dtype)
+        e_rows = cap if has_expand else 1
+        ebuf = scratch(e_rows * w_in * e_ch, y).reshape(e_rows, w_in, e_ch)
+        d_rows = sub_rows if has_project else 1
+        dbuf = scratch(d_rows * w_out * e_ch, y).reshape(d_rows, w_out, e_ch)
+        acc = scratch(MR * NR, y).reshape(MR, NR)
         n_p1 = (e_ch + NR - 1) // NR
         n_p3 = (c_out + NR - 1) // NR
-        dacc = np.empty(e_ch, dtype=y.dtype)
+        dacc = scratch(e_ch, y)
         buf_lo = 0
         buf_hi = 0
         for oh0 in range(oh_start, oh_end, sub_rows):
@@ -638,7 +641,7 @@ def _se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s, groups):
     inv = 1.0 / (h * w)
     x3 = x.reshape(n_img, h * w, c_in)
     # No np.zeros out here: in the parallel build Numba would make each its own parallel region.
-    pooled = np.empty((n_img, c_in), dtype=x.dtype)
+    pooled = scratch(n_img * c_in, x).reshape(n_img, c_in)
     if n_img == 1:  # one image: no parallel region to start (a prange of one item still wakes the pool)
         _pool_image(x3, ZERO, inv, pooled)
     else:
@@ -648,8 +651,8 @@ def _se_gate(x, w1p, b1, w2p, b2, gate, alpha, in_place, s, groups):
     for g in prange(groups):
         p_lo = g * n_panels // groups
         p_hi = (g + 1) * n_panels // groups
-        hidden = np.empty((n_img, sq), dtype=x.dtype)
-        acc = np.empty((MR, NR), dtype=x.dtype)
+        hidden = scratch(n_img * sq, x).reshape(n_img, sq)
+        acc = scratch(MR * NR, x).reshape(MR, NR)
         gemm_rows(pooled, ZERO, n_img, w1p, sq, ZERO, (sq + NR - 1) // NR, b1, hidden, NO, RELU, alpha, hidden, ZERO,
                   ZERO, acc)
         gemm_rows(hidden, ZERO, n_img, w2p, c_in, p_lo, p_hi, b2, s, NO, gate, alpha, s, ZERO, ZERO, acc)
@@ -683,7 +686,7 @@ def _scale_channels(x3, s, n, c_lo, c_hi):
     The gate is first copied into a local array: multiplying by s[n] directly, LLVM could not rule out that
     x3 and s overlap and kept the loop scalar (51 us for 28x28x120 on one core, against 7 us vectorised).
     """
-    gate = np.empty(c_hi - c_lo, dtype=x3.dtype)
+    gate = scratch(c_hi - c_lo, x3)
     for c in range(c_lo, c_hi):
         gate[c - c_lo] = s[n, c]
     for p in range(x3.shape[1]):

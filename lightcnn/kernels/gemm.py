@@ -41,7 +41,7 @@ from lightcnn._jit import kernel, lowlevel
 from lightcnn.kernels.activation import (ACT_ELU, ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, act_scalar,
                                          elu_scalar, hard_swish_scalar, relu6_scalar, relu_scalar)
 
-__all__ = ["MR", "NR", "pack_panels", "unpack_panels", "panel_count", "tile_fma", "tile_fma_store", "tile_conv_store",
+__all__ = ["MR", "NR", "ALIGN_BYTES", "aligned_empty", "scratch", "pack_panels", "unpack_panels", "panel_count", "tile_fma", "tile_fma_store", "tile_conv_store",
            "gemm_rows", "conv_rows", "epilogue_in_ir", "bias_act_inplace", "bias_act_store", "epilogue_tile"]
 
 MR = 12  # rows per tile: 2*MR accumulators + 2 weight vectors + 1 broadcast <= 32 zmm registers
@@ -66,6 +66,33 @@ GEMM_CHUNK_BYTES = 512 * 1024
 ELU_DEGREE = 8
 
 
+# Where the arrays the tiles read as vectors or write start: on a cache line, so a 16-float vector at a column
+# that is a multiple of 16 is one line, not the ends of two. NumPy gives a large array 16 bytes past a page
+# (glibc's mmap header) and Numba 32-byte alignment, so half or all of the tiles' vector accesses split over
+# two lines. SqueezeNet 1.1, batch 8, whole forward, arena and packed weights aligned, one process, interleaved:
+# one thread 43.3 -> 41.3 ms, two threads 20.9 -> 20.1 ms (medians; bench/README "Session 13").
+ALIGN_BYTES = 64
+
+
+def aligned_empty(shape, dtype=np.float32):
+    """np.empty(shape, dtype) whose first element starts on an ALIGN_BYTES boundary (a view of a slightly larger
+    buffer)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(n + ALIGN_BYTES // dtype.itemsize, dtype)
+    skip = (-raw.ctypes.data) % ALIGN_BYTES // dtype.itemsize
+    return raw[skip:skip + n].reshape(shape)
+
+
+@kernel
+def scratch(n, like):
+    """aligned_empty inside kernels: n uninitialised elements of like's dtype, 1-D, the first on an ALIGN_BYTES
+    boundary (reshape for more dimensions)."""
+    raw = np.empty(n + ALIGN_BYTES // like.itemsize, like.dtype)
+    skip = (ALIGN_BYTES - raw.ctypes.data % ALIGN_BYTES) % ALIGN_BYTES // like.itemsize
+    return raw[skip:skip + n]
+
+
 def panel_count(n_out):
     return -(-n_out // NR)
 
@@ -77,7 +104,8 @@ def pack_panels(w2d):
     n_panels = panel_count(n_out)
     last = n_out - (n_panels - 1) * NR
     last_width = 16 if last <= 16 else NR
-    packed = np.zeros(k * (NR * (n_panels - 1) + last_width), np.float32)
+    packed = aligned_empty(k * (NR * (n_panels - 1) + last_width))
+    packed[:] = 0
     for p in range(n_panels):
         c0 = p * NR
         width = NR if p < n_panels - 1 else last_width

@@ -50,7 +50,7 @@ import time
 import numpy as np
 
 from lightcnn.kernels import activation as act_k
-from lightcnn.kernels.gemm import pack_panels
+from lightcnn.kernels.gemm import aligned_empty, pack_panels
 from lightcnn.kernels.shapes import conv_output_size
 from lightcnn.layers.base import Sequential
 from lightcnn.layers.basic import (Conv2d, Dense, DepthwiseConv2d, Dropout, Flatten, GlobalAvgPool, MaxPool2d,
@@ -134,7 +134,7 @@ class _Arena:
             best = min(fits, key=lambda i: self.buffers[i].size)
             self.free.remove(best)
             return best
-        self.buffers.append(np.empty(max(size, 1), _F32))
+        self.buffers.append(aligned_empty(max(size, 1)))  # on a cache line: the tiles' vector stores
         return len(self.buffers) - 1
 
     def give_back(self, index):
