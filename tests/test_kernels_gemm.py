@@ -131,6 +131,37 @@ def test_packed_gemm_spans_several_row_chunks(act, rng):
         assert np.isnan(y[:, :3]).all()
 
 
+def test_gemm_and_conv_above_the_prefetch_size_match_the_oracles(rng):
+    """Arrays of PREFETCH_MIN_BYTES and more take the branches that prefetch the next tiles' lines (to be read,
+    for K <= PREFETCH_READ_MAX_K, and to be written): every tile is still computed once, and nothing past the
+    output window is written."""
+    k, n_out = 64, 48
+    m = gemm.PREFETCH_MIN_BYTES // (4 * n_out) + 3 * gemm.MR + 5
+    assert k <= gemm.PREFETCH_READ_MAX_K and min(m * k, m * (n_out + 3)) * 4 >= gemm.PREFETCH_MIN_BYTES
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = (rng.standard_normal((k, n_out)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    dummy = np.zeros((1, 1), np.float32)
+    y = np.full((m, n_out + 3), np.nan, np.float32)
+    fused.gemm_packed_bias_act_serial(x, gemm.pack_panels(w), n_out, b, dummy, False, dummy, 1, False,
+                                      act_k.ACT_RELU, np.float32(1.0), m, 1, y, 3)
+    _close(y[:, 3:], _oracle(x, w, b, act_k.ACT_RELU))
+    assert np.isnan(y[:, :3]).all()
+
+    img = rng.standard_normal((1, 130, 130, 8)).astype(np.float32)  # 3x3 conv, 128 x 128 x 37 outputs: 2.4 MB
+    wc = rng.standard_normal((3, 3, 8, 37)).astype(np.float32)
+    bc = rng.standard_normal(37).astype(np.float32)
+    # conv2d_naive's scalar loop takes ~10 s at this size: the same sum as nine shifted float64 matmuls
+    img64, wc64 = img.astype(np.float64), wc.astype(np.float64)
+    ref = sum(img64[:, p:p + 128, q:q + 128, :] @ wc64[p, q] for p in range(3) for q in range(3)) + bc
+    yc = np.full((128 * 128, 37 + 3), np.nan, np.float32)
+    assert yc.size * 4 >= gemm.PREFETCH_MIN_BYTES
+    fused.conv_implicit_bias_act(img, gemm.pack_panels(wc.reshape(-1, 37)), 37, 3, 3, 1, 1, 0, 0, 128, 128, bc,
+                                 dummy, False, act_k.ACT_NONE, np.float32(1.0), 4, yc, 3)
+    _close(yc[:, 3:], ref.reshape(-1, 37))
+    assert np.isnan(yc[:, :3]).all()
+
+
 def test_packed_gemm_nan_passes_the_clamps(rng):
     """ReLU/ReLU6/ELU in the IR epilogue let NaN through, as relu_scalar does (training's NaN check must see it)."""
     x = rng.standard_normal((5, 8)).astype(np.float32)

@@ -41,7 +41,7 @@ from lightcnn._jit import kernel, lowlevel
 from lightcnn.kernels.activation import (ACT_ELU, ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, act_scalar,
                                          elu_scalar, hard_swish_scalar, relu6_scalar, relu_scalar)
 
-__all__ = ["MR", "NR", "ALIGN_BYTES", "aligned_empty", "scratch", "pack_panels", "unpack_panels", "panel_count", "tile_fma", "tile_fma_store", "tile_conv_store",
+__all__ = ["MR", "NR", "ALIGN_BYTES", "prefetch_read", "prefetch_write", "aligned_empty", "scratch", "pack_panels", "unpack_panels", "panel_count", "tile_fma", "tile_fma_store", "tile_conv_store",
            "gemm_rows", "conv_rows", "epilogue_in_ir", "bias_act_inplace", "bias_act_store", "epilogue_tile"]
 
 MR = 12  # rows per tile: 2*MR accumulators + 2 weight vectors + 1 broadcast <= 32 zmm registers
@@ -64,6 +64,20 @@ GEMM_CHUNK_BYTES = 512 * 1024
 # The epilogue's float32 ELU: expm1 on [-ln2/2, ln2/2] by Taylor terms up to r^ELU_DEGREE. 7 was enough for 1 ulp
 # on 6 M values (the truncation is r^8/8! / r = 1.6e-8 relative, a quarter ulp); 8 leaves a margin for one FMA more.
 ELU_DEGREE = 8
+# Software prefetch in gemm_rows / conv_rows, PREFETCH_TILES tiles ahead of the one computing: the lines of y that
+# tile will write, and (gemm_rows, first panel, K <= PREFETCH_READ_MAX_K) the rows of a it will read. At batch 8
+# a Fire's input and output (6-12 MB) live in L3, and with short k loops (SqueezeNet's squeeze K = 64-128, its
+# expand 1x1 K = 16-64) the tile waits on those lines: the hardware prefetcher does not follow 12 rows read or
+# written a part at a time. One core, 8 images, caches flushed before each run: fire2's squeeze 0.74 -> 0.51 ms,
+# its two expands 4.0 -> 3.6 ms. Longer rows are left to the hardware (K = 256: 192 prefetches a tile cost more
+# than they saved, 0.61 -> 0.72 ms). Whole forward, batch 8, two threads, five alternating processes (medians):
+# SqueezeNet 1.1 21.7 -> 20.6 ms, SqueezeNet 1.0 46.8 -> 45.9 ms (bench/README "Session 13").
+# Only for arrays larger than PREFETCH_MIN_BYTES: the kernels' scratch buffers are sized to stay in L2, and there
+# the prefetches only cost instructions (SqueezeNet 1.1's stem + pool, whose conv rows go to such a buffer:
+# 5.0 -> 5.3 ms with them).
+PREFETCH_TILES = 2
+PREFETCH_READ_MAX_K = 128
+PREFETCH_MIN_BYTES = 2 << 20
 
 
 # Where the arrays the tiles read as vectors or write start: on a cache line, so a 16-float vector at a column
@@ -548,6 +562,47 @@ def tile_conv_store(numba):
     return _build_tiles(numba)[2]
 
 
+def _build_prefetch(numba, write):
+    """prefetch(a, off): ask the caches for the line holding a[off] (a any array; off an element offset
+    the caller keeps inside a), to be read (write=False) or written (write=True). A hint: it never faults
+    and changes no value."""
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+
+    @intrinsic
+    def prefetch(typingctx, a, off):
+        sig = types.void(a, off)
+
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            index = context.cast(builder, args[1], signature.args[1], types.int64)
+            ptr = builder.bitcast(builder.gep(data, [index]), i8p)
+            fn = builder.module.globals.get("llvm.prefetch.p0i8") or ir.Function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+            # (address, 1 = for a write, 3 = keep in every cache level, 1 = data)
+            builder.call(fn, [ptr, ir.Constant(i32, int(write)), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return prefetch
+
+
+@lowlevel
+def prefetch_read(numba):
+    """prefetch_read(a, off): fetch the line holding a[off] into the caches, to be read."""
+    return _build_prefetch(numba, False)
+
+
+@lowlevel
+def prefetch_write(numba):
+    """prefetch_write(a, off): fetch the line holding a[off] into the caches, owned, to be written."""
+    return _build_prefetch(numba, True)
+
+
 # --------------------------------------------------------------------------- the epilogue
 
 # Each loop tests `act` once and then runs a loop specialised to that constant code
@@ -638,6 +693,24 @@ def epilogue_in_ir(act, alpha):
 
 
 @kernel
+def _prefetch_rows_read(a, r0, k):
+    """Prefetch rows r0..r0 + MR - 1 of a (M, K) (those that exist), every line of each, to be read."""
+    for r in range(r0, min(r0 + MR, a.shape[0])):
+        for c in range(0, k, 16):
+            prefetch_read(a, r * k + c)
+
+
+@kernel
+def _prefetch_tile_write(y, row0, ldy, c0, nv):
+    """Prefetch, to be written, the lines of y (rows, ldy) a tile writes: rows row0..row0 + MR - 1 (those that
+    exist), columns c0..c0 + nv - 1 (nv <= 32: one or two 16-float vectors a row)."""
+    for r in range(row0, min(row0 + MR, y.shape[0])):
+        prefetch_write(y, r * ldy + c0)
+        if nv > 16:
+            prefetch_write(y, r * ldy + c0 + 16)
+
+
+@kernel
 def gemm_rows(a, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, yr0, col0, acc):
     """y[yr0 + r - r0, col0 + o] = act(a[r] @ w[:, o] + b[o]) (+ res[same]) for r0 <= r < r1, o in panels [p_lo, p_hi).
 
@@ -654,6 +727,8 @@ def gemm_rows(a, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, 
     # Row tiles of equal height (+-1), at most MR: a 49-row GEMM (7x7 at batch 1) as 9 + 4 x 10 rows, not
     # 4 x 12 + 1, whose one-row tile waits on the FMA latency and costs a third of a full tile.
     chunk = max(MR, GEMM_CHUNK_BYTES // (4 * k) // MR * MR)
+    read_ahead = k <= PREFETCH_READ_MAX_K and a.size * 4 >= PREFETCH_MIN_BYTES
+    write_ahead = y.size * 4 >= PREFETCH_MIN_BYTES
     for ch0 in range(r0, r1, chunk):
         m = min(r1, ch0 + chunk) - ch0
         n_tiles = (m + MR - 1) // MR
@@ -666,6 +741,10 @@ def gemm_rows(a, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, 
                 i0 = ch0 + t * m // n_tiles
                 mr = ch0 + (t + 1) * m // n_tiles - i0
                 row = yr0 + i0 - r0
+                if p == p_lo and read_ahead:
+                    _prefetch_rows_read(a, i0 + PREFETCH_TILES * MR, k)
+                if write_ahead:
+                    _prefetch_tile_write(y, row + PREFETCH_TILES * MR, ldy, col0 + c0, nv)
                 if in_ir:
                     off = row * ldy + col0 + c0
                     tile_fma_store(a, i0 * k, k, wp, c0 * k, k, mr, nr, bp, nv, act, res, row * ldres + col0 + c0,
@@ -674,6 +753,9 @@ def gemm_rows(a, r0, r1, wp, n_out, p_lo, p_hi, b, res, use_res, act, alpha, y, 
                     tile_fma(a, i0 * k, k, wp, c0 * k, k, mr, nr, acc)
                     for i in range(mr):
                         _epilogue_row(acc[i], bp, res, use_res, act, alpha, y, row + i, col0 + c0, nv)
+
+
+_NO_BIAS = np.zeros(NR, np.float32)  # a constant in compiled code: conv_rows allocates nothing per call
 
 
 @kernel
@@ -695,7 +777,7 @@ def conv_rows(a, rows, n_rows, segs, seg_len, wp, n_out, b, res, use_res, act, a
     last_width = 16 if n_out - (n_panels - 1) * NR <= 16 else NR
     in_ir = epilogue_in_ir(act, alpha)
     ldy, ldres = y.shape[1], res.shape[1]
-    no_bias = np.zeros(NR, dtype=y.dtype)
+    write_ahead = y.size * 4 >= PREFETCH_MIN_BYTES
     for r0 in range(0, n_rows, CONV_CHUNK_ROWS):
         r1 = min(n_rows, r0 + CONV_CHUNK_ROWS)
         for p in range(n_panels):
@@ -706,12 +788,14 @@ def conv_rows(a, rows, n_rows, segs, seg_len, wp, n_out, b, res, use_res, act, a
             for i0 in range(r0, r1, MR):
                 mr = min(MR, r1 - i0)
                 row = yr0 + i0
+                if write_ahead:
+                    _prefetch_tile_write(y, row + PREFETCH_TILES * MR, ldy, col0 + c0, nv)
                 # One call site of the tile (each inlines all 24 (mr, nr) cases, which is compile time):
                 # an activation the IR lacks gets the raw sums in acc and the Numba epilogue after.
                 if in_ir:
                     tb, out, out_off, ld, tile_act, tile_res = bp, y, row * ldy + col0 + c0, ldy, act, use_res
                 else:
-                    tb, out, out_off, ld, tile_act, tile_res = no_bias[:nv], acc, 0, NR, ACT_NONE, False
+                    tb, out, out_off, ld, tile_act, tile_res = _NO_BIAS[:nv], acc, 0, NR, ACT_NONE, False
                 tile_conv_store(a, rows, i0, segs, n_seg, seg_len, wp, c0 * k, mr, nr, tb, nv, tile_act, res,
                                 row * ldres + col0 + c0, ldres, tile_res, out, out_off, ld)
                 if not in_ir:
