@@ -297,8 +297,8 @@ def _pointwise_gap(step, plan):
     ya = plan.arg(v["y"])[0]
     weights, act, alpha = conv["weights"], conv["act"], conv["alpha"]
     n_out = weights.shape[-1]
-    # images shared out; at batch 1, each thread takes half the panels (the weights are most of the work)
-    groups = int(min(gemm.panel_count(n_out), -(-max(1, plan.threads) // n)))
+    # each thread takes a share of the panels (the weights are most of the work and, at 2 MB, more than L2 holds)
+    groups = int(min(gemm.panel_count(n_out), max(1, plan.threads)))
     kern, rows_per_image = _dispatch(fused.gemm_bias_act_mean), h * w
 
     def run(vals):
