@@ -34,7 +34,7 @@ from compare_runtimes import FIXTURES, load_lightcnn  # noqa: E402
 def block_of(path):
     """'features.blocks.3.project' -> 'features.blocks.3'; 'features.stem' -> itself."""
     parts = path.split("/")[0].split(".")
-    return ".".join(parts[:3] if len(parts) > 2 and parts[1] in ("blocks", "fire2", "early", "late") else parts[:2])
+    return ".".join(parts[:3] if len(parts) > 2 and parts[1] in ("blocks", "early", "late") else parts[:2])
 
 
 def lightcnn_blocks(model, x, repeats):
