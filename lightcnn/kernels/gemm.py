@@ -41,8 +41,9 @@ from lightcnn._jit import kernel, lowlevel
 from lightcnn.kernels.activation import (ACT_ELU, ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, act_scalar,
                                          elu_scalar, hard_swish_scalar, relu6_scalar, relu_scalar)
 
-__all__ = ["MR", "NR", "ALIGN_BYTES", "prefetch_read", "prefetch_write", "aligned_empty", "scratch", "pack_panels", "unpack_panels", "panel_count", "tile_fma", "tile_fma_store", "tile_conv_store",
-           "gemm_rows", "conv_rows", "epilogue_in_ir", "bias_act_inplace", "bias_act_store", "epilogue_tile"]
+__all__ = ["MR", "NR", "ALIGN_BYTES", "aligned_empty", "scratch", "prefetch_read", "prefetch_write", "pack_panels",
+           "unpack_panels", "panel_count", "tile_fma", "tile_fma_store", "tile_conv_store", "gemm_rows", "conv_rows",
+           "epilogue_in_ir", "bias_act_inplace", "bias_act_store", "epilogue_tile"]
 
 MR = 12  # rows per tile: 2*MR accumulators + 2 weight vectors + 1 broadcast <= 32 zmm registers
 NR = 32  # columns per panel (two 16-float vectors)
@@ -83,8 +84,8 @@ PREFETCH_MIN_BYTES = 2 << 20
 # Where the arrays the tiles read as vectors or write start: on a cache line, so a 16-float vector at a column
 # that is a multiple of 16 is one line, not the ends of two. NumPy gives a large array 16 bytes past a page
 # (glibc's mmap header) and Numba 32-byte alignment, so half or all of the tiles' vector accesses split over
-# two lines. SqueezeNet 1.1, batch 8, whole forward, arena and packed weights aligned, one process, interleaved:
-# one thread 43.3 -> 41.3 ms, two threads 20.9 -> 20.1 ms (medians; bench/README "Session 13").
+# two lines. Whole forwards at batch 8 on two threads, three alternating pairs of processes: SqueezeNet 1.0
+# 49.5 -> 45.8 ms, MobileNetV2 23.1 -> 21.2 ms (medians; bench/README "Session 13").
 ALIGN_BYTES = 64
 
 
